@@ -1,0 +1,29 @@
+"""nartool: a Nix-compatible store import/export toolkit.
+
+Layers, each usable alone: :mod:`nartool.nar` (pure NAR codec), :mod:`nartool.fs`
+(filesystem sources and sinks), :mod:`nartool.store`, :mod:`nartool.remote`, :mod:`nartool.cli`.
+The most used entry points are re-exported here lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "dump": "nartool.api",
+    "restore": "nartool.api",
+    "hash_path": "nartool.api",
+    "ls": "nartool.api",
+    "cat": "nartool.api",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(name)
+    import importlib
+
+    return getattr(importlib.import_module(mod), name)

@@ -1,0 +1,148 @@
+"""The public Python API for NAR work: :func:`dump`, :func:`restore`, :func:`hash_path`,
+:func:`ls` and :func:`cat`.
+
+Inputs may be paths, binary files, ``read(n)`` callables or ``bytes``; compressed NARs
+(zstd, xz, bzip2, gzip) are detected by their magic bytes. Everything streams.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import BinaryIO
+
+from .compression import compressor, detect, open_decompressed
+from .fs.sink import restore_events
+from .fs.source import Exclude, NameCodec, dump_events
+from .hashes import Hash
+from .nar import listing
+from .nar.events import Event
+from .nar.hashing import hash_events
+from .nar.limits import DEFAULT_LIMITS, Limits
+from .nar.reader import NarReader
+from .nar.source import ReadFn
+from .nar.writer import write_nar
+
+PathLike = str | bytes | os.PathLike[str]
+NarInput = PathLike | BinaryIO | ReadFn
+
+
+def dump_chunks(
+    path: PathLike,
+    *,
+    compress: str = "none",
+    names: NameCodec | None = None,
+    exclude: Exclude | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Iterator[bytes | bytearray | memoryview]:
+    """The NAR of ``path`` as an iterator of chunks (optionally compressed)."""
+    return compressor(write_nar(dump_events(path, names=names, exclude=exclude), limits=limits), compress)
+
+
+def dump(
+    path: PathLike,
+    out: PathLike | BinaryIO,
+    *,
+    compress: str = "none",
+    names: NameCodec | None = None,
+    exclude: Exclude | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> int:
+    """Write the NAR of ``path`` to ``out`` (a path or binary file); returns bytes written.
+
+    A path destination is written to a temporary sibling and renamed when complete.
+    """
+    chunks = dump_chunks(path, compress=compress, names=names, exclude=exclude, limits=limits)
+    if hasattr(out, "write"):
+        total = 0
+        w = out.write
+        for c in chunks:
+            w(c)
+            total += len(c)
+        return total
+    from .fs.osutil import temp_name
+
+    dest = os.fsencode(out)
+    parent, base = os.path.split(dest)
+    tmp = os.path.join(parent, temp_name(base))
+    try:
+        total = 0
+        with open(tmp, "xb") as f:
+            for c in chunks:
+                f.write(c)
+                total += len(c)
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return total
+
+
+def hash_path(
+    path: PathLike,
+    algo: str = "sha256",
+    *,
+    names: NameCodec | None = None,
+    exclude: Exclude | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Hash:
+    """The hash of the NAR serialisation of ``path`` (what ``nix-hash --type ALGO`` computes)."""
+    return hash_events(dump_events(path, names=names, exclude=exclude), algo, limits=limits)[0]
+
+
+def _open(src: NarInput | bytes, stack: ExitStack) -> ReadFn | BinaryIO:
+    """A reader for a NAR input, decompressing when needed. Plain seekable files are
+    returned as they are so that skipping file contents can seek."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        f: BinaryIO = io.BytesIO(bytes(src))
+    elif isinstance(src, (str, bytes, os.PathLike)):
+        f = stack.enter_context(open(src, "rb"))  # noqa: SIM115
+    elif callable(src):
+        return open_decompressed(src)[0]
+    else:
+        f = src
+    try:
+        seekable = f.seekable()
+    except (AttributeError, ValueError, OSError):
+        seekable = False
+    if seekable:
+        pos = f.tell()
+        head = f.read(6)
+        f.seek(pos)
+        if detect(head) == "none":
+            return f
+    return open_decompressed(f)[0]
+
+
+def read_events(src: NarInput | bytes, stack: ExitStack, *, limits: Limits = DEFAULT_LIMITS) -> Iterator[Event]:
+    return NarReader(_open(src, stack), limits=limits).events()
+
+
+def restore(
+    dest: PathLike,
+    src: NarInput | bytes,
+    *,
+    names: NameCodec | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> None:
+    """Restore the NAR read from ``src`` at ``dest`` (which must not exist). All or nothing."""
+    with ExitStack() as stack:
+        restore_events(read_events(src, stack, limits=limits), dest, names=names)
+
+
+def ls(src: NarInput | bytes, path: str | bytes = "/", *, recursive: bool = False,
+       directory: bool = False) -> list[listing.Entry]:
+    """Entries of the NAR at ``path`` (see :func:`nartool.nar.listing.entries`)."""
+    with ExitStack() as stack:
+        return list(listing.entries(read_events(src, stack), listing.split_path(path), recursive, directory))
+
+
+def cat(src: NarInput | bytes, path: str | bytes) -> Iterator[bytes]:
+    """Stream the contents of the regular file at ``path`` inside the NAR."""
+    with ExitStack() as stack:
+        yield from listing.cat(read_events(src, stack), listing.split_path(path))

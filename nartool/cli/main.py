@@ -1,0 +1,96 @@
+"""``nartool`` command line entry point."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+from .. import __version__
+from ..errors import NartoolError
+from .common import report_error
+
+
+class Ctx:
+    """Global options, available to every subcommand as ``ctx.obj``."""
+
+    def __init__(self, store: str | None, store_dir: str, debug: bool) -> None:
+        self.store_root = store
+        self.store_dir = store_dir
+        self.debug = debug
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="nartool")
+@click.option("--store", "store", metavar="ROOT", envvar="NARTOOL_STORE",
+              help="Store root directory (env NARTOOL_STORE; default: an embedded store in the user's data dir).")
+@click.option("--store-dir", default="/nix/store", show_default=True, envvar="NARTOOL_STORE_DIR",
+              help="Logical store directory of store paths.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, store: str | None, store_dir: str, debug: bool) -> None:
+    """nartool: Nix-compatible NAR archives, stores and closure copying.
+
+    \b
+    Groups:
+      nar     dump, restore, hash, list and extract NAR archives (byte-identical to Nix)
+    Run `nartool COMMAND --help` for details.
+    """
+    ctx.obj = Ctx(store, store_dir, debug)
+
+
+def _register() -> None:
+    from . import nar
+
+    cli.add_command(nar.nar)
+    # later layers register themselves when present
+    for mod in ("store", "remote"):
+        try:
+            m = __import__(f"nartool.cli.{mod}", fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != f"nartool.cli.{mod}":
+                raise
+            continue
+        m.register(cli)
+
+
+_register()
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        cli.main(args=argv, prog_name="nartool", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): not an error worth a message
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        finally:
+            sys.exit(141)
+    except (NartoolError, OSError) as e:
+        sys.exit(report_error(e, debug))
+    except Exception as e:  # noqa: BLE001
+        sys.exit(report_error(e, debug) or 2)
+
+
+if __name__ == "__main__":
+    main()

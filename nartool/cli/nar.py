@@ -1,0 +1,134 @@
+"""``nartool nar …``: work on NAR archives."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from contextlib import ExitStack
+
+import click
+
+from .. import api
+from ..compression import METHODS
+from ..nar import listing
+from .common import refuse_binary_to_tty, stdout_bin, write_chunks
+
+_FS = os.fsencode
+
+
+@click.group()
+def nar() -> None:
+    """Dump, restore, hash, list and extract NAR archives.
+
+    Uncompressed output is byte-identical to `nix-store --dump`; inputs may be
+    compressed (zstd, xz, bzip2, gzip: detected automatically) and come from files or pipes.
+    """
+
+
+@nar.command()
+@click.argument("path", type=click.Path(exists=False, dir_okay=True, path_type=str))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str),
+              help="Write the NAR here (atomically) instead of to stdout.")
+@click.option("--compress", type=click.Choice(METHODS), default="none", show_default=True,
+              help="Compress the output.")
+def dump(path: str, output: str | None, compress: str) -> None:
+    """Serialise PATH (a file, symlink or directory tree) as a NAR.
+
+    Symlinks are never followed. Only the owner-execute bit is recorded.
+    """
+    if output is None or output == "-":
+        refuse_binary_to_tty("a NAR")
+        write_chunks(api.dump_chunks(path, compress=compress), stdout_bin())
+    else:
+        api.dump(path, output, compress=compress)
+
+
+@nar.command()
+@click.argument("dest", type=click.Path(path_type=str))
+@click.argument("nar_file", metavar="[NAR]", required=False, default="-", type=click.Path(path_type=str))
+def restore(dest: str, nar_file: str) -> None:
+    """Restore a NAR (from the file NAR, or stdin when absent or '-') at DEST.
+
+    DEST must not exist. The tree is built in a temporary sibling and renamed into place
+    only when the whole NAR was read and found valid: a failed restore leaves nothing.
+    """
+    src = sys.stdin.buffer if nar_file == "-" else nar_file
+    api.restore(dest, src)
+
+
+@nar.command(name="hash")
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--base16", "fmt", flag_value="base16", help="Hex, as `nix-hash --type sha256 PATH`.")
+@click.option("--base32", "fmt", flag_value="base32", help="Nix base-32, as `nix-hash --type sha256 --base32`.")
+@click.option("--sri", "fmt", flag_value="sri", default=True, help="SRI (`sha256-…`), as `nix hash path` [default].")
+@click.option("--type", "algo", type=click.Choice(["sha256", "sha512", "sha1", "md5"]), default="sha256",
+              show_default=True, help="Hash algorithm.")
+def hash_(path: str, fmt: str, algo: str) -> None:
+    """Print the hash of PATH's NAR serialisation (nothing is written)."""
+    h = api.hash_path(path, algo)
+    click.echo({"base16": h.base16, "base32": h.nix32, "sri": h.sri}[fmt])
+
+
+def _open_nar(stack: ExitStack, nar_file: str) -> object:
+    return sys.stdin.buffer if nar_file == "-" else nar_file
+
+
+_PERM = {"regular": "-r--r--r--", "executable": "-r-xr-xr-x", "symlink": "lrwxrwxrwx", "directory": "dr-xr-xr-x"}
+
+
+@nar.command(name="ls")
+@click.argument("nar_file", metavar="NAR", type=click.Path(path_type=str))
+@click.argument("path", default="/", required=False)
+@click.option("-R", "--recursive", is_flag=True, help="List subdirectories too.")
+@click.option("-l", "--long", "long_", is_flag=True, help="Show type, permissions and size.")
+@click.option("-d", "--directory", is_flag=True, help="Show a directory itself, not its contents.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the listing in the JSON format of Nix binary caches' .ls files.")
+def ls_(nar_file: str, path: str, recursive: bool, long_: bool, directory: bool, as_json: bool) -> None:
+    """List the contents of NAR at PATH (default: the root) without restoring it.
+
+    Output follows `nix nar ls`. NAR may be compressed; '-' reads stdin.
+    """
+    prefix = listing.split_path(path)
+    with ExitStack() as stack:
+        events = api.read_events(_open_nar(stack, nar_file), stack)  # type: ignore[arg-type]
+        if as_json:
+            if directory:
+                raise click.UsageError("--directory does not go with --json")
+            out = sys.stdout
+            for piece in listing.json_listing(events, prefix, recursive=recursive):
+                out.write(piece)
+            out.write("\n")
+            return
+        out_b = stdout_bin()
+        for e in listing.entries(events, prefix, recursive=recursive, directory_itself=directory):
+            rel = e.path[len(prefix):]
+            if rel:
+                name = b"./" + b"/".join(rel)
+            elif e.type == "directory":
+                name = b"."
+            else:
+                name = prefix[-1] if prefix else b""
+            if long_:
+                kind = "executable" if e.executable else e.type
+                line = f"{_PERM[kind]} {e.size:20} ".encode() + name
+                if e.type == "symlink":
+                    line += b" -> " + e.target
+            else:
+                line = name
+            out_b.write(line + b"\n")
+        out_b.flush()
+
+
+@nar.command(name="cat")
+@click.argument("nar_file", metavar="NAR", type=click.Path(path_type=str))
+@click.argument("path")
+def cat_(nar_file: str, path: str) -> None:
+    """Write the contents of the regular file at PATH inside NAR to stdout."""
+    with ExitStack() as stack:
+        events = api.read_events(_open_nar(stack, nar_file), stack)  # type: ignore[arg-type]
+        write_chunks(listing.cat(events, listing.split_path(path)), stdout_bin())
+
+
+_ = stat  # re-exported for adapters that extend this group

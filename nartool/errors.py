@@ -1,0 +1,109 @@
+"""The one exception hierarchy of nartool.
+
+Every error carries structured fields besides its message so that callers (and ``--json``
+output) can act on them: ``offset`` (byte offset in the input stream), ``expected``/``got``
+(what a rule wanted and what the input had), ``path`` (a path inside a NAR or on disk, as
+bytes or str) and ``rule`` (a short stable identifier of the violated rule, e.g.
+``"unsorted-entries"``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        b = bytes(v)
+        if len(b) > 64:
+            return repr(b[:64])[:-1] + "...'"
+        return repr(b)
+    return str(v)
+
+
+class NartoolError(Exception):
+    """Base class. ``str(err)`` is one line suitable for a user."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        offset: int | None = None,
+        expected: Any = None,
+        got: Any = None,
+        path: bytes | str | None = None,
+        rule: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.offset = offset
+        self.expected = expected
+        self.got = got
+        self.path = path
+        self.rule = rule
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.path is not None:
+            p = self.path
+            shown = os.fsdecode(p) if isinstance(p, bytes) else p
+            parts.append(f"(path {shown!r})")
+        if self.offset is not None:
+            parts.append(f"at byte {self.offset} (0x{self.offset:x})")
+        if self.expected is not None or self.got is not None:
+            parts.append(f"[expected {_show(self.expected)}, got {_show(self.got)}]")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"error": type(self).__name__, "message": self.message}
+        for k in ("offset", "rule"):
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = v
+        for k in ("expected", "got", "path"):
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = os.fsdecode(v) if isinstance(v, bytes) else str(v)
+        return d
+
+
+class NarError(NartoolError):
+    """A NAR stream breaks the format (or a configured limit)."""
+
+
+class TruncatedError(NarError):
+    """The input ended before the structure did."""
+
+
+class HashFormatError(NartoolError):
+    """A hash string could not be parsed."""
+
+
+class FsError(NartoolError):
+    """A filesystem source or sink cannot do what was asked (unsupported file type,
+    destination exists, name collision, ...)."""
+
+
+class CaseCollisionError(FsError):
+    """Two names collide on a case- or normalisation-insensitive filesystem."""
+
+
+class StoreError(NartoolError):
+    """A store operation failed (invalid path, hash mismatch, live path, ...)."""
+
+
+class InvalidPathError(StoreError):
+    """A string is not a valid store path (or not valid in this store)."""
+
+
+class ExportFormatError(StoreError):
+    """A ``nix-store --export`` stream is malformed."""
+
+
+class ProtocolError(NartoolError):
+    """The peer broke the serve protocol (or refused us)."""
+
+
+class SignatureError(NartoolError):
+    """A key or signature is malformed or does not verify."""

@@ -1,0 +1,197 @@
+"""Restore sinks: turn NAR events into a filesystem object, safely.
+
+* Everything is created relative to directory file descriptors with ``O_NOFOLLOW`` and
+  ``O_EXCL``: a name from the input can never escape the destination, and an existing
+  symlink is never followed.
+* The object is built under a temporary hidden sibling of the destination and renamed
+  into place (without replacing anything) only when the stream completed; on any error,
+  including ``KeyboardInterrupt``, the temporary is removed and nothing is left at the
+  destination.
+* ``canonical=True`` gives store-path metadata while creating (files 0444/0555,
+  directories 0555, mtime 1); ``fsync=True`` flushes every file and directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from ..errors import FsError, NarError
+from ..nar import format as F
+from ..nar.events import Directory, EndDirectory, Event, File, Symlink
+from .osutil import remove_at, rename_noreplace, temp_name
+from .source import DirNamer, NameCodec
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_NEWFILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _umask() -> int:
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def _write_all(fd: int, chunk: bytes | bytearray | memoryview) -> None:
+    n = os.write(fd, chunk)
+    if n < len(chunk):
+        mv = memoryview(chunk)[n:]
+        while mv:
+            n = os.write(fd, mv)
+            mv = mv[n:]
+
+
+class _Builder:
+    """Creates the events' tree as ``name`` inside the directory ``parent_fd``."""
+
+    def __init__(
+        self,
+        parent_fd: int,
+        name: bytes,
+        *,
+        names: NameCodec | None,
+        canonical: bool,
+        fsync: bool,
+        on_file: Callable[[bytes, int], None] | None = None,
+    ) -> None:
+        self.parent_fd = parent_fd
+        self.root_name = name
+        self.names = names
+        self.canonical = canonical
+        self.fsync = fsync
+        self.on_file = on_file
+        self.umask = _umask()
+        # open directories: (fd, relative path, namer)
+        self.stack: list[tuple[int, bytes, DirNamer | None]] = []
+        self.done = False
+
+    def close_all(self) -> None:
+        while self.stack:
+            os.close(self.stack.pop()[0])
+
+    def _place(self, ev_name: bytes) -> tuple[int, bytes, bytes]:
+        """(dir fd, on-disk name, relative path) for the next node."""
+        if self.done:
+            raise NarError("events continue after the root node", rule="trailing-data")
+        if not self.stack:
+            return self.parent_fd, self.root_name, b""
+        fd, rel, namer = self.stack[-1]
+        if not ev_name or b"/" in ev_name or b"\0" in ev_name or ev_name in (b".", b".."):
+            raise NarError(F.validate_name(ev_name, 1 << 30) or "invalid entry name", rule="invalid-name",
+                           got=ev_name, path=rel)
+        disk = namer.disk_name(ev_name) if namer is not None else ev_name
+        return fd, disk, (rel + b"/" + ev_name if rel else ev_name)
+
+    def feed(self, ev: Event) -> None:
+        cls = ev.__class__
+        if cls is EndDirectory:
+            if not self.stack:
+                raise NarError("end of directory without a directory", rule="token")
+            fd, rel, _ = self.stack.pop()
+            try:
+                if self.canonical:
+                    os.utime(fd, ns=(1_000_000_000, 1_000_000_000))
+                    os.fchmod(fd, 0o555)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if not self.stack:
+                self.done = True
+            return
+        dfd, disk, rel = self._place(ev.name)  # type: ignore[union-attr]
+        try:
+            if cls is File:
+                assert isinstance(ev, File)
+                self._file(dfd, disk, rel, ev)
+                if not self.stack:
+                    self.done = True
+            elif cls is Symlink:
+                assert isinstance(ev, Symlink)
+                os.symlink(ev.target, disk, dir_fd=dfd)
+                if self.canonical:
+                    os.utime(disk, ns=(1_000_000_000, 1_000_000_000), dir_fd=dfd, follow_symlinks=False)
+                if not self.stack:
+                    self.done = True
+            elif cls is Directory:
+                os.mkdir(disk, 0o777, dir_fd=dfd)
+                fd = os.open(disk, _O_DIR, dir_fd=dfd)
+                namer = self.names.restore_namer(rel) if self.names is not None else None
+                self.stack.append((fd, rel, namer))
+            else:
+                raise TypeError(f"not a NAR event: {ev!r}")
+        except FileExistsError as e:
+            raise FsError("entry already exists (name collision)", path=rel or self.root_name,
+                          rule="exists") from e
+        except OSError as e:
+            if isinstance(e, FsError):
+                raise
+            raise FsError(f"cannot create: {e.strerror}", path=rel or self.root_name, rule="io") from e
+
+    def _file(self, dfd: int, disk: bytes, rel: bytes, ev: File) -> None:
+        mode = (0o555 if ev.executable else 0o444) if self.canonical else 0o666
+        fd = os.open(disk, _O_NEWFILE, 0o666 if not self.canonical else 0o600, dir_fd=dfd)
+        try:
+            written = 0
+            for chunk in ev.chunks:
+                _write_all(fd, chunk)
+                written += len(chunk)
+            if written != ev.size:
+                raise NarError("file contents shorter than declared", expected=ev.size, got=written, path=rel,
+                               rule="truncated")
+            if self.canonical:
+                os.fchmod(fd, mode)
+                os.utime(fd, ns=(1_000_000_000, 1_000_000_000))
+            elif ev.executable:
+                # as Nix: the created mode (after umask) plus all three x bits
+                os.fchmod(fd, (0o666 & ~self.umask) | 0o111)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self.on_file is not None:
+            self.on_file(rel, written)
+
+
+def restore_events(
+    events: Iterable[Event],
+    dest: str | bytes | os.PathLike[str],
+    *,
+    names: NameCodec | None = None,
+    canonical: bool = False,
+    fsync: bool = False,
+) -> None:
+    """Restore ``events`` at ``dest``, which must not exist. All or nothing."""
+    dest_b = os.fsencode(dest).rstrip(b"/") or b"/"
+    parent, base = os.path.split(dest_b)
+    if not base or base in (b".", b".."):
+        raise FsError("destination must name a new entry", path=dest_b, rule="bad-destination")
+    if os.path.lexists(dest_b):
+        raise FsError("destination already exists", path=dest_b, rule="exists")
+    try:
+        pfd = os.open(parent or b".", _O_DIR & ~os.O_NOFOLLOW)
+    except OSError as e:
+        raise FsError(f"cannot open destination's parent: {e.strerror}", path=parent or b".", rule="io") from e
+    tmp = temp_name(base)
+    b = _Builder(pfd, tmp, names=names, canonical=canonical, fsync=fsync)
+    try:
+        try:
+            for ev in events:
+                b.feed(ev)
+            if not b.done:
+                raise NarError("event stream ended before the root node did", rule="truncated")
+        finally:
+            b.close_all()
+        try:
+            rename_noreplace(tmp, base, src_dir_fd=pfd, dst_dir_fd=pfd)
+        except FileExistsError as e:
+            raise FsError("destination already exists", path=dest_b, rule="exists") from e
+        if fsync:
+            os.fsync(pfd)
+    except BaseException:
+        try:
+            remove_at(pfd, tmp)
+        finally:
+            os.close(pfd)
+        raise
+    os.close(pfd)

@@ -1,0 +1,139 @@
+"""Hash text encodings used by Nix: base16, nix32 ("base32"), base64 and SRI.
+
+nix32 is *not* RFC 4648 base32: it uses the alphabet ``0123456789abcdfghijklmnpqrsvwxyz``
+and reads the digest as a little-endian integer, emitting the most significant 5-bit group
+first.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass
+
+from .errors import HashFormatError
+
+NIX32_ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
+_NIX32_VALUE = {c: i for i, c in enumerate(NIX32_ALPHABET)}
+
+HASH_SIZES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
+
+
+def nix32_len(nbytes: int) -> int:
+    return (nbytes * 8 - 1) // 5 + 1
+
+
+def nix32_encode(digest: bytes) -> str:
+    n = int.from_bytes(digest, "little")
+    length = nix32_len(len(digest))
+    alpha = NIX32_ALPHABET
+    return "".join(alpha[(n >> (5 * k)) & 31] for k in range(length - 1, -1, -1))
+
+
+def nix32_decode(text: str, nbytes: int) -> bytes:
+    if len(text) != nix32_len(nbytes):
+        raise HashFormatError("nix32 string has the wrong length", expected=nix32_len(nbytes), got=len(text))
+    n = 0
+    for c in text:
+        v = _NIX32_VALUE.get(c)
+        if v is None:
+            raise HashFormatError("invalid character in nix32 string", got=c)
+        n = (n << 5) | v
+    if n >> (8 * nbytes):
+        raise HashFormatError("nix32 string has non-zero spare bits", got=text)
+    return n.to_bytes(nbytes, "little")
+
+
+def sri(algo: str, digest: bytes) -> str:
+    return f"{algo}-{base64.b64encode(digest).decode()}"
+
+
+@dataclass(frozen=True)
+class Hash:
+    """A digest with its algorithm; renders in every Nix text form."""
+
+    algo: str
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        size = HASH_SIZES.get(self.algo)
+        if size is None:
+            raise HashFormatError("unknown hash algorithm", got=self.algo)
+        if len(self.digest) != size:
+            raise HashFormatError("digest has the wrong size", expected=size, got=len(self.digest))
+
+    @property
+    def base16(self) -> str:
+        return self.digest.hex()
+
+    @property
+    def nix32(self) -> str:
+        return nix32_encode(self.digest)
+
+    @property
+    def base64(self) -> str:
+        return base64.b64encode(self.digest).decode()
+
+    @property
+    def sri(self) -> str:
+        return sri(self.algo, self.digest)
+
+    def prefixed(self, encoding: str = "nix32") -> str:
+        """``algo:<digest>`` with the digest in base16, nix32 or base64."""
+        body = {"base16": self.base16, "nix32": self.nix32, "base32": self.nix32, "base64": self.base64}[encoding]
+        return f"{self.algo}:{body}"
+
+    @classmethod
+    def parse(cls, text: str, algo: str | None = None) -> Hash:
+        """Parse ``algo:digest``, SRI ``algo-base64``, or a bare digest when ``algo`` is given.
+
+        As in Nix, the encoding of a non-SRI digest is decided by its length.
+        """
+        if not text.isascii():
+            raise HashFormatError("hash string is not ASCII", got=text)
+        body = text
+        sri_form = False
+        if ":" in text:
+            a, body = text.split(":", 1)
+            if algo is not None and a != algo:
+                raise HashFormatError("hash has the wrong algorithm", expected=algo, got=a)
+            algo = a
+        elif "-" in text and text.split("-", 1)[0] in HASH_SIZES:
+            a, body = text.split("-", 1)
+            if algo is not None and a != algo:
+                raise HashFormatError("hash has the wrong algorithm", expected=algo, got=a)
+            algo, sri_form = a, True
+        if algo is None:
+            raise HashFormatError("hash string names no algorithm", got=text)
+        size = HASH_SIZES.get(algo)
+        if size is None:
+            raise HashFormatError("unknown hash algorithm", got=algo)
+        if not sri_form and len(body) == 2 * size:
+            try:
+                return cls(algo, bytes.fromhex(body))
+            except ValueError:
+                raise HashFormatError("invalid base16 hash", got=text) from None
+        if not sri_form and len(body) == nix32_len(size):
+            return cls(algo, nix32_decode(body, size))
+        try:
+            digest = base64.b64decode(body, validate=True)
+        except binascii.Error:
+            raise HashFormatError("invalid hash string", got=text) from None
+        if len(digest) != size:
+            raise HashFormatError("hash string has the wrong length", got=text)
+        return cls(algo, digest)
+
+
+def new_hasher(algo: str = "sha256") -> hashlib._Hash:
+    if algo not in HASH_SIZES:
+        raise HashFormatError("unknown hash algorithm", got=algo)
+    return hashlib.new(algo)
+
+
+def compress_hash(digest: bytes, size: int) -> bytes:
+    """Nix's ``compressHash``: XOR-fold a digest down to ``size`` bytes."""
+    out = bytearray(size)
+    for i, b in enumerate(digest):
+        out[i % size] ^= b
+    return bytes(out)

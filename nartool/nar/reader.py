@@ -1,0 +1,267 @@
+"""Strict, streaming NAR reader.
+
+Accepts only canonical NARs — exactly what ``nix-store --dump`` could have produced — so
+that every accepted NAR re-serialises to identical bytes. The rules, each with the ``rule``
+identifier carried by the :class:`~nartool.errors.NarError` it raises:
+
+=====================  =====================================================================
+``magic``              the stream starts with the string ``nix-archive-1``
+``truncated``          the input does not end before the root node does
+``trailing-data``      nothing follows the root node (standalone NARs only)
+``padding``            every padding byte is zero, also where contents are skipped
+``token``              the fixed keywords appear exactly where the grammar puts them
+``tag-too-long``       a keyword string is at most ``max_tag`` bytes (checked before reading)
+``unknown-type``       a node type is ``regular``, ``symlink`` or ``directory``
+``executable-value``   the ``executable`` marker's value is the empty string
+``unsorted-entries``   directory entries are in strictly increasing unsigned byte order
+``duplicate-entry``    no name appears twice in a directory
+``invalid-name``       names are non-empty, not ``.``/``..``, without ``/`` or NUL, ≤ ``max_name``
+``invalid-target``     symlink targets are non-empty, without NUL, ≤ ``max_target``
+``too-deep``           nesting stays within ``max_depth`` levels (root = level 1)
+=====================  =====================================================================
+
+Every error carries the byte offset of the offending token (always a multiple of 8). The
+reader never allocates more than a bounded amount before checking a declared length:
+file contents are streamed in chunks, names and targets are bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from ..errors import NarError
+from . import format as F
+from .events import END, Directory, Event, File, Symlink
+from .limits import DEFAULT_LIMITS, Limits
+from .source import ByteSource, ReadFn, as_source
+
+_TOKEN_NAMES = {
+    F.TOK_OPEN: "'('",
+    F.TOK_CLOSE: "')'",
+    F.TOK_TYPE: "'type'",
+    F.TOK_CONTENTS: "'contents'",
+    F.TOK_TARGET: "'target'",
+    F.TOK_NAME: "'name'",
+    F.TOK_NODE: "'node'",
+    F.TOK_ENTRY: "'entry'",
+}
+
+
+class NarReader:
+    """Iterate over the events of one NAR read from ``src``.
+
+    ``src`` is a ``read(n)`` callable, a binary file, raw ``bytes`` or a shared
+    :class:`ByteSource`. With ``standalone=True`` (the default) the input must end exactly
+    after the root node; framed readers (export streams, protocols) pass
+    ``standalone=False`` and continue reading from the same :class:`ByteSource`.
+    """
+
+    def __init__(
+        self,
+        src: ReadFn | BinaryIO | ByteSource | bytes,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        standalone: bool = True,
+    ) -> None:
+        self.src = as_source(src, "NAR")
+        self.limits = limits
+        self.standalone = standalone
+        self.start = self.src.offset
+
+    # -- primitives -----------------------------------------------------------------------
+
+    def _err(self, msg: str, offset: int, rule: str, expected: object = None, got: object = None,
+             path: bytes | None = None) -> NarError:
+        return NarError(msg, offset=offset - self.start, rule=rule, expected=expected, got=got, path=path)
+
+    def _read_u64(self) -> int:
+        return int.from_bytes(self.src.read_exact(8), "little")
+
+    def _read_padded(self, n: int, at: int) -> bytes:
+        padded = self.src.read_exact((n + 7) & ~7)
+        if padded[n:] != F.PAD[len(padded) - n]:
+            raise self._err("non-zero padding", at, "padding", expected="zero bytes", got=padded[n:])
+        return padded[:n]
+
+    def _read_tag(self) -> tuple[int, bytes]:
+        at = self.src.offset
+        n = self._read_u64()
+        if n > self.limits.max_tag:
+            raise self._err(f"keyword longer than {self.limits.max_tag} bytes", at, "tag-too-long",
+                            expected=f"<= {self.limits.max_tag}", got=n)
+        return at, self._read_padded(n, at)
+
+    def _expect(self, tok: bytes, path: bytes | None = None) -> None:
+        src = self.src
+        n = len(tok)
+        pos = src._pos
+        if src._buf[pos : pos + n] == tok or src.peek(n) == tok:
+            src._pos += n
+            return
+        at = src.offset
+        if tok == F.TOK_MAGIC:
+            got = src.peek(n)
+            if len(got) < n:
+                raise NarError("not a NAR: input too short for the magic", offset=0, rule="truncated",
+                               expected=F.MAGIC, got=got)
+            raise self._err("not a NAR: bad magic", at, "magic", expected=F.MAGIC, got=got)
+        _, tag = self._read_tag()
+        expected = _TOKEN_NAMES.get(tok, repr(tok))
+        raise self._err(f"expected {expected}", at, "token", expected=expected, got=tag, path=path)
+
+    def _read_bounded(self, limit: int, what: str, rule: str, path: bytes | None) -> tuple[int, bytes]:
+        at = self.src.offset
+        n = self._read_u64()
+        if n > limit:
+            raise self._err(f"{what} longer than {limit} bytes", at, rule, expected=f"<= {limit}", got=n, path=path)
+        return at, self._read_padded(n, at)
+
+    # -- grammar --------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Event]:
+        return self.events()
+
+    def events(self) -> Iterator[Event]:
+        src = self.src
+        lim = self.limits
+        close = F.TOK_CLOSE
+        self._expect(F.TOK_MAGIC)
+        # one [last entry name, path] per open directory
+        stack: list[list[bytes]] = []
+        name = b""
+        path = b""
+        while True:
+            # -- one node, named `name`, at `path`
+            if len(stack) >= lim.max_depth:
+                raise self._err(f"nesting deeper than {lim.max_depth} levels", src.offset, "too-deep",
+                                expected=f"<= {lim.max_depth}", got=len(stack) + 1, path=path)
+            self._expect(F.TOK_OPEN, path)
+            self._expect(F.TOK_TYPE, path)
+            at, tag = self._read_tag()
+            if tag == b"directory":
+                yield Directory(name)
+                stack.append([b"", path])
+            else:
+                if tag == b"regular":
+                    at, tag = self._read_tag()
+                    executable = False
+                    if tag == b"executable":
+                        executable = True
+                        vat = src.offset
+                        vlen = self._read_u64()
+                        if vlen != 0:
+                            raise self._err("executable marker has a non-empty value", vat, "executable-value",
+                                            expected=b"", got=f"{vlen} bytes", path=path)
+                        at, tag = self._read_tag()
+                    if tag != b"contents":
+                        raise self._err("expected 'contents'", at, "token",
+                                        expected="'contents'" if executable else "'executable' or 'contents'",
+                                        got=tag, path=path)
+                    size = self._read_u64()
+                    offset = src.offset - self.start
+                    chunks = _Contents(self, size, offset, path)
+                    yield File(name, executable, size, chunks, offset)
+                    chunks.finish()
+                elif tag == b"symlink":
+                    self._expect(F.TOK_TARGET, path)
+                    tat, target = self._read_bounded(lim.max_target, "symlink target", "invalid-target", path)
+                    why = F.validate_target(target, lim.max_target)
+                    if why:
+                        raise self._err(why, tat, "invalid-target", got=target, path=path)
+                    yield Symlink(name, target)
+                else:
+                    raise self._err("unknown node type", at, "unknown-type",
+                                    expected="'regular', 'symlink' or 'directory'", got=tag, path=path)
+                self._expect(close, path)  # end of the node
+                if not stack:
+                    self._finish()
+                    return
+                self._expect(close, path)  # end of the entry holding it
+
+            # -- inside the innermost open directory: the next entry, or its end
+            while True:
+                top = stack[-1]
+                dpath = top[1]
+                buf = src._buf
+                pos = src._pos
+                if len(buf) - pos >= 16 and buf[pos : pos + 16] == close:
+                    src._pos = pos + 16
+                    tag = b")"
+                else:
+                    at, tag = self._read_tag()
+                if tag == b")":
+                    stack.pop()
+                    yield END
+                    if not stack:
+                        self._finish()
+                        return
+                    self._expect(close, dpath)  # end of the entry holding the directory
+                    continue
+                if tag != b"entry":
+                    raise self._err("expected 'entry' or ')'", at, "token", expected="'entry' or ')'",
+                                    got=tag, path=dpath)
+                self._expect(F.TOK_OPEN, dpath)
+                self._expect(F.TOK_NAME, dpath)
+                nat, name = self._read_bounded(lim.max_name, "entry name", "invalid-name", dpath)
+                why = F.validate_name(name, lim.max_name)
+                if why:
+                    raise self._err(why, nat, "invalid-name", got=name, path=dpath)
+                last = top[0]
+                if name <= last:  # b"" (no entry yet) sorts before every valid name
+                    if name == last:
+                        raise self._err("duplicate entry name", nat, "duplicate-entry", got=name, path=dpath)
+                    raise self._err("directory entries not sorted", nat, "unsorted-entries",
+                                    expected=f"a name after {last!r}", got=name, path=dpath)
+                top[0] = name
+                path = dpath + b"/" + name if dpath else name
+                self._expect(F.TOK_NODE, path)
+                break
+
+    def _finish(self) -> None:
+        src = self.src
+        if self.standalone and not src.at_eof():
+            raise self._err("trailing data after the NAR", src.offset, "trailing-data",
+                            expected="end of input", got=src.peek(16))
+
+
+class _Contents:
+    """The chunks of one file's contents; the reader drains what the consumer leaves."""
+
+    __slots__ = ("reader", "remaining", "size", "offset", "path", "_started")
+
+    def __init__(self, reader: NarReader, size: int, offset: int, path: bytes) -> None:
+        self.reader = reader
+        self.size = size
+        self.remaining = size
+        self.offset = offset
+        self.path = path
+        self._started = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._started:
+            raise RuntimeError("file contents can be iterated only once")
+        self._started = True
+        for chunk in self.reader.src.iter_chunks(self.remaining):
+            self.remaining -= len(chunk)
+            yield chunk
+        self._padding()
+
+    def _padding(self) -> None:
+        pad = (-self.size) & 7
+        if pad:
+            at = self.reader.src.offset
+            p = self.reader.src.read_exact(pad)
+            if p != F.PAD[pad]:
+                raise self.reader._err("non-zero padding", at, "padding", expected="zero bytes", got=p,
+                                       path=self.path)
+        self.remaining = -1
+
+    def finish(self) -> None:
+        """Skip unread contents (checking their padding)."""
+        if self.remaining < 0:
+            return
+        if self.remaining:
+            self.reader.src.skip(self.remaining)
+            self.remaining = 0
+        self._padding()

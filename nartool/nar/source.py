@@ -1,0 +1,172 @@
+"""A buffered byte source with an exact offset, shared by every framed reader.
+
+Protocol and export-stream readers create one :class:`ByteSource` over their input and
+pass it to :class:`nartool.nar.reader.NarReader`, which then consumes exactly the bytes of
+one NAR and leaves the rest buffered for the caller.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+from ..errors import NarError, TruncatedError
+
+ReadFn = Callable[[int], bytes]
+
+BUF_SIZE = 1 << 16
+CHUNK_SIZE = 1 << 20
+
+
+class ByteSource:
+    """Reads from a ``read(n)`` callable or a binary file object, tracking the offset.
+
+    ``error_class`` is raised for truncation (a subclass of it when it is ``NarError``).
+    """
+
+    __slots__ = ("_read", "_buf", "_pos", "_base", "_file", "_eof", "what")
+
+    def __init__(self, src: ReadFn | BinaryIO | ByteSource, what: str = "input") -> None:
+        if isinstance(src, ByteSource):
+            raise TypeError("already a ByteSource")
+        self._file: BinaryIO | None = None
+        if callable(src):
+            self._read: ReadFn = src
+        else:
+            self._file = src
+            self._read = src.read
+        self._buf = b""
+        self._pos = 0
+        self._base = 0  # offset of _buf[0]
+        self._eof = False
+        self.what = what
+
+    @property
+    def offset(self) -> int:
+        return self._base + self._pos
+
+    def _fill(self, want: int) -> bool:
+        """Ensure at least ``want`` bytes are buffered; False if EOF came first."""
+        avail = len(self._buf) - self._pos
+        if avail >= want:
+            return True
+        parts = [self._buf[self._pos :]] if avail else []
+        self._base += self._pos
+        have = avail
+        while have < want and not self._eof:
+            data = self._read(max(BUF_SIZE, want - have))
+            if not data:
+                self._eof = True
+                break
+            parts.append(data)
+            have += len(data)
+        self._buf = b"".join(parts) if len(parts) != 1 else parts[0]
+        self._pos = 0
+        return have >= want
+
+    def read_exact(self, n: int) -> bytes:
+        pos = self._pos
+        end = pos + n
+        if end <= len(self._buf):
+            self._pos = end
+            return self._buf[pos:end]
+        if not self._fill(n):
+            raise TruncatedError(
+                f"unexpected end of {self.what}", offset=self._base + len(self._buf), expected=f"{n} more bytes",
+                got=f"{len(self._buf) - self._pos} bytes", rule="truncated",
+            )
+        b = self._buf[: n]
+        self._pos = n
+        return b
+
+    def peek(self, n: int) -> bytes:
+        """Up to ``n`` bytes without consuming them (fewer only at EOF)."""
+        self._fill(n)
+        return self._buf[self._pos : self._pos + n]
+
+    def at_eof(self) -> bool:
+        return not self._fill(1)
+
+    def iter_chunks(self, n: int, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        """Yield exactly ``n`` bytes in chunks, without buffering them all."""
+        avail = len(self._buf) - self._pos
+        if avail:
+            take = min(avail, n)
+            b = self._buf[self._pos : self._pos + take]
+            self._pos += take
+            n -= take
+            yield b
+        if not n:
+            return
+        # the buffer is empty now: read straight from the underlying stream
+        self._base += len(self._buf)
+        self._buf = b""
+        self._pos = 0
+        while n:
+            data = self._read(min(n, chunk_size)) if not self._eof else b""
+            if not data:
+                self._eof = True
+                raise TruncatedError(
+                    f"unexpected end of {self.what}", offset=self._base, expected=f"{n} more bytes",
+                    got="end of input", rule="truncated",
+                )
+            if len(data) > n:  # a read() that returned more than asked: keep the rest
+                self._buf = data[n:]
+                data = data[:n]
+                self._base += n
+                n = 0
+            else:
+                self._base += len(data)
+                n -= len(data)
+            yield data
+
+    def skip(self, n: int) -> None:
+        """Consume ``n`` bytes, seeking when the underlying file allows it."""
+        avail = len(self._buf) - self._pos
+        if n <= avail:
+            self._pos += n
+            return
+        f = self._file
+        if f is not None and n - avail > CHUNK_SIZE:
+            try:
+                seekable = f.seekable()
+            except (AttributeError, ValueError, OSError):
+                seekable = False
+            if seekable:
+                target = self._base + len(self._buf) + (n - avail)
+                cur = f.tell()
+                end = f.seek(0, io.SEEK_END)
+                f.seek(cur)
+                remaining_in_file = end - cur
+                if n - avail > remaining_in_file:
+                    raise TruncatedError(
+                        f"unexpected end of {self.what}", offset=self._base + len(self._buf) + remaining_in_file,
+                        expected=f"{n - avail - remaining_in_file} more bytes", got="end of input", rule="truncated",
+                    )
+                f.seek(cur + (n - avail))
+                self._base = target
+                self._buf = b""
+                self._pos = 0
+                return
+        for _ in self.iter_chunks(n):
+            pass
+
+
+def as_source(src: ReadFn | BinaryIO | ByteSource | bytes, what: str = "input") -> ByteSource:
+    if isinstance(src, ByteSource):
+        return src
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return ByteSource(io.BytesIO(bytes(src)), what)
+    return ByteSource(src, what)
+
+
+def fd_reader(fd: int) -> ReadFn:
+    def read(n: int) -> bytes:
+        return os.read(fd, n)
+
+    return read
+
+
+__all__ = ["ByteSource", "as_source", "fd_reader", "NarError"]

@@ -1,0 +1,1 @@
+"""Talking to other stores: Nix's serve protocol, copy-closure and transports."""
