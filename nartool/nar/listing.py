@@ -55,18 +55,23 @@ def _entry(path: Path, ev: Event) -> Entry:
 
 
 def _subtree(events: Iterable[Event], prefix: Path) -> Iterator[tuple[Path, int, Event]]:
-    """(path, depth below prefix, event) for the subtree at ``prefix``; stops after it."""
+    """(path, depth below prefix, event) for the subtree at ``prefix``.
+
+    The rest of the stream is still read (contents skipped, by seeking where possible) so
+    that a malformed NAR is refused even when the damage lies outside the listed subtree.
+    """
     plen = len(prefix)
     found = False
+    done = False
     for path, ev in with_paths(events):
-        if path[:plen] != prefix:
+        if done or path[:plen] != prefix:
             continue
         depth = len(path) - plen
         if depth == 0:
             found = True
         yield path, depth, ev
         if depth == 0 and not isinstance(ev, Directory):
-            break  # a leaf, or the end of the directory at prefix
+            done = True  # a leaf, or the end of the directory at prefix
     if not found:
         raise PathNotFound("path not found in NAR", path=show_path(prefix), rule="not-found")
 
@@ -75,14 +80,15 @@ def entries(events: Iterable[Event], prefix: Path = (), recursive: bool = False,
             directory_itself: bool = False) -> Iterator[Entry]:
     """Nodes at ``prefix``: a leaf itself; a directory's members (all below with
     ``recursive``); or just the directory with ``directory_itself``."""
-    for path, depth, ev in _subtree(events, prefix):
+    only_root = directory_itself
+    for path, depth, ev in _subtree(events, prefix):  # consumed to the end: see _subtree
         if isinstance(ev, EndDirectory):
             continue
         if depth == 0:
             if directory_itself or not isinstance(ev, Directory):
+                only_root = True
                 yield _entry(path, ev)
-                return
-        elif recursive or depth == 1:
+        elif not only_root and (recursive or depth == 1):
             yield _entry(path, ev)
 
 
@@ -93,7 +99,7 @@ def cat(events: Iterable[Event], path: Path) -> Iterator[bytes]:
             if isinstance(ev, File):
                 for chunk in ev.chunks:
                     yield bytes(chunk)
-                return
+                continue  # the rest of the stream is still validated
             kind = "directory" if isinstance(ev, Directory) else "symlink"
             raise NartoolError(f"not a regular file but a {kind}", path=show_path(path), rule="not-a-file")
 
