@@ -24,7 +24,7 @@ GOOD = nar(dir_(entry(b"a", reg(b"hello")), entry(b"b", link(b"a")), entry(b"c",
 
 def deep(levels: int) -> bytes:
     node = reg(b"x")
-    for i in range(levels - 1):
+    for _ in range(levels - 1):
         node = dir_(entry(b"d", node))
     return nar(node)
 

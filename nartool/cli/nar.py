@@ -125,7 +125,13 @@ def ls_(nar_file: str, path: str, recursive: bool, long_: bool, directory: bool,
 @click.argument("nar_file", metavar="NAR", type=click.Path(path_type=str))
 @click.argument("path")
 def cat_(nar_file: str, path: str) -> None:
-    """Write the contents of the regular file at PATH inside NAR to stdout."""
+    """Write the contents of the regular file at PATH inside NAR to stdout.
+
+    Nothing else is restored. NAR may be compressed, and '-' reads stdin. The whole NAR is
+    still validated: a malformed archive exits non-zero even after the file was written.
+
+    Example: nartool nar cat hello.nar /bin/hello > hello
+    """
     with ExitStack() as stack:
         events = api.read_events(_open_nar(stack, nar_file), stack)  # type: ignore[arg-type]
         write_chunks(listing.cat(events, listing.split_path(path)), stdout_bin())

@@ -1,0 +1,84 @@
+"""CLI behaviour: interruption leaves nothing, destinations are never clobbered, help texts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nartool.nar import write_nar
+
+from .test_nar_memory import big_file_events
+
+
+def _cli(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "nartool", *args], input=input, capture_output=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_restore_leaves_nothing(tmp_path: Path, sig: signal.Signals) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "nartool", "nar", "restore", str(work / "dest")],
+                         stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdin is not None
+    sent = 0
+    for chunk in write_nar(big_file_events(1 << 30)):
+        p.stdin.write(chunk)
+        sent += len(chunk)
+        if sent > 64 << 20:
+            break
+    p.stdin.flush()
+    # the partial tree exists by now (in the hidden temporary)
+    deadline = time.time() + 10
+    while not os.listdir(work) and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.listdir(work), "restore did not start"
+    p.send_signal(sig)
+    try:
+        p.stdin.close()
+    except BrokenPipeError:
+        pass
+    assert p.wait(timeout=30) == 130
+    assert os.listdir(work) == [], "an interrupted restore left files behind"
+
+
+def test_restore_refuses_existing_destination(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "keep").write_text("mine")
+    data = b"".join(write_nar(big_file_events(10)))
+    r = _cli("nar", "restore", str(tmp_path / "d"), input=data)
+    assert r.returncode == 1 and b"already exists" in r.stderr
+    assert os.listdir(tmp_path / "d") == ["keep"]
+    os.symlink("elsewhere", tmp_path / "link")
+    r = _cli("nar", "restore", str(tmp_path / "link"), input=data)
+    assert r.returncode == 1 and not (tmp_path / "elsewhere").exists()
+
+
+def test_dump_refuses_too_deep_and_special_files(tmp_path: Path) -> None:
+    d = tmp_path / "t"
+    p = d
+    for _ in range(64):
+        p = p / "d"
+    p.mkdir(parents=True)
+    r = _cli("nar", "dump", str(d), "-o", str(tmp_path / "x.nar"))
+    assert r.returncode == 1 and b"deeper than 64" in r.stderr
+    assert not (tmp_path / "x.nar").exists()
+    os.mkfifo(tmp_path / "fifo")
+    r = _cli("nar", "dump", str(tmp_path / "fifo"), "-o", str(tmp_path / "y.nar"))
+    assert r.returncode == 1 and b"unsupported type" in r.stderr
+
+
+def test_dump_to_terminal_refused_and_help() -> None:
+    r = _cli("nar", "--help")
+    assert r.returncode == 0
+    for cmd in (b"dump", b"restore", b"hash", b"ls", b"cat"):
+        assert cmd in r.stdout
+    for cmd in ("dump", "restore", "hash", "ls", "cat"):
+        r = _cli("nar", cmd, "--help")
+        assert r.returncode == 0 and len(r.stdout) > 200

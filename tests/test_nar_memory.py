@@ -1,0 +1,87 @@
+"""Peak memory stays flat: generated NAR streams (never stored) piped into the CLI.
+
+A 4 GiB file and a million directory entries go through `nar ls`/`nar cat`/`nar restore`
+in a child process whose peak RSS (from wait4) must stay under 100 MB.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nartool.nar import END, Directory, File, write_nar
+from nartool.nar.events import Event
+
+LIMIT = 100 * 1024 * 1024
+ZEROS = bytes(1 << 20)
+
+
+def big_file_events(size: int) -> Iterator[Event]:
+    def chunks() -> Iterator[bytes]:
+        left = size
+        while left:
+            n = min(left, len(ZEROS))
+            yield ZEROS if n == len(ZEROS) else ZEROS[:n]
+            left -= n
+
+    yield Directory(b"")
+    yield File(b"big", False, size, chunks())
+    yield File(b"tail", False, 4, [b"tail"])
+    yield END
+
+
+def many_entries_events(n: int) -> Iterator[Event]:
+    yield Directory(b"")
+    for i in range(n):
+        yield File(b"f%07d" % i, False, 0, ())
+    yield END
+
+
+def run_fed(args: list[str], events: Iterator[Event], stdout: int = subprocess.DEVNULL) -> tuple[int, int]:
+    """Run the CLI with the NAR of ``events`` on stdin; return (exit status, peak RSS bytes)."""
+    p = subprocess.Popen([sys.executable, "-m", "nartool", *args], stdin=subprocess.PIPE, stdout=stdout,
+                         stderr=subprocess.PIPE)
+    assert p.stdin is not None
+    try:
+        for chunk in write_nar(events):
+            p.stdin.write(chunk)
+    except BrokenPipeError:
+        pass
+    finally:
+        p.stdin.close()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    err = p.stderr.read() if p.stderr else b""
+    assert p.returncode == 0, err
+    return p.returncode, usage.ru_maxrss * 1024
+
+
+@pytest.mark.slow
+def test_ls_of_4gib_file_is_flat() -> None:
+    _, rss = run_fed(["nar", "ls", "-lR", "-"], big_file_events(4 << 30))
+    assert rss < LIMIT, f"peak RSS {rss / 2**20:.1f} MiB"
+
+
+@pytest.mark.slow
+def test_cat_of_4gib_file_is_flat() -> None:
+    _, rss = run_fed(["nar", "cat", "-", "/big"], big_file_events(4 << 30))
+    assert rss < LIMIT, f"peak RSS {rss / 2**20:.1f} MiB"
+
+
+@pytest.mark.slow
+def test_restore_of_1gib_file_is_flat(tmp_path: Path) -> None:
+    _, rss = run_fed(["nar", "restore", str(tmp_path / "r"), "-"], big_file_events(1 << 30))
+    assert rss < LIMIT, f"peak RSS {rss / 2**20:.1f} MiB"
+    assert (tmp_path / "r" / "big").stat().st_size == 1 << 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["nar", "ls", "-R", "-"], ["nar", "ls", "--json", "-R", "-"]])
+def test_million_entries_listing_is_flat(args: list[str]) -> None:
+    _, rss = run_fed(args, many_entries_events(1_000_000))
+    assert rss < LIMIT, f"peak RSS {rss / 2**20:.1f} MiB"
