@@ -16,6 +16,20 @@ from .common import refuse_binary_to_tty, stdout_bin, write_chunks
 
 _FS = os.fsencode
 
+case_hack_option = click.option(
+    "--case-hack/--no-case-hack", "case_hack", default=None,
+    help="Add/strip ~nix~case~hack~N suffixes for case-insensitive filesystems. "
+         "Default: probe the filesystem (env NARTOOL_CASE_HACK=0|1 overrides).")
+
+
+def _names(case_hack: bool | None, path: str, *, restore: bool) -> object:
+    from ..fs.casehack import resolve
+
+    codec, auto = resolve(case_hack, path, restore=restore)
+    if codec is not None and auto:
+        click.echo("nartool: case-insensitive filesystem detected: using the case hack", err=True)
+    return codec
+
 
 @click.group()
 def nar() -> None:
@@ -32,29 +46,32 @@ def nar() -> None:
               help="Write the NAR here (atomically) instead of to stdout.")
 @click.option("--compress", type=click.Choice(METHODS), default="none", show_default=True,
               help="Compress the output.")
-def dump(path: str, output: str | None, compress: str) -> None:
+@case_hack_option
+def dump(path: str, output: str | None, compress: str, case_hack: bool | None) -> None:
     """Serialise PATH (a file, symlink or directory tree) as a NAR.
 
     Symlinks are never followed. Only the owner-execute bit is recorded.
     """
+    names = _names(case_hack, path, restore=False)
     if output is None or output == "-":
         refuse_binary_to_tty("a NAR")
-        write_chunks(api.dump_chunks(path, compress=compress), stdout_bin())
+        write_chunks(api.dump_chunks(path, compress=compress, names=names), stdout_bin())  # type: ignore[arg-type]
     else:
-        api.dump(path, output, compress=compress)
+        api.dump(path, output, compress=compress, names=names)  # type: ignore[arg-type]
 
 
 @nar.command()
 @click.argument("dest", type=click.Path(path_type=str))
 @click.argument("nar_file", metavar="[NAR]", required=False, default="-", type=click.Path(path_type=str))
-def restore(dest: str, nar_file: str) -> None:
+@case_hack_option
+def restore(dest: str, nar_file: str, case_hack: bool | None) -> None:
     """Restore a NAR (from the file NAR, or stdin when absent or '-') at DEST.
 
     DEST must not exist. The tree is built in a temporary sibling and renamed into place
     only when the whole NAR was read and found valid: a failed restore leaves nothing.
     """
     src = sys.stdin.buffer if nar_file == "-" else nar_file
-    api.restore(dest, src)
+    api.restore(dest, src, names=_names(case_hack, dest, restore=True))  # type: ignore[arg-type]
 
 
 @nar.command(name="hash")
@@ -64,9 +81,10 @@ def restore(dest: str, nar_file: str) -> None:
 @click.option("--sri", "fmt", flag_value="sri", default=True, help="SRI (`sha256-…`), as `nix hash path` [default].")
 @click.option("--type", "algo", type=click.Choice(["sha256", "sha512", "sha1", "md5"]), default="sha256",
               show_default=True, help="Hash algorithm.")
-def hash_(path: str, fmt: str, algo: str) -> None:
+@case_hack_option
+def hash_(path: str, fmt: str, algo: str, case_hack: bool | None) -> None:
     """Print the hash of PATH's NAR serialisation (nothing is written)."""
-    h = api.hash_path(path, algo)
+    h = api.hash_path(path, algo, names=_names(case_hack, path, restore=False))  # type: ignore[arg-type]
     click.echo({"base16": h.base16, "base32": h.nix32, "sri": h.sri}[fmt])
 
 
