@@ -20,10 +20,15 @@ _LAZY = {
 }
 
 
+_SUBMODULES = {"api", "nar", "fs", "store", "remote", "hashes", "errors", "compression"}
+
+
 def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"nartool.{name}")
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(name)
-    import importlib
-
     return getattr(importlib.import_module(mod), name)

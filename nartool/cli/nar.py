@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import stat
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
+from typing import Any, TypeVar
 
 import click
 
@@ -15,11 +17,33 @@ from ..nar import listing
 from .common import refuse_binary_to_tty, stdout_bin, write_chunks
 
 _FS = os.fsencode
+F = TypeVar("F", bound=Callable[..., Any])
 
 case_hack_option = click.option(
     "--case-hack/--no-case-hack", "case_hack", default=None,
     help="Add/strip ~nix~case~hack~N suffixes for case-insensitive filesystems. "
          "Default: probe the filesystem (env NARTOOL_CASE_HACK=0|1 overrides).")
+
+
+exclude_options = [
+    click.option("--exclude", "excludes", multiple=True, metavar="PATTERN",
+                 help="Leave out paths matching this gitignore-style pattern (repeatable)."),
+    click.option("--exclude-from", "exclude_files", multiple=True, metavar="FILE",
+                 type=click.Path(exists=True, dir_okay=False, path_type=str),
+                 help="Read gitignore-style patterns from FILE (repeatable)."),
+]
+
+
+def with_excludes(f: F) -> F:
+    for opt in reversed(exclude_options):
+        f = opt(f)
+    return f
+
+
+def _exclude(excludes: tuple[str, ...], files: tuple[str, ...]) -> object:
+    from ..fs.filters import exclude_filter
+
+    return exclude_filter(excludes, files)
 
 
 def _names(case_hack: bool | None, path: str, *, restore: bool) -> object:
@@ -47,17 +71,30 @@ def nar() -> None:
 @click.option("--compress", type=click.Choice(METHODS), default="none", show_default=True,
               help="Compress the output.")
 @case_hack_option
-def dump(path: str, output: str | None, compress: str, case_hack: bool | None) -> None:
+@with_excludes
+@click.option("--list-xattrs", is_flag=True, help="Report files that carry extended attributes (on stderr).")
+def dump(path: str, output: str | None, compress: str, case_hack: bool | None, excludes: tuple[str, ...],
+         exclude_files: tuple[str, ...], list_xattrs: bool) -> None:
     """Serialise PATH (a file, symlink or directory tree) as a NAR.
 
-    Symlinks are never followed. Only the owner-execute bit is recorded.
+    Symlinks are never followed. Only the owner-execute bit is recorded; extended
+    attributes, owners and timestamps are not part of a NAR.
+
+    Example: nartool nar dump ./src --exclude '*.o' --exclude 'build/' -o src.nar.zst --compress zstd
     """
     names = _names(case_hack, path, restore=False)
+    exclude = _exclude(excludes, exclude_files)
+    if list_xattrs:
+        from ..fs.xattrs import files_with_xattrs
+
+        for p, attrs in files_with_xattrs(path):
+            click.echo(f"xattrs: {os.fsdecode(p)}: {', '.join(attrs)}", err=True)
+    kw: dict[str, Any] = {"compress": compress, "names": names, "exclude": exclude}
     if output is None or output == "-":
         refuse_binary_to_tty("a NAR")
-        write_chunks(api.dump_chunks(path, compress=compress, names=names), stdout_bin())  # type: ignore[arg-type]
+        write_chunks(api.dump_chunks(path, **kw), stdout_bin())
     else:
-        api.dump(path, output, compress=compress, names=names)  # type: ignore[arg-type]
+        api.dump(path, output, **kw)
 
 
 @nar.command()
@@ -82,9 +119,12 @@ def restore(dest: str, nar_file: str, case_hack: bool | None) -> None:
 @click.option("--type", "algo", type=click.Choice(["sha256", "sha512", "sha1", "md5"]), default="sha256",
               show_default=True, help="Hash algorithm.")
 @case_hack_option
-def hash_(path: str, fmt: str, algo: str, case_hack: bool | None) -> None:
+@with_excludes
+def hash_(path: str, fmt: str, algo: str, case_hack: bool | None, excludes: tuple[str, ...],
+          exclude_files: tuple[str, ...]) -> None:
     """Print the hash of PATH's NAR serialisation (nothing is written)."""
-    h = api.hash_path(path, algo, names=_names(case_hack, path, restore=False))  # type: ignore[arg-type]
+    h = api.hash_path(path, algo, names=_names(case_hack, path, restore=False),  # type: ignore[arg-type]
+                      exclude=_exclude(excludes, exclude_files))  # type: ignore[arg-type]
     click.echo({"base16": h.base16, "base32": h.nix32, "sri": h.sri}[fmt])
 
 
@@ -155,4 +195,56 @@ def cat_(nar_file: str, path: str) -> None:
         write_chunks(listing.cat(events, listing.split_path(path)), stdout_bin())
 
 
-_ = stat  # re-exported for adapters that extend this group
+@nar.command(name="check")
+@click.argument("source", metavar="NAR|PATH")
+@click.option("--target", type=click.Choice(["macos", "linux"]), default="macos", show_default=True,
+              help="Filesystem semantics to check against.")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def check(source: str, target: str, as_json: bool) -> None:
+    """List what a restore of NAR (or of the tree at PATH) on TARGET would have to work around.
+
+    On macos (case-insensitive, normalisation-insensitive): every group of names that collide
+    by case or Unicode normalisation, and names that would exceed 255 bytes once given a
+    ~nix~case~hack~N suffix. Exit status 0: nothing found; 1: something found.
+    """
+    from ..fs.casehack import check_events
+    from ..fs.source import dump_events
+    from .common import echo_json
+
+    with ExitStack() as stack:
+        is_tree = source != "-" and (os.path.isdir(source) or os.path.islink(source)
+                                     or (os.path.isfile(source) and not _looks_like_nar(source)))
+        if is_tree:
+            events = dump_events(source)
+        else:
+            events = api.read_events(_open_nar(stack, source), stack)  # type: ignore[arg-type]
+        collisions, too_long = check_events(events, target)
+    if as_json:
+        echo_json({
+            "target": target,
+            "collisions": [{"directory": os.fsdecode(c["directory"]),  # type: ignore[arg-type]
+                            "names": [os.fsdecode(n) for n in c["names"]]} for c in collisions],  # type: ignore[attr-defined]
+            "tooLong": [{"path": os.fsdecode(t["path"]), "length": t["length"]} for t in too_long],  # type: ignore[arg-type]
+        })
+    else:
+        for c in collisions:
+            names = ", ".join(repr(os.fsdecode(n)) for n in c["names"])  # type: ignore[attr-defined]
+            click.echo(f"collision in {os.fsdecode(c['directory'])}: {names}")  # type: ignore[arg-type]
+        for t in too_long:
+            click.echo(f"too long once suffixed ({t['length']} bytes): {os.fsdecode(t['path'])}")  # type: ignore[arg-type]
+        if not collisions and not too_long:
+            click.echo(f"no collisions on {target}", err=True)
+    if collisions or too_long:
+        raise SystemExit(1)
+
+
+def _looks_like_nar(path: str) -> bool:
+    from ..compression import detect
+    from ..nar.format import TOK_MAGIC
+
+    with open(path, "rb") as f:
+        head = f.read(len(TOK_MAGIC))
+    return head == TOK_MAGIC or detect(head) != "none"
+
+
+_ = stat

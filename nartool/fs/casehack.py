@@ -149,3 +149,38 @@ def resolve(mode: bool | None, path: str | bytes, *, restore: bool) -> tuple[Cas
     p = os.fsencode(path)
     where = nearest_existing_dir(os.path.dirname(os.path.abspath(p)) if restore or not os.path.isdir(p) else p)
     return (CaseHackCodec(), True) if is_case_insensitive(where) else (None, False)
+
+
+def check_events(events: object, target: str = "macos") -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """Collisions a restore on ``target`` would have to hack around, and names that would
+    exceed 255 bytes once suffixed. ``target`` is ``macos`` (case- and normalisation-
+    insensitive) or ``linux`` (case-sensitive: nothing collides)."""
+    from ..nar.events import Directory, EndDirectory, with_paths
+
+    collisions: list[dict[str, object]] = []
+    too_long: list[dict[str, object]] = []
+    if target == "linux":
+        for _ in events:  # type: ignore[attr-defined]
+            pass
+        return collisions, too_long
+    groups: list[dict[bytes, list[bytes]]] = []
+    paths: list[tuple[bytes, ...]] = []
+    for path, ev in with_paths(events):  # type: ignore[arg-type]
+        if isinstance(ev, EndDirectory):
+            g = groups.pop()
+            dpath = b"/" + b"/".join(paths.pop())
+            for members in g.values():
+                if len(members) > 1:
+                    collisions.append({"directory": dpath, "names": members})
+            continue
+        if path and groups:
+            name = path[-1]
+            members = groups[-1].setdefault(fold(name), [])
+            disk = encode(name, len(members))
+            members.append(name)
+            if len(disk) > MAX_NAME:
+                too_long.append({"path": b"/" + b"/".join(path), "length": len(disk)})
+        if isinstance(ev, Directory):
+            groups.append({})
+            paths.append(path)
+    return collisions, too_long

@@ -21,6 +21,7 @@ from ..nar import format as F
 from ..nar.events import Directory, EndDirectory, Event, File, Symlink
 from .osutil import remove_at, rename_noreplace, temp_name
 from .source import DirNamer, NameCodec
+from .xattrs import strip_fd
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_NEWFILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -90,6 +91,7 @@ class _Builder:
             fd, rel, _ = self.stack.pop()
             try:
                 if self.canonical:
+                    strip_fd(fd)
                     os.utime(fd, ns=(1_000_000_000, 1_000_000_000))
                     os.fchmod(fd, 0o555)
                 if self.fsync:
@@ -140,6 +142,7 @@ class _Builder:
                 raise NarError("file contents shorter than declared", expected=ev.size, got=written, path=rel,
                                rule="truncated")
             if self.canonical:
+                strip_fd(fd)
                 os.fchmod(fd, mode)
                 os.utime(fd, ns=(1_000_000_000, 1_000_000_000))
             elif ev.executable:
