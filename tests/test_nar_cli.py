@@ -82,3 +82,22 @@ def test_dump_to_terminal_refused_and_help() -> None:
     for cmd in ("dump", "restore", "hash", "ls", "cat"):
         r = _cli("nar", cmd, "--help")
         assert r.returncode == 0 and len(r.stdout) > 200
+
+
+def test_dump_does_not_leak_file_descriptors(tmp_path: Path) -> None:
+    import resource
+
+    import nartool
+
+    t = tmp_path / "many"
+    t.mkdir()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = 300
+    for i in range(n):
+        (t / f"f{i}").write_bytes(b"x" * i)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 128), hard))
+    try:
+        nartool.hash_path(t)
+        nartool.dump(t, tmp_path / "out.nar")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -64,19 +64,18 @@ def _file_event(path: bytes, name: bytes) -> File:
             raise FsError("not a regular file any more", path=path, rule="changed")
         size = st.st_size
         executable = bool(st.st_mode & stat.S_IXUSR)
-        if size <= SMALL_FILE:
-            data = os.read(fd, size) if size else b""
-            while len(data) < size:  # short reads (rare on regular files)
-                more = os.read(fd, size - len(data))
-                if not more:
-                    break
-                data += more
-            return File(name, executable, size, (data,) if data else ())
-    except BaseException:
+        if size > SMALL_FILE:
+            # reopened lazily so that huge trees never hold many fds
+            return File(name, executable, size, _big_chunks(path, size))
+        data = os.read(fd, size) if size else b""
+        while len(data) < size:  # short reads (rare on regular files)
+            more = os.read(fd, size - len(data))
+            if not more:
+                break
+            data += more
+        return File(name, executable, size, (data,) if data else ())
+    finally:
         os.close(fd)
-        raise
-    os.close(fd)  # reopened lazily so that huge trees never hold many fds
-    return File(name, executable, size, _big_chunks(path, size))
 
 
 def _big_chunks(path: bytes, size: int) -> Iterator[bytes]:
