@@ -24,6 +24,7 @@ from .nar.limits import DEFAULT_LIMITS, Limits
 from .nar.reader import NarReader
 from .nar.source import ReadFn
 from .nar.writer import write_nar
+from .pipeline import pipelined
 
 PathLike = str | bytes | os.PathLike[str]
 NarInput = PathLike | BinaryIO | ReadFn
@@ -38,7 +39,7 @@ def dump_chunks(
     limits: Limits = DEFAULT_LIMITS,
 ) -> Iterator[bytes | bytearray | memoryview]:
     """The NAR of ``path`` as an iterator of chunks (optionally compressed)."""
-    return compressor(write_nar(dump_events(path, names=names, exclude=exclude), limits=limits), compress)
+    return compressor(pipelined(write_nar(dump_events(path, names=names, exclude=exclude), limits=limits)), compress)
 
 
 def dump(

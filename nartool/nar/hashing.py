@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Iterable
 
 from ..hashes import Hash
+from ..pipeline import pipelined
 from .events import Event
 from .limits import DEFAULT_LIMITS, Limits
 from .writer import write_nar
@@ -16,7 +17,7 @@ def hash_events(events: Iterable[Event], algo: str = "sha256", *, limits: Limits
     h = hashlib.new(algo)
     update = h.update
     size = 0
-    for chunk in write_nar(events, limits=limits):
+    for chunk in pipelined(write_nar(events, limits=limits)):
         update(chunk)
         size += len(chunk)
     return Hash(algo, h.digest()), size

@@ -15,7 +15,7 @@ from . import format as F
 from .events import Directory, EndDirectory, Event, File, Symlink
 from .limits import DEFAULT_LIMITS, Limits
 
-FLUSH_SIZE = 1 << 16
+FLUSH_SIZE = 1 << 20
 _U64 = int.to_bytes
 
 
