@@ -39,7 +39,10 @@ def dump_chunks(
     limits: Limits = DEFAULT_LIMITS,
 ) -> Iterator[bytes | bytearray | memoryview]:
     """The NAR of ``path`` as an iterator of chunks (optionally compressed)."""
-    return compressor(pipelined(write_nar(dump_events(path, names=names, exclude=exclude), limits=limits)), compress)
+    chunks = write_nar(dump_events(path, names=names, exclude=exclude), limits=limits)
+    if compress == "none":
+        return chunks  # a producer thread only pays off when the consumer works without the GIL
+    return compressor(pipelined(chunks), compress)
 
 
 def dump(

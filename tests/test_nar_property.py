@@ -106,3 +106,24 @@ def test_restore_of_damaged_nar_leaves_nothing(tree: Tree, data: st.DataObject) 
         assert os.listdir(work) == []
     finally:
         shutil.rmtree(work)
+
+
+def test_writer_refuses_bad_event_streams() -> None:
+    import pytest
+
+    from nartool.errors import FsError
+
+    bad = [
+        ([Directory(b""), File(b"", False, 0), END], "invalid-name"),
+        ([Directory(b""), File(b"a/b", False, 0), END], "invalid-name"),
+        ([Directory(b""), File(b"b", False, 0), File(b"a", False, 0), END], "unsorted-entries"),
+        ([Directory(b""), File(b"a", False, 0), Symlink(b"a", b"t"), END], "duplicate-entry"),
+        ([Symlink(b"", b"")], "invalid-target"),
+        ([Directory(b"")], "truncated"),
+        ([File(b"", False, 5, [b"abc"])], "size-changed"),
+        ([File(b"", False, 0), File(b"", False, 0)], "trailing-data"),
+    ]
+    for events, rule in bad:
+        with pytest.raises((NarError, FsError)) as ei:
+            nar_bytes(events)
+        assert ei.value.rule == rule, (events, ei.value)

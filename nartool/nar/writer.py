@@ -47,6 +47,9 @@ def write_nar(
             continue
         name = ev.name  # type: ignore[union-attr]
         if stack:
+            if not name or len(name) > max_name or b"/" in name or b"\0" in name or name in (b".", b".."):
+                why = F.validate_name(name, max_name)
+                raise NarError(why or "invalid entry name", rule="invalid-name", got=name, path=paths[-1])
             last = stack[-1]
             if name <= last:
                 parent = paths[-1]
@@ -54,9 +57,6 @@ def write_nar(
                     raise NarError("duplicate entry name", rule="duplicate-entry", got=name, path=parent)
                 raise NarError("directory entries not sorted", rule="unsorted-entries",
                                expected=f"a name after {last!r}", got=name, path=parent)
-            if len(name) > max_name or b"/" in name or b"\0" in name or name in (b".", b".."):
-                why = F.validate_name(name, max_name)
-                raise NarError(why or "invalid entry name", rule="invalid-name", got=name, path=paths[-1])
             stack[-1] = name
             out += F.ENTRY_OPEN
             n = len(name)
@@ -93,11 +93,8 @@ def write_nar(
                 raise FsError("file changed size while being read", expected=size, got=written,
                               path=_join(paths, name), rule="size-changed")
             out += F.PAD[(-size) & 7]
-            if stack:
-                out += F.CLOSE2
-            else:
-                out += F.CLOSE
-                done = True
+            out += F.CLOSE2 if stack else F.CLOSE
+            done = not stack
         elif cls is Symlink:
             assert isinstance(ev, Symlink)
             target = ev.target
@@ -109,11 +106,8 @@ def write_nar(
             out += _U64(n, 8, "little")
             out += target
             out += F.PAD[(-n) & 7]
-            if stack:
-                out += F.CLOSE2
-            else:
-                out += F.CLOSE
-                done = True
+            out += F.CLOSE2 if stack else F.CLOSE
+            done = not stack
         elif cls is Directory:
             out += F.HDR_DIRECTORY
             stack.append(b"")
