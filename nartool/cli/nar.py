@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -16,7 +15,6 @@ from ..compression import METHODS
 from ..nar import listing
 from .common import refuse_binary_to_tty, stdout_bin, write_chunks
 
-_FS = os.fsencode
 F = TypeVar("F", bound=Callable[..., Any])
 
 case_hack_option = click.option(
@@ -246,5 +244,3 @@ def _looks_like_nar(path: str) -> bool:
         head = f.read(len(TOK_MAGIC))
     return head == TOK_MAGIC or detect(head) != "none"
 
-
-_ = stat
