@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..hashes import Hash
-from ..nar.events import Event
 from ..nar.source import ByteSource
 
 
@@ -36,7 +35,11 @@ class PathInfo:
 
 
 class Store(Protocol):
-    """Operations every store offers. All paths are full logical store paths."""
+    """Operations every store offers. All paths are full logical store paths (``str``).
+
+    Implementations: :class:`nartool.store.local.LocalStore` (on disk, Nix's layout and db) and
+    :class:`nartool.store.memory.MemoryStore` (in memory, for tests and in-process transports).
+    """
 
     store_dir: str
 
@@ -45,34 +48,39 @@ class Store(Protocol):
     def query_valid_paths(self, paths: Iterable[str]) -> set[str]: ...
     def query_path_info(self, path: str) -> PathInfo | None: ...
     def query_referrers(self, path: str) -> set[str]: ...
+    def query_derivation_outputs(self, drv_path: str) -> dict[str, str]:
+        """Output name → output path of a registered ``.drv`` (``DerivationOutputs``)."""
+        ...
+
     def closure(self, paths: Iterable[str], *, include_outputs: bool = False) -> list[str]:
-        """The closure of ``paths`` in dependency order: every path after its references."""
+        """The closure of ``paths`` in dependency order: every path after its references.
+        :class:`~nartool.errors.StoreError` (rule ``invalid-path``) if a path is not valid."""
         ...
 
     # -- reading contents
-    def nar_events(self, path: str) -> Iterator[Event]:
-        """The NAR events of a valid path (streamed from disk)."""
-        ...
-
     def nar_chunks(self, path: str) -> Iterator[bytes | bytearray | memoryview]:
-        """The NAR bytes of a valid path, checked against its registered hash as they stream."""
+        """The NAR bytes of a valid path, checked against its registered hash as they stream
+        (a mismatch raises :class:`~nartool.errors.StoreError` rule ``hash-changed`` at the end)."""
         ...
 
     # -- adding contents
-    def add_nar(self, info: PathInfo, nar: ByteSource, *, check_sigs: bool = False) -> PathInfo:
-        """Restore one NAR read from ``nar`` (exactly one NAR is consumed) as ``info.path``,
-        check its hash and size against ``info`` (when ``info.nar_size`` is non-zero), scan
-        nothing (references come from ``info``), canonicalise, sync and register it.
-        Already-valid paths are skipped (the NAR is still consumed and checked).
-        All references other than the path itself must be valid or in the same batch."""
+    def add_nar(self, info: PathInfo, nar: ByteSource) -> PathInfo:
+        """Read exactly one NAR from ``nar`` and add it as ``info.path``.
+
+        Checks the NAR's sha256 and size against ``info`` (size only when ``info.nar_size`` is
+        non-zero) and refuses a mismatch; references come from ``info`` (nothing is scanned) and
+        must be valid already, be the path itself, or have been added earlier in the same
+        :meth:`batch`. An already-valid path is skipped (its NAR is still read and checked).
+        Signature policy is the caller's business. Returns the registered info."""
         ...
 
-    def import_paths(self, src: ByteSource, *, check_sigs: bool = False) -> list[str]:
-        """Read a ``nix-store --export`` stream and import every record, all or nothing."""
+    def import_paths(self, src: ByteSource) -> list[str]:
+        """Read a ``nix-store --export`` stream from ``src`` and import every record, all or
+        nothing; returns the paths in stream order."""
         ...
 
     def export_paths(self, paths: Iterable[str]) -> Iterator[bytes | bytearray | memoryview]:
-        """A ``nix-store --export`` stream of ``paths`` (in dependency order)."""
+        """A ``nix-store --export`` stream of exactly ``paths`` (sorted into dependency order)."""
         ...
 
     def add_signatures(self, path: str, sigs: Iterable[str]) -> None: ...
@@ -83,5 +91,7 @@ class Store(Protocol):
         ...
 
     def batch(self) -> AbstractContextManager[None]:
-        """Register everything added inside the block in one transaction, at its end."""
+        """Paths added inside the block are synced and registered together (one filesystem
+        sync, one transaction) when it ends without error. On error, paths of the batch that
+        were not registered are removed again."""
         ...

@@ -1,0 +1,560 @@
+"""A local store on disk, in the layout of ``nix-store --store ROOT``.
+
+``ROOT/nix/store`` holds the store objects (logical paths ``/nix/store/<hash>-<name>``),
+``ROOT/nix/var/nix`` the state: ``db/db.sqlite`` (Nix's schema), ``gcroots/``, ``profiles/``,
+``temproots/``, ``gc.lock``. Real Nix 2.8 reads what this writes and the other way round.
+
+How a path is added (:meth:`LocalStore.add_nar`, :meth:`add_path`, :meth:`import_paths`):
+
+1. the path (and the temporary name used while restoring) become temporary GC roots;
+2. the NAR is restored under a temporary store name, hashed on the way, with canonical
+   metadata (0444/0555, mtime 1, xattrs stripped), never following symlinks;
+3. under the per-path lock, a leftover at the final name is removed and the temporary is
+   renamed into place (without replacing anything);
+4. at the end of the batch one ``syncfs`` flushes everything, then one transaction registers
+   the whole batch. A crash before that leaves at most unregistered (invalid) objects that
+   the next add or a GC removes; the database never names unsynced contents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import BinaryIO
+
+from ..errors import FsError, NarError, StoreError
+from ..fs import dump_events
+from ..fs.casehack import CaseHackCodec, resolve
+from ..fs.osutil import remove_at, rename_noreplace, syncfs
+from ..fs.sink import _Builder
+from ..fs.source import Exclude, NameCodec
+from ..hashes import Hash, nix32_encode
+from ..nar.events import Event, File
+from ..nar.hashing import NarDigest, tee_nar
+from ..nar.reader import NarReader
+from ..nar.source import ByteSource, as_source
+from ..nar.writer import write_nar
+from . import export as X
+from .closure import closure_set, topo_sort
+from .db import StoreDB
+from .derivation import DerivationError, parse_derivation
+from .locks import PathLock, TempRoots
+from .paths import (
+    DEFAULT_STORE_DIR,
+    ContentAddress,
+    StorePath,
+    make_fixed_output_path,
+    make_text_path,
+    validate_name,
+)
+from .types import PathInfo
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+SETTINGS_FILE = "nartool-store.json"
+
+
+def default_root() -> str:
+    """The embedded default store: ``$XDG_DATA_HOME/nartool/store`` (``~/.local/share/…``)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "nartool", "store")
+
+
+@dataclass
+class _Pending:
+    info: PathInfo
+    lock: PathLock
+    drv_outputs: dict[str, str]
+
+
+class LocalStore:
+    """A Nix-compatible store rooted at ``root`` (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, store_dir: str = DEFAULT_STORE_DIR, *,
+                 case_hack: bool | None = None, create: bool = True) -> None:
+        self.root = os.path.abspath(os.fspath(root) if root is not None else default_root())
+        if not store_dir.startswith("/") or store_dir != os.path.normpath(store_dir) or store_dir == "/":
+            raise StoreError("store dir must be an absolute canonical path", got=store_dir, rule="bad-store-dir")
+        self.store_dir = store_dir
+        self.real_store_dir = self.root.rstrip("/") + store_dir
+        self.state_dir = os.path.join(self.root, "nix", "var", "nix")
+        db_dir = os.path.join(self.state_dir, "db")
+        if not create and not os.path.exists(os.path.join(db_dir, "db.sqlite")):
+            raise StoreError("no store here (no database)", path=self.root, rule="no-store")
+        for d in (self.real_store_dir, db_dir, os.path.join(self.state_dir, "gcroots", "auto"),
+                  os.path.join(self.state_dir, "profiles"), os.path.join(self.state_dir, "temproots")):
+            os.makedirs(d, exist_ok=True)
+        self.names: CaseHackCodec | None = self._settle_case_hack(case_hack)
+        self.db = StoreDB(db_dir)
+        self.roots = TempRoots(self.state_dir)
+        self._store_fd = os.open(self.real_store_dir, _O_DIR)
+        self._pending: list[_Pending] | None = None
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _settle_case_hack(self, requested: bool | None) -> CaseHackCodec | None:
+        """The store remembers the case-hack choice it was created with (probed when not given)."""
+        f = os.path.join(self.state_dir, SETTINGS_FILE)
+        try:
+            with open(f) as fh:
+                settings = json.load(fh)
+            recorded = bool(settings["case-hack"])
+        except FileNotFoundError:
+            if requested is None:
+                codec, _ = resolve(None, self.real_store_dir + "/x", restore=True)
+                recorded = codec is not None
+            else:
+                recorded = requested
+            tmp = f"{f}.tmp-{os.getpid()}"
+            with open(tmp, "w") as fh:
+                json.dump({"case-hack": recorded}, fh)
+            os.replace(tmp, f)
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError("store settings file is malformed", path=f, rule="bad-settings") from e
+        if requested is not None and requested != recorded:
+            raise StoreError("this store was created " + ("with" if recorded else "without") +
+                             " the case hack; it cannot be changed", path=self.root, rule="case-hack-mismatch",
+                             expected=recorded, got=requested)
+        return CaseHackCodec() if recorded else None
+
+    @property
+    def case_hack(self) -> bool:
+        return self.names is not None
+
+    def close(self) -> None:
+        if self._store_fd >= 0:
+            os.close(self._store_fd)
+            self._store_fd = -1
+            self.db.close()
+            self.roots.close()
+
+    def __enter__(self) -> LocalStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- paths ------------------------------------------------------------------------------
+
+    def parse_path(self, path: str) -> StorePath:
+        return StorePath.parse(path, self.store_dir)
+
+    def physical(self, path: str) -> str:
+        """Where a store path's files are on disk."""
+        return self.real_store_dir + "/" + self.parse_path(path).base
+
+    def follow(self, path: str) -> str:
+        """A store path from a user argument: a store path, a path inside one, or a symlink
+        (e.g. a ``result`` link) pointing into the store."""
+        if not path.startswith(self.store_dir + "/") and os.path.islink(path):
+            path = os.readlink(path)
+        if path.startswith(self.real_store_dir + "/") and self.real_store_dir != self.store_dir:
+            path = self.store_dir + path[len(self.real_store_dir):]
+        base = path[len(self.store_dir) + 1 :].split("/", 1)[0] if path.startswith(self.store_dir + "/") else ""
+        return self.store_dir + "/" + StorePath.from_base(base).base if base else self.parse_path(path).full()
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def is_valid(self, path: str) -> bool:
+        return self.db.is_valid(path)
+
+    def query_valid_paths(self, paths: Iterable[str]) -> set[str]:
+        return self.db.valid_subset(paths)
+
+    def query_path_info(self, path: str) -> PathInfo | None:
+        return self.db.info(path)
+
+    def path_info(self, path: str) -> PathInfo:
+        info = self.db.info(path)
+        if info is None:
+            raise StoreError("path is not valid", path=path, rule="invalid-path")
+        return info
+
+    def query_referrers(self, path: str) -> set[str]:
+        return self.db.referrers(path)
+
+    def query_references(self, path: str) -> set[str]:
+        return self.db.references(path)
+
+    def query_derivation_outputs(self, drv_path: str) -> dict[str, str]:
+        return self.db.derivation_outputs(drv_path)
+
+    def all_paths(self) -> list[str]:
+        return self.db.all_paths()
+
+    def closure(self, paths: Iterable[str], *, include_outputs: bool = False) -> list[str]:
+        start = list(paths)
+        for p in start:
+            self.parse_path(p)
+            if not self.db.is_valid(p):
+                raise StoreError("path is not valid", path=p, rule="invalid-path")
+        result = closure_set(start, self.db.references)
+        if include_outputs:
+            while True:
+                outs = {o for p in result if p.endswith(".drv")
+                        for o in self.db.derivation_outputs(p).values() if o not in result}
+                outs = self.db.valid_subset(outs)
+                if not outs:
+                    break
+                result |= closure_set(outs, self.db.references)
+        return topo_sort(result, self.db.references)
+
+    def referrers_closure(self, paths: Iterable[str]) -> set[str]:
+        return closure_set(paths, self.db.referrers)
+
+    # -- reading contents -------------------------------------------------------------------
+
+    def nar_events(self, path: str) -> Iterator[Event]:
+        if not self.is_valid(path):
+            raise StoreError("path is not valid", path=path, rule="invalid-path")
+        return dump_events(self.physical(path), names=self.names)
+
+    def nar_chunks(self, path: str, *, check: bool = True) -> Iterator[bytes | bytearray | memoryview]:
+        info = self.path_info(path)
+        return self._checked_chunks(info, write_nar(dump_events(self.physical(path), names=self.names)), check)
+
+    def _checked_chunks(self, info: PathInfo, chunks: Iterable[bytes | bytearray | memoryview],
+                        check: bool) -> Iterator[bytes | bytearray | memoryview]:
+        h = hashlib.sha256()
+        n = 0
+        for c in chunks:
+            h.update(c)
+            n += len(c)
+            yield c
+        if check and info.nar_hash.digest != bytes(32) and h.digest() != info.nar_hash.digest:
+            raise StoreError("hash of path has changed", path=info.path, rule="hash-changed",
+                             expected=info.nar_hash.prefixed("nix32"), got="sha256:" + nix32_encode(h.digest()))
+        if check and info.nar_size and n != info.nar_size:
+            raise StoreError("size of path has changed", path=info.path, rule="hash-changed",
+                             expected=info.nar_size, got=n)
+
+    # -- temp roots, locks, batches ---------------------------------------------------------
+
+    def temp_root(self, path: str) -> None:
+        self.roots.add(path)
+
+    @contextmanager
+    def batch(self, *, keep_on_error: bool = False) -> Iterator[None]:
+        """Sync and register everything added in the block together (see module docstring).
+
+        On error, the batch's unregistered paths are removed, unless ``keep_on_error``: then the
+        complete ones are registered (a resumable transfer keeps what fully arrived)."""
+        if self._pending is not None:  # nested: part of the outer batch
+            yield
+            return
+        self._pending = []
+        try:
+            yield
+        except BaseException:
+            pending, self._pending = self._pending, None
+            if keep_on_error:
+                try:
+                    self._commit(pending)
+                except BaseException:
+                    self._discard(pending)
+            else:
+                self._discard(pending)
+            raise
+        pending, self._pending = self._pending, None
+        try:
+            self._commit(pending)
+        except BaseException:
+            self._discard(pending)
+            raise
+
+    def _commit(self, pending: list[_Pending]) -> None:
+        if not pending:
+            return
+        try:
+            syncfs(self._store_fd)
+            self.db.register([p.info for p in pending], {p.info.path: p.drv_outputs for p in pending if p.drv_outputs})
+        finally:
+            for p in pending:
+                p.lock.release()
+        self.db.checkpoint()
+
+    def _discard(self, pending: list[_Pending]) -> None:
+        for p in pending:
+            try:
+                if not self.db.is_valid(p.info.path):
+                    remove_at(self._store_fd, self.parse_path(p.info.path).base.encode())
+            finally:
+                p.lock.release()
+
+    def _in_batch(self, path: str) -> bool:
+        return self._pending is not None and any(p.info.path == path for p in self._pending)
+
+    def _temp_name(self) -> bytes:
+        """A fresh temporary store name, made a temp root (so no collector removes it)."""
+        h = nix32_encode(secrets.token_bytes(20))
+        name = f"{h}-nartool-tmp"
+        self.temp_root(f"{self.store_dir}/{name}")
+        return name.encode()
+
+    def _restore_temp(self, events: Iterable[Event]) -> tuple[bytes, NarDigest]:
+        """Restore ``events`` under a temporary name; returns it and the NAR digest."""
+        tmp = self._temp_name()
+        digest = NarDigest()
+        b = _Builder(self._store_fd, tmp, names=self.names, canonical=True, fsync=False)
+        try:
+            try:
+                for ev in tee_nar(events, digest):
+                    b.feed(ev)
+                if not b.done:
+                    raise NarError("NAR ended before its root node did", rule="truncated")
+            finally:
+                b.close_all()
+        except BaseException:
+            remove_at(self._store_fd, tmp)
+            raise
+        return tmp, digest
+
+    def _place(self, tmp: bytes, info: PathInfo) -> bool:
+        """Move a restored temporary to ``info.path`` and queue its registration.
+
+        Returns False (and removes the temporary) when the path is valid already."""
+        base = self.parse_path(info.path).base.encode()
+        self.temp_root(info.path)
+        if self._in_batch(info.path):
+            remove_at(self._store_fd, tmp)
+            return False
+        lock = PathLock(self.real_store_dir + "/" + base.decode())
+        try:
+            if self.db.is_valid(info.path):
+                lock.release()
+                remove_at(self._store_fd, tmp)
+                return False
+            remove_at(self._store_fd, base)  # leftover of an interrupted add
+            try:
+                rename_noreplace(tmp, base, src_dir_fd=self._store_fd, dst_dir_fd=self._store_fd)
+            except OSError as e:
+                raise StoreError(f"cannot move into place: {e.strerror}", path=info.path, rule="io") from e
+            drv_outputs = self._drv_outputs(info.path) if info.path.endswith(".drv") else {}
+        except BaseException:
+            lock.release()
+            remove_at(self._store_fd, tmp)
+            raise
+        entry = _Pending(info, lock, drv_outputs)
+        if self._pending is not None:
+            self._pending.append(entry)
+        else:
+            try:
+                self._commit([entry])
+            except BaseException:
+                self._discard([entry])
+                raise
+        return True
+
+    def _drv_outputs(self, path: str) -> dict[str, str]:
+        """Output paths of a just-restored ``.drv`` for ``DerivationOutputs`` (as Nix registers them)."""
+        try:
+            with open(self.physical(path), "rb") as f:
+                data = f.read(64 << 20)
+            drv = parse_derivation(data)
+        except (OSError, DerivationError):
+            return {}  # not a parseable derivation (e.g. a directory named *.drv): nothing to record
+        return {name: o.path for name, o in drv.outputs.items() if o.path}
+
+    def _check_references(self, info: PathInfo) -> None:
+        for r in info.references:
+            self.parse_path(r)
+            if r != info.path and not self.db.is_valid(r) and not self._in_batch(r):
+                raise StoreError("reference is not valid", path=r, rule="invalid-reference", got=info.path)
+
+    # -- adding contents --------------------------------------------------------------------
+
+    def add_nar(self, info: PathInfo, nar: ByteSource | BinaryIO | bytes) -> PathInfo:
+        src = as_source(nar, "NAR")
+        self.parse_path(info.path)
+        if info.nar_hash.algo != "sha256":
+            raise StoreError("NAR hashes must be sha256", got=info.nar_hash.algo, path=info.path, rule="bad-hash")
+        if info.ca:
+            ContentAddress.parse(info.ca)
+        self._check_references(info)
+        start = src.offset
+        tmp, digest = self._restore_temp(NarReader(src, standalone=False))
+        try:
+            got = digest.hash()
+            if info.nar_size and digest.size != info.nar_size:
+                raise StoreError("size mismatch importing path", path=info.path, rule="size-mismatch",
+                                 expected=info.nar_size, got=src.offset - start)
+            if got != info.nar_hash:
+                raise StoreError("hash mismatch importing path", path=info.path, rule="hash-mismatch",
+                                 expected=info.nar_hash.prefixed("nix32"), got=got.prefixed("nix32"))
+            if info.ca:
+                self._check_ca(info, tmp)
+        except BaseException:
+            remove_at(self._store_fd, tmp)
+            raise
+        info = replace(info, nar_size=digest.size, registration_time=info.registration_time or int(time.time()))
+        if not self._place(tmp, info):
+            return self.query_path_info(info.path) or info
+        return info
+
+    def _check_ca(self, info: PathInfo, tmp: bytes) -> None:
+        """A claimed content address must reproduce the path and match the contents."""
+        ca = ContentAddress.parse(info.ca or "")
+        sp = self.parse_path(info.path)
+        if ca.store_path(sp.name, info.references, self.store_dir, self_path=info.path) != info.path:
+            raise StoreError("content address does not reproduce the path", path=info.path, rule="ca-mismatch",
+                             got=info.ca)
+        if ca.method == "recursive":
+            if ca.hash.algo == "sha256":
+                ok = ca.hash == info.nar_hash or info.path in info.references
+            else:
+                h = hashlib.new(ca.hash.algo)
+                for c in write_nar(dump_events(self.real_store_dir + "/" + tmp.decode(), names=self.names)):
+                    h.update(c)
+                ok = h.digest() == ca.hash.digest
+        else:
+            h = hashlib.new(ca.hash.algo)
+            try:
+                with open(self.real_store_dir + "/" + tmp.decode(), "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+            except IsADirectoryError:
+                raise StoreError("flat or text content address on a directory", path=info.path,
+                                 rule="ca-mismatch") from None
+            ok = h.digest() == ca.hash.digest
+        if not ok:
+            raise StoreError("ca hash mismatch importing path", path=info.path, rule="ca-mismatch", got=info.ca)
+
+    def add_path(self, src: str | os.PathLike[str], *, name: str | None = None, flat: bool = False,
+                 names: NameCodec | None = None, exclude: Exclude | None = None) -> PathInfo:
+        """``nix-store --add`` (recursive, default) or ``--add-fixed sha256`` (``flat``): one pass
+        over ``src``, restoring while hashing; no references."""
+        srcp = os.fspath(src)
+        name = name or os.path.basename(os.path.normpath(os.path.abspath(srcp)))
+        validate_name(name)
+        events: Iterable[Event] = dump_events(srcp, names=names, exclude=exclude)
+        flat_hash = hashlib.sha256() if flat else None
+        if flat_hash is not None:
+            events = _hash_flat(events, flat_hash, srcp)
+        tmp, digest = self._restore_temp(events)
+        try:
+            nar_hash = digest.hash()
+            if flat_hash is not None:
+                h = Hash("sha256", flat_hash.digest())
+                path = make_fixed_output_path(name, h, recursive=False, store_dir=self.store_dir)
+                ca = ContentAddress("flat", h)
+            else:
+                path = make_fixed_output_path(name, nar_hash, recursive=True, store_dir=self.store_dir)
+                ca = ContentAddress("recursive", nar_hash)
+        except BaseException:
+            remove_at(self._store_fd, tmp)
+            raise
+        info = PathInfo(path, nar_hash, digest.size, registration_time=int(time.time()), ca=ca.render())
+        if not self._place(tmp, info):
+            return self.query_path_info(path) or info
+        return info
+
+    def add_text(self, name: str, data: bytes, references: Iterable[str] = ()) -> PathInfo:
+        """A text object (as ``builtins.toFile`` / ``.drv`` files make them)."""
+        refs = frozenset(references)
+        path = make_text_path(name, Hash("sha256", hashlib.sha256(data).digest()), refs, self.store_dir)
+        info0 = PathInfo(path, Hash("sha256", bytes(32)), 0, refs)
+        self._check_references(info0)
+        tmp, digest = self._restore_temp([File(b"", False, len(data), [data])])
+        info = PathInfo(path, digest.hash(), digest.size, refs, registration_time=int(time.time()),
+                        ca=ContentAddress("text", Hash("sha256", hashlib.sha256(data).digest())).render())
+        if not self._place(tmp, info):
+            return self.query_path_info(path) or info
+        return info
+
+    def import_paths(self, src: ByteSource | BinaryIO | bytes) -> list[str]:
+        """Import a ``nix-store --export`` stream, all or nothing (one sync, one transaction)."""
+        s = as_source(src, "export stream")
+        base = s.offset
+        imported: list[str] = []
+        with self.batch():
+            while X.read_marker(s, base):
+                rec_at = s.offset - base
+                try:
+                    tmp, digest = self._restore_temp(NarReader(s, standalone=False))
+                except NarError as e:
+                    raise NarError(f"bad NAR in export record {len(imported) + 1}: {e.message}",
+                                   offset=(e.offset or 0) + rec_at, rule=e.rule, expected=e.expected, got=e.got,
+                                   path=e.path) from None
+                try:
+                    t = X.read_trailer(s, self.store_dir, base)
+                    info = PathInfo(t.path, digest.hash(), digest.size, t.references, t.deriver,
+                                    registration_time=int(time.time()))
+                    self._check_references(info)
+                except BaseException:
+                    remove_at(self._store_fd, tmp)
+                    raise
+                self._place(tmp, info)
+                imported.append(t.path)
+        return imported
+
+    def export_paths(self, paths: Iterable[str]) -> Iterator[bytes | bytearray | memoryview]:
+        """A ``nix-store --export`` stream of ``paths`` in dependency order (all checked valid first)."""
+        wanted = list(dict.fromkeys(paths))
+        infos = {}
+        for p in wanted:
+            infos[p] = self.path_info(p)
+        order = topo_sort(wanted, lambda p: infos[p].references)
+        return self._export(order, infos)
+
+    def _export(self, order: list[str], infos: dict[str, PathInfo]) -> Iterator[bytes | bytearray | memoryview]:
+        for p in order:
+            info = infos[p]
+            yield from X.record_chunks(p, info.references, info.deriver, self.nar_chunks(p))
+        yield X.end_chunk()
+
+    def add_signatures(self, path: str, sigs: Iterable[str]) -> None:
+        info = self.path_info(path)
+        self.db.set_sigs(path, set(info.sigs) | set(sigs))
+
+    # -- deleting, verifying ----------------------------------------------------------------
+
+    def _remove_object(self, path: str) -> None:
+        """Invalidate ``path`` and delete its files (callers decide liveness)."""
+        base = self.parse_path(path).base
+        with PathLock(self.real_store_dir + "/" + base):
+            self.db.invalidate(path)
+            remove_at(self._store_fd, base.encode())
+
+    def verify(self, *, check_contents: bool = False, repair: bool = False) -> list[dict[str, str]]:
+        """Problems found: paths whose files are missing, or (with ``check_contents``) whose NAR
+        hash changed. ``repair`` invalidates such paths together with every path that refers to
+        them, so that the store is consistent again and a later copy brings them back."""
+        problems: list[dict[str, str]] = []
+        for p in self.db.all_paths():
+            phys = self.physical(p)
+            if not os.path.lexists(phys):
+                problems.append({"path": p, "problem": "missing"})
+                continue
+            if check_contents:
+                info = self.path_info(p)
+                try:
+                    for _ in self._checked_chunks(info, write_nar(dump_events(phys, names=self.names)), True):
+                        pass
+                except (StoreError, FsError, NarError) as e:
+                    problems.append({"path": p, "problem": "corrupt", "detail": e.message})
+        if repair and problems:
+            bad = {x["path"] for x in problems}
+            doomed = self.referrers_closure(bad)
+            for p in topo_sort(doomed, self.db.references)[::-1]:
+                self._remove_object(p)
+                if p not in bad:
+                    problems.append({"path": p, "problem": "invalidated (refers to a broken path)"})
+        return problems
+
+
+def _hash_flat(events: Iterable[Event], h: hashlib._Hash, src: str) -> Iterator[Event]:
+    for ev in events:
+        if not isinstance(ev, File):
+            raise FsError("--flat needs a regular file", path=src, rule="not-a-file")
+
+        def chunks(ev: File = ev) -> Iterator[bytes | bytearray | memoryview]:
+            for c in ev.chunks:
+                h.update(c)
+                yield c
+
+        yield File(ev.name, ev.executable, ev.size, chunks(), ev.offset)
