@@ -226,23 +226,26 @@ class StoreDB:
     def all_paths(self) -> list[str]:
         return [str(r[0]) for r in self._q("select path from ValidPaths order by path")]
 
-    def load_graph(self) -> tuple[dict[int, str], dict[int, list[int]], dict[int, int]]:
-        """``(id → path, id → reference ids, id → narSize)`` in two scans, for GC and closures."""
+    def load_graph_full(self) -> tuple[dict[int, str], dict[int, list[int]], dict[int, int], dict[int, str]]:
+        """``(id → path, id → reference ids, id → narSize, id → deriver)`` in two scans (for GC)."""
         with self._lock:
             cur = self.conn.cursor()
             try:
                 cur.execute("begin")  # one consistent snapshot for both scans
                 paths: dict[int, str] = {}
                 sizes: dict[int, int] = {}
-                for i, p, n in cur.execute("select id, path, narSize from ValidPaths"):
+                derivers: dict[int, str] = {}
+                for i, p, n, d in cur.execute("select id, path, narSize, deriver from ValidPaths"):
                     paths[i] = p
                     sizes[i] = n or 0
+                    if d:
+                        derivers[i] = d
                 refs: dict[int, list[int]] = {}
                 for a, b in cur.execute("select referrer, reference from Refs"):
                     refs.setdefault(a, []).append(b)
             finally:
                 cur.execute("commit")
-        return paths, refs, sizes
+        return paths, refs, sizes, derivers
 
     # -- updates ----------------------------------------------------------------------------
 
