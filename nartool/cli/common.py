@@ -53,3 +53,15 @@ def report_error(e: BaseException, debug: bool) -> int:
         msg = f"internal error: {type(e).__name__}: {e}" + ("" if debug else " (run with --debug for a traceback)")
     click.echo(f"error: {msg}", err=True)
     return 1
+
+
+def open_store(ctx: click.Context, *, case_hack: bool | None = None) -> Any:
+    """The :class:`~nartool.store.local.LocalStore` chosen by the global ``--store`` /
+    ``--store-dir`` options (default: the embedded store), closed when the command ends."""
+    from ..store.local import LocalStore, default_root
+
+    obj = ctx.find_root().obj
+    root = getattr(obj, "store_root", None) or default_root()
+    store = LocalStore(root, getattr(obj, "store_dir", "/nix/store"), case_hack=case_hack)
+    ctx.call_on_close(store.close)
+    return store

@@ -36,7 +36,11 @@ def cli(ctx: click.Context, store: str | None, store_dir: str, debug: bool) -> N
 
     \b
     Groups:
-      nar     dump, restore, hash, list and extract NAR archives (byte-identical to Nix)
+      nar            dump, restore, hash, list and extract NAR archives (byte-identical to Nix)
+      store          add, query, export/import, verify, sign and garbage-collect store paths
+      serve          speak Nix's serve protocol on stdin/stdout (an SSH forced command)
+      copy-closure   copy closures to or from another machine over SSH
+      key            generate and inspect ed25519 signing keys (Nix's format)
     Run `nartool COMMAND --help` for details.
     """
     ctx.obj = Ctx(store, store_dir, debug)
@@ -47,7 +51,7 @@ def _register() -> None:
 
     cli.add_command(nar.nar)
     # later layers register themselves when present
-    for mod in ("store", "remote"):
+    for mod in ("store", "remote", "key"):
         try:
             m = __import__(f"nartool.cli.{mod}", fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -1,0 +1,424 @@
+"""``nartool store …``: a Nix-compatible store (the global ``--store ROOT`` chooses it)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import click
+
+from ..nar import listing
+from .common import echo_json, open_store, refuse_binary_to_tty, stdout_bin, write_chunks
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(store)
+
+
+@click.group()
+def store() -> None:
+    """Add, query, export/import, verify and garbage-collect store paths.
+
+    The store lives at the global `--store ROOT` (env NARTOOL_STORE; default: an embedded
+    store in the user's data directory, created on first use) in the layout of
+    `nix-store --store ROOT`: real Nix can use it too. Store paths are printed with the
+    logical store dir (`--store-dir`, default /nix/store).
+    """
+
+
+def _info_json(info: Any) -> dict[str, Any]:
+    return {
+        "path": info.path, "narHash": info.nar_hash.prefixed("nix32"), "narSize": info.nar_size,
+        "references": sorted(info.references), "deriver": info.deriver, "registrationTime": info.registration_time,
+        "ultimate": info.ultimate, "signatures": sorted(info.sigs), "ca": info.ca,
+    }
+
+
+def _paths(st: Any, args: Iterable[str]) -> list[str]:
+    return [st.follow(a) for a in args]
+
+
+@store.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=False, path_type=str))
+@click.option("--name", help="Store path name (default: the base name of PATH; only with one PATH).")
+@click.option("--flat", is_flag=True, help="Hash the file's bytes, not its NAR (as `nix-store --add-fixed sha256`).")
+@click.option("--exclude", "excludes", multiple=True, metavar="PATTERN", help="gitignore-style pattern to leave out.")
+@click.option("--case-hack/--no-case-hack", "case_hack", default=None,
+              help="Source tree uses ~nix~case~hack~N names (default: probe the source's filesystem).")
+@click.option("--json", "as_json", is_flag=True, help="Print path infos as JSON.")
+@click.pass_context
+def add(ctx: click.Context, paths: tuple[str, ...], name: str | None, flat: bool, excludes: tuple[str, ...],
+        case_hack: bool | None, as_json: bool) -> None:
+    """Copy PATHs into the store and print their store paths (idempotent).
+
+    The store path equals `nix-store --add PATH` (or `--add-fixed sha256` with --flat).
+    """
+    from ..fs.casehack import resolve
+    from ..fs.filters import exclude_filter
+
+    if name and len(paths) > 1:
+        raise click.UsageError("--name goes with a single PATH")
+    st = open_store(ctx)
+    out = []
+    for p in paths:
+        codec, _ = resolve(case_hack, p, restore=False)
+        ex = exclude_filter(excludes, ()) if excludes else None
+        info = st.add_path(p, name=name, flat=flat, names=codec, exclude=ex)
+        out.append(info)
+        if not as_json:
+            click.echo(info.path)
+    if as_json:
+        echo_json([_info_json(i) for i in out])
+
+
+@store.command()
+@click.argument("path")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Write here instead of stdout.")
+@click.option("--compress", type=click.Choice(["none", "zstd", "xz", "bzip2", "gzip"]), default="none",
+              show_default=True)
+@click.pass_context
+def dump(ctx: click.Context, path: str, output: str | None, compress: str) -> None:
+    """Write the NAR of a store path (checked against its registered hash)."""
+    from ..compression import compressor
+
+    st = open_store(ctx)
+    chunks = compressor(st.nar_chunks(st.follow(path)), compress) if compress != "none" else st.nar_chunks(
+        st.follow(path))
+    _emit(chunks, output, "a NAR")
+
+
+def _emit(chunks: Iterable[bytes | bytearray | memoryview], output: str | None, what: str) -> None:
+    if output is None or output == "-":
+        refuse_binary_to_tty(what)
+        write_chunks(chunks, stdout_bin())
+        return
+    from ..fs.osutil import temp_name
+
+    d, b = os.path.split(os.path.abspath(output))
+    tmp = os.path.join(d, os.fsdecode(temp_name(b.encode())))
+    try:
+        with open(tmp, "wb") as f:
+            write_chunks(chunks, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@store.command(name="ls")
+@click.argument("path")
+@click.argument("subpath", default="/", required=False)
+@click.option("-R", "--recursive", is_flag=True, help="List subdirectories too.")
+@click.option("--json", "as_json", is_flag=True, help="The JSON listing format of binary caches (.ls).")
+@click.pass_context
+def ls_(ctx: click.Context, path: str, subpath: str, recursive: bool, as_json: bool) -> None:
+    """List the contents of a store path (as `nix store ls`)."""
+    st = open_store(ctx)
+    prefix = listing.split_path(subpath)
+    events = st.nar_events(st.follow(path))
+    if as_json:
+        for piece in listing.json_listing(events, prefix, recursive=recursive):
+            sys.stdout.write(piece)
+        sys.stdout.write("\n")
+        return
+    out = stdout_bin()
+    for e in listing.entries(events, prefix, recursive=recursive):
+        rel = e.path[len(prefix):]
+        out.write((b"./" + b"/".join(rel) if rel else b".") + b"\n")
+    out.flush()
+
+
+@store.command(name="cat")
+@click.argument("path")
+@click.argument("subpath")
+@click.pass_context
+def cat_(ctx: click.Context, path: str, subpath: str) -> None:
+    """Write one file of a store path to stdout."""
+    st = open_store(ctx)
+    write_chunks(listing.cat(st.nar_events(st.follow(path)), listing.split_path(subpath)), stdout_bin())
+
+
+@store.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Write here instead of stdout.")
+@click.option("-r", "--closure", is_flag=True, help="Export the paths' whole closure.")
+@click.option("--compress", type=click.Choice(["none", "zstd", "xz", "bzip2", "gzip"]), default="none",
+              show_default=True)
+@click.pass_context
+def export(ctx: click.Context, paths: tuple[str, ...], output: str | None, closure: bool, compress: str) -> None:
+    """Write PATHs in `nix-store --export` format (dependency order), for `store import`
+    or `nix-store --import`.
+
+    Example (archive a closure): nartool store export -r /nix/store/…-app --compress zstd -o app.closure.zst
+    """
+    from ..compression import compressor
+
+    st = open_store(ctx)
+    ps = _paths(st, paths)
+    if closure:
+        ps = st.closure(ps)
+    chunks = st.export_paths(ps)
+    _emit(compressor(chunks, compress) if compress != "none" else chunks, output, "an export stream")
+
+
+@store.command(name="import")
+@click.argument("file", default="-", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the imported paths as a JSON list.")
+@click.pass_context
+def import_(ctx: click.Context, file: str, as_json: bool) -> None:
+    """Import a `nix-store --export` stream (FILE or stdin; compression detected), all or nothing.
+
+    Every NAR is checked; references must be valid or come earlier in the stream.
+    """
+    from ..compression import open_decompressed
+
+    st = open_store(ctx)
+    f = sys.stdin.buffer if file == "-" else open(file, "rb")  # noqa: SIM115
+    try:
+        read, _ = open_decompressed(f)
+        paths = st.import_paths(read)
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+    if as_json:
+        echo_json(paths)
+    else:
+        for p in paths:
+            click.echo(p)
+
+
+@store.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--references", "what", flag_value="references", help="Direct references.")
+@click.option("--referrers", "what", flag_value="referrers", help="Direct referrers.")
+@click.option("--requisites", "-R", "what", flag_value="requisites", help="The closure.")
+@click.option("--referrers-closure", "what", flag_value="referrers-closure", help="Everything referring to PATHs.")
+@click.option("--tree", "what", flag_value="tree", help="The closure as a tree.")
+@click.option("--graph", "what", flag_value="graph", help="The closure as a Graphviz graph.")
+@click.option("--size", "what", flag_value="size", help="NAR size.")
+@click.option("--closure-size", "what", flag_value="closure-size", help="Total NAR size of the closure.")
+@click.option("--hash", "what", flag_value="hash", help="NAR hash (sha256:nix32).")
+@click.option("--deriver", "what", flag_value="deriver", help="The deriver (or 'unknown-deriver').")
+@click.option("--info", "what", flag_value="info", default=True, help="Everything about each path [default].")
+@click.option("--include-outputs", is_flag=True, help="With --requisites: add the outputs of derivations.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def query(ctx: click.Context, paths: tuple[str, ...], what: str, include_outputs: bool, as_json: bool) -> None:
+    """Query store paths, as `nix-store --query`."""
+    st = open_store(ctx)
+    ps = _paths(st, paths)
+    for p in ps:
+        st.path_info(p)  # valid?
+    result: Any
+    if what == "references":
+        result = sorted({r for p in ps for r in st.query_references(p)})
+    elif what == "referrers":
+        result = sorted({r for p in ps for r in st.query_referrers(p)})
+    elif what == "requisites":
+        result = st.closure(ps, include_outputs=include_outputs)
+    elif what == "referrers-closure":
+        result = sorted(st.referrers_closure(ps))
+    elif what in ("size", "hash", "deriver"):
+        infos = [st.path_info(p) for p in ps]
+        key = {"size": lambda i: i.nar_size, "hash": lambda i: i.nar_hash.prefixed("nix32"),
+               "deriver": lambda i: i.deriver or "unknown-deriver"}[what]
+        result = [key(i) for i in infos]
+        if as_json:
+            echo_json(dict(zip(ps, result, strict=True)))
+            return
+    elif what == "closure-size":
+        result = sum(st.path_info(p).nar_size for p in st.closure(ps))
+    elif what == "tree":
+        _tree(st, ps)
+        return
+    elif what == "graph":
+        _graph(st, ps)
+        return
+    else:
+        infos = [st.path_info(p) for p in ps]
+        if as_json:
+            echo_json([_info_json(i) for i in infos])
+        else:
+            for i in infos:
+                d = _info_json(i)
+                click.echo(i.path)
+                for k in ("narHash", "narSize", "deriver", "ca", "registrationTime"):
+                    if d[k] is not None:
+                        click.echo(f"  {k}: {d[k]}")
+                for r in d["references"]:
+                    click.echo(f"  reference: {r}")
+                for s in d["signatures"]:
+                    click.echo(f"  signature: {s}")
+        return
+    if as_json:
+        echo_json(result)
+    elif isinstance(result, list):
+        for r in result:
+            click.echo(r)
+    else:
+        click.echo(result)
+
+
+def _tree(st: Any, paths: list[str]) -> None:
+    done: set[str] = set()
+
+    def walk(p: str, first: str, rest: str) -> None:
+        seen = p in done
+        click.echo(f"{first}{p}{' [...]' if seen and st.query_references(p) - {p} else ''}")
+        if seen:
+            return
+        done.add(p)
+        refs = sorted(st.query_references(p) - {p})
+        for k, r in enumerate(refs):
+            last = k == len(refs) - 1
+            walk(r, rest + ("└───" if last else "├───"), rest + ("    " if last else "│   "))
+
+    for p in paths:
+        walk(p, "", "")
+
+
+def _graph(st: Any, paths: list[str]) -> None:
+    click.echo("digraph G {")
+    for p in st.closure(paths):
+        base = p.rsplit("/", 1)[-1]
+        click.echo(f'"{base}" [label = "{base[33:]}", shape = box, style = filled, fillcolor = "#ffffff"];')
+        for r in sorted(st.query_references(p) - {p}):
+            click.echo(f'"{r.rsplit("/", 1)[-1]}" -> "{base}" [color = "black"];')
+    click.echo("}")
+
+
+@store.command()
+@click.option("--check-contents", is_flag=True, help="Re-hash every path and compare with the database.")
+@click.option("--repair", is_flag=True,
+              help="Invalidate missing or corrupt paths and everything referring to them, so that the store "
+                   "is consistent and a later copy or import brings them back.")
+@click.option("--sigs", is_flag=True, help="Also report paths without a valid signature from trusted-public-keys "
+                                           "(content-addressed paths need none).")
+@click.option("--json", "as_json", is_flag=True, help="Print the problems as JSON.")
+@click.pass_context
+def verify(ctx: click.Context, check_contents: bool, repair: bool, sigs: bool, as_json: bool) -> None:
+    """Check that every registered path exists (and, with --check-contents, is intact).
+
+    Exit status 1 when a problem was found.
+    """
+    st = open_store(ctx)
+    problems = st.verify(check_contents=check_contents, repair=repair)
+    if sigs:
+        from ..config import Config
+        from ..store.paths import ca_matches
+        from ..store.signing import verify_path_info
+
+        keys = Config.load().trusted_keys()
+        for p in st.all_paths():
+            info = st.path_info(p)
+            if not ca_matches(p, info.ca, info.references, st.store_dir) and not verify_path_info(info, keys):
+                problems.append({"path": p, "problem": "no valid signature"})
+    if as_json:
+        echo_json(problems)
+    else:
+        for pr in problems:
+            click.echo(f"{pr['problem']}: {pr['path']}" + (f" ({pr['detail']})" if pr.get("detail") else ""),
+                       err=True)
+    if problems and not (repair and all(p["problem"] != "no valid signature" for p in problems)):
+        raise SystemExit(1)
+
+
+@store.command(name="add-root")
+@click.argument("link", type=click.Path(path_type=str))
+@click.argument("path")
+@click.pass_context
+def add_root(ctx: click.Context, link: str, path: str) -> None:
+    """Make LINK a symlink to PATH and register it as an (indirect) GC root, like
+    `nix-store --add-root LINK --indirect -r PATH`. Removing LINK drops the root."""
+    from ..store.gc import add_indirect_root
+
+    st = open_store(ctx)
+    add_indirect_root(st, link, st.follow(path))
+    click.echo(os.path.abspath(link))
+
+
+@store.command()
+@click.option("--print-roots", "action", flag_value="print-roots", help="List the roots as 'LINK -> PATH'.")
+@click.option("--print-live", "action", flag_value="print-live", help="List live paths, delete nothing.")
+@click.option("--print-dead", "action", flag_value="print-dead", help="List dead paths, delete nothing.")
+@click.option("--max-freed", type=int, metavar="BYTES", help="Stop after freeing this many bytes.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@click.pass_context
+def gc(ctx: click.Context, action: str | None, max_freed: int | None, as_json: bool) -> None:
+    """Delete every path not reachable from a GC root (symlinks or files named after store
+    paths under ROOT/nix/var/nix/gcroots and profiles, temporary roots of running processes)."""
+    from ..store.gc import collect_garbage, find_roots
+
+    st = open_store(ctx)
+    if action == "print-roots":
+        r = find_roots(st)
+        if as_json:
+            echo_json({"roots": r.roots, "problems": r.problems})
+            return
+        for where, p in sorted(r.roots.items()):
+            click.echo(f"{where} -> {p}")
+        for pr in r.problems:
+            click.echo(f"warning: {pr}", err=True)
+        return
+    res = collect_garbage(st, action=action or "delete", max_freed=max_freed,
+                          on_delete=None if as_json else (lambda p: click.echo(f"deleting '{p}'", err=True)))
+    for pr in res.problems:
+        click.echo(f"warning: {pr}", err=True)
+    if action == "print-live":
+        items: list[str] = sorted(res.live)
+    elif action == "print-dead":
+        items = sorted(res.dead)
+    else:
+        items = res.deleted
+    if as_json:
+        echo_json({"paths": items, "bytesFreed": res.bytes_freed, "seconds": round(res.seconds, 3),
+                   "problems": res.problems})
+    elif action in ("print-live", "print-dead"):
+        for p in items:
+            click.echo(p)
+    else:
+        click.echo(f"{len(res.deleted)} store paths deleted, {res.bytes_freed / 1048576:.2f} MiB freed")
+
+
+@store.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.pass_context
+def delete(ctx: click.Context, paths: tuple[str, ...]) -> None:
+    """Delete PATHs; refused (nothing deleted) if any is alive or referenced by a path outside the set."""
+    from ..store.gc import collect_garbage
+
+    st = open_store(ctx)
+    res = collect_garbage(st, paths=_paths(st, paths))
+    for p in res.deleted:
+        click.echo(f"deleting '{p}'", err=True)
+    click.echo(f"{len(res.deleted)} store paths deleted, {res.bytes_freed / 1048576:.2f} MiB freed")
+
+
+@store.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="Secret key file (from `nartool key generate` or `nix-store --generate-binary-cache-key`).")
+@click.option("-r", "--closure", is_flag=True, help="Sign the whole closure.")
+@click.pass_context
+def sign(ctx: click.Context, paths: tuple[str, ...], key_file: str, closure: bool) -> None:
+    """Add an ed25519 signature to PATHs (Nix's format, as `nix store sign`)."""
+    from ..store.signing import load_secret_key, sign_path_info
+
+    key = load_secret_key(key_file)
+    st = open_store(ctx)
+    ps = _paths(st, paths)
+    if closure:
+        ps = st.closure(ps)
+    n = 0
+    for p in ps:
+        info = st.path_info(p)
+        sig = sign_path_info(info, key)
+        if sig not in info.sigs:
+            st.add_signatures(p, [sig])
+            n += 1
+    click.echo(f"added {n} signatures", err=True)
