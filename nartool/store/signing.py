@@ -45,8 +45,10 @@ def _split(text: str, what: str, rule: str, *, secret: bool = False) -> tuple[st
     """Split ``NAME:BODY`` at the first colon; both parts must be non-empty."""
     name, colon, body = text.partition(":")
     if not colon or not name or not body:
+        if secret:  # show nothing of what may be a secret
+            raise SignatureError(f"{what} is not of the form NAME:BASE64", rule=rule)
         raise SignatureError(f"{what} is not of the form NAME:BASE64", rule=rule,
-                             expected="NAME:BASE64", got="(secret)" if secret else _clip(text))
+                             expected="NAME:BASE64", got=_clip(text))
     return name, body
 
 
@@ -60,10 +62,13 @@ def _b64decode(body: str, size: int, what: str, size_rule: str, *, secret: bool 
     try:
         raw = base64.b64decode(body.replace("\n", ""), validate=True)
     except (binascii.Error, ValueError):
+        if secret:
+            raise SignatureError(f"{what} is not valid base64", rule="bad-base64") from None
         raise SignatureError(f"{what} is not valid base64", rule="bad-base64",
-                             got=None if secret else _clip(body)) from None
+                             expected="padded base64", got=_clip(body)) from None
     if len(raw) != size:
-        raise SignatureError(f"{what} has the wrong size", rule=size_rule, expected=size, got=len(raw))
+        raise SignatureError(f"{what} has the wrong size (in bytes, once decoded)", rule=size_rule,
+                             expected=size, got=len(raw))
     return raw
 
 
@@ -75,7 +80,7 @@ def _check_name(name: str) -> None:
     """Names we create must survive ``to_text``/``parse`` and whitespace-separated key lists."""
     if not name or ":" in name or _LIST_SEPARATORS.search(name) or not name.isprintable():
         raise SignatureError("key name must be non-empty, without ':', whitespace or control characters",
-                             rule="bad-key-name", got=repr(name))
+                             rule="bad-key-name", expected="a name like cache.example.org-1", got=repr(name))
 
 
 def parse_signature(text: str) -> tuple[str, bytes]:
@@ -101,7 +106,7 @@ class PublicKey:
 
     def __post_init__(self) -> None:
         if len(self.key) != PUBLIC_KEY_BYTES:
-            raise SignatureError("public key has the wrong size", rule="bad-key-size",
+            raise SignatureError("public key has the wrong size (in bytes)", rule="bad-key-size",
                                  expected=PUBLIC_KEY_BYTES, got=len(self.key))
 
     @classmethod
@@ -132,7 +137,7 @@ class SecretKey:
 
     def __post_init__(self) -> None:
         if len(self.key) != SECRET_KEY_BYTES:
-            raise SignatureError("secret key has the wrong size", rule="bad-key-size",
+            raise SignatureError("secret key has the wrong size (in bytes)", rule="bad-key-size",
                                  expected=SECRET_KEY_BYTES, got=len(self.key))
         derived = _public_from_seed(self.key[:SEED_BYTES])
         if derived != self.key[SEED_BYTES:]:

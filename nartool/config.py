@@ -1,0 +1,285 @@
+"""nartool's configuration file: who may use a nartool store and which signatures it trusts.
+
+Files, read in this order (a later file overrides the settings it names):
+
+1. the system file ``/etc/nartool/nartool.conf`` (skipped when absent);
+2. ``$NARTOOL_CONFIG`` if that variable is set and non-empty (the file must then exist),
+   otherwise ``$XDG_CONFIG_HOME/nartool/nartool.conf``, by default
+   ``~/.config/nartool/nartool.conf`` (skipped when absent).
+
+Syntax, the same as Nix's ``nix.conf``::
+
+    # a comment runs from '#' to the end of the line
+    trusted-users = root @wheel
+    trusted-public-keys = cache.example.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=
+    extra-trusted-public-keys = my-laptop-1:u9Ymon0hUsBRj78P59o2jMG8oenWdXVVObFfhQKbkDg=
+
+Each non-blank line is ``NAME = VALUE``, with whitespace around the ``=`` (``name=value`` is
+rejected, as by Nix). List values are separated by spaces or tabs. ``extra-NAME`` appends to
+the list setting ``NAME`` instead of replacing it. An unknown setting, a malformed line or an
+invalid value is an error naming the file and line. ``include`` is not supported.
+
+Settings:
+
+``allowed-users`` (default ``*``)
+    Users who may use the store. Entries: ``*`` (everyone), a user name (the decimal uid for a
+    uid without a passwd entry) or ``@group`` (users whose primary group is ``group``, or who are
+    listed as its members in the group database). Trusted users are always allowed.
+``trusted-users`` (default ``root``)
+    Users with full rights, e.g. importing unsigned paths. Same entry forms.
+``trusted-public-keys`` (default: empty)
+    Public keys (``NAME:base64``) whose signatures are accepted. Unlike Nix, nartool does
+    **not** trust ``cache.nixos.org-1`` by default; add its key here to trust it.
+``secret-key-files`` (default: empty)
+    Absolute paths of secret key files; nartool signs with them, and their public halves are
+    trusted too. As in Nix, unreadable files are skipped (a malformed one is an error), and a
+    ``trusted-public-keys`` entry wins over a key file of the same name.
+``require-sigs`` (default ``true``)
+    Whether paths that are not content-addressed need a trusted signature to be imported.
+    Booleans are ``true``/``false`` (also ``yes``/``no``, ``1``/``0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import pwd
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import NartoolError, SignatureError
+from .store.signing import PublicKey, SecretKey, load_secret_key, split_key_list
+
+SYSTEM_CONFIG = "/etc/nartool/nartool.conf"
+USER_CONFIG_RELATIVE = "nartool/nartool.conf"
+
+_TRUE = ("true", "yes", "1")
+_FALSE = ("false", "no", "0")
+
+# setting name → (Config field, kind)
+_SETTINGS: dict[str, tuple[str, str]] = {
+    "allowed-users": ("allowed_users", "list"),
+    "trusted-users": ("trusted_users", "list"),
+    "trusted-public-keys": ("trusted_public_keys", "keys"),
+    "secret-key-files": ("secret_key_files", "files"),
+    "require-sigs": ("require_sigs", "bool"),
+}
+
+GroupMembers = Callable[[str], Sequence[str] | None]
+
+
+def group_members(name: str) -> list[str] | None:
+    """Members (``gr_mem``) of group ``name``, or None when there is no such group."""
+    try:
+        return list(grp.getgrnam(name).gr_mem)
+    except KeyError:
+        return None
+
+
+@dataclass(frozen=True)
+class UserIdentity:
+    """Who a client is: user and primary group, by name and number.
+
+    ``name`` is the decimal uid when the uid has no passwd entry; ``group`` likewise.
+    """
+
+    name: str
+    uid: int
+    gid: int
+    group: str
+
+    @classmethod
+    def from_ids(cls, uid: int, gid: int) -> UserIdentity:
+        """Resolve numeric ids (e.g. a socket peer's credentials) to names."""
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        try:
+            group = grp.getgrgid(gid).gr_name
+        except KeyError:
+            group = str(gid)
+        return cls(name, uid, gid, group)
+
+    @classmethod
+    def current(cls) -> UserIdentity:
+        """The identity this process acts as (effective uid and gid)."""
+        return cls.from_ids(os.geteuid(), os.getegid())
+
+
+def match_user(user: UserIdentity, patterns: Iterable[str], members: GroupMembers = group_members) -> bool:
+    """Nix's user matching: ``*``, the user name, or ``@group`` (primary group or a member)."""
+    pats = list(patterns)
+    if "*" in pats or user.name in pats:
+        return True
+    for p in pats:
+        if not p.startswith("@"):
+            continue
+        if p[1:] == user.group:
+            return True
+        if user.name in (members(p[1:]) or ()):
+            return True
+    return False
+
+
+def _config_error(message: str, source: str, lineno: int, *, rule: str | None,
+                  expected: Any = None, got: Any = None, detail: str = "") -> NartoolError:
+    """An error about line ``lineno`` of the configuration ``source``."""
+    text = f"{message} on line {lineno}" + (f": {detail}" if detail else "")
+    return NartoolError(text, path=source, rule=rule, expected=expected, got=got)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Effective settings (defaults, then each file in order)."""
+
+    allowed_users: tuple[str, ...] = ("*",)
+    trusted_users: tuple[str, ...] = ("root",)
+    trusted_public_keys: tuple[PublicKey, ...] = ()
+    secret_key_files: tuple[str, ...] = ()
+    require_sigs: bool = True
+    sources: tuple[str, ...] = ()  # the files that were read, in order
+
+    # -- loading
+
+    @staticmethod
+    def default_paths(env: Mapping[str, str] | None = None) -> list[tuple[Path, bool]]:
+        """The files :meth:`load` reads, each with whether it must exist."""
+        env = os.environ if env is None else env
+        paths = [(Path(SYSTEM_CONFIG), False)]
+        explicit = env.get("NARTOOL_CONFIG")
+        if explicit:
+            return [*paths, (Path(explicit), True)]
+        xdg = env.get("XDG_CONFIG_HOME")
+        if xdg and os.path.isabs(xdg):
+            base = Path(xdg)
+        else:
+            home = env.get("HOME") or pwd.getpwuid(os.getuid()).pw_dir
+            base = Path(home) / ".config"
+        return [*paths, (base / USER_CONFIG_RELATIVE, False)]
+
+    @classmethod
+    def load(cls, paths: Sequence[str | os.PathLike[str]] | None = None,
+             env: Mapping[str, str] | None = None) -> Config:
+        """Read the configuration files. Explicit ``paths`` must all exist; of the default
+        ones (:meth:`default_paths`) absent files are skipped."""
+        files = cls.default_paths(env) if paths is None else [(Path(p), True) for p in paths]
+        cfg = cls()
+        for path, required in files:
+            try:
+                text = path.read_bytes()
+            except FileNotFoundError:
+                if required:
+                    raise NartoolError("configuration file not found", path=str(path),
+                                       rule="config-missing") from None
+                continue
+            try:
+                decoded = text.decode("utf-8")
+            except UnicodeDecodeError:
+                raise NartoolError("configuration file is not UTF-8", path=str(path),
+                                   rule="config-encoding") from None
+            cfg = cls.from_text(decoded, str(path), base=cfg)
+        return cfg
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "<string>", base: Config | None = None) -> Config:
+        """Apply the settings in ``text`` (named ``source`` in errors) on top of ``base``
+        (default: the built-in defaults)."""
+        cfg = cls() if base is None else base
+        changes: dict[str, Any] = {}
+        for lineno, line in enumerate(text.split("\n"), 1):
+            parsed = _parse_line(line, source, lineno)
+            if parsed is None:
+                continue
+            name, tokens = parsed
+            field, kind, extra = _lookup(name, source, lineno)
+            value = _convert(kind, tokens, source, lineno)
+            if extra:
+                value = (*changes.get(field, getattr(cfg, field)), *value)
+            changes[field] = value
+        return dataclasses.replace(cfg, sources=(*cfg.sources, source), **changes)
+
+    # -- decisions
+
+    def is_trusted(self, user: UserIdentity, members: GroupMembers = group_members) -> bool:
+        return match_user(user, self.trusted_users, members)
+
+    def is_allowed(self, user: UserIdentity, members: GroupMembers = group_members) -> bool:
+        """Trusted users are always allowed."""
+        return self.is_trusted(user, members) or match_user(user, self.allowed_users, members)
+
+    def secret_keys(self) -> list[SecretKey]:
+        """The readable keys of ``secret-key-files`` (unreadable files are skipped)."""
+        keys = []
+        for f in self.secret_key_files:
+            try:
+                keys.append(load_secret_key(f))
+            except OSError:
+                continue
+        return keys
+
+    def trusted_keys(self) -> dict[str, PublicKey]:
+        """``trusted-public-keys`` plus the public halves of readable ``secret-key-files``;
+        the first key of a name wins."""
+        out: dict[str, PublicKey] = {}
+        for k in self.trusted_public_keys:
+            out.setdefault(k.name, k)
+        for sk in self.secret_keys():
+            out.setdefault(sk.name, sk.public_key())
+        return out
+
+
+def _parse_line(line: str, source: str, lineno: int) -> tuple[str, list[str]] | None:
+    """``NAME = VALUE…`` → (NAME, value tokens); None for blank and comment lines."""
+    tokens = split_key_list(line.split("#", 1)[0])
+    if not tokens:
+        return None
+    if tokens[0] in ("include", "!include"):
+        raise _config_error(f"'{tokens[0]}' is not supported in nartool configuration files", source, lineno,
+                            rule="unsupported-include", expected="NAME = VALUE", got=line.strip())
+    if len(tokens) < 2 or tokens[1] != "=":
+        raise _config_error("malformed configuration line", source, lineno, rule="config-syntax",
+                            expected="NAME = VALUE (spaces around '=')", got=line.strip())
+    return tokens[0], tokens[2:]
+
+
+def _lookup(name: str, source: str, lineno: int) -> tuple[str, str, bool]:
+    """(Config field, kind, is-an-extra-setting) of a setting name."""
+    extra = name.startswith("extra-")
+    base = name[len("extra-"):] if extra else name
+    entry = _SETTINGS.get(base)
+    if entry is None or (extra and entry[1] == "bool"):
+        known = ", ".join(sorted(_SETTINGS))
+        raise _config_error(f"unknown setting '{name}'", source, lineno, rule="unknown-setting",
+                            expected=f"one of {known} (lists also as extra-NAME)", got=name)
+    return entry[0], entry[1], extra
+
+
+def _convert(kind: str, tokens: list[str], source: str, lineno: int) -> Any:
+    """A setting's value from its tokens: bool, or a tuple of strings or public keys."""
+    if kind == "bool":
+        value = " ".join(tokens)
+        if value in _TRUE:
+            return True
+        if value in _FALSE:
+            return False
+        raise _config_error("invalid Boolean value", source, lineno, rule="bad-boolean",
+                            expected="true or false", got=value)
+    if kind == "keys":
+        keys = []
+        for t in tokens:
+            try:
+                keys.append(PublicKey.parse(t))
+            except SignatureError as e:
+                raise _config_error("invalid public key", source, lineno, detail=e.message,
+                                    rule=e.rule, expected=e.expected, got=e.got) from None
+        return tuple(keys)
+    if kind == "files":
+        for t in tokens:
+            if not os.path.isabs(t):
+                raise _config_error("secret-key-files entries must be absolute paths", source, lineno,
+                                    rule="relative-path", expected="an absolute path", got=t)
+    return tuple(tokens)
