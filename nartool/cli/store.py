@@ -225,9 +225,12 @@ def query(ctx: click.Context, paths: tuple[str, ...], what: str, include_outputs
         result = sorted(st.referrers_closure(ps))
     elif what in ("size", "hash", "deriver"):
         infos = [st.path_info(p) for p in ps]
-        key = {"size": lambda i: i.nar_size, "hash": lambda i: i.nar_hash.prefixed("nix32"),
-               "deriver": lambda i: i.deriver or "unknown-deriver"}[what]
-        result = [key(i) for i in infos]
+        if what == "size":
+            result = [i.nar_size for i in infos]
+        elif what == "hash":
+            result = [i.nar_hash.prefixed("nix32") for i in infos]
+        else:
+            result = [i.deriver or "unknown-deriver" for i in infos]
         if as_json:
             echo_json(dict(zip(ps, result, strict=True)))
             return
