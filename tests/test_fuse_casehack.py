@@ -59,3 +59,35 @@ def test_normalisation_variants_on_hfs_like_mount(hfs_mount: Path) -> None:  # n
     r = _cli("nar", "restore", "--case-hack", str(hfs_mount / "out"), input=nar)
     assert r.returncode == 0, r.stderr
     assert _cli("nar", "dump", "--case-hack", str(hfs_mount / "out")).stdout == nar
+
+
+def test_store_on_case_insensitive_mount(ci_mount: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A store created on a case-insensitive filesystem takes the case hack (probed once, then
+    remembered) and holds Linux closures losslessly: import then export gives the same bytes."""
+    from nartool.nar.hashing import hash_events
+    from nartool.store import LocalStore, PathInfo
+    from nartool.store.paths import make_fixed_output_path
+
+    nar = nar_bytes(events_of(TREE))
+    h, size = hash_events(events_of(TREE))
+    path = make_fixed_output_path("tree", h, recursive=True)
+    env_before = os.environ.pop("NARTOOL_CASE_HACK", None)
+    try:
+        s = LocalStore(ci_mount / "store")
+        assert s.case_hack
+        s.add_nar(PathInfo(path, h, size), nar)
+        assert b"".join(bytes(c) for c in s.nar_chunks(path)) == nar
+        assert s.verify(check_contents=True) == []
+        s.close()
+        s = LocalStore(ci_mount / "store")  # remembered, not re-probed
+        assert s.case_hack
+        s.close()
+    finally:
+        if env_before is not None:
+            os.environ["NARTOOL_CASE_HACK"] = env_before
+    r = _cli("--store", str(ci_mount / "store"), "store", "export", path)
+    assert r.returncode == 0, r.stderr
+    r2 = _cli("--store", str(tmp_path / "plain"), "store", "import", input=r.stdout)
+    assert r2.returncode == 0, r2.stderr
+    r3 = _cli("--store", str(tmp_path / "plain"), "store", "dump", path)
+    assert r3.stdout == nar

@@ -107,8 +107,9 @@ class StoreDB:
         self._retry(lambda: c.execute("pragma foreign_keys = 1"))
         self._retry(lambda: c.execute("pragma synchronous = normal"))
         mode = self._retry(lambda: c.execute("pragma main.journal_mode").fetchone()[0])
-        if str(mode).lower() != "wal":
-            self._retry(lambda: c.execute("pragma main.journal_mode = wal"))
+        want = "wal" if use_wal(db_dir) else "truncate"
+        if str(mode).lower() != want:
+            self._retry(lambda: c.execute(f"pragma main.journal_mode = {want}"))
         c.execute(f"pragma wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
         c.execute(f"pragma main.journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         if os.path.exists(schema_file):
@@ -300,6 +301,40 @@ class StoreDB:
         except sqlite3.IntegrityError as e:
             raise StoreError("path is still referenced by other valid paths", path=path,
                              rule="still-referenced") from e
+
+
+#: filesystems where SQLite's WAL shared memory (an mmap-ed ``-shm`` file) is unsafe
+_NO_WAL_FS = ("nfs", "nfs4", "cifs", "smb3", "9p", "fuse")
+
+
+def fs_type(path: str) -> str:
+    """The filesystem type holding ``path`` (Linux ``/proc/self/mountinfo``; "" elsewhere)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            rows = f.read().splitlines()
+    except OSError:
+        return ""
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    for row in rows:
+        left, _, right = row.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        mnt = fields[4].replace("\\040", " ")
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, kind = mnt, right.split()[0]
+    return kind
+
+
+def use_wal(db_dir: str) -> bool:
+    """WAL unless ``NARTOOL_SQLITE_WAL=0`` or the database is on a network or FUSE filesystem
+    (as Nix's ``use-sqlite-wal = false`` for NFS): then the rollback journal (``truncate``)."""
+    env = os.environ.get("NARTOOL_SQLITE_WAL", "")
+    if env in ("0", "1"):
+        return env == "1"
+    kind = fs_type(db_dir)
+    return not any(kind == k or kind.startswith(k + ".") for k in _NO_WAL_FS)
 
 
 def _statements(script: str) -> list[str]:
