@@ -62,6 +62,8 @@ def open_store(ctx: click.Context, *, case_hack: bool | None = None) -> Any:
 
     obj = ctx.find_root().obj
     root = getattr(obj, "store_root", None) or default_root()
+    if case_hack is None:
+        case_hack = ctx.meta.get("nartool.store_case_hack")
     store = LocalStore(root, getattr(obj, "store_dir", "/nix/store"), case_hack=case_hack)
     ctx.call_on_close(store.close)
     return store

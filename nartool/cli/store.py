@@ -18,7 +18,12 @@ def register(cli: click.Group) -> None:
 
 
 @click.group()
-def store() -> None:
+@click.option("--case-hack/--no-case-hack", "case_hack", default=None,
+              help="Store case-colliding names with ~nix~case~hack~N suffixes (for case-insensitive "
+                   "filesystems). Chosen when the store is created (default: probe its filesystem) and "
+                   "remembered; an existing store must match.")
+@click.pass_context
+def store(ctx: click.Context, case_hack: bool | None) -> None:
     """Add, query, export/import, verify and garbage-collect store paths.
 
     The store lives at the global `--store ROOT` (env NARTOOL_STORE; default: an embedded
@@ -26,6 +31,7 @@ def store() -> None:
     `nix-store --store ROOT`: real Nix can use it too. Store paths are printed with the
     logical store dir (`--store-dir`, default /nix/store).
     """
+    ctx.meta["nartool.store_case_hack"] = case_hack
 
 
 def _info_json(info: Any) -> dict[str, Any]:
@@ -45,15 +51,14 @@ def _paths(st: Any, args: Iterable[str]) -> list[str]:
 @click.option("--name", help="Store path name (default: the base name of PATH; only with one PATH).")
 @click.option("--flat", is_flag=True, help="Hash the file's bytes, not its NAR (as `nix-store --add-fixed sha256`).")
 @click.option("--exclude", "excludes", multiple=True, metavar="PATTERN", help="gitignore-style pattern to leave out.")
-@click.option("--case-hack/--no-case-hack", "case_hack", default=None,
-              help="Source tree uses ~nix~case~hack~N names (default: probe the source's filesystem).")
 @click.option("--json", "as_json", is_flag=True, help="Print path infos as JSON.")
 @click.pass_context
 def add(ctx: click.Context, paths: tuple[str, ...], name: str | None, flat: bool, excludes: tuple[str, ...],
-        case_hack: bool | None, as_json: bool) -> None:
+        as_json: bool) -> None:
     """Copy PATHs into the store and print their store paths (idempotent).
 
-    The store path equals `nix-store --add PATH` (or `--add-fixed sha256` with --flat).
+    The store path equals `nix-store --add PATH` (or `--add-fixed sha256` with --flat). A source
+    on a case-insensitive filesystem is read through the case hack (NARTOOL_CASE_HACK=0|1 overrides).
     """
     from ..fs.casehack import resolve
     from ..fs.filters import exclude_filter
@@ -63,7 +68,7 @@ def add(ctx: click.Context, paths: tuple[str, ...], name: str | None, flat: bool
     st = open_store(ctx)
     out = []
     for p in paths:
-        codec, _ = resolve(case_hack, p, restore=False)
+        codec, _ = resolve(None, p, restore=False)
         ex = exclude_filter(excludes, ()) if excludes else None
         info = st.add_path(p, name=name, flat=flat, names=codec, exclude=ex)
         out.append(info)
