@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        cli.main(args=argv, prog_name="nartool", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="nartool", standalone_mode=False)
+        if isinstance(rc, int) and rc:  # ctx.exit(n) returns n without standalone mode
+            sys.exit(rc)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:

@@ -117,6 +117,8 @@ def _scan_roots(store: LocalStore, d: str, r: Roots, is_gcroots: bool) -> None:
                 if store.is_valid(sp):
                     r.roots[p] = sp
         except OSError as ex:
+            if ex.errno == errno.ENOENT:  # vanished since the listing (e.g. an add-root's temporary link)
+                continue
             r.problems.append(f"cannot read root {p!r}: {ex.strerror}")
 
 
@@ -386,8 +388,6 @@ def _sweep_invalid(store: LocalStore, res: GCResult, mutex: threading.Lock, temp
             if sp is not None and sp.hash_part in temp_hashes:
                 continue
             if full is not None and store.is_valid(full):
-                continue
-            if full is not None and name.endswith(".lock") and store.is_valid(full[: -len(".lock")]):
                 continue
             try:
                 st = os.lstat(name, dir_fd=fd)

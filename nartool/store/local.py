@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
-from ..errors import FsError, NarError, StoreError
+from ..errors import FsError, NarError, StoreError, TruncatedError
 from ..fs import dump_events
 from ..fs.casehack import CaseHackCodec, resolve
 from ..fs.osutil import remove_at, rename_noreplace, syncfs
@@ -242,6 +242,9 @@ class LocalStore:
     def batch(self, *, keep_on_error: bool = False) -> Iterator[None]:
         """Sync and register everything added in the block together (see module docstring).
 
+        To avoid deadlocks with other processes' batches, a batch that would have to wait for a
+        path lock commits what it has so far first (a consistent prefix: references come first).
+
         On error, the batch's unregistered paths are removed, unless ``keep_on_error``: then the
         complete ones are registered (a resumable transfer keeps what fully arrived)."""
         if self._pending is not None:  # nested: part of the outer batch
@@ -323,7 +326,7 @@ class LocalStore:
         if self._in_batch(info.path):
             remove_at(self._store_fd, tmp)
             return False
-        lock = PathLock(self.real_store_dir + "/" + base.decode())
+        lock = self._lock_path(self.real_store_dir + "/" + base.decode())
         try:
             if self.db.is_valid(info.path):
                 lock.release()
@@ -349,6 +352,22 @@ class LocalStore:
                 self._discard([entry])
                 raise
         return True
+
+    def _lock_path(self, physical: str) -> PathLock:
+        """Take a path lock without deadlocking against another batch: while this batch holds
+        locks, never wait for one; if it is busy, commit what is pending (releasing our locks)
+        first, then wait."""
+        if self._pending:
+            try:
+                return PathLock(physical, wait=False)
+            except StoreError:
+                pending, self._pending = self._pending, []
+                try:
+                    self._commit(pending)
+                except BaseException:
+                    self._discard(pending)
+                    raise
+        return PathLock(physical)
 
     def _drv_outputs(self, path: str) -> dict[str, str]:
         """Output paths of a just-restored ``.drv`` for ``DerivationOutputs`` (as Nix registers them)."""
@@ -477,8 +496,10 @@ class LocalStore:
                 try:
                     tmp, digest = self._restore_temp(NarReader(s, standalone=False))
                 except NarError as e:
+                    # reader errors count from the NAR's start; truncation ones from the source's
+                    at = (e.offset or 0) - base if isinstance(e, TruncatedError) else (e.offset or 0) + rec_at
                     raise NarError(f"bad NAR in export record {len(imported) + 1}: {e.message}",
-                                   offset=(e.offset or 0) + rec_at, rule=e.rule, expected=e.expected, got=e.got,
+                                   offset=at, rule=e.rule, expected=e.expected, got=e.got,
                                    path=e.path) from None
                 try:
                     t = X.read_trailer(s, self.store_dir, base)

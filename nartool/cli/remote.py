@@ -1,0 +1,178 @@
+"""``nartool serve`` and ``nartool copy-closure``: Nix's serve protocol, both ends."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+from urllib.parse import parse_qsl
+
+import click
+
+from .common import echo_json, open_store
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(serve)
+    cli.add_command(copy_closure_cmd)
+
+
+def _open_store(ctx: click.Context, store: str | None) -> Any:
+    if store:
+        from ..store.local import LocalStore
+
+        obj = ctx.find_root().obj
+        st = LocalStore(store, getattr(obj, "store_dir", "/nix/store"))
+        ctx.call_on_close(st.close)
+        return st
+    return open_store(ctx)
+
+
+@click.command()
+@click.option("--write", is_flag=True, help="Allow imports (AddToStoreNar, ImportPaths); builds are not supported yet.")
+@click.option("--store", "store", metavar="ROOT", help="Store root (overrides the global --store; as Nix's --store DIR).")
+@click.option("--compress", type=click.Choice(["zstd"]), default=None,
+              help="Offer a zstd-compressed session (only nartool clients take it up).")
+@click.option("--serve", "_serve", is_flag=True, hidden=True, help="Ignored (for `nix-store --serve` wrappers).")
+@click.pass_context
+def serve(ctx: click.Context, write: bool, store: str | None, compress: str | None, _serve: bool) -> None:
+    """Speak Nix's serve protocol on stdin/stdout, like `nix-store --serve [--write]`.
+
+    \b
+    Real Nix clients can use it, e.g. over ssh with remote-program, or locally:
+      nix-copy-closure --to 'localhost?remote-program=WRAPPER&remote-store=DIR' PATH
+    where WRAPPER runs `nartool serve "$@"`. Access control comes from nartool.conf:
+    `allowed-users` decides who may be served at all; users outside `trusted-users` may import
+    only paths signed by a key in `trusted-public-keys`, or content-addressed ones.
+    Errors are `error: …` on stderr with exit status 1; stdout carries protocol bytes only.
+    """
+    from ..config import Config, UserIdentity
+    from ..remote.serve import serve_command
+
+    # protocol bytes only on fd 1: anything printed by mistake goes to stderr instead
+    proto_out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    proto_in = open(0, "rb", buffering=0, closefd=False)  # noqa: SIM115
+    config = Config.load()
+    st = _open_store(ctx, store)
+    code = serve_command(st, proto_in, proto_out, write=write, config=config, user=UserIdentity.current(),
+                         log=sys.stderr, compress=compress)
+    proto_out.close()
+    if code:
+        # (not ctx.exit: nartool.cli.main runs click with standalone_mode=False and drops its result)
+        sys.exit(code)
+
+
+def parse_host(spec: str) -> tuple[str, dict[str, str]]:
+    """``[USER@]HOST[?key=value&…]`` → (login, params), as Nix's ``ssh://`` store URIs."""
+    if spec.startswith("ssh://"):
+        spec = spec[len("ssh://"):]
+    host, _, query = spec.partition("?")
+    if not host:
+        raise click.UsageError("empty host")
+    return host, dict(parse_qsl(query, keep_blank_values=True))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+class _ProgressLine:
+    def __init__(self) -> None:
+        self.shown = False
+
+    def __call__(self, p: Any) -> None:
+        eta = p.eta
+        eta_s = f"ETA {int(eta)}s" if eta is not None and not p.finished else ""
+        line = (f"[{p.paths_done}/{p.paths_total} paths, {_fmt_bytes(p.bytes_done)}/{_fmt_bytes(p.bytes_total)}, "
+                f"{_fmt_bytes(p.rate)}/s{', ' + eta_s if eta_s else ''}]")
+        sys.stderr.write("\r\x1b[K" + line)
+        if p.finished:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+        self.shown = True
+
+
+@click.command("copy-closure")
+@click.option("--to", "to_host", metavar="[USER@]HOST", help="Copy the closure of PATHs to HOST.")
+@click.option("--from", "from_host", metavar="[USER@]HOST", help="Copy the closure of PATHs from HOST.")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--include-outputs", is_flag=True, help="Also copy the valid outputs of derivations in the closure.")
+@click.option("--dry-run", is_flag=True, help="Only show what would be copied.")
+@click.option("--compress", type=click.Choice(["zstd"]), default=None,
+              help="Compress the session with zstd (only towards a nartool server; ignored for Nix).")
+@click.option("--gzip", "ssh_compress", is_flag=True, help="Let ssh compress (-C), like nix-copy-closure --gzip.")
+@click.option("--ssh-opt", "ssh_opts", multiple=True, metavar="OPT", help="Extra ssh argument (repeatable).")
+@click.option("--remote-program", default=None, metavar="PROG",
+              help="Remote server: `nartool` (default, runs `nartool serve --write`) or e.g. `nix-store` "
+                   "(runs `nix-store --serve --write`). Also ?remote-program=PROG in the host.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def copy_closure_cmd(ctx: click.Context, to_host: str | None, from_host: str | None, paths: tuple[str, ...],
+                     include_outputs: bool, dry_run: bool, compress: str | None, ssh_compress: bool,
+                     ssh_opts: tuple[str, ...], remote_program: str | None, as_json: bool) -> None:
+    """Copy the closure of PATHs to or from another machine over ssh, like `nix-copy-closure`.
+
+    HOST may carry Nix's store-URI parameters: `?remote-program=PROG`, `?remote-store=DIR`
+    (the remote runs with `--store DIR`), `?ssh-key=FILE`, `?compress=true` (ssh -C). The host
+    `localhost` runs the remote command locally without ssh, as Nix does. NIX_SSHOPTS is
+    honoured (split on whitespace). Only missing paths are transferred, in dependency order,
+    pipelined; a nartool server's trust settings are checked before anything is sent.
+    """
+    from ..remote.client import ServeClient
+    from ..remote.copy import copy_closure
+    from ..remote.transport import is_nartool_program, open_transport, serve_command_line
+
+    if bool(to_host) == bool(from_host):
+        raise click.UsageError("give exactly one of --to HOST and --from HOST")
+    direction = "to" if to_host else "from"
+    host, params = parse_host(to_host or from_host or "")
+    program = remote_program or params.get("remote-program") or "nartool"
+    nartool_remote = is_nartool_program(program)
+    use_compress = compress if nartool_remote else None
+    if compress and not nartool_remote:
+        click.echo(f"warning: --compress {compress} needs a nartool remote; sending uncompressed", err=True)
+    command = serve_command_line(program, params.get("remote-store"), use_compress)
+    opts = list(ssh_opts)
+    if params.get("ssh-key"):
+        opts += ["-i", params["ssh-key"]]
+    if ssh_compress or params.get("compress") == "true":
+        opts.append("-C")
+    local = open_store(ctx)
+    if direction == "to":
+        store_paths = [local.follow(p) for p in paths]
+    else:
+        from ..store.paths import StorePath
+
+        store_paths = [StorePath.parse(p, local.store_dir).full(local.store_dir) for p in paths]
+    transport = open_transport(host, command, opts)
+    show = sys.stderr.isatty() and not as_json
+    try:
+        client = ServeClient(transport, store_dir=local.store_dir, compress=use_compress)
+        result = copy_closure(local, client, store_paths, direction, include_outputs=include_outputs,
+                              dry_run=dry_run, progress=_ProgressLine() if show else None)
+    finally:
+        transport.close()
+    if as_json:
+        d = result.to_dict()
+        d["host"] = host
+        d["remote_command"] = command
+        echo_json(d)
+        return
+    if dry_run:
+        for p in result.missing:
+            click.echo(p)
+        click.echo(f"would copy {len(result.missing)} paths ({_fmt_bytes(result.bytes_total)}) "
+                   f"{direction} {host}", err=True)
+        return
+    if show or os.environ.get("NARTOOL_VERBOSE"):
+        click.echo(f"copied {len(result.copied)} of {len(result.closure)} paths "
+                   f"({_fmt_bytes(result.bytes_copied)}) {direction} {host} in {result.seconds:.2f}s", err=True)
+
+
+__all__ = ["register", "serve", "copy_closure_cmd", "parse_host"]

@@ -1,0 +1,538 @@
+"""The server side of Nix's serve protocol: what ``nix-store --serve [--write]`` speaks.
+
+:func:`serve_command` reads commands from ``inf`` and writes replies to ``outf`` until
+end-of-file at a command boundary (exit status 0). Any failure is one line ``error: MESSAGE``
+on ``log`` and exit status 1 — there is no error frame in the protocol, the client sees EOF.
+Nothing but protocol bytes is ever written to ``outf``.
+
+Behaviour follows Nix 2.8 (``serve-protocol.md``): handshake reply ``0x5452eecb``/``0x207``;
+sets sorted by base name; ``QueryPathInfos`` records with ``narHash`` (``sha256:``+nix32),
+``ca`` and ``sigs`` for client minor ≥ 4; ``ExportPaths`` in dependency order; ``AddToStoreNar``
+consumes exactly ``narSize`` bytes even when the path is already valid; ``lock=1`` in
+``QueryValidPaths`` (with ``--write``) makes every requested path a temp root. Differences:
+
+* Builds (commands 6 and 8) are refused: ``building is not supported yet by nartool serve``
+  (still ``building paths is not allowed`` without ``--write``, before reading the request).
+* Trust. Nix's serve imports without any signature check. nartool decides per user: a user not
+  in ``trusted-users`` may import a path only when it carries a valid signature by a key in
+  ``trusted-public-keys`` or is content-addressed (``require-sigs = false`` lifts this), like
+  an untrusted client of the Nix daemon. The decision is made from the request's metadata,
+  before any NAR byte is read. ``ImportPaths`` carries no signatures, so untrusted users cannot
+  use it (unless ``require-sigs = false``). A ``ca`` field is re-verified against the NAR.
+* Durability and group commit. A reply is only sent once its work is durable: every import
+  runs inside ``store.batch()`` and is acknowledged after the batch committed. When further
+  ``AddToStoreNar`` requests are already waiting on the input (a non-blocking check), they
+  join the same batch and their ``1`` replies are sent together after one commit. Nix's
+  client waits for each reply, so it always gets batches of one. If the session dies inside
+  a group, the group's complete, verified paths are still registered where the store can
+  (``LocalStore.batch(keep_on_error=True)``) but not acknowledged.
+
+Extensions (harmless to real Nix clients, which never trigger them):
+
+* Announcement. A ``QueryValidPaths`` set containing the sentinel
+  ``STORE/00000000000000000000000000000000-nartool-ext-query`` (a syntactically valid path no
+  real store holds; a Nix server just reports it invalid) is answered with the valid subset
+  plus ``STORE/000…000-nartool-ext-v1-w<0|1>-t<0|1>``: ``w`` = imports allowed (``--write``),
+  ``t`` = unsigned imports accepted (trusted user or ``require-sigs = false``).
+* Command ``0x6e740001`` CheckImportable (sent only to a server that announced itself):
+  request ``u64 n``, n × (``str path``, ``str narHash``, ``u64 narSize``, ``StorePathSet refs``,
+  ``list<str> sigs``, ``str ca``); reply ``u64 n``, n × (``str path``, ``str reason``) for the
+  paths this server would refuse. Nothing is read or stored.
+* zstd sessions. Started as ``nartool serve --compress zstd``, the server offers compression by
+  setting bit 16 of its version word (``0x10207``; Nix 2.x clients only look at the low 16 bits).
+  If the client's version word has the same bit, both directions switch to a zstd stream
+  right after the handshake. A Nix client never sets the bit, so it gets a plain session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+from ..errors import NarError, NartoolError, ProtocolError, SignatureError, StoreError, TruncatedError
+from ..hashes import Hash
+from ..nar import format as F
+from ..nar.source import ByteSource
+from ..store.paths import ContentAddress, ca_matches
+from ..store.types import PathInfo, Store
+from . import wire as W
+
+if TYPE_CHECKING:
+    from ..config import Config, UserIdentity
+    from ..store.signing import PublicKey
+
+#: a group commit stops after this many paths or bytes (so replies keep flowing)
+GROUP_MAX_PATHS = 1024
+GROUP_MAX_BYTES = 1 << 30
+
+EXT_SENTINEL_NAME = "nartool-ext-query"
+EXT_HASH_PART = "0" * 32
+
+
+class LogSink(Protocol):
+    def write(self, s: str, /) -> int: ...
+    def flush(self) -> None: ...
+
+
+class ServeExit(Exception):
+    """Stop serving with ``code`` after ``message`` (already formatted, without ``error: ``)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+@dataclass
+class Policy:
+    """What this session may do."""
+
+    write: bool
+    trusted: bool = True
+    trusted_keys: Mapping[str, PublicKey] = field(default_factory=dict)
+    require_sigs: bool = True
+    user: str = "?"
+
+    @property
+    def unsigned_ok(self) -> bool:
+        return self.trusted or not self.require_sigs
+
+    def refusal(self, info: PathInfo, store_dir: str, log: LogSink | None = None) -> str | None:
+        """Why ``info`` may not be imported by this session (None = it may)."""
+        if not self.write:
+            return "importing paths is not allowed"
+        if self.unsigned_ok:
+            return None
+        if info.ca:
+            if ca_matches(info.path, info.ca, info.references, store_dir):
+                return None
+            if log is not None:
+                _log(log, f"warning: path '{info.path}' claims to be content-addressed but isn't")
+        try:
+            from ..store.signing import verify_path_info
+
+            if verify_path_info(info, self.trusted_keys):
+                return None
+        except SignatureError:
+            pass
+        return f"cannot add path '{info.path}' because it lacks a valid signature"
+
+
+def _log(log: LogSink, line: str) -> None:
+    try:
+        log.write(line + "\n")
+        log.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def policy_from_config(write: bool, config: Config | None, user: UserIdentity | None,
+                       trusted: bool | None) -> Policy:
+    if config is None:
+        return Policy(write=write, trusted=True if trusted is None else trusted,
+                      user=user.name if user else "?")
+    if user is None:
+        from ..config import UserIdentity
+
+        user = UserIdentity.current()
+    if not config.is_allowed(user):
+        raise ServeExit(f"user '{user.name}' is not allowed to use this store ('allowed-users')")
+    return Policy(write=write, trusted=config.is_trusted(user) if trusted is None else trusted,
+                  trusted_keys=config.trusted_keys(), require_sigs=config.require_sigs, user=user.name)
+
+
+def resumable_batch(store: Store) -> AbstractContextManager[None]:
+    """``store.batch()``, keeping the complete paths of the batch on error where the store
+    supports it (LocalStore's ``keep_on_error``): a cut connection then loses nothing that fully
+    arrived and was verified. Such paths are registered but never acknowledged."""
+    batch = store.batch
+    try:
+        cm: AbstractContextManager[None] = batch(keep_on_error=True)  # type: ignore[call-arg]
+    except TypeError:
+        cm = batch()
+    return cm
+
+
+class CaVerifier:
+    """Checks, as the NAR streams past, that its content matches a ``ca`` field."""
+
+    def __init__(self, ca: ContentAddress, nar_hash: Hash) -> None:
+        self.ca = ca
+        self.skip_all = ca.method == "recursive" and ca.hash.algo == "sha256"
+        if self.skip_all and ca.hash.digest != nar_hash.digest:
+            raise StoreError("ca hash mismatch: the content address disagrees with the NAR hash",
+                             rule="ca-mismatch", expected=nar_hash.prefixed(), got=ca.hash.prefixed())
+        self.h = hashlib.new(ca.hash.algo)
+        self.head = bytearray()
+        self.content_start: int | None = None
+        self.content_end = 0
+        self.seen = 0
+
+    def update(self, chunk: bytes) -> None:
+        if self.skip_all or not chunk:
+            return
+        if self.ca.method == "recursive":
+            self.h.update(chunk)
+            return
+        # flat / text: the NAR must be one regular file; hash its contents
+        start = self.seen
+        self.seen += len(chunk)
+        if self.content_start is None:
+            self.head += chunk
+            self._decide()
+            if self.content_start is not None and self.content_start >= 0:
+                self._feed(bytes(self.head), 0)
+            if self.content_start is not None:
+                self.head = bytearray()
+            return
+        self._feed(chunk, start)
+
+    def _decide(self) -> None:
+        for hdr in (F.TOK_MAGIC + F.HDR_REGULAR, F.TOK_MAGIC + F.HDR_EXECUTABLE):
+            if len(self.head) >= len(hdr) + 8 and self.head.startswith(hdr):
+                size = int.from_bytes(self.head[len(hdr) : len(hdr) + 8], "little")
+                self.content_start = len(hdr) + 8
+                self.content_end = self.content_start + size
+                return
+        if len(self.head) >= len(F.TOK_MAGIC + F.HDR_EXECUTABLE) + 8:
+            self.content_start = -1  # not a single regular file
+
+    def _feed(self, chunk: bytes, start: int) -> None:
+        cs = self.content_start
+        if cs is None or cs < 0:
+            return
+        lo = max(cs - start, 0)
+        hi = min(self.content_end - start, len(chunk))
+        if lo < hi:
+            self.h.update(chunk[lo:hi])
+
+    def check(self, path: str) -> None:
+        if self.skip_all:
+            return
+        if self.ca.method != "recursive" and (self.content_start is None or self.content_start < 0):
+            raise StoreError(f"ca hash mismatch importing path '{path}': a {self.ca.method} content address "
+                             "needs a single regular file", path=path, rule="ca-mismatch")
+        got = Hash(self.ca.hash.algo, self.h.digest())
+        if got.digest != self.ca.hash.digest:
+            raise StoreError(f"ca hash mismatch importing path '{path}'; specified: {self.ca.hash.prefixed()} "
+                             f"got: {got.prefixed()}", path=path, rule="ca-mismatch",
+                             expected=self.ca.hash.prefixed(), got=got.prefixed())
+
+
+def _tee_source(src: ByteSource, n: int, sink: Callable[[bytes], None]) -> ByteSource:
+    it = src.iter_chunks(n)
+
+    def read(_k: int) -> bytes:
+        c = next(it, b"")
+        sink(c)
+        return c
+
+    return ByteSource(read, "NAR")
+
+
+def ext_path(store_dir: str, name: str) -> str:
+    return f"{store_dir}/{EXT_HASH_PART}-{name}"
+
+
+def is_ext_path(p: str, store_dir: str) -> bool:
+    return p.startswith(f"{store_dir}/{EXT_HASH_PART}-nartool-ext-")
+
+
+class _Server:
+    def __init__(self, store: Store, inf: BinaryIO, outf: BinaryIO, policy: Policy, log: LogSink,
+                 compress: str | None) -> None:
+        self.store = store
+        self.store_dir = store.store_dir
+        self.inf = inf
+        self.in_fd = W.file_fd(inf)
+        self.src = ByteSource(getattr(inf, "read1", inf.read), "serve input")
+        self.raw_out = outf
+        self.w = W.Writer(outf)
+        self.policy = policy
+        self.log = log
+        self.compress = compress
+        self.client_version = 0
+        self.minor = 0
+
+    # -- plumbing
+
+    def handshake(self) -> None:
+        magic = W.read_u32(self.src, "magic")
+        if magic != W.SERVE_MAGIC_1:
+            raise ServeExit("protocol mismatch")
+        version = W.PROTOCOL_VERSION
+        if self.compress:
+            version |= W.VERSION_FLAG_ZSTD
+        self.w.u64(W.SERVE_MAGIC_2).u64(version).flush()
+        self.client_version = W.read_u32(self.src, "client version")
+        self.minor = W.version_minor(self.client_version)
+        if self.compress == "zstd" and self.client_version & W.VERSION_FLAG_ZSTD:
+            leftover = W.take_buffered(self.src)
+            raw_read = self.src._read
+            self.src = ByteSource(W.zstd_reader(leftover, raw_read), "serve input")
+            self.in_fd = None  # pending compressed bytes do not mean a pending command
+            self.w = W.Writer(W.ZstdWriter(self.raw_out))
+
+    def run(self) -> int:
+        self.handshake()
+        handlers: dict[int, Callable[[], None]] = {
+            W.CMD_QUERY_VALID_PATHS: self.query_valid_paths,
+            W.CMD_QUERY_PATH_INFOS: self.query_path_infos,
+            W.CMD_DUMP_STORE_PATH: self.dump_store_path,
+            W.CMD_IMPORT_PATHS: self.import_paths,
+            W.CMD_EXPORT_PATHS: self.export_paths,
+            W.CMD_BUILD_PATHS: self.build,
+            W.CMD_QUERY_CLOSURE: self.query_closure,
+            W.CMD_BUILD_DERIVATION: self.build,
+            W.CMD_ADD_TO_STORE_NAR: self.add_to_store_nar,
+            W.CMD_EXT_CHECK_IMPORTABLE: self.ext_check_importable,
+        }
+        while True:
+            if self.src.at_eof():
+                return 0
+            cmd = W.read_u32(self.src, "command")
+            h = handlers.get(cmd)
+            if h is None:
+                raise ServeExit(f"unknown serve command {cmd}")
+            h()
+
+    def _need_write(self, what: str) -> None:
+        if not self.policy.write:
+            raise ServeExit(f"{what} is not allowed")
+
+    def _path_set(self, field: str) -> list[str]:
+        return W.read_path_set(self.src, self.store_dir, field)
+
+    # -- commands
+
+    def query_valid_paths(self) -> None:
+        lock = W.read_flag(self.src, "lock")
+        W.read_flag(self.src, "substitute")  # we have no substituters: nothing to try
+        paths = self._path_set("paths")
+        sentinel = ext_path(self.store_dir, EXT_SENTINEL_NAME)
+        ext = sentinel in paths
+        real = [p for p in paths if not is_ext_path(p, self.store_dir)]
+        if lock and self.policy.write:
+            for p in real:
+                self.store.temp_root(p)
+        valid = set(self.store.query_valid_paths(real))
+        if ext:
+            w = int(self.policy.write)
+            t = int(self.policy.unsigned_ok)
+            valid.add(ext_path(self.store_dir, f"nartool-ext-v1-w{w}-t{t}"))
+        self.w.path_set(valid).flush()
+
+    def query_path_infos(self) -> None:
+        paths = self._path_set("paths")
+        w = self.w
+        for p in W.sort_paths(paths):
+            info = self.store.query_path_info(p)
+            if info is None:
+                continue
+            w.str_(p).str_(info.deriver or "").path_set(info.references)
+            w.u64(info.nar_size).u64(info.nar_size)
+            if self.minor >= 4:
+                w.str_("sha256:" + info.nar_hash.nix32).str_(info.ca or "").strs(sorted(info.sigs))
+        w.str_("").flush()
+
+    def _valid_store_path(self, p: str, at: int | None = None) -> str:
+        W.check_store_path(p, self.store_dir, "path", at)
+        if not self.store.is_valid(p):
+            raise ServeExit(f"path '{p}' is not valid")
+        return p
+
+    def dump_store_path(self) -> None:
+        at = self.src.offset
+        p = self._valid_store_path(W.read_str(self.src, "path", W.MAX_PATH_LEN), at)
+        self.w.raw_chunks(self.store.nar_chunks(p))
+        self.w.flush()
+
+    def query_closure(self) -> None:
+        include_outputs = W.read_flag(self.src, "includeOutputs")
+        paths = self._path_set("paths")
+        for p in paths:
+            self._valid_store_path(p)
+        self.w.path_set(self.store.closure(paths, include_outputs=include_outputs)).flush()
+
+    def export_paths(self) -> None:
+        W.read_u32(self.src, "obsolete word")
+        paths = self._path_set("paths")
+        for p in paths:
+            self._valid_store_path(p)
+        self.w.raw_chunks(self.store.export_paths(paths))
+        self.w.flush()
+
+    def build(self) -> None:
+        self._need_write("building paths")
+        raise ServeExit("building is not supported yet by nartool serve")
+
+    def import_paths(self) -> None:
+        self._need_write("importing paths")
+        if not self.policy.unsigned_ok:
+            raise ServeExit("cannot import paths with ImportPaths: the export stream carries no signatures and "
+                            f"user '{self.policy.user}' is not in 'trusted-users' (use AddToStoreNar with "
+                            "signed paths)")
+        with self.store.batch():
+            paths = self.store.import_paths(self.src)
+            for p in paths:
+                self.store.temp_root(p)
+        self.w.u64(1).flush()
+
+    def _read_nar_info(self) -> PathInfo:
+        src, sd = self.src, self.store_dir
+        path = W.read_path(src, sd, "path")
+        deriver = W.read_opt_path(src, sd, "deriver")
+        at = src.offset
+        hash_text = W.read_str(src, "narHash", 256)
+        try:
+            nar_hash = Hash.parse(hash_text, "sha256")
+        except NartoolError as e:
+            raise ProtocolError(f"invalid narHash for '{path}': {e.message}", offset=at, path="narHash",
+                                rule="bad-hash", got=hash_text) from None
+        refs = self._path_set("references")
+        reg_time = W.read_u64(src, "registrationTime")
+        nar_size = W.read_u64(src, "narSize")
+        ultimate = W.read_u64(src, "ultimate") != 0
+        sigs = W.read_str_list(src, "sigs", max_count=4096)
+        at = src.offset
+        ca = W.read_str(src, "ca") or None
+        if ca is not None:
+            try:
+                ContentAddress.parse(ca)
+            except NartoolError as e:
+                raise ProtocolError(f"invalid content address for '{path}': {e.message}", offset=at, path="ca",
+                                    rule="bad-ca", got=ca) from None
+        if nar_size == 0:
+            raise ServeExit("narInfo is too old and missing the narSize field")
+        if not self.policy.trusted:
+            ultimate = False
+        return PathInfo(path=path, nar_hash=nar_hash, nar_size=nar_size, references=frozenset(refs),
+                        deriver=deriver, registration_time=reg_time or int(time.time()), ultimate=ultimate,
+                        sigs=frozenset(sigs), ca=ca)
+
+    def _add_one(self, info: PathInfo) -> None:
+        why = self.policy.refusal(info, self.store_dir, self.log)
+        if why:
+            raise ServeExit(why)
+        self.store.temp_root(info.path)
+        if self.store.is_valid(info.path):
+            self.src.skip(info.nar_size)
+            return
+        verifier = CaVerifier(ContentAddress.parse(info.ca), info.nar_hash) if info.ca else None
+        sub = (_tee_source(self.src, info.nar_size, verifier.update) if verifier
+               else W.limited_source(self.src, info.nar_size))
+        try:
+            self.store.add_nar(info, sub)
+        except TruncatedError as e:
+            if self.src.at_eof():
+                raise
+            raise StoreError(f"size mismatch importing path '{info.path}': the NAR is longer than its "
+                             f"announced narSize {info.nar_size}",
+                             path=info.path, rule="size-mismatch", expected=info.nar_size) from e
+        extra = W.drain(sub)
+        if extra:
+            raise StoreError(f"size mismatch importing path '{info.path}': the NAR is shorter than its "
+                             f"announced narSize {info.nar_size}",
+                             path=info.path, rule="size-mismatch", expected=info.nar_size,
+                             got=info.nar_size - extra)
+        if verifier:
+            verifier.check(info.path)
+
+    def add_to_store_nar(self) -> None:
+        self._need_write("importing paths")
+        acks = 0
+        nbytes = 0
+        cmd9 = W.enc_u64(W.CMD_ADD_TO_STORE_NAR)
+        with resumable_batch(self.store):
+            while True:
+                info = self._read_nar_info()
+                self._add_one(info)
+                acks += 1
+                nbytes += info.nar_size
+                if acks >= GROUP_MAX_PATHS or nbytes >= GROUP_MAX_BYTES:
+                    break
+                if not W.has_buffered_input(self.src, self.in_fd):
+                    break
+                if self.src.peek(8) != cmd9:
+                    break
+                self.src.read_exact(8)
+        for _ in range(acks):
+            self.w.u64(1)
+        self.w.flush()
+
+    def ext_check_importable(self) -> None:
+        src, sd = self.src, self.store_dir
+        n = W.read_count(src, "count")
+        refused: list[tuple[str, str]] = []
+        for _ in range(n):
+            path = W.read_path(src, sd, "path")
+            at = src.offset
+            hash_text = W.read_str(src, "narHash", 256)
+            try:
+                nar_hash = Hash.parse(hash_text, "sha256")
+            except NartoolError as e:
+                raise ProtocolError(f"invalid narHash: {e.message}", offset=at, path="narHash",
+                                    rule="bad-hash", got=hash_text) from None
+            nar_size = W.read_u64(src, "narSize")
+            refs = self._path_set("references")
+            sigs = W.read_str_list(src, "sigs", max_count=4096)
+            ca = W.read_str(src, "ca") or None
+            info = PathInfo(path=path, nar_hash=nar_hash, nar_size=nar_size, references=frozenset(refs),
+                            sigs=frozenset(sigs), ca=ca)
+            why = self.policy.refusal(info, sd)
+            if why:
+                refused.append((path, why))
+        self.w.u64(len(refused))
+        for p, why in refused:
+            self.w.str_(p).str_(why)
+        self.w.flush()
+
+
+def serve_command(store: Store, inf: BinaryIO, outf: BinaryIO, *, write: bool, trusted: bool | None = None,
+                  config: Config | None = None, user: UserIdentity | None = None, log: LogSink | None = None,
+                  compress: str | None = None) -> int:
+    """Serve one session; returns the exit status (0 = clean EOF at a command boundary).
+
+    Trust: with ``config``, ``allowed-users`` decides whether ``user`` (default: the current
+    user) may be served at all, ``trusted-users`` whether it is trusted (unless ``trusted`` is
+    given), and ``trusted-public-keys``/``require-sigs`` what an untrusted user may import.
+    Without ``config`` the session is trusted unless ``trusted=False`` (then nothing unsigned
+    and no signature at all is accepted).
+    """
+    if log is None:
+        log = sys.stderr
+    try:
+        policy = policy_from_config(write, config, user, trusted)
+        return _Server(store, inf, outf, policy, log, compress).run()
+    except ServeExit as e:
+        _log(log, f"error: {e.message}")
+        return e.code
+    except TruncatedError as e:
+        _log(log, f"error: unexpected end-of-file ({e})")
+        return 1
+    except ProtocolError as e:
+        _log(log, f"error: {e}")
+        return 1
+    except (StoreError, NarError, NartoolError) as e:
+        _log(log, f"error: {e}")
+        return 1
+    except (BrokenPipeError, ConnectionResetError):
+        _log(log, "error: the client closed the connection")
+        return 1
+    except OSError as e:
+        _log(log, f"error: {e.strerror or e}" + (f": {e.filename!r}" if e.filename else ""))
+        return 1
+
+
+def serve_bytes(store: Store, data: bytes, **kw: object) -> tuple[int, bytes, str]:
+    """Run a whole session from ``data``; (status, stdout bytes, stderr text). For tests."""
+    out = io.BytesIO()
+    err = io.StringIO()
+    code = serve_command(store, io.BytesIO(data), out, log=err, **kw)  # type: ignore[arg-type]
+    return code, out.getvalue(), err.getvalue()
