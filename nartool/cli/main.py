@@ -100,3 +100,9 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def serve_main() -> None:
+    """``nartool-serve``: ``nartool serve`` under a name real Nix can use as ``remote-program``
+    (Nix runs ``PROG --serve --write [--store DIR]``)."""
+    main(["serve", *sys.argv[1:]])
