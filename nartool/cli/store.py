@@ -51,10 +51,13 @@ def _paths(st: Any, args: Iterable[str]) -> list[str]:
 @click.option("--name", help="Store path name (default: the base name of PATH; only with one PATH).")
 @click.option("--flat", is_flag=True, help="Hash the file's bytes, not its NAR (as `nix-store --add-fixed sha256`).")
 @click.option("--exclude", "excludes", multiple=True, metavar="PATTERN", help="gitignore-style pattern to leave out.")
+@click.option("--scan-references", is_flag=True,
+              help="Record as references the valid store paths whose hash parts occur in the tree "
+                   "(Nix's reference scanning); the store path then depends on them.")
 @click.option("--json", "as_json", is_flag=True, help="Print path infos as JSON.")
 @click.pass_context
 def add(ctx: click.Context, paths: tuple[str, ...], name: str | None, flat: bool, excludes: tuple[str, ...],
-        as_json: bool) -> None:
+        scan_references: bool, as_json: bool) -> None:
     """Copy PATHs into the store and print their store paths (idempotent).
 
     The store path equals `nix-store --add PATH` (or `--add-fixed sha256` with --flat). A source
@@ -70,7 +73,7 @@ def add(ctx: click.Context, paths: tuple[str, ...], name: str | None, flat: bool
     for p in paths:
         codec, _ = resolve(None, p, restore=False)
         ex = exclude_filter(excludes, ()) if excludes else None
-        info = st.add_path(p, name=name, flat=flat, names=codec, exclude=ex)
+        info = st.add_path(p, name=name, flat=flat, names=codec, exclude=ex, scan_references=scan_references)
         out.append(info)
         if not as_json:
             click.echo(info.path)

@@ -23,7 +23,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import BinaryIO
@@ -53,6 +53,7 @@ from .paths import (
     make_text_path,
     validate_name,
 )
+from .refs import RefScanner
 from .types import PathInfo
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -299,14 +300,20 @@ class LocalStore:
         self.temp_root(f"{self.store_dir}/{name}")
         return name.encode()
 
-    def _restore_temp(self, events: Iterable[Event]) -> tuple[bytes, NarDigest]:
-        """Restore ``events`` under a temporary name; returns it and the NAR digest."""
+    def _restore_temp(self, events: Iterable[Event], scanner: RefScanner | None = None) -> tuple[bytes, NarDigest]:
+        """Restore ``events`` under a temporary name; returns it and the NAR digest (and feeds
+        the NAR bytes to ``scanner`` when given)."""
         tmp = self._temp_name()
         digest = NarDigest()
+        sink: Callable[[bytes | bytearray | memoryview], None] = digest
+        if scanner is not None:
+            def sink(b: bytes | bytearray | memoryview) -> None:
+                digest(b)
+                scanner.update(b)
         b = _Builder(self._store_fd, tmp, names=self.names, canonical=True, fsync=False)
         try:
             try:
-                for ev in tee_nar(events, digest):
+                for ev in tee_nar(events, sink):
                     b.feed(ev)
                 if not b.done:
                     raise NarError("NAR ended before its root node did", rule="truncated")
@@ -384,6 +391,8 @@ class LocalStore:
             self.parse_path(r)
             if r != info.path and not self.db.is_valid(r) and not self._in_batch(r):
                 raise StoreError("reference is not valid", path=r, rule="invalid-reference", got=info.path)
+            if r != info.path:
+                self.temp_root(r)  # a concurrent GC must not take it before we register
 
     # -- adding contents --------------------------------------------------------------------
 
@@ -444,30 +453,50 @@ class LocalStore:
             raise StoreError("ca hash mismatch importing path", path=info.path, rule="ca-mismatch", got=info.ca)
 
     def add_path(self, src: str | os.PathLike[str], *, name: str | None = None, flat: bool = False,
-                 names: NameCodec | None = None, exclude: Exclude | None = None) -> PathInfo:
+                 names: NameCodec | None = None, exclude: Exclude | None = None,
+                 scan_references: bool | Iterable[str] = False) -> PathInfo:
         """``nix-store --add`` (recursive, default) or ``--add-fixed sha256`` (``flat``): one pass
-        over ``src``, restoring while hashing; no references."""
+        over ``src``, restoring while hashing; no references.
+
+        ``scan_references``: also scan the NAR stream for the hash parts of candidate store paths
+        (``True``: every valid path; or an iterable of paths) and record those found as
+        references; the path is then ``source:<refs>:…`` as Nix computes it for a recursive
+        sha256 content address with references. (A tree cannot refer to itself this way: its
+        path is not known before it is hashed.)"""
         srcp = os.fspath(src)
         name = name or os.path.basename(os.path.normpath(os.path.abspath(srcp)))
         validate_name(name)
+        scanner: RefScanner | None = None
+        by_hash: dict[str, str] = {}
+        if scan_references is not False:
+            if flat:
+                raise StoreError("--flat paths cannot have references", rule="bad-ca")
+            cands = self.all_paths() if scan_references is True else list(scan_references)
+            by_hash = {self.parse_path(c).hash_part: c for c in cands}
+            scanner = RefScanner(by_hash)
         events: Iterable[Event] = dump_events(srcp, names=names, exclude=exclude)
         flat_hash = hashlib.sha256() if flat else None
         if flat_hash is not None:
             events = _hash_flat(events, flat_hash, srcp)
-        tmp, digest = self._restore_temp(events)
+        tmp, digest = self._restore_temp(events, scanner)
+        refs = frozenset(by_hash[h] for h in scanner.found) if scanner is not None else frozenset()
         try:
             nar_hash = digest.hash()
+            for r in refs:
+                self.temp_root(r)  # keep them alive until registered
             if flat_hash is not None:
                 h = Hash("sha256", flat_hash.digest())
                 path = make_fixed_output_path(name, h, recursive=False, store_dir=self.store_dir)
                 ca = ContentAddress("flat", h)
             else:
-                path = make_fixed_output_path(name, nar_hash, recursive=True, store_dir=self.store_dir)
+                path = make_fixed_output_path(name, nar_hash, recursive=True, references=refs,
+                                              store_dir=self.store_dir)
                 ca = ContentAddress("recursive", nar_hash)
+            info = PathInfo(path, nar_hash, digest.size, refs, registration_time=int(time.time()), ca=ca.render())
+            self._check_references(info)
         except BaseException:
             remove_at(self._store_fd, tmp)
             raise
-        info = PathInfo(path, nar_hash, digest.size, registration_time=int(time.time()), ca=ca.render())
         if not self._place(tmp, info):
             return self.query_path_info(path) or info
         return info
