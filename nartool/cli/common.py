@@ -67,3 +67,55 @@ def open_store(ctx: click.Context, *, case_hack: bool | None = None) -> Any:
     store = LocalStore(root, getattr(obj, "store_dir", "/nix/store"), case_hack=case_hack)
     ctx.call_on_close(store.close)
     return store
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+class ByteProgress:
+    """``[label: N MiB, R MiB/s]`` on stderr while bytes flow, only when stderr is a terminal."""
+
+    def __init__(self, label: str) -> None:
+        import time
+
+        self.label = label
+        self.enabled = sys.stderr.isatty()
+        self.n = 0
+        self.t0 = self.last = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.n += n
+        if not self.enabled:
+            return
+        import time
+
+        now = time.monotonic()
+        if now - self.last >= 0.2:
+            self.last = now
+            rate = self.n / max(now - self.t0, 1e-6)
+            sys.stderr.write(f"\r\x1b[K[{self.label}: {fmt_bytes(self.n)}, {fmt_bytes(rate)}/s]")
+            sys.stderr.flush()
+
+    def chunks(self, it: Iterable[bytes | bytearray | memoryview]) -> Iterable[bytes | bytearray | memoryview]:
+        for c in it:
+            self.add(len(c))
+            yield c
+        self.done()
+
+    def reader(self, read: Any) -> Any:
+        def r(k: int) -> bytes:
+            b: bytes = read(k)
+            self.add(len(b))
+            return b
+
+        return r
+
+    def done(self) -> None:
+        if self.enabled and self.n:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()

@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl
 
 import click
 
-from .common import echo_json, open_store
+from .common import echo_json, fmt_bytes, open_store
 
 
 def register(cli: click.Group) -> None:
@@ -74,14 +74,6 @@ def parse_host(spec: str) -> tuple[str, dict[str, str]]:
     return host, dict(parse_qsl(query, keep_blank_values=True))
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 class _ProgressLine:
     def __init__(self) -> None:
         self.shown = False
@@ -89,8 +81,8 @@ class _ProgressLine:
     def __call__(self, p: Any) -> None:
         eta = p.eta
         eta_s = f"ETA {int(eta)}s" if eta is not None and not p.finished else ""
-        line = (f"[{p.paths_done}/{p.paths_total} paths, {_fmt_bytes(p.bytes_done)}/{_fmt_bytes(p.bytes_total)}, "
-                f"{_fmt_bytes(p.rate)}/s{', ' + eta_s if eta_s else ''}]")
+        line = (f"[{p.paths_done}/{p.paths_total} paths, {fmt_bytes(p.bytes_done)}/{fmt_bytes(p.bytes_total)}, "
+                f"{fmt_bytes(p.rate)}/s{', ' + eta_s if eta_s else ''}]")
         sys.stderr.write("\r\x1b[K" + line)
         if p.finished:
             sys.stderr.write("\n")
@@ -167,12 +159,12 @@ def copy_closure_cmd(ctx: click.Context, to_host: str | None, from_host: str | N
     if dry_run:
         for p in result.missing:
             click.echo(p)
-        click.echo(f"would copy {len(result.missing)} paths ({_fmt_bytes(result.bytes_total)}) "
+        click.echo(f"would copy {len(result.missing)} paths ({fmt_bytes(result.bytes_total)}) "
                    f"{direction} {host}", err=True)
         return
     if show or os.environ.get("NARTOOL_VERBOSE"):
         click.echo(f"copied {len(result.copied)} of {len(result.closure)} paths "
-                   f"({_fmt_bytes(result.bytes_copied)}) {direction} {host} in {result.seconds:.2f}s", err=True)
+                   f"({fmt_bytes(result.bytes_copied)}) {direction} {host} in {result.seconds:.2f}s", err=True)
 
 
 __all__ = ["register", "serve", "copy_closure_cmd", "parse_host"]

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..nar import listing
-from .common import echo_json, open_store, refuse_binary_to_tty, stdout_bin, write_chunks
+from .common import ByteProgress, echo_json, open_store, refuse_binary_to_tty, stdout_bin, write_chunks
 
 
 def register(cli: click.Group) -> None:
@@ -170,7 +170,7 @@ def export(ctx: click.Context, paths: tuple[str, ...], output: str | None, closu
     ps = _paths(st, paths)
     if closure:
         ps = st.closure(ps)
-    chunks = st.export_paths(ps)
+    chunks = ByteProgress("exporting").chunks(st.export_paths(ps))
     _emit(compressor(chunks, compress) if compress != "none" else chunks, output, "an export stream")
 
 
@@ -189,7 +189,9 @@ def import_(ctx: click.Context, file: str, as_json: bool) -> None:
     f = sys.stdin.buffer if file == "-" else open(file, "rb")  # noqa: SIM115
     try:
         read, _ = open_decompressed(f)
-        paths = st.import_paths(read)
+        prog = ByteProgress("importing")
+        paths = st.import_paths(prog.reader(read))
+        prog.done()
     finally:
         if f is not sys.stdin.buffer:
             f.close()
