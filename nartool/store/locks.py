@@ -179,8 +179,15 @@ def read_temp_roots(state_dir: str, censor: bool = False) -> tuple[set[str], lis
             if name != me:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    # owner is gone
-                    os.unlink(p)
+                    # owner is gone; remove its file, unless it is gone too and the name is now a
+                    # new file (of a process that reopened its store, or reused the pid): that
+                    # one is live (its owner locked it after we opened this one)
+                    try:
+                        ours = os.path.samestat(os.fstat(fd), os.stat(p))
+                    except FileNotFoundError:
+                        ours = False
+                    if ours:
+                        os.unlink(p)
                     os.write(fd, b"d")
                     continue
                 except BlockingIOError:
