@@ -63,22 +63,29 @@ def add(ctx: click.Context, paths: tuple[str, ...], name: str | None, flat: bool
     The store path equals `nix-store --add PATH` (or `--add-fixed sha256` with --flat). A source
     on a case-insensitive filesystem is read through the case hack (NARTOOL_CASE_HACK=0|1 overrides).
     """
-    from ..fs.casehack import resolve
-    from ..fs.filters import exclude_filter
 
     if name and len(paths) > 1:
         raise click.UsageError("--name goes with a single PATH")
     st = open_store(ctx)
     out = []
-    for p in paths:
-        codec, _ = resolve(None, p, restore=False)
-        ex = exclude_filter(excludes, ()) if excludes else None
-        info = st.add_path(p, name=name, flat=flat, names=codec, exclude=ex, scan_references=scan_references)
-        out.append(info)
+    with st.batch():  # one sync and one transaction for all of them
+        for p in paths:
+            out.append(_add_one(st, p, name, flat, excludes, scan_references))
+    for info in out:
         if not as_json:
             click.echo(info.path)
     if as_json:
         echo_json([_info_json(i) for i in out])
+
+
+def _add_one(st: Any, p: str, name: str | None, flat: bool, excludes: tuple[str, ...],
+             scan_references: bool) -> Any:
+    from ..fs.casehack import resolve
+    from ..fs.filters import exclude_filter
+
+    codec, _ = resolve(None, p, restore=False)
+    ex = exclude_filter(excludes, ()) if excludes else None
+    return st.add_path(p, name=name, flat=flat, names=codec, exclude=ex, scan_references=scan_references)
 
 
 @store.command()
