@@ -438,3 +438,25 @@ def test_gc_max_freed(store: LocalStore) -> None:
     store = reopen(store)
     res = collect_garbage(store, max_freed=2500)
     assert 2 <= len(res.deleted) < 10
+
+
+def test_gc_tolerates_unreadable_roots(store: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unreadable entry while scanning roots is reported, not fatal, and the other roots count.
+    (As root nothing is unreadable by mode bits, so the failing readlink is simulated.)"""
+    a = store.add_text("a", b"a").path
+    b = store.add_text("b", b"b").path
+    store = reopen(store)
+    gcroots = Path(store.state_dir) / "gcroots"
+    os.symlink(a, gcroots / "good")
+    os.symlink(b, gcroots / "unreadable")
+    real = os.readlink
+
+    def readlink(p: str | os.PathLike[str], *args: object, **kw: object) -> str:
+        if os.fspath(p).endswith("unreadable"):
+            raise PermissionError(13, "Permission denied", os.fspath(p))
+        return real(p)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(os, "readlink", readlink)
+    res = collect_garbage(store, action="print-dead")
+    assert any("unreadable" in p and "Permission denied" in p for p in res.problems)
+    assert a in res.live and b in res.dead
