@@ -170,10 +170,20 @@ def _copy_to(local: Store, client: ServeClient, requested: list[str], include_ou
             copied.append(info.path)
             tr.path(info.path)
 
-        client.add_to_store_nar_many(infos, local.nar_chunks, on_ack=ack, on_sent=tr.bytes)
+        client.add_to_store_nar_many(infos, _unchecked_nars(local), on_ack=ack, on_sent=tr.bytes)
     tr.done()
     return CopyResult("to", requested, closure, missing, copied, total, p.bytes_done if not dry_run else 0,
                       time.monotonic() - t0, dry_run)
+
+
+def _unchecked_nars(local: Store) -> Callable[[str], Iterable[bytes | bytearray | memoryview]]:
+    """NAR streams for uploading: the receiver verifies every NAR against the hash we send, so
+    the local re-hash (which would only fail after the NAR was sent anyway) is skipped."""
+    from ..store.local import LocalStore
+
+    if isinstance(local, LocalStore):
+        return lambda p: local.nar_chunks(p, check=False)
+    return local.nar_chunks
 
 
 def _copy_from(local: Store, client: ServeClient, requested: list[str], include_outputs: bool, dry_run: bool,

@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 
 #: a group commit stops after this many paths or bytes (so replies keep flowing)
 GROUP_MAX_PATHS = 1024
-GROUP_MAX_BYTES = 1 << 30
+GROUP_MAX_BYTES = 64 << 20
 
 EXT_SENTINEL_NAME = "nartool-ext-query"
 EXT_HASH_PART = "0" * 32

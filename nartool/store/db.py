@@ -7,7 +7,8 @@ policy, chosen so the WAL cannot grow without bound under sustained load:
 
 * WAL mode, ``synchronous = normal``, foreign keys on, a long busy timeout plus retries;
 * ``journal_size_limit`` so a checkpointed WAL is truncated, and an explicit passive
-  checkpoint after each batch commit (a quiet point), a truncating one on close;
+  checkpoint after a batch commit (a quiet point) once the WAL passed 2 MiB, a truncating one
+  on close;
 * short transactions: reads are single statements, each registration batch is one
   ``BEGIN IMMEDIATE … COMMIT``, garbage collection invalidates path by path; never VACUUM.
 """
@@ -29,6 +30,8 @@ from .types import PathInfo
 SCHEMA_VERSION = 10
 #: truncate the WAL to this size after checkpoints
 JOURNAL_SIZE_LIMIT = 64 << 20
+#: explicit checkpoints after a batch once the WAL is larger than this
+CHECKPOINT_WAL_BYTES = 2 << 20
 #: automatic checkpoint every N pages (SQLite's default; Nix 2.8 uses 40000)
 WAL_AUTOCHECKPOINT = 1000
 
@@ -154,6 +157,16 @@ class StoreDB:
                 self.conn.execute("rollback")
                 raise
             self._retry(lambda: self.conn.execute("commit"))
+
+    def maybe_checkpoint(self, wal_bytes: int = CHECKPOINT_WAL_BYTES) -> None:
+        """A passive checkpoint at a quiet point, when the WAL has grown past ``wal_bytes``
+        (cheap otherwise: one stat; a checkpoint per tiny batch would cost an fsync each)."""
+        try:
+            size = os.stat(self.path + "-wal").st_size
+        except OSError:
+            return
+        if size > wal_bytes:
+            self.checkpoint()
 
     def checkpoint(self, mode: str = "PASSIVE") -> None:
         """Copy WAL frames into the database at a quiet point; TRUNCATE also empties the WAL."""

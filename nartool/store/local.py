@@ -281,7 +281,7 @@ class LocalStore:
         finally:
             for p in pending:
                 p.lock.release()
-        self.db.checkpoint()
+        self.db.maybe_checkpoint()
 
     def _discard(self, pending: list[_Pending]) -> None:
         for p in pending:
