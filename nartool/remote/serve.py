@@ -384,17 +384,21 @@ class _Server:
                 self.store.temp_root(p)
         self.w.u64(1).flush()
 
+    def _read_nar_hash(self, path: str) -> Hash:
+        """A narHash field (any of Nix's encodings, sha256)."""
+        at = self.src.offset
+        hash_text = W.read_str(self.src, "narHash", 256)
+        try:
+            return Hash.parse(hash_text, "sha256")
+        except NartoolError as e:
+            raise ProtocolError(f"invalid narHash for '{path}': {e.message}", offset=at, path="narHash",
+                                rule="bad-hash", got=hash_text) from None
+
     def _read_nar_info(self) -> PathInfo:
         src, sd = self.src, self.store_dir
         path = W.read_path(src, sd, "path")
         deriver = W.read_opt_path(src, sd, "deriver")
-        at = src.offset
-        hash_text = W.read_str(src, "narHash", 256)
-        try:
-            nar_hash = Hash.parse(hash_text, "sha256")
-        except NartoolError as e:
-            raise ProtocolError(f"invalid narHash for '{path}': {e.message}", offset=at, path="narHash",
-                                rule="bad-hash", got=hash_text) from None
+        nar_hash = self._read_nar_hash(path)
         refs = self._path_set("references")
         reg_time = W.read_u64(src, "registrationTime")
         nar_size = W.read_u64(src, "narSize")
@@ -472,13 +476,7 @@ class _Server:
         refused: list[tuple[str, str]] = []
         for _ in range(n):
             path = W.read_path(src, sd, "path")
-            at = src.offset
-            hash_text = W.read_str(src, "narHash", 256)
-            try:
-                nar_hash = Hash.parse(hash_text, "sha256")
-            except NartoolError as e:
-                raise ProtocolError(f"invalid narHash: {e.message}", offset=at, path="narHash",
-                                    rule="bad-hash", got=hash_text) from None
+            nar_hash = self._read_nar_hash(path)
             nar_size = W.read_u64(src, "narSize")
             refs = self._path_set("references")
             sigs = W.read_str_list(src, "sigs", max_count=4096)

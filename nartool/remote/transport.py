@@ -19,7 +19,7 @@ import shlex
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
@@ -98,8 +98,16 @@ class Transport:
     #: whether the server's stderr is copied to ours as it arrives
     passthrough: bool = False
     sink: Any
-    read: Callable[[int], bytes]
     tail: _Tail
+    #: the server's stdout, read end
+    _out_fd: int
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes from the server (``b""`` at its end)."""
+        try:
+            return os.read(self._out_fd, n)
+        except OSError:
+            return b""
 
     def stderr_tail(self) -> str:
         return self.tail.text()
@@ -140,12 +148,6 @@ class ProcessTransport(Transport):
                                             name="nartool-remote-stderr")
         self._err_thread.start()
         self._closed = False
-
-    def read(self, n: int) -> bytes:
-        try:
-            return os.read(self._out_fd, n)
-        except OSError:
-            return b""
 
     def _pump(self, f: BinaryIO) -> None:
         fd = f.fileno()
@@ -259,12 +261,6 @@ class PipeTransport(Transport):
         self._thread = threading.Thread(target=run, daemon=True, name="nartool-serve")
         self._thread.start()
         self._closed = False
-
-    def read(self, n: int) -> bytes:
-        try:
-            return os.read(self._out_fd, n)
-        except OSError:
-            return b""
 
     def close_input(self) -> None:
         self.sink.close()

@@ -68,7 +68,7 @@ def find_roots(store: LocalStore, *, runtime: bool = True) -> Roots:
     """All permanent roots (and, with ``runtime``, the runtime roots); temp roots separately."""
     r = Roots()
     for top in ("gcroots", "profiles"):
-        _scan_roots(store, os.path.join(store.state_dir, top), r, top == "gcroots")
+        _scan_roots(store, os.path.join(store.state_dir, top), r)
     temp, problems = read_temp_roots(store.state_dir)
     r.temp = temp
     r.problems.extend(problems)
@@ -78,7 +78,7 @@ def find_roots(store: LocalStore, *, runtime: bool = True) -> Roots:
     return r
 
 
-def _scan_roots(store: LocalStore, d: str, r: Roots, is_gcroots: bool) -> None:
+def _scan_roots(store: LocalStore, d: str, r: Roots) -> None:
     try:
         it = list(os.scandir(d))
     except FileNotFoundError:
@@ -108,7 +108,7 @@ def _scan_roots(store: LocalStore, d: str, r: Roots, is_gcroots: bool) -> None:
                     if sp is not None and store.is_valid(sp):
                         r.roots[link] = sp
             elif e.is_dir(follow_symlinks=False):
-                _scan_roots(store, p, r, is_gcroots)
+                _scan_roots(store, p, r)
             elif e.is_file(follow_symlinks=False):
                 try:
                     sp = StorePath.from_base(e.name).full(store.store_dir)

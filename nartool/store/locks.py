@@ -151,7 +151,7 @@ def _tell_collector(socket_path: str, path: str) -> bool:
         s.close()
 
 
-def read_temp_roots(state_dir: str, censor: bool = False) -> tuple[set[str], list[str]]:
+def read_temp_roots(state_dir: str) -> tuple[set[str], list[str]]:
     """Paths in the temp-root files of live processes; stale files are removed.
 
     Returns ``(paths, problems)``. A file whose lock can be taken belongs to a dead process.
