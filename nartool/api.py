@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import BinaryIO
 
 from .compression import compressor, detect, open_decompressed
 from .fs.sink import restore_events
-from .fs.source import Exclude, NameCodec, dump_events
+from .fs.source import Exclude, NameCodec, dump_nar
 from .hashes import Hash
 from .nar import listing
 from .nar.events import Event
-from .nar.hashing import hash_events
+from .nar.hashing import hash_chunks
 from .nar.limits import DEFAULT_LIMITS, Limits
 from .nar.reader import NarReader
 from .nar.source import ReadFn
-from .nar.writer import write_nar
 from .pipeline import pipelined
 
 PathLike = str | bytes | os.PathLike[str]
@@ -39,7 +39,7 @@ def dump_chunks(
     limits: Limits = DEFAULT_LIMITS,
 ) -> Iterator[bytes | bytearray | memoryview]:
     """The NAR of ``path`` as an iterator of chunks (optionally compressed)."""
-    chunks = write_nar(dump_events(path, names=names, exclude=exclude), limits=limits)
+    chunks = dump_nar(path, names=names, exclude=exclude, limits=limits)
     if compress == "none":
         return chunks  # a producer thread only pays off when the consumer works without the GIL
     return compressor(pipelined(chunks), compress)
@@ -58,25 +58,16 @@ def dump(
 
     A path destination is written to a temporary sibling and renamed when complete.
     """
-    chunks = dump_chunks(path, compress=compress, names=names, exclude=exclude, limits=limits)
-    if hasattr(out, "write"):
-        total = 0
-        w = out.write
-        for c in chunks:
-            w(c)
-            total += len(c)
-        return total
     from .fs.osutil import temp_name
 
+    if not isinstance(out, (str, bytes, os.PathLike)):
+        return _dump_to(path, out, compress, names, exclude, limits)
     dest = os.fsencode(out)
     parent, base = os.path.split(dest)
     tmp = os.path.join(parent, temp_name(base))
     try:
-        total = 0
         with open(tmp, "xb") as f:
-            for c in chunks:
-                f.write(c)
-                total += len(c)
+            total = _dump_to(path, f, compress, names, exclude, limits)
         os.replace(tmp, dest)
     except BaseException:
         try:
@@ -85,6 +76,31 @@ def dump(
             pass
         raise
     return total
+
+
+def _dump_to(path: PathLike, out: BinaryIO, compress: str, names: NameCodec | None, exclude: Exclude | None,
+             limits: Limits) -> int:
+    fd = None
+    if compress == "none":
+        try:
+            fd = out.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = None
+    if fd is None:
+        total = 0
+        w = out.write
+        for c in dump_chunks(path, compress=compress, names=names, exclude=exclude, limits=limits):
+            w(c)
+            total += len(c)
+        return total
+    # a real descriptor: big files' contents go from file to output inside the kernel
+    from .fs.osutil import FdOutput
+
+    out.flush()
+    sink = FdOutput(fd)
+    for c in dump_nar(path, names=names, exclude=exclude, limits=limits, copy_file=sink.copy_from):
+        sink.write(c)
+    return sink.total
 
 
 def hash_path(
@@ -96,7 +112,16 @@ def hash_path(
     limits: Limits = DEFAULT_LIMITS,
 ) -> Hash:
     """The hash of the NAR serialisation of ``path`` (what ``nix-hash --type ALGO`` computes)."""
-    return hash_events(dump_events(path, names=names, exclude=exclude), algo, limits=limits)[0]
+    try:
+        is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        is_dir = False  # dump_nar reports it
+    if not is_dir:
+        # one file: reading and hashing in turn beats handing 1 MiB pieces between threads
+        return hash_chunks(dump_nar(path, names=names, exclude=exclude, limits=limits), algo, threaded=False)[0]
+    chunks = dump_nar(path, names=names, exclude=exclude, limits=limits,
+                      flush_size=4 << 20, small_file=1 << 20, read_chunk=4 << 20)
+    return hash_chunks(chunks, algo)[0]
 
 
 def _open(src: NarInput | bytes, stack: ExitStack) -> ReadFn | BinaryIO:

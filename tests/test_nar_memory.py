@@ -6,9 +6,9 @@ in a child process whose peak RSS (from wait4) must stay under 100 MB.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,23 +42,40 @@ def many_entries_events(n: int) -> Iterator[Event]:
     yield END
 
 
+# The child reports its own peak (VmHWM of its address space). wait4's ru_maxrss would not do:
+# Linux carries the parent's peak over fork and exec into it, so a big test runner would fail
+# the check whatever the child did.
+_WRAPPER = """
+import atexit, sys
+def report():
+    with open("/proc/self/status") as f:
+        hwm = [line.split()[1] for line in f if line.startswith("VmHWM:")][0]
+    with open(report_path, "w") as out:
+        out.write(hwm)
+atexit.register(report)
+report_path, sys.argv = sys.argv[1], ["nartool", *sys.argv[2:]]
+from nartool.cli.main import main
+main()
+"""
+
+
 def run_fed(args: list[str], events: Iterator[Event], stdout: int = subprocess.DEVNULL) -> tuple[int, int]:
     """Run the CLI with the NAR of ``events`` on stdin; return (exit status, peak RSS bytes)."""
-    p = subprocess.Popen([sys.executable, "-m", "nartool", *args], stdin=subprocess.PIPE, stdout=stdout,
-                         stderr=subprocess.PIPE)
-    assert p.stdin is not None
-    try:
-        for chunk in write_nar(events):
-            p.stdin.write(chunk)
-    except BrokenPipeError:
-        pass
-    finally:
-        p.stdin.close()
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    err = p.stderr.read() if p.stderr else b""
-    assert p.returncode == 0, err
-    return p.returncode, usage.ru_maxrss * 1024
+    with tempfile.NamedTemporaryFile("r") as report:
+        p = subprocess.Popen([sys.executable, "-c", _WRAPPER, report.name, *args], stdin=subprocess.PIPE,
+                             stdout=stdout, stderr=subprocess.PIPE)
+        assert p.stdin is not None
+        try:
+            for chunk in write_nar(events):
+                p.stdin.write(chunk)
+        except BrokenPipeError:
+            pass
+        finally:
+            p.stdin.close()
+        err = p.stderr.read() if p.stderr else b""
+        p.wait()
+        assert p.returncode == 0, err
+        return p.returncode, int(report.read()) * 1024
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from nartool.cli.key import register
+from nartool.cli.key import key as key_group
 from nartool.errors import NartoolError, SignatureError
 from nartool.hashes import Hash
 from nartool.store.signing import (
@@ -280,7 +280,7 @@ def _cli() -> click.Group:
     def cli() -> None:
         pass
 
-    register(cli)
+    cli.add_command(key_group)
     return cli
 
 

@@ -124,7 +124,3 @@ def public(secret_file: str, as_json: bool) -> None:
         echo_json({"name": sk.name, "public_key": pub})
     else:
         click.echo(pub)
-
-
-def register(cli: click.Group) -> None:
-    cli.add_command(key)

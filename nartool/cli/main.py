@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -23,7 +24,29 @@ class Ctx:
         self.debug = debug
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# Subcommands are imported when used, so that `nartool nar hash` does not pay for the store,
+# the remote protocol or cryptography at start-up.
+_LAZY = {
+    "nar": ("nartool.cli.nar", "nar"),
+    "store": ("nartool.cli.store", "store"),
+    "serve": ("nartool.cli.remote", "serve"),
+    "copy-closure": ("nartool.cli.remote", "copy_closure_cmd"),
+    "key": ("nartool.cli.key", "key"),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(_LAZY))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY and cmd_name not in self.commands:
+            module, attr = _LAZY[cmd_name]
+            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="nartool")
 @click.option("--store", "store", metavar="ROOT", envvar="NARTOOL_STORE",
               help="Store root directory (env NARTOOL_STORE; default: an embedded store in the user's data dir).")
@@ -44,24 +67,6 @@ def cli(ctx: click.Context, store: str | None, store_dir: str, debug: bool) -> N
     Run `nartool COMMAND --help` for details.
     """
     ctx.obj = Ctx(store, store_dir, debug)
-
-
-def _register() -> None:
-    from . import nar
-
-    cli.add_command(nar.nar)
-    # later layers register themselves when present
-    for mod in ("store", "remote", "key"):
-        try:
-            m = __import__(f"nartool.cli.{mod}", fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != f"nartool.cli.{mod}":
-                raise
-            continue
-        m.register(cli)
-
-
-_register()
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

@@ -90,7 +90,7 @@ def dump(path: str, output: str | None, compress: str, case_hack: bool | None, e
     kw: dict[str, Any] = {"compress": compress, "names": names, "exclude": exclude}
     if output is None or output == "-":
         refuse_binary_to_tty("a NAR")
-        write_chunks(api.dump_chunks(path, **kw), stdout_bin())
+        api.dump(path, stdout_bin(), **kw)
     else:
         api.dump(path, output, **kw)
 

@@ -12,11 +12,6 @@ import click
 from .common import echo_json, fmt_bytes, open_store
 
 
-def register(cli: click.Group) -> None:
-    cli.add_command(serve)
-    cli.add_command(copy_closure_cmd)
-
-
 def _open_store(ctx: click.Context, store: str | None) -> Any:
     if store:
         from ..store.local import LocalStore
@@ -167,4 +162,4 @@ def copy_closure_cmd(ctx: click.Context, to_host: str | None, from_host: str | N
                    f"({fmt_bytes(result.bytes_copied)}) {direction} {host} in {result.seconds:.2f}s", err=True)
 
 
-__all__ = ["register", "serve", "copy_closure_cmd", "parse_host"]
+__all__ = ["serve", "copy_closure_cmd", "parse_host"]

@@ -13,10 +13,6 @@ from ..nar import listing
 from .common import ByteProgress, echo_json, open_store, refuse_binary_to_tty, stdout_bin, write_chunks
 
 
-def register(cli: click.Group) -> None:
-    cli.add_command(store)
-
-
 @click.group()
 @click.option("--case-hack/--no-case-hack", "case_hack", default=None,
               help="Store case-colliding names with ~nix~case~hack~N suffixes (for case-insensitive "

@@ -5,6 +5,6 @@ Name codecs (the case hack) and filters plug into :func:`dump_events` and
 """
 
 from .sink import restore_events
-from .source import DirNamer, Exclude, NameCodec, dump_events
+from .source import DirNamer, Exclude, NameCodec, dump_events, dump_nar
 
-__all__ = ["restore_events", "dump_events", "DirNamer", "Exclude", "NameCodec"]
+__all__ = ["restore_events", "dump_events", "dump_nar", "DirNamer", "Exclude", "NameCodec"]

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import stat
 import sys
+from typing import Any
 
-_libc = None
-if sys.platform.startswith("linux"):
-    try:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:  # pragma: no cover
+_libc: object = False  # loaded on first use (ctypes costs start-up time)
+
+
+def _libc_fn(name: str) -> object:
+    global _libc
+    if _libc is False:
         _libc = None
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            except OSError:  # pragma: no cover - not glibc
+                import ctypes.util
+
+                try:
+                    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+                except OSError:
+                    _libc = None
+    return getattr(_libc, name, None) if _libc is not None else None
+
 
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
@@ -25,7 +39,7 @@ def rename_noreplace(src: bytes, dst: bytes, *, src_dir_fd: int | None = None, d
 
     Atomic on Linux (``renameat2(RENAME_NOREPLACE)``); elsewhere a check then a rename.
     """
-    fn = getattr(_libc, "renameat2", None) if _libc is not None else None
+    fn: Any = _libc_fn("renameat2")
     if fn is not None:
         r = fn(
             AT_FDCWD if src_dir_fd is None else src_dir_fd, src,
@@ -33,6 +47,8 @@ def rename_noreplace(src: bytes, dst: bytes, *, src_dir_fd: int | None = None, d
         )
         if r == 0:
             return
+        import ctypes
+
         e = ctypes.get_errno()
         if e not in (errno.ENOSYS, errno.EINVAL):
             raise OSError(e, os.strerror(e), os.fsdecode(dst))
@@ -46,7 +62,7 @@ def rename_noreplace(src: bytes, dst: bytes, *, src_dir_fd: int | None = None, d
 
 def syncfs(fd: int) -> None:
     """Flush the whole filesystem holding ``fd`` (one call instead of one fsync per file)."""
-    fn = getattr(_libc, "syncfs", None) if _libc is not None else None
+    fn: Any = _libc_fn("syncfs")
     if fn is not None and fn(fd) == 0:
         return
     os.sync()
@@ -82,3 +98,47 @@ def temp_name(base: bytes, tag: bytes = b"tmp") -> bytes:
     rnd = os.urandom(6).hex().encode()
     head = base[:200]
     return b"." + head + b".nartool-" + tag + b"-" + rnd
+
+
+class FdOutput:
+    """Writes a stream to a file descriptor, copying whole files' contents inside the kernel
+    (``sendfile``: no trip through Python's memory) where the platform allows it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.total = 0
+        self._sendfile = sys.platform.startswith("linux") and hasattr(os, "sendfile")
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.total += len(data)
+
+    def copy_from(self, fd: int, size: int, path: bytes) -> None:
+        """Append ``size`` bytes of the regular file ``fd`` (from its start); raises
+        :class:`~nartool.errors.FsError` if it has fewer."""
+        from ..errors import FsError
+
+        done = 0
+        while done < size:
+            if self._sendfile:
+                try:
+                    n = os.sendfile(self.fd, fd, done, min(size - done, 1 << 30))
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+                        raise
+                    self._sendfile = False  # e.g. an O_APPEND output: plain reads and writes
+                    continue
+            else:
+                data = os.pread(fd, min(size - done, 1 << 20), done)
+                n = len(data)
+                if n:
+                    self.write(data)
+                    self.total -= n
+            if n == 0:
+                raise FsError("file changed size while being read", expected=size, got=done, path=path,
+                              rule="size-changed")
+            done += n
+        self.total += size

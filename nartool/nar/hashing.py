@@ -24,6 +24,20 @@ def hash_events(events: Iterable[Event], algo: str = "sha256", *, limits: Limits
     return Hash(algo, h.digest()), size
 
 
+def hash_chunks(
+    chunks: Iterable[bytes | bytearray | memoryview], algo: str = "sha256", *, threaded: bool = True
+) -> tuple[Hash, int]:
+    """``(hash, size)`` of the concatenated ``chunks``; with ``threaded`` they are produced in
+    a background thread so that producing overlaps hashing (which releases the GIL)."""
+    h = hashlib.new(algo)
+    update = h.update
+    size = 0
+    for chunk in pipelined(chunks, depth=8) if threaded else chunks:
+        update(chunk)
+        size += len(chunk)
+    return Hash(algo, h.digest()), size
+
+
 def tee_nar(events: Iterable[Event], sink: Callable[[bytes | bytearray | memoryview], None]) -> Iterator[Event]:
     """Pass ``events`` through unchanged while feeding ``sink`` the NAR bytes they serialise to.
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 from ..errors import FsError, NarError, StoreError, TruncatedError
-from ..fs import dump_events
+from ..fs import dump_events, dump_nar
 from ..fs.casehack import CaseHackCodec, resolve
 from ..fs.osutil import remove_at, rename_noreplace, syncfs
 from ..fs.sink import _Builder
@@ -39,7 +39,6 @@ from ..nar.events import Event, File
 from ..nar.hashing import NarDigest, tee_nar
 from ..nar.reader import NarReader
 from ..nar.source import ByteSource, as_source
-from ..nar.writer import write_nar
 from . import export as X
 from .closure import closure_set, topo_sort
 from .db import StoreDB
@@ -218,7 +217,7 @@ class LocalStore:
     def nar_chunks(self, path: str, *, check: bool = True) -> Iterator[bytes | bytearray | memoryview]:
         info = self.path_info(path)
         # (a producer thread per path was measured slower here: paths are many and small)
-        return self._checked_chunks(info, write_nar(dump_events(self.physical(path), names=self.names)), check)
+        return self._checked_chunks(info, dump_nar(self.physical(path), names=self.names), check)
 
     def _checked_chunks(self, info: PathInfo, chunks: Iterable[bytes | bytearray | memoryview],
                         check: bool) -> Iterator[bytes | bytearray | memoryview]:
@@ -335,31 +334,38 @@ class LocalStore:
             remove_at(self._store_fd, tmp)
             return False
         lock = self._lock_path(self.real_store_dir + "/" + base.decode())
+        # An interrupt (SIGINT/SIGTERM) may land between any two steps: whatever sits under
+        # ``base`` while we hold its lock and it is not registered is ours to remove.
+        renaming = False
+        entry: _Pending | None = None
         try:
             if self.db.is_valid(info.path):
                 lock.release()
                 remove_at(self._store_fd, tmp)
                 return False
             remove_at(self._store_fd, base)  # leftover of an interrupted add
+            renaming = True
             try:
                 rename_noreplace(tmp, base, src_dir_fd=self._store_fd, dst_dir_fd=self._store_fd)
             except OSError as e:
                 raise StoreError(f"cannot move into place: {e.strerror}", path=info.path, rule="io") from e
             drv_outputs = self._drv_outputs(info.path) if info.path.endswith(".drv") else {}
+            entry = _Pending(info, lock, drv_outputs)
+            if self._pending is not None:
+                self._pending.append(entry)
+                return True
+            self._commit([entry])
+            return True
         except BaseException:
-            lock.release()
-            remove_at(self._store_fd, tmp)
-            raise
-        entry = _Pending(info, lock, drv_outputs)
-        if self._pending is not None:
-            self._pending.append(entry)
-        else:
             try:
-                self._commit([entry])
-            except BaseException:
-                self._discard([entry])
-                raise
-        return True
+                if self._pending is not None and entry is not None:
+                    self._pending[:] = [x for x in self._pending if x is not entry]
+                remove_at(self._store_fd, tmp)
+                if renaming and not self.db.is_valid(info.path):
+                    remove_at(self._store_fd, base)
+            finally:
+                lock.release()
+            raise
 
     def _lock_path(self, physical: str) -> PathLock:
         """Take a path lock without deadlocking against another batch: while this batch holds
@@ -437,7 +443,7 @@ class LocalStore:
                 ok = ca.hash == info.nar_hash or info.path in info.references
             else:
                 h = hashlib.new(ca.hash.algo)
-                for c in write_nar(dump_events(self.real_store_dir + "/" + tmp.decode(), names=self.names)):
+                for c in dump_nar(self.real_store_dir + "/" + tmp.decode(), names=self.names):
                     h.update(c)
                 ok = h.digest() == ca.hash.digest
         else:
@@ -584,7 +590,7 @@ class LocalStore:
             if check_contents:
                 info = self.path_info(p)
                 try:
-                    for _ in self._checked_chunks(info, write_nar(dump_events(phys, names=self.names)), True):
+                    for _ in self._checked_chunks(info, dump_nar(phys, names=self.names), True):
                         pass
                 except (StoreError, FsError, NarError) as e:
                     problems.append({"path": p, "problem": "corrupt", "detail": e.message})
