@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from nartool.errors import NarError, TruncatedError
-from nartool.nar import File, NarReader
+from nartool.nar import END, Directory, File, NarReader, Symlink, nar_bytes
 from nartool.nar.limits import Limits
 
 from .narbuild import MAGIC, dir_, entry, link, nar, reg, s, toks
@@ -125,6 +126,48 @@ def test_malformed_skipping_contents(case: tuple[str, bytes, type, str, str, int
         for _ in NarReader(data):
             pass
     assert ei.value.rule == rule
+
+
+def _dribble(data: bytes, step: int) -> Callable[[int], bytes]:
+    """A read(n) that never returns more than ``step`` bytes: token boundaries fall
+    everywhere relative to the reader's buffer (its fused fast paths must not care)."""
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        chunk = data[pos : pos + min(n, step)]
+        pos += len(chunk)
+        return chunk
+
+    return read
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 8, 13, 64])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_malformed_in_small_reads(case: tuple[str, bytes, type, str, str, int | None], step: int) -> None:
+    """Same error class, rule and offset whatever the read sizes."""
+    _, data, cls, rule, fragment, offset = case
+    with pytest.raises(NarError) as ei:
+        for ev in NarReader(_dribble(data, step)):
+            if isinstance(ev, File):
+                for _ in ev.chunks:
+                    pass
+    assert type(ei.value) is cls and ei.value.rule == rule and fragment in str(ei.value), str(ei.value)
+    if offset is not None:
+        assert ei.value.offset == offset
+
+
+@pytest.mark.parametrize("step", [1, 5, 8, 100])
+def test_valid_nar_in_small_reads(step: int) -> None:
+    good = nar_bytes([Directory(b""), File(b"a", True, 3, [b"abc"]), Directory(b"d"),
+                      Symlink(b"l", b"target"), File(b"z" * 255, False, 70000, [bytes(70000)]), END,
+                      File(b"e", False, 0), END])
+    events = []
+    for ev in NarReader(_dribble(good, step)):
+        if isinstance(ev, File):
+            ev.chunks = [b"".join(ev.chunks)]
+        events.append(ev)
+    assert nar_bytes(events) == good
 
 
 def test_depth_64_is_accepted_and_limit_configurable() -> None:

@@ -102,12 +102,22 @@ def temp_name(base: bytes, tag: bytes = b"tmp") -> bytes:
 
 class FdOutput:
     """Writes a stream to a file descriptor, copying whole files' contents inside the kernel
-    (``sendfile``: no trip through Python's memory) where the platform allows it."""
+    (no trip through Python's memory) where the platform allows it: ``copy_file_range`` into a
+    regular file (a reflink on filesystems that share extents), ``sendfile`` into anything else
+    (pipes, sockets), plain reads and writes otherwise (e.g. an ``O_APPEND`` output)."""
+
+    _FALLBACK = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EBADF)
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.total = 0
-        self._sendfile = sys.platform.startswith("linux") and hasattr(os, "sendfile")
+        linux = sys.platform.startswith("linux")
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            regular = False
+        self._copy_range = linux and regular and hasattr(os, "copy_file_range")
+        self._sendfile = linux and hasattr(os, "sendfile")
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -123,20 +133,27 @@ class FdOutput:
 
         done = 0
         while done < size:
-            if self._sendfile:
-                try:
-                    n = os.sendfile(self.fd, fd, done, min(size - done, 1 << 30))
-                except OSError as e:
-                    if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-                        raise
-                    self._sendfile = False  # e.g. an O_APPEND output: plain reads and writes
-                    continue
-            else:
-                data = os.pread(fd, min(size - done, 1 << 20), done)
-                n = len(data)
-                if n:
-                    self.write(data)
-                    self.total -= n
+            want = min(size - done, 1 << 30)
+            try:
+                if self._copy_range:
+                    n = os.copy_file_range(fd, self.fd, want, done)
+                elif self._sendfile:
+                    n = os.sendfile(self.fd, fd, done, want)
+                else:
+                    data = os.pread(fd, min(want, 1 << 20), done)
+                    n = len(data)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(self.fd, view):]
+            except OSError as e:
+                if e.errno not in self._FALLBACK or not (self._copy_range or self._sendfile):
+                    raise
+                # refused for this pair of descriptors: step down (nothing was written)
+                if self._copy_range:
+                    self._copy_range = False
+                else:
+                    self._sendfile = False
+                continue
             if n == 0:
                 raise FsError("file changed size while being read", expected=size, got=done, path=path,
                               rule="size-changed")

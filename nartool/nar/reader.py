@@ -36,6 +36,18 @@ from .events import END, Directory, Event, File, Symlink
 from .limits import DEFAULT_LIMITS, Limits
 from .source import ByteSource, ReadFn, as_source
 
+#: file contents up to this size are read in one piece (within the source's buffer size)
+SMALL_CONTENTS = 1 << 16
+
+_REG, _EXE, _SYM, _DIR = object(), object(), object(), object()
+_HEADERS = (
+    (F.HDR_REGULAR, len(F.HDR_REGULAR), _REG),
+    (F.HDR_DIRECTORY, len(F.HDR_DIRECTORY), _DIR),
+    (F.HDR_SYMLINK, len(F.HDR_SYMLINK), _SYM),
+    (F.HDR_EXECUTABLE, len(F.HDR_EXECUTABLE), _EXE),
+)
+_LONGEST_HEADER = max(n for _, n, _ in _HEADERS)
+
 _TOKEN_NAMES = {
     F.TOK_OPEN: "'('",
     F.TOK_CLOSE: "')'",
@@ -123,9 +135,13 @@ class NarReader:
         return self.events()
 
     def events(self) -> Iterator[Event]:
+        # Hot paths compare whole fused token sequences against the buffer (``_header``,
+        # ``entry ( name``, ``) )``) and fall back to token-by-token reading, which gives the
+        # precise errors, whenever they do not match.
         src = self.src
         lim = self.limits
-        close = F.TOK_CLOSE
+        close, close2, entry_open, node = F.TOK_CLOSE, F.CLOSE2, F.ENTRY_OPEN, F.TOK_NODE
+        max_depth, max_name = lim.max_depth, lim.max_name
         self._expect(F.TOK_MAGIC)
         # one [last entry name, path] per open directory
         stack: list[list[bytes]] = []
@@ -133,51 +149,48 @@ class NarReader:
         path = b""
         while True:
             # -- one node, named `name`, at `path`
-            if len(stack) >= lim.max_depth:
-                raise self._err(f"nesting deeper than {lim.max_depth} levels", src.offset, "too-deep",
-                                expected=f"<= {lim.max_depth}", got=len(stack) + 1, path=path)
-            self._expect(F.TOK_OPEN, path)
-            self._expect(F.TOK_TYPE, path)
-            at, tag = self._read_tag()
-            if tag == b"directory":
+            if len(stack) >= max_depth:
+                raise self._err(f"nesting deeper than {max_depth} levels", src.offset, "too-deep",
+                                expected=f"<= {max_depth}", got=len(stack) + 1, path=path)
+            kind = self._header(path)
+            if kind is _DIR:
                 yield Directory(name)
                 stack.append([b"", path])
             else:
-                if tag == b"regular":
-                    at, tag = self._read_tag()
-                    executable = False
-                    if tag == b"executable":
-                        executable = True
-                        vat = src.offset
-                        vlen = self._read_u64()
-                        if vlen != 0:
-                            raise self._err("executable marker has a non-empty value", vat, "executable-value",
-                                            expected=b"", got=f"{vlen} bytes", path=path)
-                        at, tag = self._read_tag()
-                    if tag != b"contents":
-                        raise self._err("expected 'contents'", at, "token",
-                                        expected="'contents'" if executable else "'executable' or 'contents'",
-                                        got=tag, path=path)
-                    size = self._read_u64()
-                    offset = src.offset - self.start
-                    chunks = _Contents(self, size, offset, path)
-                    yield File(name, executable, size, chunks, offset)
-                    chunks.finish()
-                elif tag == b"symlink":
-                    self._expect(F.TOK_TARGET, path)
+                if kind is _SYM:
                     tat, target = self._read_bounded(lim.max_target, "symlink target", "invalid-target", path)
                     why = F.validate_target(target, lim.max_target)
                     if why:
                         raise self._err(why, tat, "invalid-target", got=target, path=path)
                     yield Symlink(name, target)
                 else:
-                    raise self._err("unknown node type", at, "unknown-type",
-                                    expected="'regular', 'symlink' or 'directory'", got=tag, path=path)
-                self._expect(close, path)  # end of the node
+                    size = self._read_u64()
+                    offset = src.offset - self.start
+                    if size <= SMALL_CONTENTS:
+                        # read at once: the consumer gets a tuple, nothing to drain later
+                        data = src.read_exact(size) if size else b""
+                        pad = (-size) & 7
+                        if pad:
+                            at = src.offset
+                            p = src.read_exact(pad)
+                            if p != F.PAD[pad]:
+                                raise self._err("non-zero padding", at, "padding", expected="zero bytes", got=p,
+                                                path=path)
+                        yield File(name, kind is _EXE, size, (data,) if size else (), offset)
+                    else:
+                        chunks = _Contents(self, size, offset, path)
+                        yield File(name, kind is _EXE, size, chunks, offset)
+                        chunks.finish()
                 if not stack:
+                    self._expect(close, path)  # end of the node
                     self._finish()
                     return
-                self._expect(close, path)  # end of the entry holding it
+                pos = src._pos
+                if src._buf.startswith(close2, pos) or src.peek(32) == close2:
+                    src._pos += 32  # end of the node, end of the entry holding it
+                else:
+                    self._expect(close, path)
+                    self._expect(close, path)
 
             # -- inside the innermost open directory: the next entry, or its end
             while True:
@@ -185,11 +198,39 @@ class NarReader:
                 dpath = top[1]
                 buf = src._buf
                 pos = src._pos
-                if len(buf) - pos >= 16 and buf[pos : pos + 16] == close:
+                if len(buf) - pos < 64:
+                    src._fill(64)
+                    buf = src._buf
+                    pos = src._pos
+                if buf.startswith(entry_open, pos):
+                    # fast: `entry ( name` NAME `node` all in the buffer, lengths and padding right
+                    npos = pos + 56
+                    n = int.from_bytes(buf[pos + 48 : npos], "little")
+                    nend = npos + ((n + 7) & ~7)
+                    if 0 < n <= max_name and buf.startswith(node, nend) and \
+                            buf[npos + n : nend] == F.PAD[nend - npos - n]:
+                        name = buf[npos : npos + n]
+                        src._pos = nend + 16
+                        if b"/" in name or b"\0" in name or name == b"." or name == b"..":
+                            raise self._err(F.validate_name(name, max_name) or "invalid entry name",
+                                            src._base + pos + 48, "invalid-name", got=name, path=dpath)
+                        last = top[0]
+                        if name <= last:
+                            src._pos = pos + 48  # report it as the slow path does
+                        else:
+                            top[0] = name
+                            path = dpath + b"/" + name if dpath else name
+                            break
+                    src._pos = pos + 48
+                    tag = b"entry"
+                elif buf.startswith(close, pos):
                     src._pos = pos + 16
                     tag = b")"
                 else:
                     at, tag = self._read_tag()
+                    if tag == b"entry":
+                        self._expect(F.TOK_OPEN, dpath)
+                        self._expect(F.TOK_NAME, dpath)
                 if tag == b")":
                     stack.pop()
                     yield END
@@ -201,12 +242,10 @@ class NarReader:
                 if tag != b"entry":
                     raise self._err("expected 'entry' or ')'", at, "token", expected="'entry' or ')'",
                                     got=tag, path=dpath)
-                self._expect(F.TOK_OPEN, dpath)
-                self._expect(F.TOK_NAME, dpath)
-                nat, name = self._read_bounded(lim.max_name, "entry name", "invalid-name", dpath)
-                why = F.validate_name(name, lim.max_name)
-                if why:
-                    raise self._err(why, nat, "invalid-name", got=name, path=dpath)
+                nat, name = self._read_bounded(max_name, "entry name", "invalid-name", dpath)
+                if not name or b"/" in name or b"\0" in name or name == b"." or name == b"..":
+                    raise self._err(F.validate_name(name, max_name) or "invalid entry name", nat, "invalid-name",
+                                    got=name, path=dpath)
                 last = top[0]
                 if name <= last:  # b"" (no entry yet) sorts before every valid name
                     if name == last:
@@ -217,6 +256,47 @@ class NarReader:
                 path = dpath + b"/" + name if dpath else name
                 self._expect(F.TOK_NODE, path)
                 break
+
+    def _header(self, path: bytes) -> object:
+        """The node's kind, from ``(`` up to its payload (after ``contents`` or ``target``)."""
+        src = self.src
+        buf = src._buf
+        pos = src._pos
+        if len(buf) - pos < _LONGEST_HEADER:
+            src._fill(_LONGEST_HEADER)
+            buf = src._buf
+            pos = src._pos
+        for hdr, n, kind in _HEADERS:
+            if buf.startswith(hdr, pos):
+                src._pos = pos + n
+                return kind
+        # token by token, for the exact error
+        self._expect(F.TOK_OPEN, path)
+        self._expect(F.TOK_TYPE, path)
+        at, tag = self._read_tag()
+        if tag == b"directory":
+            return _DIR
+        if tag == b"symlink":
+            self._expect(F.TOK_TARGET, path)
+            return _SYM
+        if tag != b"regular":
+            raise self._err("unknown node type", at, "unknown-type",
+                            expected="'regular', 'symlink' or 'directory'", got=tag, path=path)
+        at, tag = self._read_tag()
+        executable = False
+        if tag == b"executable":
+            executable = True
+            vat = src.offset
+            vlen = self._read_u64()
+            if vlen != 0:
+                raise self._err("executable marker has a non-empty value", vat, "executable-value",
+                                expected=b"", got=f"{vlen} bytes", path=path)
+            at, tag = self._read_tag()
+        if tag != b"contents":
+            raise self._err("expected 'contents'", at, "token",
+                            expected="'contents'" if executable else "'executable' or 'contents'",
+                            got=tag, path=path)
+        return _EXE if executable else _REG
 
     def _finish(self) -> None:
         src = self.src
