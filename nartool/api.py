@@ -56,26 +56,15 @@ def dump(
 ) -> int:
     """Write the NAR of ``path`` to ``out`` (a path or binary file); returns bytes written.
 
-    A path destination is written to a temporary sibling and renamed when complete.
+    A path destination that is a regular file (or new) is written to a temporary sibling and
+    renamed when complete; a device or pipe (``/dev/null``, a FIFO) is written directly.
     """
-    from .fs.osutil import temp_name
-
     if not isinstance(out, (str, bytes, os.PathLike)):
         return _dump_to(path, out, compress, names, exclude, limits)
-    dest = os.fsencode(out)
-    parent, base = os.path.split(dest)
-    tmp = os.path.join(parent, temp_name(base))
-    try:
-        with open(tmp, "xb") as f:
-            total = _dump_to(path, f, compress, names, exclude, limits)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return total
+    from .fs.osutil import output_file
+
+    with output_file(out) as f:
+        return _dump_to(path, f, compress, names, exclude, limits)
 
 
 def _dump_to(path: PathLike, out: BinaryIO, compress: str, names: NameCodec | None, exclude: Exclude | None,

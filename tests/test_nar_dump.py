@@ -228,3 +228,67 @@ def test_descriptor_dump_of_shrinking_file(tmp_path: Path) -> None:
             for c in it:
                 sink.write(c)
     assert e.value.rule == "size-changed" and e.value.expected == 300_000
+
+
+def _restore_dev_null() -> None:
+    import stat as st
+
+    if not st.S_ISCHR(os.stat("/dev/null").st_mode):  # pragma: no cover - only after a regression
+        os.unlink("/dev/null")
+        os.mknod("/dev/null", 0o666 | st.S_IFCHR, os.makedev(1, 3))
+        os.chmod("/dev/null", 0o666)
+        raise AssertionError("/dev/null was replaced by a regular file")
+
+
+@pytest.mark.parametrize("argv", [["nar", "dump"], ["nar", "dump", "--compress", "zstd"]])
+def test_output_to_devices_and_pipes_writes_through(tmp_path: Path, argv: list[str]) -> None:
+    """`-o /dev/null` or `-o FIFO` must write into them, never rename a temporary over them."""
+    import stat as st
+    import subprocess
+    import sys
+    import threading
+
+    tree = make_tree(tmp_path / "t")
+    try:
+        r = subprocess.run([sys.executable, "-m", "nartool", *argv, "-o", "/dev/null", str(tree)],
+                           capture_output=True)
+        assert r.returncode == 0, r.stderr
+    finally:
+        _restore_dev_null()
+    assert st.S_ISCHR(os.stat("/dev/null").st_mode)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = bytearray()
+
+    def drain() -> None:
+        with open(fifo, "rb") as f:
+            while data := f.read(1 << 16):
+                got.extend(data)
+
+    t = threading.Thread(target=drain)
+    t.start()
+    r = subprocess.run([sys.executable, "-m", "nartool", *argv, "-o", str(fifo), str(tree)], capture_output=True)
+    t.join()
+    assert r.returncode == 0, r.stderr
+    assert st.S_ISFIFO(os.stat(fifo).st_mode)
+    if "zstd" not in argv:
+        assert bytes(got) == joined(write_nar(dump_events(tree)))
+    else:
+        assert nartool.api.detect(bytes(got[:6])) == "zstd"
+    assert sorted(os.listdir(tmp_path)) == ["fifo", "t"]  # no temporaries left
+
+
+def test_output_file_replaces_regular_files_atomically(tmp_path: Path) -> None:
+    from nartool.fs.osutil import output_file
+
+    target = tmp_path / "out"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), output_file(target) as f:
+        f.write(b"half")
+        raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["out"]
+    with output_file(target, fsync=True) as f:
+        f.write(b"new")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out"]
+    with pytest.raises(FsError, match="directory"), output_file(tmp_path):
+        pass

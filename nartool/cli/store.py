@@ -105,20 +105,10 @@ def _emit(chunks: Iterable[bytes | bytearray | memoryview], output: str | None, 
         refuse_binary_to_tty(what)
         write_chunks(chunks, stdout_bin())
         return
-    from ..fs.osutil import temp_name
+    from ..fs.osutil import output_file
 
-    d, b = os.path.split(os.path.abspath(output))
-    tmp = os.path.join(d, os.fsdecode(temp_name(b.encode())))
-    try:
-        with open(tmp, "wb") as f:
-            write_chunks(chunks, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with output_file(output, fsync=True) as f:
+        write_chunks(chunks, f)
 
 
 @store.command(name="ls")

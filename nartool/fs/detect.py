@@ -15,18 +15,35 @@ def _swap(name: bytes) -> bytes | None:
 def is_case_insensitive(directory: str | bytes | os.PathLike[str]) -> bool:
     """True if names in ``directory`` are looked up case-insensitively.
 
-    Uses an existing entry with a letter when there is one (works on read-only trees),
+    Uses existing entries with letters when there are some (works on read-only trees),
     otherwise creates and removes a probe file. Unknown (unwritable, empty) → False.
     """
     d = os.fsencode(directory)
+    # Look up a few existing names with their case swapped. If a swapped name resolves but is
+    # not itself an entry of the directory, lookups fold case. The check streams the listing
+    # (it may hold millions of entries) instead of keeping it.
+    candidates: dict[bytes, bytes] = {}  # swapped name -> name
     try:
-        names = set(os.listdir(d))
+        with os.scandir(d) as it:
+            for e in it:
+                swapped = _swap(e.name)
+                if swapped is not None and swapped not in candidates:
+                    candidates[swapped] = e.name
+                    if len(candidates) == 3:
+                        break
+        if candidates:
+            for swapped in candidates:
+                if not os.path.lexists(os.path.join(d, swapped)):
+                    return False
+            listed = set()
+            with os.scandir(d) as it:
+                for e in it:
+                    if e.name in candidates:
+                        listed.add(e.name)
+            if len(listed) < len(candidates):
+                return True
     except OSError:
         return False
-    for n in names:
-        s = _swap(n)
-        if s is not None and s not in names:
-            return os.path.lexists(os.path.join(d, s))
     probe = temp_name(b"case-probe")
     path = os.path.join(d, probe)
     try:

@@ -6,7 +6,9 @@ import errno
 import os
 import stat
 import sys
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
 
 _libc: object = False  # loaded on first use (ctypes costs start-up time)
 
@@ -159,3 +161,42 @@ class FdOutput:
                               rule="size-changed")
             done += n
         self.total += size
+
+
+@contextmanager
+def output_file(path: str | bytes | os.PathLike[str], *, fsync: bool = False) -> Iterator[BinaryIO]:
+    """Open ``path`` for writing a complete result.
+
+    A regular file (new or existing) is written under a temporary sibling and renamed into
+    place only when the block succeeds, so readers never see half a result and a failure
+    leaves the old file alone. Anything else that exists (``/dev/null``, ``/dev/stdout``, a
+    named pipe, a terminal) is written directly: renaming over it would replace the device.
+    """
+    from ..errors import FsError
+
+    dest = os.fsencode(path)
+    try:
+        st: os.stat_result | None = os.stat(dest)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise FsError("output is a directory", path=dest, rule="bad-destination")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        with open(dest, "wb") as f:
+            yield f
+        return
+    parent, base = os.path.split(dest)
+    tmp = os.path.join(parent, temp_name(base))
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
