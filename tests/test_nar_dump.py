@@ -292,3 +292,76 @@ def test_output_file_replaces_regular_files_atomically(tmp_path: Path) -> None:
     assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out"]
     with pytest.raises(FsError, match="directory"), output_file(tmp_path):
         pass
+
+
+# -- restore: big contents copied from the NAR file inside the kernel -----------------------------
+
+
+def test_restore_from_file_copies_big_contents(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "t")
+    nar = tmp_path / "t.nar"
+    nartool.dump(tree, nar)
+    with open(nar, "rb") as f:
+        f.read(5)  # a NAR that does not start at offset 0 of its file
+    padded = tmp_path / "padded"
+    padded.write_bytes(b"HEADER" + nar.read_bytes())
+    with open(padded, "rb") as f:
+        f.seek(6)
+        nartool.restore(tmp_path / "r1", f)
+    nartool.restore(tmp_path / "r2", nar)
+    with open(nar, "rb") as f:  # stdin-like: a descriptor on a plain file
+        nartool.restore(tmp_path / "r3", f.read)  # a read(n) callable: no kernel copy
+    for r in ("r1", "r2", "r3"):
+        assert joined(dump_nar(tmp_path / r)) == nar.read_bytes(), r
+
+
+def test_restore_of_truncated_file_leaves_nothing(tmp_path: Path) -> None:
+    from nartool.errors import TruncatedError
+
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "big").write_bytes(os.urandom(500_000))
+    data = joined(dump_nar(tree))
+    for cut in (len(data) - 300_000, len(data) - 40, len(data) - 8):
+        nar = tmp_path / f"cut{cut}.nar"
+        nar.write_bytes(data[:cut])
+        with pytest.raises(TruncatedError):
+            nartool.restore(tmp_path / "r", nar)
+        assert not (tmp_path / "r").exists()
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".nar")) == ["t"]
+
+
+def test_byte_source_copy_to_falls_back_for_pipes(tmp_path: Path) -> None:
+    from nartool.nar.source import ByteSource
+
+    data = os.urandom(3 << 20)
+    f = tmp_path / "data"
+    f.write_bytes(b"xx" + data + b"tail")
+    with open(f, "rb") as fh:
+        fh.seek(2)
+        src = ByteSource(fh)
+        assert src.read_exact(10) == data[:10]
+        r, w = os.pipe()
+        got = bytearray()
+        import threading
+
+        def drain() -> None:
+            while chunk := os.read(r, 1 << 16):
+                got.extend(chunk)
+
+        t = threading.Thread(target=drain)
+        t.start()
+        n = src.copy_to(len(data) - 10, w)  # a pipe: only the buffered part goes this way
+        for chunk in src.iter_chunks(len(data) - 10 - n):
+            os.write(w, chunk)
+        os.close(w)
+        t.join()
+        os.close(r)
+        assert bytes(got) == data[10:]
+        assert src.read_exact(4) == b"tail"
+        out = tmp_path / "out"
+        fh.seek(2)
+        src = ByteSource(fh)
+        with open(out, "wb") as o:
+            assert src.copy_to(len(data), o.fileno()) == len(data)  # all of it in the kernel
+        assert out.read_bytes() == data and src.read_exact(4) == b"tail" and src.offset == len(data) + 4

@@ -27,6 +27,7 @@ file contents are streamed in chunks, names and targets are bounded.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -326,6 +327,24 @@ class _Contents:
             self.remaining -= len(chunk)
             yield chunk
         self._padding()
+
+    def copy_to(self, out_fd: int) -> int:
+        """Write the whole contents to ``out_fd`` (inside the kernel where the source allows,
+        see :meth:`ByteSource.copy_to`); returns the number of bytes written."""
+        if self._started:
+            raise RuntimeError("file contents can be iterated only once")
+        self._started = True
+        src = self.reader.src
+        done = src.copy_to(self.remaining, out_fd)
+        self.remaining -= done
+        for chunk in src.iter_chunks(self.remaining):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(out_fd, view):]
+            self.remaining -= len(chunk)
+            done += len(chunk)
+        self._padding()
+        return done
 
     def _padding(self) -> None:
         pad = (-self.size) & 7

@@ -7,6 +7,7 @@ one NAR and leaves the rest buffered for the caller.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from collections.abc import Callable, Iterator
@@ -16,6 +17,8 @@ from ..errors import NarError, TruncatedError
 
 ReadFn = Callable[[int], bytes]
 
+_COPY_FALLBACK = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF,
+                  errno.EPERM)
 BUF_SIZE = 1 << 16
 CHUNK_SIZE = 1 << 20
 
@@ -26,7 +29,7 @@ class ByteSource:
     ``error_class`` is raised for truncation (a subclass of it when it is ``NarError``).
     """
 
-    __slots__ = ("_read", "_buf", "_pos", "_base", "_file", "_eof", "what")
+    __slots__ = ("_read", "_buf", "_pos", "_base", "_file", "_eof", "what", "_fd", "_origin")
 
     def __init__(self, src: ReadFn | BinaryIO | ByteSource, what: str = "input") -> None:
         if isinstance(src, ByteSource):
@@ -42,6 +45,16 @@ class ByteSource:
         self._base = 0  # offset of _buf[0]
         self._eof = False
         self.what = what
+        # a plain, seekable file: big contents can be copied inside the kernel (copy_to)
+        self._fd = -1
+        self._origin = 0
+        if self._file is not None and hasattr(os, "copy_file_range"):
+            try:
+                if self._file.seekable():
+                    self._origin = self._file.tell()
+                    self._fd = self._file.fileno()
+            except (AttributeError, OSError, ValueError):
+                self._fd = -1
 
     @property
     def offset(self) -> int:
@@ -121,6 +134,47 @@ class ByteSource:
                 self._base += len(data)
                 n -= len(data)
             yield data
+
+    def copy_to(self, n: int, out_fd: int) -> int:
+        """Write up to the next ``n`` bytes to ``out_fd``: what is buffered with ``write``, the
+        rest with ``copy_file_range`` when the source is a plain file (no trip through Python;
+        a reflink where the filesystem shares extents). Returns how many bytes were consumed;
+        the caller reads the rest as usual (e.g. where the kernel refuses the copy)."""
+        done = 0
+        avail = len(self._buf) - self._pos
+        if avail:
+            take = min(avail, n)
+            view = memoryview(self._buf)[self._pos : self._pos + take]
+            while view:
+                view = view[os.write(out_fd, view):]
+            self._pos += take
+            done = take
+        if done == n or self._fd < 0 or self._eof:
+            return done
+        self._base += len(self._buf)
+        self._buf = b""
+        self._pos = 0
+        try:
+            while done < n:
+                try:
+                    k = os.copy_file_range(self._fd, out_fd, n - done, self._origin + self._base)
+                except OSError as e:
+                    if e.errno in _COPY_FALLBACK:
+                        self._fd = -1  # not between these two: plain reads from now on
+                        break
+                    raise
+                if k == 0:
+                    self._eof = True
+                    raise TruncatedError(
+                        f"unexpected end of {self.what}", offset=self._base, expected=f"{n - done} more bytes",
+                        got="end of input", rule="truncated",
+                    )
+                self._base += k
+                done += k
+        finally:
+            assert self._file is not None
+            self._file.seek(self._origin + self._base)  # reads go on after what was copied
+        return done
 
     def skip(self, n: int) -> None:
         """Consume ``n`` bytes, seeking when the underlying file allows it."""
