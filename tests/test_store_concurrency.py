@@ -66,6 +66,7 @@ def _importer(root: str, cfg: dict[str, Any], rng: random.Random, deadline: floa
     while time.time() < deadline:
         n += 1
         link = os.path.join(cfg["links"], f"{cfg['name']}-{n}")
+        t_open = time.time()
         with LocalStore(root) as st:  # a store per operation: its temp roots end with it
             if rng.random() < 0.8:
                 stream = rng.choice(cfg["streams"])
@@ -79,8 +80,12 @@ def _importer(root: str, cfg: dict[str, Any], rng: random.Random, deadline: floa
             if rng.random() < 0.3:
                 report["unrooted"] += 1  # garbage, for the collector
             else:
+                t_added = time.time()
                 add_indirect_root(st, link, top)
-                rooted.append({"link": link, "path": top})
+                item = {"link": link, "path": top, "t_open": t_open, "t_added": t_added, "t_rooted": time.time()}
+                rooted.append(item)
+        if rooted and "t_closed" not in rooted[-1]:
+            rooted[-1]["t_closed"] = time.time()
         while len(rooted) > cfg["keep"] or rooted and rng.random() < 0.2:
             # drop an old root: its paths may become garbage
             os.unlink(rooted.pop(rng.randrange(len(rooted)))["link"])
@@ -90,9 +95,12 @@ def _importer(root: str, cfg: dict[str, Any], rng: random.Random, deadline: floa
 def _collector(root: str, cfg: dict[str, Any], rng: random.Random, deadline: float, report: dict[str, Any]) -> None:
     report["deleted"] = 0
     report["problems"] = []
+    report["runs"] = []  # [start, end, deleted paths]: the timeline shown when a check fails
     while time.time() < deadline:
+        t0 = time.time()
         with LocalStore(root) as st:
             res = collect_garbage(st)
+        report["runs"].append([t0, time.time(), res.deleted])
         report["deleted"] += len(res.deleted)
         report["problems"] += [p for p in res.problems if "still referenced" not in p]
         report["ops"] += 1
@@ -223,7 +231,7 @@ def test_concurrent_import_gc_roots(tmp_path: Path) -> None:
         for r in reports:
             for item in r.get("rooted", []):
                 assert os.path.islink(item["link"])
-                assert item["path"] in valid, item
+                assert item["path"] in valid, (item, [run for run in gc_rep["runs"] if item["path"] in run[2]])
                 assert set(closure_of.get(item["path"], [item["path"]])) <= valid
                 assert set(st.closure([item["path"]])) <= valid
     # a last collection leaves exactly the rooted closures, and nothing else in the store dir
@@ -355,3 +363,55 @@ def test_temp_roots_file_recreated_during_scan(tmp_path: Path, monkeypatch: Any)
             child.stdin.write("done\n")
             child.stdin.flush()
         child.wait(timeout=30)
+
+
+# -- temp roots: the ordering that closes the told-then-written race ---------------------------------
+
+
+def test_temp_root_is_on_file_before_a_collector_is_told(tmp_path: Path) -> None:
+    """A collector that is told about a temp root may finish at once, and the next one reads the
+    temp-roots files when it starts: the path must already be in the file by the time the first
+    one hears of it. (Written after telling, a busy machine once let a collector that started in
+    between delete a path that was being added.)"""
+    import fcntl
+    import socket
+    import threading
+
+    from nartool.store.locks import TempRoots, read_temp_roots
+
+    state = tmp_path / "state"
+    (state / "gc-socket").mkdir(parents=True)
+    gc_lock = os.open(state / "gc.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(gc_lock, fcntl.LOCK_EX)  # "a collector is running"
+    seen_on_file: list[bool] = []
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(os.fspath(state / "gc-socket" / "socket"))
+    server.listen(1)
+
+    def collector() -> None:
+        conn, _ = server.accept()
+        with conn:
+            line = b""
+            while not line.endswith(b"\n"):
+                line += conn.recv(4096)
+            # what a collector starting right now would find on file
+            held = {line.decode().strip()} <= _file_roots(state)
+            seen_on_file.append(held)
+            conn.sendall(b"1")
+
+    def _file_roots(d: Path) -> set[str]:
+        return {x.decode() for f in (d / "temproots").iterdir() for x in f.read_bytes().split(b"\0") if x}
+
+    t = threading.Thread(target=collector)
+    t.start()
+    roots = TempRoots(os.fspath(state))
+    try:
+        roots.add("/nix/store/" + "a" * 32 + "-being-added")
+        t.join()
+        assert seen_on_file == [True]
+        fcntl.flock(gc_lock, fcntl.LOCK_UN)
+        assert "/nix/store/" + "a" * 32 + "-being-added" in read_temp_roots(os.fspath(state))[0]
+    finally:
+        roots.close()
+        server.close()
+        os.close(gc_lock)

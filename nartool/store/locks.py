@@ -109,6 +109,11 @@ class TempRoots:
             if path in self._paths and self._pid == os.getpid():
                 return
             fd = self._open()
+            # Into the file first: a collector that starts from now on reads it. One that is
+            # already running may have read the file before: it is told through its socket.
+            # (Telling first and writing after would miss a collector that starts in between,
+            # after the one told has finished.)
+            os.write(fd, path.encode() + b"\0")
             gfd = _open_lock_file(self.gc_lock_path)
             try:
                 while True:
@@ -119,7 +124,6 @@ class TempRoots:
                         if _tell_collector(self.socket_path, path):
                             break
                         time.sleep(0.05)  # collector starting or ending: retry
-                os.write(fd, path.encode() + b"\0")
             finally:
                 os.close(gfd)
             self._paths.add(path)
