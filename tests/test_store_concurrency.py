@@ -50,12 +50,55 @@ def worker(role: str, cfg: dict[str, Any]) -> None:
         time.sleep(0.005)
     deadline = start + cfg["seconds"]
     report: dict[str, Any] = {"role": role, "pid": os.getpid(), "errors": [], "ops": 0}
+    if cfg.get("trace"):
+        _trace(report)
     try:
         {"importer": _importer, "gc": _collector, "rooter": _rooter, "reader": _reader,
          "writer": _writer}[role](root, cfg, rng, deadline, report)
     except BaseException as e:  # noqa: BLE001 - reported to the test
         report["errors"].append(f"{type(e).__name__}: {e}")
     print(json.dumps(report))
+
+
+def _trace(report: dict[str, Any]) -> None:
+    """Record, for the timeline printed when a rooted path went missing: temp roots added (and
+    whether a collector was told), temp-root files read by the collector, objects removed."""
+    import nartool.store.gc as gcmod
+    import nartool.store.locks as locks
+
+    events: list[list[Any]] = []
+    report["events"] = events
+    orig_add, orig_tell, orig_read = locks.TempRoots.add, locks._tell_collector, locks.read_temp_roots
+    orig_remove = LocalStore._remove_object
+
+    def add(self: Any, path: str) -> None:
+        t = time.time()
+        orig_add(self, path)
+        try:  # is the file written still the one at its name?
+            linked = os.fstat(self._fd).st_ino == os.stat(os.path.join(self.dir, str(os.getpid()))).st_ino
+        except OSError:
+            linked = False
+        events.append(["add", t, time.time(), linked, path])
+
+    def tell(socket_path: str, path: str) -> bool:
+        ok = orig_tell(socket_path, path)
+        events.append(["tell", time.time(), ok, path])
+        return ok
+
+    def read(state_dir: str) -> tuple[set[str], list[str]]:
+        t = time.time()
+        roots, problems = orig_read(state_dir)
+        events.append(["read", t, time.time(), sorted(roots)])
+        return roots, problems
+
+    def remove(self: Any, path: str) -> None:
+        events.append(["remove", time.time(), path])
+        orig_remove(self, path)
+
+    locks.TempRoots.add = add  # type: ignore[method-assign]
+    locks._tell_collector = tell
+    gcmod.read_temp_roots = read  # type: ignore[assignment]
+    LocalStore._remove_object = remove  # type: ignore[method-assign]
 
 
 def _importer(root: str, cfg: dict[str, Any], rng: random.Random, deadline: float, report: dict[str, Any]) -> None:
@@ -206,7 +249,8 @@ def test_concurrent_import_gc_roots(tmp_path: Path) -> None:
     links.mkdir()
     LocalStore(root).close()
     start = time.time() + 1.0
-    common = {"root": os.fspath(root), "links": os.fspath(links), "start": start, "seconds": ACTIVE, "keep": 3}
+    common = {"root": os.fspath(root), "links": os.fspath(links), "start": start, "seconds": ACTIVE, "keep": 3,
+              "trace": True}
     procs = [
         _spawn("importer", {**common, "name": "a", "seed": seed + 1, "streams": streams, "sources": sources}),
         _spawn("importer", {**common, "name": "b", "seed": seed + 2, "streams": streams[::-1], "sources": sources}),
@@ -231,7 +275,20 @@ def test_concurrent_import_gc_roots(tmp_path: Path) -> None:
         for r in reports:
             for item in r.get("rooted", []):
                 assert os.path.islink(item["link"])
-                assert item["path"] in valid, (item, [run for run in gc_rep["runs"] if item["path"] in run[2]])
+                if item["path"] not in valid:
+                    t0 = item.get("t_open", 0)
+                    print("TIMELINE", json.dumps({
+                        "item": {k: (v - t0 if k.startswith("t_") else v) for k, v in item.items()},
+                        "deleted_by": [[r[0] - t0, r[1] - t0] for r in gc_rep["runs"] if item["path"] in r[2]],
+                        "runs_near": [[r[0] - t0, r[1] - t0] for r in gc_rep["runs"] if abs(r[0] - t0) < 1]}))
+                    for rep in reports:
+                        for ev in rep.get("events", []):
+                            if abs(ev[1] - t0) < 1 and (item["path"] in ev[-1] or ev[0] == "read"):
+                                shown = [x - t0 if isinstance(x, float) else x for x in ev]
+                                if ev[0] == "read":
+                                    shown[-1] = item["path"] in ev[-1]
+                                print("EVENT", rep["role"], rep["pid"], json.dumps(shown))
+                assert item["path"] in valid, item
                 assert set(closure_of.get(item["path"], [item["path"]])) <= valid
                 assert set(st.closure([item["path"]])) <= valid
     # a last collection leaves exactly the rooted closures, and nothing else in the store dir
@@ -415,3 +472,29 @@ def test_temp_root_is_on_file_before_a_collector_is_told(tmp_path: Path) -> None
         roots.close()
         server.close()
         os.close(gc_lock)
+
+
+def test_add_root_waits_for_a_running_collection(tmp_path: Path) -> None:
+    """A collector scans permanent roots before temp roots: a root made during its run by a
+    process that then drops its temp root would be seen by neither scan. So making a root waits
+    for the collection to end (the stress test caught the race under load before)."""
+    import fcntl
+    import threading
+
+    root = tmp_path / "store"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    with LocalStore(root) as st:
+        p = st.add_path(src).path
+        gc_lock = os.open(os.path.join(st.state_dir, "gc.lock"), os.O_RDWR)
+        fcntl.flock(gc_lock, fcntl.LOCK_EX)  # a collection is running
+        link = tmp_path / "result"
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (add_indirect_root(st, os.fspath(link), p), done.set()))
+        t.start()
+        assert not done.wait(0.5) and not link.exists()  # waiting, nothing made yet
+        fcntl.flock(gc_lock, fcntl.LOCK_UN)
+        os.close(gc_lock)
+        t.join(10)
+        assert done.is_set() and os.readlink(link) == p

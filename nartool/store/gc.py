@@ -178,8 +178,27 @@ def add_indirect_root(store: LocalStore, link: str, path: str) -> str:
     """``nix-store --add-root LINK --indirect``: ``LINK → path`` plus ``gcroots/auto/<h> → LINK``.
 
     Refuses a link inside the store dir, and an existing file or a link that does not point into
-    the store. Returns the auto root's location."""
+    the store. Returns the auto root's location.
+
+    Waits while a collection runs (``gc.lock`` shared, as Nix's ``syncWithGC`` did): a collector
+    scans permanent roots before temp roots, so a root made during its run, by a process that then
+    drops its temp root, would be seen by neither scan. A caller that holds a temp root on
+    ``path`` keeps it alive while waiting; otherwise it may be collected meanwhile, and then it is
+    refused as not valid."""
     link = os.path.abspath(link)
+    lock_fd = os.open(os.path.join(store.state_dir, "gc.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("waiting for the garbage collector to finish...", file=sys.stderr)
+            fcntl.flock(lock_fd, fcntl.LOCK_SH)
+        return _add_indirect_root(store, link, path)
+    finally:
+        os.close(lock_fd)
+
+
+def _add_indirect_root(store: LocalStore, link: str, path: str) -> str:
     if link.startswith(store.real_store_dir + "/") or link.startswith(store.store_dir + "/"):
         raise StoreError("creating a root inside the store is not allowed", path=link, rule="root-in-store")
     if not store.is_valid(path):
