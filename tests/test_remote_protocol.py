@@ -22,7 +22,7 @@ from nartool.remote import wire as W
 from nartool.remote.client import RemoteError, ServeClient
 from nartool.remote.copy import Progress, copy_closure
 from nartool.remote.serve import serve_bytes, serve_command
-from nartool.remote.testing import add_path, chain, dir_nar, file_nar, make_info
+from nartool.remote.testing import add_path, chain, dir_nar, file_nar, make_info, wire_str, wire_strs
 from nartool.remote.transport import LocalTransport, PipeTransport, serve_command_line, ssh_argv
 from nartool.store.local import LocalStore
 from nartool.store.memory import MemoryStore
@@ -34,16 +34,9 @@ MANIFEST = json.loads((FIX / "manifest.json").read_text())
 HANDSHAKE_REPLY = F.u64(W.SERVE_MAGIC_2) + F.u64(0x207)
 
 
-def u64(n: int) -> bytes:
-    return F.u64(n)
-
-
-def s(x: str | bytes) -> bytes:
-    return F.enc_str(x.encode() if isinstance(x, str) else x)
-
-
-def strs(xs: list[str]) -> bytes:
-    return u64(len(xs)) + b"".join(s(x) for x in xs)
+u64 = F.u64
+s = wire_str
+strs = wire_strs
 
 
 def hello(version: int = 0x207) -> bytes:

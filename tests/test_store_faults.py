@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +242,28 @@ def seed_store(root: Path, keep: Path) -> str:
 # -- SIGKILL loops ------------------------------------------------------------------------------
 
 
+def kills(root: Path, argv: list[str], rng: random.Random, startup: float, work: float,
+          kept: str) -> Iterator[tuple[int, str, set[str]]]:
+    """SIGKILL ``argv`` at random moments: at least 6 times, more while ``BUDGET`` lasts, at most
+    20. Yields ``(exit status, how it was killed, store entries left besides kept's)``."""
+    deadline = time.monotonic() + BUDGET
+    n = 0
+    while n < 20 and (n < 6 or time.monotonic() < deadline):
+        n += 1
+        rc, how = kill_at_random(root, argv, rng, startup, work)
+        yield rc, how, store_entries(root) - {base(kept)}
+
+
+def rooted_then_collected(root: Path, tmp_path: Path, top: str, live: set[str], kept: str) -> None:
+    """Rooting ``top`` keeps exactly ``live`` through a collection; unrooted, only ``kept`` stays."""
+    link_ = tmp_path / "result"
+    with LocalStore(root) as st:
+        add_indirect_root(st, os.fspath(link_), top)
+    assert gc_clean(root) == live
+    link_.unlink()
+    assert gc_clean(root) == {kept}
+
+
 def test_sigkill_during_add(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     print(f"seed {SEED}")
@@ -254,12 +276,7 @@ def test_sigkill_during_add(tmp_path: Path) -> None:
     kept = seed_store(root, tmp_path / "kept")
     argv = cli(root, "add", os.fspath(tree))
     stats: dict[str, int] = {}
-    deadline = time.monotonic() + BUDGET
-    n = 0
-    while n < 20 and (n < 6 or time.monotonic() < deadline):
-        n += 1
-        rc, how = kill_at_random(root, argv, rng, startup, work)
-        leftovers = store_entries(root) - {base(kept)}
+    for rc, how, leftovers in kills(root, argv, rng, startup, work, kept):
         valid = check_consistent(root, expected)
         assert valid <= {kept, want}
         outcome = ("registered" if want in valid else "leftovers" if leftovers else "clean") + f"/{how}/rc={rc}"
@@ -269,13 +286,8 @@ def test_sigkill_during_add(tmp_path: Path) -> None:
         assert r.stdout.strip() == want
         with LocalStore(root) as st:
             assert st.path_info(want).nar_hash == want_hash
-        link_ = tmp_path / "result"
-        with LocalStore(root) as st:
-            add_indirect_root(st, os.fspath(link_), want)
-        assert gc_clean(root) == {kept, want}
-        link_.unlink()
-        assert gc_clean(root) == {kept}
-    print(f"add: startup {startup:.3f}s work {work:.3f}s; {n} kills: {stats}")
+        rooted_then_collected(root, tmp_path, want, {kept, want}, kept)
+    print(f"add: startup {startup:.3f}s work {work:.3f}s; {sum(stats.values())} kills: {stats}")
     assert any(k.startswith("leftovers") for k in stats), f"no kill interrupted the work: {stats}"
 
 
@@ -297,12 +309,7 @@ def test_sigkill_during_import(tmp_path: Path) -> None:
     argv = cli(root, "import", os.fspath(stream))
     everything = {kept, *clo.paths}
     stats: dict[str, int] = {}
-    deadline = time.monotonic() + BUDGET
-    n = 0
-    while n < 20 and (n < 6 or time.monotonic() < deadline):
-        n += 1
-        rc, how = kill_at_random(root, argv, rng, startup, work)
-        leftovers = store_entries(root) - {base(kept)}
+    for rc, how, leftovers in kills(root, argv, rng, startup, work, kept):
         valid = check_consistent(root, clo.hashes)
         assert valid in ({kept}, everything), "an import must be all or nothing"
         outcome = ("registered" if valid == everything else "leftovers" if leftovers else "clean") + \
@@ -313,13 +320,8 @@ def test_sigkill_during_import(tmp_path: Path) -> None:
         assert r.stdout.split() == clo.paths
         with LocalStore(root) as st:
             assert {p: st.path_info(p).nar_hash for p in clo.paths} == clo.hashes
-        link_ = tmp_path / "result"
-        with LocalStore(root) as st:
-            add_indirect_root(st, os.fspath(link_), clo.top)
-        assert gc_clean(root) == everything
-        link_.unlink()
-        assert gc_clean(root) == {kept}
-    print(f"import: startup {startup:.3f}s work {work:.3f}s; {n} kills: {stats}")
+        rooted_then_collected(root, tmp_path, clo.top, everything, kept)
+    print(f"import: startup {startup:.3f}s work {work:.3f}s; {sum(stats.values())} kills: {stats}")
     assert any(k.startswith("leftovers") for k in stats), f"no kill interrupted the work: {stats}"
 
 

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
+from ..nar.source import write_all
+
 _libc: object = False  # loaded on first use (ctypes costs start-up time)
 
 
@@ -122,10 +124,7 @@ class FdOutput:
         self._sendfile = linux and hasattr(os, "sendfile")
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
+        write_all(self.fd, data)
         self.total += len(data)
 
     def copy_from(self, fd: int, size: int, path: bytes) -> None:
@@ -144,9 +143,7 @@ class FdOutput:
                 else:
                     data = os.pread(fd, min(want, 1 << 20), done)
                     n = len(data)
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(self.fd, view):]
+                    write_all(self.fd, data)
             except OSError as e:
                 if e.errno not in self._FALLBACK or not (self._copy_range or self._sendfile):
                     raise

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from ..errors import FsError, NarError
 from ..nar import format as F
 from ..nar.events import Directory, EndDirectory, Event, File, Symlink
+from ..nar.source import write_all
 from .osutil import remove_at, rename_noreplace, temp_name
 from .source import DirNamer, NameCodec
 from .xattrs import strip_fd
@@ -31,15 +32,6 @@ def _umask() -> int:
     m = os.umask(0o022)
     os.umask(m)
     return m
-
-
-def _write_all(fd: int, chunk: bytes | bytearray | memoryview) -> None:
-    n = os.write(fd, chunk)
-    if n < len(chunk):
-        mv = memoryview(chunk)[n:]
-        while mv:
-            n = os.write(fd, mv)
-            mv = mv[n:]
 
 
 class _Builder:
@@ -140,7 +132,7 @@ class _Builder:
             else:
                 written = 0
                 for chunk in ev.chunks:
-                    _write_all(fd, chunk)
+                    write_all(fd, chunk)
                     written += len(chunk)
             if written != ev.size:
                 raise NarError("file contents shorter than declared", expected=ev.size, got=written, path=rel,

@@ -145,8 +145,7 @@ def _unsupported(mode: int, path: bytes) -> FsError:
     return FsError(f"file has an unsupported type ({kind})", path=path, rule="unsupported-type")
 
 
-def _kind_at(disk: bytes, dir_fd: int | None, path: bytes) -> int:
-    mode = os.stat(disk, dir_fd=dir_fd, follow_symlinks=False).st_mode
+def _kind(mode: int, path: bytes) -> int:
     if stat.S_ISREG(mode):
         return _REG
     if stat.S_ISDIR(mode):
@@ -156,18 +155,16 @@ def _kind_at(disk: bytes, dir_fd: int | None, path: bytes) -> int:
     raise _unsupported(mode, path)
 
 
+def _kind_at(disk: bytes, dir_fd: int | None, path: bytes) -> int:
+    return _kind(os.stat(disk, dir_fd=dir_fd, follow_symlinks=False).st_mode, path)
+
+
 def _root_kind(root: bytes) -> int:
     try:
         mode = os.lstat(root).st_mode
     except OSError as e:
         raise _io_error(e, root) from e
-    if stat.S_ISDIR(mode):
-        return _DIR
-    if stat.S_ISREG(mode):
-        return _REG
-    if stat.S_ISLNK(mode):
-        return _LNK
-    raise _unsupported(mode, root)
+    return _kind(mode, root)
 
 
 def _open_dir(root: bytes) -> int:

@@ -15,13 +15,7 @@ from .writer import write_nar
 
 def hash_events(events: Iterable[Event], algo: str = "sha256", *, limits: Limits = DEFAULT_LIMITS) -> tuple[Hash, int]:
     """``(hash, nar_size)`` of the NAR that ``events`` serialise to."""
-    h = hashlib.new(algo)
-    update = h.update
-    size = 0
-    for chunk in pipelined(write_nar(events, limits=limits)):
-        update(chunk)
-        size += len(chunk)
-    return Hash(algo, h.digest()), size
+    return hash_chunks(write_nar(events, limits=limits), algo)
 
 
 def hash_chunks(

@@ -27,7 +27,6 @@ file contents are streamed in chunks, names and targets are bounded.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -35,7 +34,7 @@ from ..errors import NarError
 from . import format as F
 from .events import END, Directory, Event, File, Symlink
 from .limits import DEFAULT_LIMITS, Limits
-from .source import ByteSource, ReadFn, as_source
+from .source import ByteSource, ReadFn, as_source, write_all
 
 #: file contents up to this size are read in one piece (within the source's buffer size)
 SMALL_CONTENTS = 1 << 16
@@ -338,9 +337,7 @@ class _Contents:
         done = src.copy_to(self.remaining, out_fd)
         self.remaining -= done
         for chunk in src.iter_chunks(self.remaining):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(out_fd, view):]
+            write_all(out_fd, chunk)
             self.remaining -= len(chunk)
             done += len(chunk)
         self._padding()

@@ -144,9 +144,7 @@ class ByteSource:
         avail = len(self._buf) - self._pos
         if avail:
             take = min(avail, n)
-            view = memoryview(self._buf)[self._pos : self._pos + take]
-            while view:
-                view = view[os.write(out_fd, view):]
+            write_all(out_fd, memoryview(self._buf)[self._pos : self._pos + take])
             self._pos += take
             done = take
         if done == n or self._fd < 0 or self._eof:
@@ -208,6 +206,15 @@ class ByteSource:
             pass
 
 
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """``os.write`` until all of ``data`` is written (short writes happen on pipes and sockets)."""
+    n = os.write(fd, data)
+    if n < len(data):
+        view = memoryview(data)[n:]
+        while view:
+            view = view[os.write(fd, view):]
+
+
 def as_source(src: ReadFn | BinaryIO | ByteSource | bytes, what: str = "input") -> ByteSource:
     if isinstance(src, ByteSource):
         return src
@@ -223,4 +230,4 @@ def fd_reader(fd: int) -> ReadFn:
     return read
 
 
-__all__ = ["ByteSource", "as_source", "fd_reader", "NarError"]
+__all__ = ["ByteSource", "as_source", "fd_reader", "write_all", "NarError"]

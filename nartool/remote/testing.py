@@ -11,6 +11,17 @@ from ..store.paths import DEFAULT_STORE_DIR, ContentAddress, make_fixed_output_p
 from ..store.types import PathInfo, Store
 
 
+def wire_str(x: str | bytes) -> bytes:
+    """A protocol string, as the peer sends it (length, bytes, zero padding)."""
+    return F.enc_str(x.encode() if isinstance(x, str) else x)
+
+
+def wire_strs(xs: Iterable[str]) -> bytes:
+    """A protocol list of strings (count, then each string)."""
+    items = list(xs)
+    return F.u64(len(items)) + b"".join(wire_str(x) for x in items)
+
+
 def file_nar(data: bytes, executable: bool = False) -> bytes:
     """The NAR of a single regular file."""
     hdr = F.HDR_EXECUTABLE if executable else F.HDR_REGULAR

@@ -21,7 +21,6 @@ are reported, not fatal. The database is never VACUUMed.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import socket
@@ -37,7 +36,7 @@ from ..errors import InvalidPathError, StoreError
 from ..fs.osutil import remove_at
 from ..hashes import nix32_encode
 from .closure import topo_sort
-from .locks import read_temp_roots
+from .locks import gc_lock, read_temp_roots
 from .paths import HASH_PART_LEN, StorePath, to_store_path
 
 if TYPE_CHECKING:
@@ -186,16 +185,8 @@ def add_indirect_root(store: LocalStore, link: str, path: str) -> str:
     ``path`` keeps it alive while waiting; otherwise it may be collected meanwhile, and then it is
     refused as not valid."""
     link = os.path.abspath(link)
-    lock_fd = os.open(os.path.join(store.state_dir, "gc.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print("waiting for the garbage collector to finish...", file=sys.stderr)
-            fcntl.flock(lock_fd, fcntl.LOCK_SH)
+    with gc_lock(store.state_dir, exclusive=False, waiting="waiting for the garbage collector to finish..."):
         return _add_indirect_root(store, link, path)
-    finally:
-        os.close(lock_fd)
 
 
 def _add_indirect_root(store: LocalStore, link: str, path: str) -> str:
@@ -298,13 +289,7 @@ def collect_garbage(store: LocalStore, *, action: str = "delete", max_freed: int
     """
     t0 = time.monotonic()
     res = GCResult()
-    fd = os.open(os.path.join(store.state_dir, "gc.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print("waiting for the big garbage collector lock...", file=sys.stderr)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with gc_lock(store.state_dir, exclusive=True, waiting="waiting for the big garbage collector lock..."):
         mutex = threading.Lock()
         temp_hashes: set[str] = set()
 
@@ -318,8 +303,6 @@ def collect_garbage(store: LocalStore, *, action: str = "delete", max_freed: int
         finally:
             if sock is not None:
                 sock.close()
-    finally:
-        os.close(fd)
     res.seconds = time.monotonic() - t0
     return res
 

@@ -15,14 +15,34 @@ import errno
 import fcntl
 import os
 import socket
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from ..errors import StoreError
 
 
 def _open_lock_file(path: str) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+@contextmanager
+def gc_lock(state_dir: str, *, exclusive: bool, waiting: str) -> Iterator[None]:
+    """Hold ``<state>/gc.lock``: exclusive for a collection, shared to keep one from running
+    (making roots). Says ``waiting`` on stderr when it has to wait."""
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    fd = _open_lock_file(os.path.join(state_dir, "gc.lock"))
+    try:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, file=sys.stderr)
+            fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)
 
 
 class PathLock:
