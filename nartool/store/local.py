@@ -329,16 +329,18 @@ class LocalStore:
 
         Returns False (and removes the temporary) when the path is valid already."""
         base = self.parse_path(info.path).base.encode()
-        self.temp_root(info.path)
-        if self._in_batch(info.path):
-            remove_at(self._store_fd, tmp)
-            return False
-        lock = self._lock_path(self.real_store_dir + "/" + base.decode())
-        # An interrupt (SIGINT/SIGTERM) may land between any two steps: whatever sits under
-        # ``base`` while we hold its lock and it is not registered is ours to remove.
+        # An interrupt (SIGINT/SIGTERM) may land between any two steps, waiting for the temp
+        # root or the lock included: the temporary is always ours to remove, and whatever sits
+        # under ``base`` while we hold its lock and it is not registered is ours too.
+        lock: PathLock | None = None
         renaming = False
         entry: _Pending | None = None
         try:
+            self.temp_root(info.path)
+            if self._in_batch(info.path):
+                remove_at(self._store_fd, tmp)
+                return False
+            lock = self._lock_path(self.real_store_dir + "/" + base.decode())
             if self.db.is_valid(info.path):
                 lock.release()
                 remove_at(self._store_fd, tmp)
@@ -364,7 +366,8 @@ class LocalStore:
                 if renaming and not self.db.is_valid(info.path):
                     remove_at(self._store_fd, base)
             finally:
-                lock.release()
+                if lock is not None:
+                    lock.release()
             raise
 
     def _lock_path(self, physical: str) -> PathLock:
@@ -529,21 +532,23 @@ class LocalStore:
         with self.batch():
             while X.read_marker(s, base):
                 rec_at = s.offset - base
+                tmp = None
                 try:
-                    tmp, digest = self._restore_temp(NarReader(s, standalone=False))
-                except NarError as e:
-                    # reader errors count from the NAR's start; truncation ones from the source's
-                    at = (e.offset or 0) - base if isinstance(e, TruncatedError) else (e.offset or 0) + rec_at
-                    raise NarError(f"bad NAR in export record {len(imported) + 1}: {e.message}",
-                                   offset=at, rule=e.rule, expected=e.expected, got=e.got,
-                                   path=e.path) from None
-                try:
+                    try:
+                        tmp, digest = self._restore_temp(NarReader(s, standalone=False))
+                    except NarError as e:
+                        # reader errors count from the NAR's start; truncation ones from the source's
+                        at = (e.offset or 0) - base if isinstance(e, TruncatedError) else (e.offset or 0) + rec_at
+                        raise NarError(f"bad NAR in export record {len(imported) + 1}: {e.message}",
+                                       offset=at, rule=e.rule, expected=e.expected, got=e.got,
+                                       path=e.path) from None
                     t = X.read_trailer(s, self.store_dir, base)
                     info = PathInfo(t.path, digest.hash(), digest.size, t.references, t.deriver,
                                     registration_time=int(time.time()))
                     self._check_references(info)
                 except BaseException:
-                    remove_at(self._store_fd, tmp)
+                    if tmp is not None:
+                        remove_at(self._store_fd, tmp)
                     raise
                 self._place(tmp, info)
                 imported.append(t.path)
