@@ -27,7 +27,7 @@ def _key(name: str, unicode_fold: bool) -> str:
 
 
 def make_ops(backing: str, unicode_fold: bool) -> Any:
-    from fuse import FuseOSError, Operations
+    from mfusepy import FuseOSError, Operations
 
     class FoldFS(Operations):  # type: ignore[misc]
         def _find(self, dirpath: str, name: str) -> str | None:
@@ -135,7 +135,7 @@ def make_ops(backing: str, unicode_fold: bool) -> Any:
 
 
 def main() -> None:
-    from fuse import FUSE
+    from mfusepy import FUSE
 
     backing, mountpoint = sys.argv[1], sys.argv[2]
     FUSE(make_ops(backing, "--fold-unicode" in sys.argv), mountpoint, foreground=True, nothreads=True,
@@ -148,9 +148,9 @@ def fuse_available() -> tuple[bool, str]:
     if shutil.which("fusermount3") is None and shutil.which("fusermount") is None:
         return False, "fusermount not found: install Debian's fuse3"
     try:
-        import fuse  # noqa: F401
+        import mfusepy  # noqa: F401
     except (ImportError, OSError) as e:
-        return False, f"fusepy unusable ({e}): pip install fusepy, apt-get install libfuse2"
+        return False, f"mfusepy unusable ({e}): pip install mfusepy, apt-get install fuse3"
     return True, ""
 
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import xattr
 
 import nartool
 from nartool.fs.filters import exclude_filter
@@ -69,7 +68,7 @@ def test_xattrs_ignored_on_dump_and_stripped_on_canonical_restore(tmp_path: Path
     f.parent.mkdir()
     f.write_bytes(b"data")
     try:
-        xattr.setxattr(str(f), "user.com.apple.quarantine", b"0081;x")
+        os.setxattr(f, "user.com.apple.quarantine", b"0081;x")
     except OSError as e:  # pragma: no cover - tmpfs without user xattrs
         pytest.skip(f"user xattrs unsupported here: {e}")
     plain = nar_bytes(events_of({b"f": b"data"}))
@@ -81,10 +80,29 @@ def test_xattrs_ignored_on_dump_and_stripped_on_canonical_restore(tmp_path: Path
     from nartool.nar import NarReader
 
     restore_events(NarReader(plain), tmp_path / "r", canonical=True)
-    assert list(xattr.listxattr(str(tmp_path / "r" / "f"))) == []
+    assert os.listxattr(tmp_path / "r" / "f") == []
     assert (tmp_path / "r" / "f").stat().st_mode & 0o777 == 0o444
     assert (tmp_path / "r" / "f").stat().st_mtime == 1
     os.chmod(tmp_path / "r", 0o755)
+
+
+def test_strip_fd_removes_attributes(tmp_path: Path) -> None:
+    from nartool.fs.xattrs import list_fd, strip_fd
+
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    try:
+        os.setxattr(f, "user.a", b"1")
+        os.setxattr(f, "user.b", b"2")
+    except OSError as e:  # pragma: no cover - tmpfs without user xattrs
+        pytest.skip(f"user xattrs unsupported here: {e}")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert sorted(list_fd(fd)) == ["user.a", "user.b"]
+        strip_fd(fd)
+        assert list_fd(fd) == []
+    finally:
+        os.close(fd)
 
 
 def test_check_reports_collisions(tmp_path: Path) -> None:

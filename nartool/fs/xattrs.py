@@ -1,16 +1,36 @@
-"""Extended attributes: NARs carry none. Dumps ignore them, store-bound restores strip them."""
+"""Extended attributes: NARs carry none. Dumps ignore them, store-bound restores strip them.
+
+The standard library's ``os.listxattr``/``os.removexattr`` are used where they exist (Linux); the
+``xattr`` package only where they don't (macOS), which is the only platform it is installed on.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-import xattr
+_list: Callable[..., list[str]]
+_remove_fd: Callable[[int, str], None]
+
+if hasattr(os, "listxattr"):
+    def _list(target: int | bytes, symlink: bool = False) -> list[str]:
+        return os.listxattr(target, follow_symlinks=not symlink)
+
+    def _remove_fd(fd: int, name: str) -> None:
+        os.removexattr(fd, name)
+else:  # pragma: no cover - macOS
+    import xattr
+
+    def _list(target: int | bytes, symlink: bool = False) -> list[str]:
+        return list(xattr.listxattr(target, symlink=symlink))
+
+    def _remove_fd(fd: int, name: str) -> None:
+        xattr.removexattr(fd, name)
 
 
 def list_fd(fd: int) -> list[str]:
     try:
-        return list(xattr.listxattr(fd))
+        return _list(fd)
     except OSError:
         return []
 
@@ -19,7 +39,7 @@ def strip_fd(fd: int) -> None:
     """Remove every extended attribute of the open file ``fd`` (e.g. macOS quarantine)."""
     for name in list_fd(fd):
         try:
-            xattr.removexattr(fd, name)
+            _remove_fd(fd, name)
         except OSError:
             pass  # e.g. system.* attributes that cannot be removed
 
@@ -32,7 +52,7 @@ def files_with_xattrs(root: str | bytes) -> Iterator[tuple[bytes, list[str]]]:
         paths += [os.path.join(dirpath, n) for n in dirnames + filenames]
     for p in paths:
         try:
-            names = list(xattr.listxattr(p, symlink=True))
+            names = _list(p, symlink=True)
         except OSError:
             continue
         if names:
