@@ -1,4 +1,4 @@
-"""Golden NARs and hash vectors verified with Nix 2.8 (see the spec's nar.md §6 and §8.4),
+"""Golden NARs and hash vectors verified with Nix 2.8 (see docs/nar-format.md, Worked examples and NAR hashes),
 plus golden files made by real Nix in tests/fixtures/nar/, checked offline byte for byte."""
 
 from __future__ import annotations

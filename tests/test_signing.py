@@ -1,4 +1,4 @@
-"""Keys, fingerprints and signatures (store.md §7.3), the `nartool key` commands, and
+"""Keys, fingerprints and signatures (docs/store.md, Signatures), the `nartool key` commands, and
 differential tests against real Nix 2.8 (marked ``nix``)."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``<store dir>/<32-char nix32 hash part>-<name>``. The hash part is the nix32 of the SHA-256
 of a *fingerprint* (``TYPE:sha256:<hex>:<store dir>:<name>``), XOR-folded to 20 bytes. See
-``store.md`` §1–3 in the project's spec for the verified examples these functions reproduce.
+``docs/store.md`` (Store paths, Content addresses) for the verified examples these functions reproduce.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Nix's Ed25519 signing keys and store path signatures (spec: ``store.md`` §7.3).
+"""Nix's Ed25519 signing keys and store path signatures (``docs/store.md``, Signatures).
 
 Text formats, all ASCII and written without a trailing newline:
 
