@@ -333,23 +333,23 @@ def take_buffered(src: ByteSource) -> bytes:
     return rest
 
 
+#: largest zstd window a session peer may ask for (a nartool peer uses 2 MiB): this bounds the
+#: decoder's memory, like the output bound of :func:`zstd_reader` bounds the rest
+SESSION_MAX_WINDOW = 1 << 23
+
+
 def zstd_reader(leftover: bytes, read: ReadFn) -> ReadFn:
-    """``read(n)`` returning the decompressed data of a zstd stream read by ``read``."""
-    import zstandard
+    """``read(n)`` returning the decompressed data of a zstd stream read by ``read``.
 
-    d = zstandard.ZstdDecompressor().decompressobj()
-    pending = [leftover] if leftover else []
+    Output is decoded on demand, a bounded amount at a time (a small, highly compressed
+    input does not balloon into memory before anything is parsed), and ``read`` is called
+    only once nothing decodable is left: the peer is never waited for while the answer to
+    its last request is already here. The peer may simply stop, even inside a frame: that
+    is the end of the session's input."""
+    from ..compression import zstd_read_fn
 
-    def r(n: int) -> bytes:
-        while True:
-            raw = pending.pop() if pending else read(max(n, 1 << 16))
-            if not raw:
-                return b""
-            out: bytes = d.decompress(raw)
-            if out:
-                return out
-
-    return r
+    return zstd_read_fn(read, leftover, max_window_size=SESSION_MAX_WINDOW, strict_end=False,
+                        what="zstd session stream")
 
 
 class ZstdWriter:
