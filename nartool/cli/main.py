@@ -73,9 +73,25 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _handle_termination() -> None:
+    """SIGTERM and SIGHUP (a closed terminal, a dropped SSH session) unwind like Ctrl-C, so
+    that temporaries are removed and locks released. A signal ignored by whoever started us
+    (``nohup``) stays ignored."""
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _on_sigterm)
+
+
+def _say_interrupted() -> None:
+    try:
+        click.echo("interrupted", err=True)
+    except OSError:  # after SIGHUP the terminal may be gone
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    _handle_termination()
     try:
         rc = cli.main(args=argv, prog_name="nartool", standalone_mode=False)
         if isinstance(rc, int) and rc:  # ctx.exit(n) returns n without standalone mode
@@ -86,10 +102,10 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
+        _say_interrupted()
         sys.exit(130)
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        _say_interrupted()
         sys.exit(130)
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): not an error worth a message

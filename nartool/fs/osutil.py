@@ -72,36 +72,206 @@ def syncfs(fd: int) -> None:
     os.sync()
 
 
+_O_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+class DirChain:
+    """A path of nested directories, each opened relative to its parent (``openat`` with
+    ``O_NOFOLLOW``), for walking arbitrarily deep trees without recursion.
+
+    At most about ``depth / stride + window`` descriptors stay open: levels that are neither
+    among the last ``window`` nor a multiple of ``stride`` are closed as the walk goes deeper,
+    and reopened (from the nearest open ancestor, one ``openat`` per level, each checked to be
+    the same directory by device and inode) when the walk climbs back to them. The base
+    descriptor is borrowed, never closed."""
+
+    def __init__(self, base_fd: int | None, *, window: int = 64, stride: int = 64) -> None:
+        self.base_fd = base_fd
+        self.window = max(window, stride)
+        self.stride = stride
+        self.names: list[bytes] = []
+        self.fds: list[int] = []
+        self.ids: list[tuple[int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def fd(self, level: int = -1) -> int | None:
+        """The open descriptor of ``level`` (default: the deepest), reopened if needed; -1 past
+        the top means the base."""
+        if not self.names:
+            return self.base_fd
+        k = level % len(self.names)
+        if self.fds[k] < 0:
+            i = k
+            while i >= 0 and self.fds[i] < 0:
+                i -= 1
+            for j in range(i + 1, k + 1):
+                parent = self.fds[j - 1] if j else self.base_fd
+                fd = os.open(self.names[j], _O_DIR_NOFOLLOW, dir_fd=parent)
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != self.ids[j]:
+                    os.close(fd)
+                    raise OSError(errno.ESTALE, "directory replaced during the walk", os.fsdecode(self.names[j]))
+                self.fds[j] = fd
+        return self.fds[k]
+
+    def push(self, name: bytes, *, writable: bool = False) -> int:
+        """Open directory ``name`` in the deepest level and make it the deepest; with
+        ``writable``, give its owner full access first (for removing its entries)."""
+        parent = self.fd()
+        try:
+            fd = os.open(name, _O_DIR_NOFOLLOW, dir_fd=parent)
+        except PermissionError:
+            if not writable:
+                raise
+            # unreadable (e.g. mode 0): make it accessible without following a symlink
+            try:
+                os.chmod(name, 0o700, dir_fd=parent, follow_symlinks=False)
+            except (NotImplementedError, ValueError):
+                raise PermissionError(errno.EACCES, "cannot open directory", os.fsdecode(name)) from None
+            fd = os.open(name, _O_DIR_NOFOLLOW, dir_fd=parent)
+        try:
+            st = os.fstat(fd)
+            if writable and st.st_mode & 0o700 != 0o700:
+                os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.names.append(name)
+        self.fds.append(fd)
+        self.ids.append((st.st_dev, st.st_ino))
+        old = len(self.names) - 1 - self.window
+        if old > 0 and old % self.stride and self.fds[old] >= 0:
+            os.close(self.fds[old])
+            self.fds[old] = -1
+        return fd
+
+    def pop(self) -> bytes:
+        """Leave the deepest level (closing it); returns its name."""
+        fd = self.fds.pop()
+        self.ids.pop()
+        if fd >= 0:
+            os.close(fd)
+        return self.names.pop()
+
+    def close(self) -> None:
+        while self.names:
+            self.pop()
+
+
+def _list_names(fd: int) -> list[tuple[bytes, bool]]:
+    """``(name, is a directory)`` for the entries of the open directory ``fd``."""
+    out = []
+    with os.scandir(fd) as it:
+        for e in it:
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            out.append((os.fsencode(e.name), is_dir))
+    return out
+
+
 def remove_at(dir_fd: int | None, name: bytes) -> None:
     """Remove ``name`` (file, symlink or whole tree) relative to ``dir_fd``; never follows symlinks.
+    Nothing there is fine.
 
-    Read-only directories (as in canonicalised store paths) are made writable first.
-    """
+    Iterative, however deep the tree (see :class:`DirChain`): every entry is removed relative
+    to its directory's descriptor (``unlinkat``/``rmdir`` at a descriptor), never by a path.
+    Read-only directories (as in canonicalised store paths) are made writable first."""
     try:
         st = os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=dir_fd)
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
         return
-    if st.st_mode & 0o700 != 0o700:
-        os.chmod(name, 0o700, dir_fd=dir_fd, follow_symlinks=False) if dir_fd is not None else os.chmod(name, 0o700)
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    chain = DirChain(dir_fd)
     try:
-        with os.scandir(fd) as it:
-            children = [os.fsencode(e.name) for e in it]
-        for child in children:
-            remove_at(fd, child)
+        try:
+            top = chain.push(name, writable=True)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            os.unlink(name, dir_fd=dir_fd)  # replaced by a file or symlink meanwhile
+            return
+        todo = [_list_names(top)]
+        while todo:
+            entries = todo[-1]
+            fd = chain.fd()
+            while entries:
+                child, is_dir = entries.pop()
+                if not is_dir:
+                    try:
+                        os.unlink(child, dir_fd=fd)
+                        continue
+                    except FileNotFoundError:
+                        continue
+                    except IsADirectoryError:
+                        pass  # became a directory since it was listed
+                try:
+                    top = chain.push(child, writable=True)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    os.unlink(child, dir_fd=fd)  # replaced by a file or symlink meanwhile
+                    continue
+                todo.append(_list_names(top))
+                break
+            else:
+                todo.pop()
+                done = chain.pop()
+                try:
+                    os.rmdir(done, dir_fd=chain.fd())
+                except FileNotFoundError:
+                    pass
     finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
+        chain.close()
 
 
 def temp_name(base: bytes, tag: bytes = b"tmp") -> bytes:
-    """A hidden sibling name for ``base``: ``.<base>.nartool-<tag>-<random>`` (≤ 255 bytes)."""
+    """A hidden sibling name for ``base``: ``.<base>.nartool-<tag>-<pid>-<random>`` (≤ 255
+    bytes). The owner's process id lets a later run tell a temporary left behind by a process
+    that died (see :func:`temp_owner`)."""
     rnd = os.urandom(6).hex().encode()
-    head = base[:200]
-    return b"." + head + b".nartool-" + tag + b"-" + rnd
+    return temp_prefix(base, tag) + str(os.getpid()).encode() + b"-" + rnd
+
+
+def temp_prefix(base: bytes, tag: bytes = b"tmp") -> bytes:
+    """What every :func:`temp_name` of ``base`` and ``tag`` starts with."""
+    return b"." + base[:200] + b".nartool-" + tag + b"-"
+
+
+def temp_owner(name: bytes, prefix: bytes) -> int | None:
+    """The process id in ``name`` if it is a temporary name with this ``prefix``, else None."""
+    if not name.startswith(prefix):
+        return None
+    pid, sep, rnd = name[len(prefix):].partition(b"-")
+    if not sep or not pid.isdigit() or len(rnd) != 12 or len(pid) > 10:
+        return None
+    return int(pid)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (as far as this process can see: another PID namespace's
+    processes are invisible)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
 
 
 class FdOutput:
@@ -168,6 +338,12 @@ def output_file(path: str | bytes | os.PathLike[str], *, fsync: bool = False) ->
     place only when the block succeeds, so readers never see half a result and a failure
     leaves the old file alone. Anything else that exists (``/dev/null``, ``/dev/stdout``, a
     named pipe, a terminal) is written directly: renaming over it would replace the device.
+
+    The result looks like a file written in place: an existing file's permission bits are
+    kept (without set-user/group-ID, which a write clears too) and so are its owner and group
+    as far as this process may set them; a new file gets ``0666`` less the umask. A symlink
+    is written through, as a shell's ``>`` does: the file it finally leads to (possibly new,
+    for a dangling link) is the one replaced, in that file's directory; the link stays.
     """
     from ..errors import FsError
 
@@ -182,10 +358,24 @@ def output_file(path: str | bytes | os.PathLike[str], *, fsync: bool = False) ->
         with open(dest, "wb") as f:
             yield f
         return
+    if os.path.islink(dest):
+        dest = os.path.realpath(dest)
     parent, base = os.path.split(dest)
-    tmp = os.path.join(parent, temp_name(base))
+    # tagged apart from restore temporaries, which a restore of the same name may clean up
+    tmp = os.path.join(parent, temp_name(base, b"out"))
+    # an existing file's contents are never readable by more than the owner before its
+    # mode is copied (which happens before anything is written)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o666 if st is None else 0o600)
     try:
-        with open(tmp, "xb") as f:
+        try:
+            if st is not None:
+                _take_over(fd, st)
+            f = open(fd, "wb")  # noqa: SIM115 - closed by the with below
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
             yield f
             if fsync:
                 f.flush()
@@ -197,3 +387,17 @@ def output_file(path: str | bytes | os.PathLike[str], *, fsync: bool = False) ->
         except FileNotFoundError:
             pass
         raise
+
+
+def _take_over(fd: int, st: os.stat_result) -> None:
+    """Give the new file ``fd`` the owner, group and permission bits of ``st`` (the file it
+    replaces) as far as allowed."""
+    if st.st_uid != os.geteuid() or st.st_gid != os.getegid():
+        try:
+            os.fchown(fd, st.st_uid, st.st_gid)
+        except PermissionError:
+            try:
+                os.fchown(fd, -1, st.st_gid)  # a group this user belongs to
+            except PermissionError:
+                pass
+    os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))

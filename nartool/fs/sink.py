@@ -5,14 +5,20 @@
   symlink is never followed.
 * The object is built under a temporary hidden sibling of the destination and renamed
   into place (without replacing anything) only when the stream completed; on any error,
-  including ``KeyboardInterrupt``, the temporary is removed and nothing is left at the
-  destination.
+  including ``KeyboardInterrupt`` (the CLI turns SIGTERM and SIGHUP into one), the
+  temporary is removed and nothing is left at the destination.
+* A process killed outright (SIGKILL, a crash) cannot clean up: its temporary's name carries
+  its process id, and its root stays locked (``flock``) while the restore runs. The next
+  :func:`restore_events` of the same destination removes such temporaries whose process is
+  gone and whose lock is free — never one of a live restore.
 * ``canonical=True`` gives store-path metadata while creating (files 0444/0555,
   directories 0555, mtime 1); ``fsync=True`` flushes every file and directory.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 from collections.abc import Callable, Iterable
 
@@ -20,7 +26,7 @@ from ..errors import FsError, NarError
 from ..nar import format as F
 from ..nar.events import Directory, EndDirectory, Event, File, Symlink
 from ..nar.source import write_all
-from .osutil import remove_at, rename_noreplace, temp_name
+from .osutil import pid_alive, remove_at, rename_noreplace, temp_name, temp_owner, temp_prefix
 from .source import DirNamer, NameCodec
 from .xattrs import strip_fd
 
@@ -46,6 +52,7 @@ class _Builder:
         canonical: bool,
         fsync: bool,
         on_file: Callable[[bytes, int], None] | None = None,
+        lock_root: bool = False,
     ) -> None:
         self.parent_fd = parent_fd
         self.root_name = name
@@ -57,6 +64,19 @@ class _Builder:
         # open directories: (fd, relative path, namer)
         self.stack: list[tuple[int, bytes, DirNamer | None]] = []
         self.done = False
+        # with ``lock_root``: a descriptor of the root (directory or file), flock'ed until
+        # :meth:`unlock`, so that no stale-temporary clean-up takes it for abandoned
+        self.lock_root = lock_root
+        self.lock_fd = -1
+
+    def _lock(self, fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self.lock_fd = os.dup(fd)  # shares the lock, and outlives ``fd``
+
+    def unlock(self) -> None:
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
 
     def close_all(self) -> None:
         while self.stack:
@@ -110,6 +130,12 @@ class _Builder:
             elif cls is Directory:
                 os.mkdir(disk, 0o777, dir_fd=dfd)
                 fd = os.open(disk, _O_DIR, dir_fd=dfd)
+                if self.lock_root and not self.stack:
+                    try:
+                        self._lock(fd)
+                    except BaseException:
+                        os.close(fd)
+                        raise
                 namer = self.names.restore_namer(rel) if self.names is not None else None
                 self.stack.append((fd, rel, namer))
             else:
@@ -126,6 +152,8 @@ class _Builder:
         mode = (0o555 if ev.executable else 0o444) if self.canonical else 0o666
         fd = os.open(disk, _O_NEWFILE, 0o666 if not self.canonical else 0o600, dir_fd=dfd)
         try:
+            if self.lock_root and not self.stack:
+                self._lock(fd)
             copy_to = getattr(ev.chunks, "copy_to", None)
             if copy_to is not None:  # straight from the NAR's file where the kernel can
                 written = copy_to(fd)
@@ -171,8 +199,9 @@ def restore_events(
         pfd = os.open(parent or b".", _O_DIR & ~os.O_NOFOLLOW)
     except OSError as e:
         raise FsError(f"cannot open destination's parent: {e.strerror}", path=parent or b".", rule="io") from e
+    remove_stale_temps(pfd, base)
     tmp = temp_name(base)
-    b = _Builder(pfd, tmp, names=names, canonical=canonical, fsync=fsync)
+    b = _Builder(pfd, tmp, names=names, canonical=canonical, fsync=fsync, lock_root=True)
     try:
         try:
             for ev in events:
@@ -191,6 +220,54 @@ def restore_events(
         try:
             remove_at(pfd, tmp)
         finally:
+            b.unlock()
             os.close(pfd)
         raise
+    b.unlock()
     os.close(pfd)
+
+
+def remove_stale_temps(dir_fd: int, base: bytes) -> None:
+    """Remove the restore temporaries of ``base`` in ``dir_fd`` that were left behind by
+    processes killed outright: those whose process id names no live process and whose root
+    is not locked. Best effort: what cannot be removed stays, silently.
+
+    Both checks are needed: the process id may have been reused by an unrelated process
+    (then the temporary stays until that one ends), and a live restore in another PID
+    namespace sharing the directory looks dead (its lock tells)."""
+    prefix = temp_prefix(base)
+    try:
+        listed = os.listdir(dir_fd)
+    except OSError:
+        return
+    lead = os.fsdecode(prefix)
+    me = os.getpid()
+    for n in listed:
+        if not n.startswith(lead):
+            continue
+        name = os.fsencode(n)
+        pid = temp_owner(name, prefix)
+        if pid is None or pid == me or pid_alive(pid):
+            continue
+        try:
+            _remove_unlocked(dir_fd, name)
+        except OSError:
+            pass
+
+
+def _remove_unlocked(dir_fd: int, name: bytes) -> None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            # a symlink root: created and renamed at once, never locked
+            os.unlink(name, dir_fd=dir_fd)
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # a live restore holds it
+        remove_at(dir_fd, name)
+    finally:
+        os.close(fd)

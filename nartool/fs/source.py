@@ -2,8 +2,9 @@
 
 Both walks never follow symlinks: every member is opened relative to its parent's directory
 descriptor (``openat`` with ``O_NOFOLLOW``), so swapping a directory for a symlink while a
-dump runs cannot lead it outside the tree. Directories are listed in byte order and files
-read with large reads.
+dump runs cannot lead it outside the tree. Files are opened without blocking and checked with
+``fstat``, so one swapped for a named pipe fails the dump ("changed type") instead of hanging it.
+Directories are listed in byte order and files read with large reads.
 
 * :func:`dump_events` yields the flat event stream (for adapters and transforms);
 * :func:`dump_nar` yields the NAR bytes directly, with the same checks as
@@ -35,7 +36,11 @@ from ..nar.writer import FLUSH_SIZE, write_nar
 #: are passed on in ``READ_CHUNK`` pieces without copying
 SMALL_FILE = 1 << 16
 READ_CHUNK = 1 << 20
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOATIME", 0)
+# O_NONBLOCK: a member swapped for a named pipe (or a device) after it was listed must not
+# block the open; the type is checked with fstat right after (and O_NONBLOCK does nothing to
+# reads of regular files). O_NOCTTY: nor may a swapped-in terminal become ours.
+_O_READ = (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+           | getattr(os, "O_NOATIME", 0))
 _O_READ_NOATIME_FREE = _O_READ & ~getattr(os, "O_NOATIME", 0)
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
@@ -103,8 +108,22 @@ def _chunks(fd: int, size: int, path: bytes, read_chunk: int = READ_CHUNK) -> It
 def _regular_fstat(fd: int, path: bytes) -> os.stat_result:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise FsError("not a regular file any more", path=path, rule="changed")
+        raise _changed_type(st.st_mode, path)
     return st
+
+
+def _changed_type(mode: int, path: bytes) -> FsError:
+    """A member listed as a regular file turned out to be something else once opened."""
+    kind = "directory" if stat.S_ISDIR(mode) else "symlink" if stat.S_ISLNK(mode) else _kind_name(mode)
+    return FsError(f"file changed type during the dump (now a {kind})", path=path, rule="changed")
+
+
+def _kind_name(mode: int) -> str:
+    for test, n in ((stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISBLK, "block device"),
+                    (stat.S_ISCHR, "character device")):
+        if test(mode):
+            return n
+    return "unknown"
 
 
 def _file_event(name: bytes, dir_fd: int | None, disk: bytes, path: bytes) -> File:
@@ -136,13 +155,7 @@ def _big_chunks(path: bytes, size: int) -> Iterator[bytes]:
 
 
 def _unsupported(mode: int, path: bytes) -> FsError:
-    kind = "unknown"
-    for test, n in ((stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISBLK, "block device"),
-                    (stat.S_ISCHR, "character device")):
-        if test(mode):
-            kind = n
-            break
-    return FsError(f"file has an unsupported type ({kind})", path=path, rule="unsupported-type")
+    return FsError(f"file has an unsupported type ({_kind_name(mode)})", path=path, rule="unsupported-type")
 
 
 def _kind(mode: int, path: bytes) -> int:

@@ -20,6 +20,7 @@ ReadFn = Callable[[int], bytes]
 _COPY_FALLBACK = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF,
                   errno.EPERM)
 BUF_SIZE = 1 << 16
+_COPY_MAX = 1 << 30
 CHUNK_SIZE = 1 << 20
 
 
@@ -154,8 +155,10 @@ class ByteSource:
         self._pos = 0
         try:
             while done < n:
+                # at most 1 GiB a call: a declared size up to 2^64 - 1 does not fit a C ssize_t
+                want = n - done if n - done < _COPY_MAX else _COPY_MAX
                 try:
-                    k = os.copy_file_range(self._fd, out_fd, n - done, self._origin + self._base)
+                    k = os.copy_file_range(self._fd, out_fd, want, self._origin + self._base)
                 except OSError as e:
                     if e.errno in _COPY_FALLBACK:
                         self._fd = -1  # not between these two: plain reads from now on
