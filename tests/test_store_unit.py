@@ -330,8 +330,14 @@ def test_verify_and_repair(store: LocalStore) -> None:
     assert store.verify() == []
     probs = store.verify(check_contents=True)
     assert [p["path"] for p in probs] == [a] and probs[0]["problem"] == "corrupt"
-    store.verify(check_contents=True, repair=True)
-    assert store.all_paths() == []  # a and its referrer b are invalidated
+    probs = store.verify(check_contents=True, repair=True)
+    # a has a valid (intact) referrer b: not repairable, both kept
+    assert probs[0]["repair"] == "not repairable" and b in probs[0]["reason"]
+    assert sorted(store.all_paths()) == sorted([a, b])
+    store._remove_object(b)
+    store = reopen(store)  # drop this process's temp roots (they hold a too)
+    assert store.verify(check_contents=True, repair=True)[0]["repair"] == "invalidated"
+    assert store.all_paths() == []
     c = store.add_text("c", b"c")
     os.chmod(store.real_store_dir, 0o755)
     os.unlink(store.physical(c.path))
@@ -454,7 +460,7 @@ def test_gc_tolerates_unreadable_roots(store: LocalStore, monkeypatch: pytest.Mo
     def readlink(p: str | os.PathLike[str], *args: object, **kw: object) -> str:
         if os.fspath(p).endswith("unreadable"):
             raise PermissionError(13, "Permission denied", os.fspath(p))
-        return real(p)  # type: ignore[no-any-return]
+        return real(p, *args, **kw)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(os, "readlink", readlink)
     res = collect_garbage(store, action="print-dead")

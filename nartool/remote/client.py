@@ -26,7 +26,7 @@ from ..store.export import end_chunk, record_chunks
 from ..store.paths import DEFAULT_STORE_DIR
 from ..store.types import PathInfo
 from . import wire as W
-from .serve import EXT_SENTINEL_NAME, ext_path, is_ext_path
+from .serve import EXT_SENTINEL_NAME, STALL_GRACE, ext_path, fd_readable, is_ext_path
 from .transport import Transport
 
 T = TypeVar("T")
@@ -61,7 +61,9 @@ class ServeClient:
         self.t = transport
         self.host = transport.name
         self.store_dir = store_dir
-        self.src = ByteSource(transport.read, "remote output")
+        #: called before a read from the remote that would block (see copy's importer)
+        self.before_wait: Callable[[], None] | None = None
+        self.src = ByteSource(self._read_remote, "remote output")
         self.w = W.Writer(transport.sink)
         self.server_version = 0
         self.compressed = False
@@ -74,6 +76,14 @@ class ServeClient:
             raise
 
     # -- plumbing
+
+    def _read_remote(self, n: int) -> bytes:
+        hook = self.before_wait
+        if hook is not None:
+            fd = getattr(self.t, "_out_fd", None)  # the server's output, where the transport has one
+            if isinstance(fd, int) and fd >= 0 and not fd_readable(fd, STALL_GRACE):
+                hook()
+        return self.t.read(n)
 
     @property
     def minor(self) -> int:
@@ -132,7 +142,7 @@ class ServeClient:
                             rule="version", got=hex(self.server_version))
         if compress == "zstd" and self.server_version & W.VERSION_FLAG_ZSTD:
             leftover = W.take_buffered(self.src)
-            self.src = ByteSource(W.zstd_reader(leftover, self.t.read), "remote output")
+            self.src = ByteSource(W.zstd_reader(leftover, self._read_remote), "remote output")
             self.w = W.Writer(W.ZstdWriter(self.t.sink))
             self.compressed = True
 

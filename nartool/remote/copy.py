@@ -5,9 +5,11 @@ the missing paths go out in dependency order as pipelined ``AddToStoreNar`` comm
 
 ``--from``: one ``QueryClosure``; the local store's validity is checked locally; one batched
 ``QueryPathInfos`` for all missing paths; pipelined ``DumpStorePath`` requests, each NAR
-imported with ``add_nar`` (checking the queried hash and size) inside ``local.batch()``
-groups, so a cut connection leaves only complete, registered paths behind and a rerun
-fetches just the rest.
+imported with ``add_nar`` (checking the queried hash, size and content address from the
+stream) inside ``local.batch()`` groups, so a cut connection leaves only complete, verified,
+registered paths behind and a rerun fetches just the rest. Whenever the next read from the
+remote would block, the open group is committed first (``commit_pending``), so a slow or
+stalled server never keeps local paths locked and unregistered.
 
 Trust is settled before any NAR byte moves: a nartool server announces whether it accepts
 imports and unsigned paths (see :mod:`nartool.remote.serve`); when it would refuse some
@@ -235,6 +237,17 @@ class _Importer:
         if len(self.pending) >= BATCH_PATHS or self.nbytes >= BATCH_BYTES:
             self.commit()
 
+    def before_wait(self) -> None:
+        """The remote is slow: make the group's paths durable now (staying in the batch)."""
+        commit_pending = getattr(self.local, "commit_pending", None)
+        if commit_pending is None or self.cm is None or not self.pending:
+            return
+        commit_pending()
+        self.copied.extend(self.pending)
+        for q in self.pending:
+            self.tr.path(q)
+        self.pending = []
+
     def commit(self) -> None:
         cm, self.cm = self.cm, None
         if cm is None:
@@ -253,9 +266,12 @@ class _Importer:
 
 def _fetch(local: Store, client: ServeClient, infos: list[PathInfo], tr: _Tracker, copied: list[str]) -> None:
     imp = _Importer(local, tr, copied)
+    client.before_wait = imp.before_wait
     try:
         client.dump_many(infos, imp.consume, on_bytes=tr.bytes)
     except BaseException as e:
         imp.abort(e)
         raise
+    finally:
+        client.before_wait = None
     imp.commit()

@@ -18,13 +18,25 @@ consumes exactly ``narSize`` bytes even when the path is already valid; ``lock=1
   ``trusted-public-keys`` or is content-addressed (``require-sigs = false`` lifts this), like
   an untrusted client of the Nix daemon. The decision is made from the request's metadata,
   before any NAR byte is read. ``ImportPaths`` carries no signatures, so untrusted users cannot
-  use it (unless ``require-sigs = false``). A ``ca`` field is re-verified against the NAR.
+  use it (unless ``require-sigs = false``). A content address counts instead of a signature
+  only when it reproduces the path, uses sha256 or sha512 (``fixed:md5:``/``fixed:sha1:``
+  paths need a signature: those hashes are too weak to vouch for contents), and can be checked
+  from the NAR alone (a recursive path that refers to itself cannot). Every ``ca`` field, from
+  any user, is verified by the store against the NAR stream itself while it is restored
+  (:mod:`nartool.store.cacheck`), never by reading restored files back.
+* Derivations. Users not in ``trusted-users`` may not upload a ``*.drv`` path whose NAR is
+  over 16 MiB (``UNTRUSTED_DRV_MAX_NAR``; refused from the metadata, before reading the NAR).
+  Independently, the store parses a ``.drv``'s outputs only from a regular file of at most
+  16 MiB, opened without following symlinks; anything else is stored without recorded outputs.
 * Durability and group commit. A reply is only sent once its work is durable: every import
-  runs inside ``store.batch()`` and is acknowledged after the batch committed. When further
+  runs inside ``store.batch()`` and is acknowledged after its path was committed. When further
   ``AddToStoreNar`` requests are already waiting on the input (a non-blocking check), they
   join the same batch and their ``1`` replies are sent together after one commit. Nix's
-  client waits for each reply, so it always gets batches of one. If the session dies inside
-  a group, the group's complete, verified paths are still registered where the store can
+  client waits for each reply, so it always gets batches of one. Whenever the next read of
+  the input would block, what the group holds so far is committed (``commit_pending``) and
+  acknowledged first, so a slow or stalled client never keeps a path locked and unregistered.
+  Each path is fully checked (size, hash, content address) before it joins the group; if the
+  session dies inside a group, the group's paths are still registered where the store can
   (``LocalStore.batch(keep_on_error=True)``) but not acknowledged.
 
 Extensions (harmless to real Nix clients, which never trigger them):
@@ -46,8 +58,8 @@ Extensions (harmless to real Nix clients, which never trigger them):
 
 from __future__ import annotations
 
-import hashlib
 import io
+import select
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -57,9 +69,9 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from ..errors import NarError, NartoolError, ProtocolError, SignatureError, StoreError, TruncatedError
 from ..hashes import Hash
-from ..nar import format as F
 from ..nar.source import ByteSource
-from ..store.paths import ContentAddress, ca_matches
+from ..store.cacheck import ca_proves_path
+from ..store.paths import ContentAddress
 from ..store.types import PathInfo, Store
 from . import wire as W
 
@@ -70,6 +82,10 @@ if TYPE_CHECKING:
 #: a group commit stops after this many paths or bytes (so replies keep flowing)
 GROUP_MAX_PATHS = 1024
 GROUP_MAX_BYTES = 64 << 20
+#: how long a group waits for more input before it commits what it holds (seconds)
+STALL_GRACE = 0.02
+#: users not in ``trusted-users`` may not upload a ``*.drv`` path whose NAR is larger
+UNTRUSTED_DRV_MAX_NAR = 16 << 20
 
 EXT_SENTINEL_NAME = "nartool-ext-query"
 EXT_HASH_PART = "0" * 32
@@ -107,13 +123,14 @@ class Policy:
         """Why ``info`` may not be imported by this session (None = it may)."""
         if not self.write:
             return "importing paths is not allowed"
+        if not self.trusted and info.path.endswith(".drv") and info.nar_size > UNTRUSTED_DRV_MAX_NAR:
+            return (f"cannot add path '{info.path}': derivations over {UNTRUSTED_DRV_MAX_NAR >> 20} MiB "
+                    f"(NAR size) are only accepted from trusted users, and user '{self.user}' is not one")
         if self.unsigned_ok:
             return None
-        if info.ca:
-            if ca_matches(info.path, info.ca, info.references, store_dir):
-                return None
-            if log is not None:
-                _log(log, f"warning: path '{info.path}' claims to be content-addressed but isn't")
+        ca_why = ca_proves_path(info, store_dir) if info.ca else None
+        if info.ca and ca_why is None:
+            return None
         try:
             from ..store.signing import verify_path_info
 
@@ -121,6 +138,10 @@ class Policy:
                 return None
         except SignatureError:
             pass
+        if info.ca and ca_why is not None:
+            if log is not None and "reproduce" in ca_why:
+                _log(log, f"warning: path '{info.path}' claims to be content-addressed but isn't")
+            return f"cannot add path '{info.path}' because it lacks a valid signature, and {ca_why}"
         return f"cannot add path '{info.path}' because it lacks a valid signature"
 
 
@@ -159,81 +180,14 @@ def resumable_batch(store: Store) -> AbstractContextManager[None]:
     return cm
 
 
-class CaVerifier:
-    """Checks, as the NAR streams past, that its content matches a ``ca`` field."""
-
-    def __init__(self, ca: ContentAddress, nar_hash: Hash) -> None:
-        self.ca = ca
-        self.skip_all = ca.method == "recursive" and ca.hash.algo == "sha256"
-        if self.skip_all and ca.hash.digest != nar_hash.digest:
-            raise StoreError("ca hash mismatch: the content address disagrees with the NAR hash",
-                             rule="ca-mismatch", expected=nar_hash.prefixed(), got=ca.hash.prefixed())
-        self.h = hashlib.new(ca.hash.algo)
-        self.head = bytearray()
-        self.content_start: int | None = None
-        self.content_end = 0
-        self.seen = 0
-
-    def update(self, chunk: bytes) -> None:
-        if self.skip_all or not chunk:
-            return
-        if self.ca.method == "recursive":
-            self.h.update(chunk)
-            return
-        # flat / text: the NAR must be one regular file; hash its contents
-        start = self.seen
-        self.seen += len(chunk)
-        if self.content_start is None:
-            self.head += chunk
-            self._decide()
-            if self.content_start is not None and self.content_start >= 0:
-                self._feed(bytes(self.head), 0)
-            if self.content_start is not None:
-                self.head = bytearray()
-            return
-        self._feed(chunk, start)
-
-    def _decide(self) -> None:
-        for hdr in (F.TOK_MAGIC + F.HDR_REGULAR, F.TOK_MAGIC + F.HDR_EXECUTABLE):
-            if len(self.head) >= len(hdr) + 8 and self.head.startswith(hdr):
-                size = int.from_bytes(self.head[len(hdr) : len(hdr) + 8], "little")
-                self.content_start = len(hdr) + 8
-                self.content_end = self.content_start + size
-                return
-        if len(self.head) >= len(F.TOK_MAGIC + F.HDR_EXECUTABLE) + 8:
-            self.content_start = -1  # not a single regular file
-
-    def _feed(self, chunk: bytes, start: int) -> None:
-        cs = self.content_start
-        if cs is None or cs < 0:
-            return
-        lo = max(cs - start, 0)
-        hi = min(self.content_end - start, len(chunk))
-        if lo < hi:
-            self.h.update(chunk[lo:hi])
-
-    def check(self, path: str) -> None:
-        if self.skip_all:
-            return
-        if self.ca.method != "recursive" and (self.content_start is None or self.content_start < 0):
-            raise StoreError(f"ca hash mismatch importing path '{path}': a {self.ca.method} content address "
-                             "needs a single regular file", path=path, rule="ca-mismatch")
-        got = Hash(self.ca.hash.algo, self.h.digest())
-        if got.digest != self.ca.hash.digest:
-            raise StoreError(f"ca hash mismatch importing path '{path}'; specified: {self.ca.hash.prefixed()} "
-                             f"got: {got.prefixed()}", path=path, rule="ca-mismatch",
-                             expected=self.ca.hash.prefixed(), got=got.prefixed())
-
-
-def _tee_source(src: ByteSource, n: int, sink: Callable[[bytes], None]) -> ByteSource:
-    it = src.iter_chunks(n)
-
-    def read(_k: int) -> bytes:
-        c = next(it, b"")
-        sink(c)
-        return c
-
-    return ByteSource(read, "NAR")
+def fd_readable(fd: int, wait: float = 0.0) -> bool:
+    """Whether ``fd`` has input (or end-of-file) to read within ``wait`` seconds; True when
+    unknown."""
+    try:
+        r, _, _ = select.select([fd], [], [], wait)
+    except (OSError, ValueError):
+        return True
+    return bool(r)
 
 
 def ext_path(store_dir: str, name: str) -> str:
@@ -250,8 +204,11 @@ class _Server:
         self.store = store
         self.store_dir = store.store_dir
         self.inf = inf
-        self.in_fd = W.file_fd(inf)
-        self.src = ByteSource(getattr(inf, "read1", inf.read), "serve input")
+        self.in_fd = self.raw_fd = W.file_fd(inf)
+        self._read_input = getattr(inf, "read1", inf.read)
+        #: called before a read of the input that would block (see add_to_store_nar)
+        self.before_wait: Callable[[], None] | None = None
+        self.src = ByteSource(self._read_raw, "serve input")
         self.raw_out = outf
         self.w = W.Writer(outf)
         self.policy = policy
@@ -261,6 +218,14 @@ class _Server:
         self.minor = 0
 
     # -- plumbing
+
+    def _read_raw(self, n: int) -> bytes:
+        """Read from the (raw, possibly compressed) input; when a hook is set and nothing can be
+        read without waiting, run the hook first."""
+        hook = self.before_wait
+        if hook is not None and self.raw_fd is not None and not fd_readable(self.raw_fd, STALL_GRACE):
+            hook()
+        return self._read_input(n)
 
     def handshake(self) -> None:
         magic = W.read_u32(self.src, "magic")
@@ -428,9 +393,9 @@ class _Server:
         if self.store.is_valid(info.path):
             self.src.skip(info.nar_size)
             return
-        verifier = CaVerifier(ContentAddress.parse(info.ca), info.nar_hash) if info.ca else None
-        sub = (_tee_source(self.src, info.nar_size, verifier.update) if verifier
-               else W.limited_source(self.src, info.nar_size))
+        # every check (size, hash, content address) happens inside add_nar, before the path
+        # joins the batch: what the batch holds is fully verified, whatever happens next
+        sub = W.limited_source(self.src, info.nar_size)
         try:
             self.store.add_nar(info, sub)
         except TruncatedError as e:
@@ -445,28 +410,43 @@ class _Server:
                              f"announced narSize {info.nar_size}",
                              path=info.path, rule="size-mismatch", expected=info.nar_size,
                              got=info.nar_size - extra)
-        if verifier:
-            verifier.check(info.path)
 
     def add_to_store_nar(self) -> None:
         self._need_write("importing paths")
         acks = 0
+        sent = 0
         nbytes = 0
         cmd9 = W.enc_u64(W.CMD_ADD_TO_STORE_NAR)
-        with resumable_batch(self.store):
-            while True:
-                info = self._read_nar_info()
-                self._add_one(info)
-                acks += 1
-                nbytes += info.nar_size
-                if acks >= GROUP_MAX_PATHS or nbytes >= GROUP_MAX_BYTES:
-                    break
-                if not W.has_buffered_input(self.src, self.in_fd):
-                    break
-                if self.src.peek(8) != cmd9:
-                    break
-                self.src.read_exact(8)
-        for _ in range(acks):
+        commit_pending: Callable[[], object] | None = getattr(self.store, "commit_pending", None)
+
+        def before_wait() -> None:
+            # The peer is slow (or stalled): make what the group holds durable now, so that no
+            # path stays locked and unregistered while we wait, and acknowledge it.
+            nonlocal sent
+            if commit_pending is None or sent == acks:
+                return
+            commit_pending()
+            self.w.raw(b"".join(W.enc_u64(1) for _ in range(acks - sent))).flush()
+            sent = acks
+
+        self.before_wait = before_wait
+        try:
+            with resumable_batch(self.store):
+                while True:
+                    info = self._read_nar_info()
+                    self._add_one(info)
+                    acks += 1
+                    nbytes += info.nar_size
+                    if acks >= GROUP_MAX_PATHS or nbytes >= GROUP_MAX_BYTES:
+                        break
+                    if not W.has_buffered_input(self.src, self.in_fd):
+                        break
+                    if self.src.peek(8) != cmd9:
+                        break
+                    self.src.read_exact(8)
+        finally:
+            self.before_wait = None
+        for _ in range(acks - sent):
             self.w.u64(1)
         self.w.flush()
 

@@ -1,4 +1,4 @@
-"""GC roots and garbage collection, compatible with Nix 2.8's (``store.md`` §11).
+"""GC roots and garbage collection, compatible with Nix 2.8's (``docs/store.md``, GC roots and Garbage collection).
 
 Roots, found under ``<state>/gcroots`` and ``<state>/profiles`` (recursively):
 
@@ -16,6 +16,10 @@ marks the closure of the roots live (keeping the derivers of live paths, as Nix'
 ``keep-derivations``), then deletes the rest referrers-first, one short transaction per path,
 re-checking the temp roots just before each deletion. Unreadable entries while scanning roots
 are reported, not fatal. The database is never VACUUMed.
+
+Nothing here recurses: root directories are walked, and trees deleted, with explicit stacks,
+each directory opened relative to its parent without following symlinks, so any depth (a tree
+Nix wrote, a deep directory under ``gcroots``) is handled.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import InvalidPathError, StoreError
-from ..fs.osutil import remove_at
+from ..fs.osutil import DirChain, remove_at
 from ..hashes import nix32_encode
 from .closure import topo_sort
 from .locks import gc_lock, read_temp_roots
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class Roots:
-    #: root location (a link, a file or ``{temp:PID}``/``{runtime}``) → store path
+    #: root location (a link, a file, or for a runtime root the ``/proc`` entry) → store path
     roots: dict[str, str] = field(default_factory=dict)
     temp: set[str] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
@@ -78,36 +82,77 @@ def find_roots(store: LocalStore, *, runtime: bool = True) -> Roots:
 
 
 def _scan_roots(store: LocalStore, d: str, r: Roots) -> None:
+    """Find the roots under ``d``, however deep: an explicit stack, every directory opened
+    relative to its parent without following symlinks (see :class:`DirChain`)."""
     try:
-        it = list(os.scandir(d))
+        top = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         return
     except OSError as err:
         r.problems.append(f"cannot read root directory {d!r}: {err.strerror}")
         return
     auto_dir = os.path.join(store.state_dir, "gcroots", "auto")
-    for e in it:
-        p = e.path
+    chain = DirChain(top)
+    try:
+        stack = [(d, _scan_root_dir(store, top, d, d == auto_dir, r))]
+        while stack:
+            path, subdirs = stack[-1]
+            if not subdirs:
+                stack.pop()
+                if stack:
+                    chain.pop()
+                continue
+            name = subdirs.pop()
+            cpath = path + "/" + name
+            try:
+                fd = chain.push(os.fsencode(name))
+            except OSError as err:
+                if err.errno != errno.ENOENT:  # vanished since the listing
+                    r.problems.append(f"cannot read root directory {cpath!r}: {err.strerror}")
+                continue
+            stack.append((cpath, _scan_root_dir(store, fd, cpath, cpath == auto_dir, r)))
+    except OSError as err:  # an ancestor replaced while we were below it
+        r.problems.append(f"cannot read root directory {d!r}: {err.strerror}")
+    finally:
+        chain.close()
+        os.close(top)
+
+
+def _scan_root_dir(store: LocalStore, fd: int, path: str, is_auto: bool, r: Roots) -> list[str]:
+    """Record the roots among the entries of the open directory ``fd`` (at ``path``); returns
+    the names of its subdirectories."""
+    subdirs: list[str] = []
+    try:
+        with os.scandir(fd) as it:
+            entries = list(it)
+    except OSError as err:
+        r.problems.append(f"cannot read root directory {path!r}: {err.strerror}")
+        return subdirs
+    for e in entries:
+        p = path + "/" + e.name
         try:
             if e.is_symlink():
-                target = os.readlink(p)
+                target = os.readlink(e.name, dir_fd=fd)
                 sp = _in_store(store, target)
                 if sp is not None:
                     if store.is_valid(sp):
                         r.roots[p] = sp
                     continue
-                # indirect: a link to a link outside the store
-                link = os.path.join(os.path.dirname(p), target)
-                if not os.path.lexists(link):
-                    if os.path.dirname(p) == auto_dir:
-                        os.unlink(p)  # stale auto root
+                # indirect: a link to a link outside the store (a relative target is resolved
+                # from this directory's descriptor, an absolute one as it is)
+                link = os.path.join(path, target)
+                try:
+                    st = os.lstat(target, dir_fd=fd)
+                except (FileNotFoundError, NotADirectoryError):
+                    if is_auto:
+                        os.unlink(e.name, dir_fd=fd)  # stale auto root
                     continue
-                if os.path.islink(link):
-                    sp = _in_store(store, os.readlink(link))
+                if stat.S_ISLNK(st.st_mode):
+                    sp = _in_store(store, os.readlink(target, dir_fd=fd))
                     if sp is not None and store.is_valid(sp):
                         r.roots[link] = sp
             elif e.is_dir(follow_symlinks=False):
-                _scan_roots(store, p, r)
+                subdirs.append(e.name)
             elif e.is_file(follow_symlinks=False):
                 try:
                     sp = StorePath.from_base(e.name).full(store.store_dir)
@@ -119,10 +164,13 @@ def _scan_roots(store: LocalStore, d: str, r: Roots) -> None:
             if ex.errno == errno.ENOENT:  # vanished since the listing (e.g. an add-root's temporary link)
                 continue
             r.problems.append(f"cannot read root {p!r}: {ex.strerror}")
+    return subdirs
 
 
 def _runtime_roots(store: LocalStore) -> Iterable[tuple[str, str]]:
-    """Store paths used by running processes (Linux ``/proc``): exe, cwd, open fds, maps."""
+    """Store paths used by running processes (Linux ``/proc``): exe, cwd, open fds, maps; each
+    with a location of its own (``/proc/PID/fd/N``, ``/proc/PID/maps:PATH``, ...), so that every
+    one of them counts as a root."""
     if not sys.platform.startswith("linux"):
         return
     real = store.real_store_dir + "/"
@@ -157,15 +205,17 @@ def _runtime_roots(store: LocalStore) -> Iterable[tuple[str, str]]:
             except OSError:
                 continue
             if sp and store.is_valid(sp):
-                yield "{runtime}", sp
+                yield link, sp
+        mapped: set[str] = set()
         try:
             with open(f"{base}/maps") as f:
                 for line in f:
                     i = line.find(real)
                     if i >= 0:
                         sp = hit(line[i:].strip())
-                        if sp and store.is_valid(sp):
-                            yield "{runtime}", sp
+                        if sp and sp not in mapped and store.is_valid(sp):
+                            mapped.add(sp)
+                            yield f"{base}/maps:{sp}", sp
         except OSError:
             pass
 
@@ -315,20 +365,10 @@ def _collect(store: LocalStore, res: GCResult, action: str, max_freed: int | Non
         temp_hashes.update(_hash_part(store, p) for p in roots.temp if p.startswith(store.store_dir + "/"))
     ids, refs, sizes, derivers = store.db.load_graph_full()
     by_path = {p: i for i, p in ids.items()}
-    # mark
-    live_ids: set[int] = set()
-    todo = [by_path[p] for p in roots.paths() if p in by_path]
+    start = [(by_path[p], where) for where, p in roots.roots.items() if p in by_path]
     with mutex:
-        todo.extend(i for i, p in ids.items() if _hash_part(store, p) in temp_hashes)
-    while todo:
-        i = todo.pop()
-        if i in live_ids:
-            continue
-        live_ids.add(i)
-        todo.extend(refs.get(i, ()))
-        d = derivers.get(i)
-        if d is not None and d in by_path:  # keep-derivations
-            todo.append(by_path[d])
+        start.extend((i, "{temp}") for i, p in ids.items() if _hash_part(store, p) in temp_hashes)
+    live_ids = _mark(ids, refs, derivers, by_path, start).keys()
     res.live = {ids[i] for i in live_ids}
     if paths is not None:
         wanted = [store.follow(p) for p in paths]
@@ -368,6 +408,39 @@ def _collect(store: LocalStore, res: GCResult, action: str, max_freed: int | Non
             on_delete(p)
     if paths is None:
         _sweep_invalid(store, res, mutex, temp_hashes, max_freed)
+
+
+def _mark(ids: dict[int, str], refs: dict[int, list[int]], derivers: dict[int, str], by_path: dict[str, int],
+          start: Iterable[tuple[int, str]]) -> dict[int, str]:
+    """The live paths (ids): the closure of ``start`` over references and derivers (Nix's
+    ``keep-derivations``), each with the root location it was first reached from."""
+    live: dict[int, str] = {}
+    todo = list(start)
+    while todo:
+        i, where = todo.pop()
+        if i in live:
+            continue
+        live[i] = where
+        todo.extend((j, where) for j in refs.get(i, ()) if j not in live)
+        d = derivers.get(i)
+        if d is not None and d in by_path:
+            todo.append((by_path[d], where))
+    return live
+
+
+def root_holders(store: LocalStore) -> dict[str, str]:
+    """Every valid path a GC root keeps alive (permanent, indirect, temp or runtime root;
+    directly, or through references and derivers as the collector counts them) → the location
+    of a root holding it (a link, a file, a ``/proc`` entry or ``{temp}``).
+
+    Exact only while ``gc.lock`` is held exclusively (no root can be added meanwhile)."""
+    roots = find_roots(store)
+    ids, refs, _, derivers = store.db.load_graph_full()
+    by_path = {p: i for i, p in ids.items()}
+    temp_hashes = {_hash_part(store, p) for p in roots.temp if p.startswith(store.store_dir + "/")}
+    start = [(by_path[p], where) for where, p in roots.roots.items() if p in by_path]
+    start.extend((i, "{temp}") for i, p in ids.items() if _hash_part(store, p) in temp_hashes)
+    return {ids[i]: where for i, where in _mark(ids, refs, derivers, by_path, start).items()}
 
 
 def _sweep_invalid(store: LocalStore, res: GCResult, mutex: threading.Lock, temp_hashes: set[str],

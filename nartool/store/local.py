@@ -8,7 +8,10 @@ How a path is added (:meth:`LocalStore.add_nar`, :meth:`add_path`, :meth:`import
 
 1. the path (and the temporary name used while restoring) become temporary GC roots;
 2. the NAR is restored under a temporary store name, hashed on the way, with canonical
-   metadata (0444/0555, mtime 1, xattrs stripped), never following symlinks;
+   metadata (0444/0555, mtime 1, xattrs stripped), never following symlinks; size, NAR hash
+   and a claimed content address (:mod:`nartool.store.cacheck`, from the same stream: no
+   restored object is ever read back by path) are all checked before the next step, and a
+   ``.drv``'s outputs are parsed from the temporary opened without following symlinks;
 3. under the per-path lock, a leftover at the final name is removed and the temporary is
    renamed into place (without replacing anything);
 4. at the end of the batch one ``syncfs`` flushes everything, then one transaction registers
@@ -22,6 +25,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -40,6 +44,7 @@ from ..nar.hashing import NarDigest, tee_nar
 from ..nar.reader import NarReader
 from ..nar.source import ByteSource, as_source
 from . import export as X
+from .cacheck import CaCheck
 from .closure import closure_set, topo_sort
 from .db import StoreDB
 from .derivation import DerivationError, parse_derivation
@@ -56,6 +61,8 @@ from .refs import RefScanner
 from .types import PathInfo
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+#: a ``.drv`` larger than this is stored, but its outputs are not parsed or recorded
+DRV_MAX_SIZE = 16 << 20
 SETTINGS_FILE = "nartool-store.json"
 
 
@@ -300,16 +307,23 @@ class LocalStore:
         self.temp_root(f"{self.store_dir}/{name}")
         return name.encode()
 
-    def _restore_temp(self, events: Iterable[Event], scanner: RefScanner | None = None) -> tuple[bytes, NarDigest]:
+    def _restore_temp(self, events: Iterable[Event], scanner: RefScanner | None = None,
+                      ca: CaCheck | None = None) -> tuple[bytes, NarDigest]:
         """Restore ``events`` under a temporary name; returns it and the NAR digest (and feeds
-        the NAR bytes to ``scanner`` when given)."""
+        the NAR bytes to ``scanner`` when given). ``ca`` sees the events and bytes on the way
+        (it refuses a wrong kind of root before anything is restored for it)."""
         tmp = self._temp_name()
         digest = NarDigest()
         sink: Callable[[bytes | bytearray | memoryview], None] = digest
-        if scanner is not None:
+        extra = [f for f in (scanner.update if scanner is not None else None, ca.update if ca is not None else None)
+                 if f is not None]
+        if extra:
             def sink(b: bytes | bytearray | memoryview) -> None:
                 digest(b)
-                scanner.update(b)
+                for f in extra:
+                    f(b)
+        if ca is not None:
+            events = ca.events(events)
         b = _Builder(self._store_fd, tmp, names=self.names, canonical=True, fsync=False)
         try:
             try:
@@ -340,6 +354,7 @@ class LocalStore:
             if self._in_batch(info.path):
                 remove_at(self._store_fd, tmp)
                 return False
+            drv_outputs = self._drv_outputs(tmp) if info.path.endswith(".drv") else {}
             lock = self._lock_path(self.real_store_dir + "/" + base.decode())
             if self.db.is_valid(info.path):
                 lock.release()
@@ -351,7 +366,6 @@ class LocalStore:
                 rename_noreplace(tmp, base, src_dir_fd=self._store_fd, dst_dir_fd=self._store_fd)
             except OSError as e:
                 raise StoreError(f"cannot move into place: {e.strerror}", path=info.path, rule="io") from e
-            drv_outputs = self._drv_outputs(info.path) if info.path.endswith(".drv") else {}
             entry = _Pending(info, lock, drv_outputs)
             if self._pending is not None:
                 self._pending.append(entry)
@@ -378,22 +392,51 @@ class LocalStore:
             try:
                 return PathLock(physical, wait=False)
             except StoreError:
-                pending, self._pending = self._pending, []
-                try:
-                    self._commit(pending)
-                except BaseException:
-                    self._discard(pending)
-                    raise
+                self.commit_pending()
         return PathLock(physical)
 
-    def _drv_outputs(self, path: str) -> dict[str, str]:
-        """Output paths of a just-restored ``.drv`` for ``DerivationOutputs`` (as Nix registers them)."""
+    def commit_pending(self) -> int:
+        """Inside a batch: sync and register what the batch added so far (releasing those
+        paths' locks) and stay in the batch; returns how many paths were committed. A serve
+        session calls this before it waits for more input, so that a stalled peer never keeps
+        a path locked and unregistered. Outside a batch: nothing to do (0)."""
+        if not self._pending:
+            return 0
+        pending, self._pending = self._pending, []
         try:
-            with open(self.physical(path), "rb") as f:
-                data = f.read(64 << 20)
-            drv = parse_derivation(data)
+            self._commit(pending)
+        except BaseException:
+            self._discard(pending)
+            raise
+        return len(pending)
+
+    def _drv_outputs(self, tmp: bytes) -> dict[str, str]:
+        """Output paths of the just-restored ``.drv`` under store name ``tmp`` (the temporary),
+        for ``DerivationOutputs`` (as Nix registers them). The file is opened relative to the
+        store without following a symlink and must be a regular file of at most
+        :data:`DRV_MAX_SIZE` bytes; anything else records nothing (a NAR may hold a directory or
+        a symlink under a ``.drv`` name, and its target must never be read)."""
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self._store_fd)
+        except OSError:
+            return {}
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > DRV_MAX_SIZE:
+                return {}
+            parts: list[bytes] = []
+            left = st.st_size
+            while left > 0:
+                b = os.read(fd, min(left, 1 << 20))
+                if not b:
+                    break
+                parts.append(b)
+                left -= len(b)
+            drv = parse_derivation(b"".join(parts))
         except (OSError, DerivationError):
-            return {}  # not a parseable derivation (e.g. a directory named *.drv): nothing to record
+            return {}  # not a parseable derivation: nothing to record
+        finally:
+            os.close(fd)
         return {name: o.path for name, o in drv.outputs.items() if o.path}
 
     def _check_references(self, info: PathInfo) -> None:
@@ -411,11 +454,10 @@ class LocalStore:
         self.parse_path(info.path)
         if info.nar_hash.algo != "sha256":
             raise StoreError("NAR hashes must be sha256", got=info.nar_hash.algo, path=info.path, rule="bad-hash")
-        if info.ca:
-            ContentAddress.parse(info.ca)
+        ca = CaCheck(info, self.store_dir) if info.ca else None
         self._check_references(info)
         start = src.offset
-        tmp, digest = self._restore_temp(NarReader(src, standalone=False))
+        tmp, digest = self._restore_temp(NarReader(src, standalone=False), ca=ca)
         try:
             got = digest.hash()
             if info.nar_size and digest.size != info.nar_size:
@@ -424,8 +466,8 @@ class LocalStore:
             if got != info.nar_hash:
                 raise StoreError("hash mismatch importing path", path=info.path, rule="hash-mismatch",
                                  expected=info.nar_hash.prefixed("nix32"), got=got.prefixed("nix32"))
-            if info.ca:
-                self._check_ca(info, tmp)
+            if ca is not None:
+                ca.finish()
         except BaseException:
             remove_at(self._store_fd, tmp)
             raise
@@ -433,34 +475,6 @@ class LocalStore:
         if not self._place(tmp, info):
             return self.query_path_info(info.path) or info
         return info
-
-    def _check_ca(self, info: PathInfo, tmp: bytes) -> None:
-        """A claimed content address must reproduce the path and match the contents."""
-        ca = ContentAddress.parse(info.ca or "")
-        sp = self.parse_path(info.path)
-        if ca.store_path(sp.name, info.references, self.store_dir, self_path=info.path) != info.path:
-            raise StoreError("content address does not reproduce the path", path=info.path, rule="ca-mismatch",
-                             got=info.ca)
-        if ca.method == "recursive":
-            if ca.hash.algo == "sha256":
-                ok = ca.hash == info.nar_hash or info.path in info.references
-            else:
-                h = hashlib.new(ca.hash.algo)
-                for c in dump_nar(self.real_store_dir + "/" + tmp.decode(), names=self.names):
-                    h.update(c)
-                ok = h.digest() == ca.hash.digest
-        else:
-            h = hashlib.new(ca.hash.algo)
-            try:
-                with open(self.real_store_dir + "/" + tmp.decode(), "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        h.update(chunk)
-            except IsADirectoryError:
-                raise StoreError("flat or text content address on a directory", path=info.path,
-                                 rule="ca-mismatch") from None
-            ok = h.digest() == ca.hash.digest
-        if not ok:
-            raise StoreError("ca hash mismatch importing path", path=info.path, rule="ca-mismatch", got=info.ca)
 
     def add_path(self, src: str | os.PathLike[str], *, name: str | None = None, flat: bool = False,
                  names: NameCodec | None = None, exclude: Exclude | None = None,
@@ -583,29 +597,81 @@ class LocalStore:
             remove_at(self._store_fd, base.encode())
 
     def verify(self, *, check_contents: bool = False, repair: bool = False) -> list[dict[str, str]]:
-        """Problems found: paths whose files are missing, or (with ``check_contents``) whose NAR
-        hash changed. ``repair`` invalidates such paths together with every path that refers to
-        them, so that the store is consistent again and a later copy brings them back."""
+        """Problems found, one dict per path: ``path``, ``problem`` and maybe ``detail``.
+
+        ``problem`` is ``missing`` (the path's files are gone), ``corrupt`` (with
+        ``check_contents``: its NAR hash or size differs from the registered one) or
+        ``unverifiable`` (its contents could not be dumped at all, e.g. an unreadable file or a
+        file of a type no NAR holds). Only the first two are breakage. Contents are dumped
+        without nartool's own NAR bounds (nesting depth, name and target lengths): any tree
+        Nix registered is checked, however deep. A path unregistered meanwhile (e.g. by a
+        collector) is not reported.
+
+        ``repair`` removes a broken path (invalidates it, deletes what is left of its files)
+        only if nothing needs it: no valid path refers to it and no GC root (permanent,
+        indirect, temp or runtime; directly or through references and derivers) holds it.
+        Broken paths are visited referrers first, so a broken path referred to only by broken
+        paths that get removed goes too. Each broken path then gets ``repair``:
+        ``invalidated``, ``already invalid``, or ``not repairable`` with a ``reason`` (the
+        path is kept). Intact and unverifiable paths are never touched. This runs under the
+        exclusive ``gc.lock``, so no root appears while it decides."""
+        from ..nar.limits import Limits
+
+        unbounded = Limits(max_depth=1 << 62, max_name=1 << 62, max_target=1 << 62)
         problems: list[dict[str, str]] = []
         for p in self.db.all_paths():
             phys = self.physical(p)
             if not os.path.lexists(phys):
-                problems.append({"path": p, "problem": "missing"})
+                if self.db.is_valid(p):
+                    problems.append({"path": p, "problem": "missing"})
                 continue
             if check_contents:
-                info = self.path_info(p)
+                info = self.query_path_info(p)
+                if info is None:
+                    continue
+                found: dict[str, str] | None = None
                 try:
-                    for _ in self._checked_chunks(info, dump_nar(phys, names=self.names), True):
+                    for _ in self._checked_chunks(info, dump_nar(phys, names=self.names, limits=unbounded), True):
                         pass
-                except (StoreError, FsError, NarError) as e:
-                    problems.append({"path": p, "problem": "corrupt", "detail": e.message})
-        if repair and problems:
-            bad = {x["path"] for x in problems}
-            doomed = self.referrers_closure(bad)
-            for p in topo_sort(doomed, self.db.references)[::-1]:
-                self._remove_object(p)
-                if p not in bad:
-                    problems.append({"path": p, "problem": "invalidated (refers to a broken path)"})
+                except StoreError as e:
+                    kind = "corrupt" if e.rule == "hash-changed" else "unverifiable"
+                    found = {"path": p, "problem": kind, "detail": e.message}
+                except (FsError, NarError) as e:
+                    found = {"path": p, "problem": "unverifiable", "detail": str(e)}
+                except OSError as e:
+                    found = {"path": p, "problem": "unverifiable", "detail": f"cannot read: {e.strerror}"}
+                if found is not None and self.db.is_valid(p):
+                    problems.append(found)
+        broken = {x["path"]: x for x in problems if x["problem"] in ("missing", "corrupt")}
+        if not (repair and broken):
+            return problems
+        from .gc import root_holders
+        from .locks import gc_lock
+
+        with gc_lock(self.state_dir, exclusive=True, waiting="waiting for the big garbage collector lock..."):
+            held = root_holders(self)
+            for p in topo_sort(broken, self.db.references)[::-1]:  # referrers first
+                x = broken[p]
+                if not self.db.is_valid(p):
+                    x["repair"] = "already invalid"
+                    continue
+                reasons = []
+                referrers = sorted(self.db.referrers(p) - {p})
+                if referrers:
+                    more = f" and {len(referrers) - 1} more" if len(referrers) > 1 else ""
+                    reasons.append(f"referenced by valid path {referrers[0]}{more}")
+                if p in held:
+                    reasons.append(f"held by GC root {held[p]}")
+                if not reasons:
+                    try:
+                        self._remove_object(p)
+                    except (StoreError, OSError) as e:
+                        reasons.append(f"removal failed: {e}")
+                if reasons:
+                    x["repair"] = "not repairable"
+                    x["reason"] = "; ".join(reasons)
+                else:
+                    x["repair"] = "invalidated"
         return problems
 
 

@@ -1,7 +1,8 @@
 """An in-memory :class:`~nartool.store.types.Store`: NAR bytes in a dict.
 
 For tests and in-process transports (like dulwich's ``MemoryRepo``): every operation of the
-protocol behaves as the on-disk store's does — hash and size checks, reference validity,
+protocol behaves as the on-disk store's does — hash, size and content-address checks (the
+latter shared with it, :mod:`nartool.store.cacheck`), reference validity,
 all-or-nothing batches and imports — without touching the filesystem.
 """
 
@@ -15,22 +16,30 @@ from contextlib import contextmanager
 
 from ..errors import StoreError
 from ..hashes import Hash
+from ..nar.events import Event
 from ..nar.reader import NarReader
 from ..nar.source import ByteSource
 from ..nar.writer import write_nar
+from .cacheck import CaCheck
 from .closure import closure_set, topo_sort
 from .export import end_chunk, read_marker, read_trailer, record_chunks
 from .paths import DEFAULT_STORE_DIR, StorePath
 from .types import PathInfo
 
 
-def read_one_nar(src: ByteSource) -> tuple[bytes, Hash]:
-    """Parse exactly one NAR from ``src``; its bytes and SHA-256."""
+def read_one_nar(src: ByteSource, ca: CaCheck | None = None) -> tuple[bytes, Hash]:
+    """Parse exactly one NAR from ``src``; its bytes and SHA-256. ``ca`` sees the NAR's events
+    and bytes on the way (the caller calls its ``finish``)."""
     h = hashlib.sha256()
     parts: list[bytes] = []
-    for chunk in write_nar(NarReader(src, standalone=False)):
+    events: Iterable[Event] = NarReader(src, standalone=False)
+    if ca is not None:
+        events = ca.events(events)
+    for chunk in write_nar(events):
         b = bytes(chunk)
         h.update(b)
+        if ca is not None:
+            ca.update(b)
         parts.append(b)
     return b"".join(parts), Hash("sha256", h.digest())
 
@@ -116,7 +125,8 @@ class MemoryStore:
 
     def add_nar(self, info: PathInfo, nar: ByteSource) -> PathInfo:
         self._check_path(info)
-        data, h = read_one_nar(nar)
+        ca = CaCheck(info, self.store_dir) if info.ca else None
+        data, h = read_one_nar(nar, ca)
         if info.nar_hash.algo != "sha256" or h.digest != info.nar_hash.digest:
             raise StoreError(f"hash mismatch importing path '{info.path}'; specified: "
                              f"{info.nar_hash.prefixed()} got: {h.prefixed()}", path=info.path,
@@ -124,6 +134,8 @@ class MemoryStore:
         if info.nar_size and len(data) != info.nar_size:
             raise StoreError(f"size mismatch importing path '{info.path}'", path=info.path,
                              rule="size-mismatch", expected=info.nar_size, got=len(data))
+        if ca is not None:
+            ca.finish()
         with self._lock:
             existing = self.infos.get(info.path)
             if existing is not None:
