@@ -37,6 +37,20 @@ Settings:
 ``require-sigs`` (default ``true``)
     Whether paths that are not content-addressed need a trusted signature to be imported.
     Booleans are ``true``/``false`` (also ``yes``/``no``, ``1``/``0``).
+
+Trust for ``nartool serve`` (:meth:`Config.load_for_serve`):
+
+All of the settings above decide what a client may do to a store, so for ``nartool serve``
+(typically an ssh forced command, run as the client's login user, who controls their own home
+directory and environment) they come **only from the system file**, as Nix's daemon ignores
+these settings in a user's configuration. A user's files (``$NARTOOL_CONFIG``,
+``$XDG_CONFIG_HOME``, ``~/.config``) are ignored there, with a warning naming them; a client
+cannot make itself trusted. The one exception is a server running as root, who could edit the
+system file anyway: root's own files are read as usual, but only when they are owned by root
+and not writable by group or others (otherwise they are ignored, with a warning). The system
+file is always used, but a warning is given when it is not owned by root or is writable by its
+group or by others (anyone who can write it decides who is trusted). Other commands (e.g.
+``store verify --sigs``) act with the invoking user's own rights and read all the files.
 """
 
 from __future__ import annotations
@@ -45,6 +59,8 @@ import dataclasses
 import grp
 import os
 import pwd
+import stat
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +218,33 @@ class Config:
             changes[field] = value
         return dataclasses.replace(cfg, sources=(*cfg.sources, source), **changes)
 
+    @classmethod
+    def load_for_serve(cls, env: Mapping[str, str] | None = None, *, euid: int | None = None,
+                       system: str | os.PathLike[str] | None = None, root_uid: int = 0,
+                       warn: Callable[[str], None] | None = None) -> Config:
+        """The configuration for ``nartool serve``: trust comes from the system file only (see
+        the module docstring). ``euid`` (default: this process's) decides whether user files may
+        be read at all (root's only); ``root_uid`` is the owner a trusted file must have; ``warn``
+        receives warnings (default: printed to stderr). ``system`` overrides
+        :data:`SYSTEM_CONFIG`."""
+        say = warn if warn is not None else _warn_stderr
+        uid = os.geteuid() if euid is None else euid
+        sys_path = Path(SYSTEM_CONFIG if system is None else system)
+        cfg = cls()
+        text = _read_checked(sys_path, required=False, root_uid=root_uid, say=say, insecure_ok=True)
+        if text is not None:
+            cfg = cls.from_text(text, str(sys_path), base=cfg)
+        for path, required in cls.default_paths(env)[1:]:
+            if uid != root_uid:
+                if path.exists():
+                    say(f"ignoring '{path}' for serve: trust settings come only from the system configuration "
+                        f"'{sys_path}'")
+                continue
+            text = _read_checked(path, required=required, root_uid=root_uid, say=say, insecure_ok=False)
+            if text is not None:
+                cfg = cls.from_text(text, str(path), base=cfg)
+        return cfg
+
     # -- decisions
 
     def is_trusted(self, user: UserIdentity, members: GroupMembers = group_members) -> bool:
@@ -230,6 +273,47 @@ class Config:
         for sk in self.secret_keys():
             out.setdefault(sk.name, sk.public_key())
         return out
+
+
+def _warn_stderr(message: str) -> None:
+    sys.stderr.write(f"warning: {message}\n")
+    sys.stderr.flush()
+
+
+def file_problems(st: os.stat_result, root_uid: int = 0) -> list[str]:
+    """Why a configuration file with status ``st`` cannot be relied on for trust settings:
+    not owned by root, or writable by its group or by others."""
+    problems = []
+    if st.st_uid != root_uid:
+        problems.append(f"is owned by uid {st.st_uid}, not by root")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problems.append("is writable by " + " and ".join(
+            w for bit, w in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "others")) if st.st_mode & bit))
+    return problems
+
+
+def _read_checked(path: Path, *, required: bool, root_uid: int, say: Callable[[str], None],
+                  insecure_ok: bool) -> str | None:
+    """The text of a configuration file, checked as in :meth:`Config.load_for_serve`; None
+    when it is absent (and not required) or, unless ``insecure_ok``, untrustworthy."""
+    try:
+        with open(path, "rb") as f:
+            problems = file_problems(os.fstat(f.fileno()), root_uid)
+            data = f.read()
+    except FileNotFoundError:
+        if required:
+            raise NartoolError("configuration file not found", path=str(path), rule="config-missing") from None
+        return None
+    if problems:
+        what = "; ".join(problems)
+        if not insecure_ok:
+            say(f"ignoring '{path}' for serve: it {what}")
+            return None
+        say(f"the system configuration '{path}' {what}: whoever can write it decides who is trusted")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NartoolError("configuration file is not UTF-8", path=str(path), rule="config-encoding") from None
 
 
 def _parse_line(line: str, source: str, lineno: int) -> tuple[str, list[str]] | None:

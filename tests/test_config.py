@@ -250,3 +250,115 @@ def test_corrupt_secret_key_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SignatureError) as e:
         c.trusted_keys()
     assert e.value.path == str(tmp_path / "bad.sec")
+
+
+# ---------------------------------------------------------------- trust for serve
+
+
+def _serve_files(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    system = write(tmp_path / "etc" / "nartool.conf", "trusted-users = root\nallowed-users = @users\n")
+    system.chmod(0o644)
+    home = tmp_path / "home"
+    write(home / ".config" / "nartool" / "nartool.conf", "trusted-users = *\n").chmod(0o644)
+    xdg = write(tmp_path / "xdg" / "nartool" / "nartool.conf", "trusted-users = *\nrequire-sigs = false\n")
+    xdg.chmod(0o644)
+    explicit = write(tmp_path / "explicit.conf",
+                     f"trusted-users = *\nallowed-users = *\nsecret-key-files = {tmp_path / 'k.sec'}\n")
+    explicit.chmod(0o644)
+    return system, {"HOME": str(home), "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "NARTOOL_CONFIG": str(explicit)}
+
+
+@pytest.mark.parametrize("var", ["HOME", "XDG_CONFIG_HOME", "NARTOOL_CONFIG"])
+def test_serve_ignores_user_trust_settings(tmp_path: Path, var: str) -> None:
+    """Old behaviour: serve used Config.load(), so the login user's own file could say
+    `trusted-users = *` (and a secret key file of theirs became trusted)."""
+    system, full_env = _serve_files(tmp_path)
+    env = {"HOME": full_env["HOME"]} if var == "HOME" else {"HOME": str(tmp_path / "nohome"), var: full_env[var]}
+    warnings: list[str] = []
+    c = Config.load_for_serve(env, euid=1000, system=system, warn=warnings.append)
+    assert c.trusted_users == ("root",) and c.allowed_users == ("@users",)
+    assert c.require_sigs is True and c.secret_key_files == ()
+    assert c.sources == (str(system),)
+    assert not c.is_trusted(ALICE, NO_GROUPS) and not c.is_allowed(ALICE, NO_GROUPS)
+    assert len(warnings) == 1 and "ignoring" in warnings[0] and "system configuration" in warnings[0]
+    # the same files for other commands (the user's own rights): read as before
+    assert Config.load(env=env).trusted_users == ("*",)
+
+
+def test_serve_without_system_file_uses_defaults(tmp_path: Path) -> None:
+    _, env = _serve_files(tmp_path)
+    c = Config.load_for_serve(env, euid=1000, system=tmp_path / "absent.conf", warn=lambda m: None)
+    assert c == Config()
+    # a missing $NARTOOL_CONFIG is no error for a user (the file is not read at all)
+    Config.load_for_serve({"NARTOOL_CONFIG": str(tmp_path / "nope")}, euid=1000, system=tmp_path / "absent.conf")
+
+
+def test_serve_as_root_reads_roots_own_files(tmp_path: Path) -> None:
+    system, env = _serve_files(tmp_path)
+    me = os.geteuid()
+    warnings: list[str] = []
+    c = Config.load_for_serve(env, euid=me, root_uid=me, system=system, warn=warnings.append)
+    assert c.trusted_users == ("*",) and c.allowed_users == ("*",)
+    assert c.sources == (str(system), env["NARTOOL_CONFIG"]) and warnings == []
+    # ... but not one that others can write (it is ignored, with a warning)
+    Path(env["NARTOOL_CONFIG"]).chmod(0o664)
+    c = Config.load_for_serve(env, euid=me, root_uid=me, system=system, warn=warnings.append)
+    assert c.trusted_users == ("root",) and c.sources == (str(system),)
+    assert len(warnings) == 1 and "ignoring" in warnings[0] and "writable by its group" in warnings[0]
+    # nor one owned by someone else (pretend root is another uid)
+    Path(env["NARTOOL_CONFIG"]).chmod(0o644)
+    warnings.clear()
+    c = Config.load_for_serve(env, euid=me + 1, root_uid=me + 1, system=system, warn=warnings.append)
+    assert c.trusted_users == ("root",)
+    assert any("ignoring" in w and f"owned by uid {me}" in w for w in warnings)
+    with pytest.raises(NartoolError) as e:  # for root, an explicit $NARTOOL_CONFIG must exist
+        Config.load_for_serve({"NARTOOL_CONFIG": str(tmp_path / "nope")}, euid=me, root_uid=me, system=system)
+    assert e.value.rule == "config-missing"
+
+
+@pytest.mark.parametrize(("mode", "root_offset", "fragments"), [
+    (0o644, 0, []),
+    (0o664, 0, ["writable by its group"]),
+    (0o646, 0, ["writable by others"]),
+    (0o666, 0, ["writable by its group and others"]),
+    (0o644, 1, ["owned by uid"]),
+])
+def test_insecure_system_file_is_used_with_a_warning(tmp_path: Path, mode: int, root_offset: int,
+                                                     fragments: list[str]) -> None:
+    system, _ = _serve_files(tmp_path)
+    system.chmod(mode)
+    warnings: list[str] = []
+    root = os.stat(system).st_uid + root_offset
+    c = Config.load_for_serve({"HOME": str(tmp_path / "nohome")}, euid=root + 1, root_uid=root, system=system,
+                              warn=warnings.append)
+    assert c.allowed_users == ("@users",)  # still the admin's settings
+    if not fragments:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and str(system) in warnings[0]
+        assert all(f in warnings[0] for f in fragments)
+
+
+def test_serve_cli_ignores_insecure_user_file(tmp_path: Path) -> None:
+    """Through `nartool serve` (run as root here: root's own file is honoured only when only
+    root can write it). Old behaviour: the group-writable file was obeyed."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "nartool.conf"
+    cfg.write_text("allowed-users = nobody-at-all\ntrusted-users = nobody-at-all\n")
+    cfg.chmod(0o664)
+    if os.stat(cfg).st_uid != os.geteuid() or os.geteuid() != 0:
+        pytest.skip("needs to run as root")
+    from nartool.remote import wire
+
+    hello = wire.SERVE_MAGIC_1.to_bytes(8, "little") + wire.PROTOCOL_VERSION.to_bytes(8, "little")
+    env = dict(os.environ, NARTOOL_CONFIG=str(cfg))
+    r = subprocess.run([sys.executable, "-m", "nartool", "serve", "--store", str(tmp_path / "st")], input=hello,
+                       capture_output=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert b"ignoring" in r.stderr and b"writable by its group" in r.stderr
+    cfg.chmod(0o644)  # now root's own, safe file: obeyed
+    r = subprocess.run([sys.executable, "-m", "nartool", "serve", "--store", str(tmp_path / "st")], input=hello,
+                       capture_output=True, env=env, timeout=60)
+    assert r.returncode == 1 and b"is not allowed to use this store" in r.stderr

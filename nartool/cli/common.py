@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 import click
@@ -29,6 +32,19 @@ def write_chunks(chunks: Iterable[bytes | bytearray | memoryview], out: BinaryIO
         n += len(c)
     out.flush()
     return n
+
+
+@contextmanager
+def held_stdout() -> Iterator[BinaryIO]:
+    """A binary stream whose contents reach stdout only when the block completes: output that
+    must not be half-printed (a listing of a NAR that turns out to be malformed). It is held in
+    memory up to 4 MiB, in an anonymous temporary file beyond, so memory stays flat."""
+    with tempfile.SpooledTemporaryFile(max_size=4 << 20) as buf:
+        yield buf  # type: ignore[misc]
+        buf.seek(0)
+        out = stdout_bin()
+        shutil.copyfileobj(buf, out, 1 << 20)
+        out.flush()
 
 
 def echo_json(obj: Any) -> None:

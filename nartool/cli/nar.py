@@ -13,7 +13,7 @@ import click
 from .. import api
 from ..compression import METHODS
 from ..nar import listing
-from .common import refuse_binary_to_tty, stdout_bin, write_chunks
+from .common import held_stdout, refuse_binary_to_tty, stdout_bin, write_chunks
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -144,37 +144,38 @@ _PERM = {"regular": "-r--r--r--", "executable": "-r-xr-xr-x", "symlink": "lrwxrw
 def ls_(nar_file: str, path: str, recursive: bool, long_: bool, directory: bool, as_json: bool) -> None:
     """List the contents of NAR at PATH (default: the root) without restoring it.
 
-    Output follows `nix nar ls`. NAR may be compressed; '-' reads stdin.
+    Output follows `nix nar ls` (names printed as they are, byte for byte). With --json, names
+    that are not valid UTF-8 are written losslessly as \\udcXX escapes (see docs/names.md).
+    The whole NAR is read and checked before anything is printed. NAR may be compressed; '-'
+    reads stdin.
     """
     prefix = listing.split_path(path)
+    if as_json and directory:
+        raise click.UsageError("--directory does not go with --json")
     with ExitStack() as stack:
         events = api.read_events(_open_nar(stack, nar_file), stack)  # type: ignore[arg-type]
-        if as_json:
-            if directory:
-                raise click.UsageError("--directory does not go with --json")
-            out = sys.stdout
-            for piece in listing.json_listing(events, prefix, recursive=recursive):
-                out.write(piece)
-            out.write("\n")
-            return
-        out_b = stdout_bin()
-        for e in listing.entries(events, prefix, recursive=recursive, directory_itself=directory):
-            rel = e.path[len(prefix):]
-            if rel:
-                name = b"./" + b"/".join(rel)
-            elif e.type == "directory":
-                name = b"."
-            else:
-                name = prefix[-1] if prefix else b""
-            if long_:
-                kind = "executable" if e.executable else e.type
-                line = f"{_PERM[kind]} {e.size:20} ".encode() + name
-                if e.type == "symlink":
-                    line += b" -> " + e.target
-            else:
-                line = name
-            out_b.write(line + b"\n")
-        out_b.flush()
+        with held_stdout() as out:
+            if as_json:
+                for piece in listing.json_listing(events, prefix, recursive=recursive):
+                    out.write(piece.encode())
+                out.write(b"\n")
+                return
+            for e in listing.entries(events, prefix, recursive=recursive, directory_itself=directory):
+                rel = e.path[len(prefix):]
+                if rel:
+                    name = b"./" + b"/".join(rel)
+                elif e.type == "directory":
+                    name = b"."
+                else:
+                    name = prefix[-1] if prefix else b""
+                if long_:
+                    kind = "executable" if e.executable else e.type
+                    line = f"{_PERM[kind]} {e.size:20} ".encode() + name
+                    if e.type == "symlink":
+                        line += b" -> " + e.target
+                else:
+                    line = name
+                out.write(line + b"\n")
 
 
 @nar.command(name="cat")
@@ -204,10 +205,13 @@ def check(source: str, target: str, as_json: bool) -> None:
     On macos (case-insensitive, normalisation-insensitive): every group of names that collide
     by case or Unicode normalisation, and names that would exceed 255 bytes once given a
     ~nix~case~hack~N suffix. Exit status 0: nothing found; 1: something found.
+
+    Names are printed unambiguously, in double quotes (backslash and '"' escaped, control
+    characters and bytes that are not UTF-8 as \\n, \\t, \\xNN; with --json, non-UTF-8 bytes
+    as \\udcXX): see docs/names.md.
     """
     from ..fs.casehack import check_events
     from ..fs.source import dump_events
-    from .common import echo_json
 
     with ExitStack() as stack:
         is_tree = source != "-" and (os.path.isdir(source) or os.path.islink(source)
@@ -218,20 +222,24 @@ def check(source: str, target: str, as_json: bool) -> None:
             events = api.read_events(_open_nar(stack, source), stack)  # type: ignore[arg-type]
         collisions, too_long = check_events(events, target)
     if as_json:
-        echo_json({
+        out = listing.to_json({
             "target": target,
-            "collisions": [{"directory": os.fsdecode(c["directory"]),  # type: ignore[arg-type]
-                            "names": [os.fsdecode(n) for n in c["names"]]} for c in collisions],  # type: ignore[attr-defined]
-            "tooLong": [{"path": os.fsdecode(t["path"]), "length": t["length"]} for t in too_long],  # type: ignore[arg-type]
+            "collisions": [{"directory": c["directory"], "names": c["names"]} for c in collisions],
+            "tooLong": [{"path": t["path"], "length": t["length"]} for t in too_long],
         })
     else:
+        lines = []
+        q = listing.quoted_name
         for c in collisions:
-            names = ", ".join(repr(os.fsdecode(n)) for n in c["names"])  # type: ignore[attr-defined]
-            click.echo(f"collision in {os.fsdecode(c['directory'])}: {names}")  # type: ignore[arg-type]
+            names = ", ".join(q(n) for n in c["names"])  # type: ignore[attr-defined]
+            lines.append(f"collision in {q(c['directory'])}: {names}")  # type: ignore[arg-type]
         for t in too_long:
-            click.echo(f"too long once suffixed ({t['length']} bytes): {os.fsdecode(t['path'])}")  # type: ignore[arg-type]
-        if not collisions and not too_long:
-            click.echo(f"no collisions on {target}", err=True)
+            lines.append(f"too long once suffixed ({t['length']} bytes): {q(t['path'])}")  # type: ignore[arg-type]
+        out = "\n".join(lines)
+    if out:
+        click.echo(out)  # only names escaped as above: plain ASCII/UTF-8 text
+    if not as_json and not collisions and not too_long:
+        click.echo(f"no collisions on {target}", err=True)
     if collisions or too_long:
         raise SystemExit(1)
 

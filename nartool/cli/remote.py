@@ -36,7 +36,8 @@ def serve(ctx: click.Context, write: bool, store: str | None, compress: str | No
     \b
     Real Nix clients can use it, e.g. over ssh with remote-program, or locally:
       nix-copy-closure --to 'localhost?remote-program=WRAPPER&remote-store=DIR' PATH
-    where WRAPPER runs `nartool serve "$@"`. Access control comes from nartool.conf:
+    where WRAPPER runs `nartool serve "$@"`. Access control comes from the system nartool.conf
+    only (a user's own configuration is ignored here, except root's):
     `allowed-users` decides who may be served at all; users outside `trusted-users` may import
     only paths signed by a key in `trusted-public-keys`, or content-addressed ones.
     Errors are `error: …` on stderr with exit status 1; stdout carries protocol bytes only.
@@ -49,7 +50,7 @@ def serve(ctx: click.Context, write: bool, store: str | None, compress: str | No
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     proto_in = open(0, "rb", buffering=0, closefd=False)  # noqa: SIM115
-    config = Config.load()
+    config = Config.load_for_serve()  # trust only from the system file (see nartool.config)
     st = _open_store(ctx, store)
     code = serve_command(st, proto_in, proto_out, write=write, config=config, user=UserIdentity.current(),
                          log=sys.stderr, compress=compress)

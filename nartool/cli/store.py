@@ -10,7 +10,15 @@ from typing import Any
 import click
 
 from ..nar import listing
-from .common import ByteProgress, echo_json, open_store, refuse_binary_to_tty, stdout_bin, write_chunks
+from .common import (
+    ByteProgress,
+    echo_json,
+    held_stdout,
+    open_store,
+    refuse_binary_to_tty,
+    stdout_bin,
+    write_chunks,
+)
 
 
 @click.group()
@@ -118,20 +126,23 @@ def _emit(chunks: Iterable[bytes | bytearray | memoryview], output: str | None, 
 @click.option("--json", "as_json", is_flag=True, help="The JSON listing format of binary caches (.ls).")
 @click.pass_context
 def ls_(ctx: click.Context, path: str, subpath: str, recursive: bool, as_json: bool) -> None:
-    """List the contents of a store path (as `nix store ls`)."""
+    """List the contents of a store path (as `nix store ls`).
+
+    Names are printed as they are; with --json, names that are not valid UTF-8 are written
+    losslessly as \\udcXX escapes (see docs/names.md). Nothing is printed unless the whole
+    path could be read."""
     st = open_store(ctx)
     prefix = listing.split_path(subpath)
     events = st.nar_events(st.follow(path))
-    if as_json:
-        for piece in listing.json_listing(events, prefix, recursive=recursive):
-            sys.stdout.write(piece)
-        sys.stdout.write("\n")
-        return
-    out = stdout_bin()
-    for e in listing.entries(events, prefix, recursive=recursive):
-        rel = e.path[len(prefix):]
-        out.write((b"./" + b"/".join(rel) if rel else b".") + b"\n")
-    out.flush()
+    with held_stdout() as out:
+        if as_json:
+            for piece in listing.json_listing(events, prefix, recursive=recursive):
+                out.write(piece.encode())
+            out.write(b"\n")
+        else:
+            for e in listing.entries(events, prefix, recursive=recursive):
+                rel = e.path[len(prefix):]
+                out.write((b"./" + b"/".join(rel) if rel else b".") + b"\n")
 
 
 @store.command(name="cat")
@@ -174,7 +185,10 @@ def export(ctx: click.Context, paths: tuple[str, ...], output: str | None, closu
 def import_(ctx: click.Context, file: str, as_json: bool) -> None:
     """Import a `nix-store --export` stream (FILE or stdin; compression detected), all or nothing.
 
-    Every NAR is checked; references must be valid or come earlier in the stream.
+    Every NAR is checked; references must be valid or come earlier in the stream. Several
+    streams one after the other (e.g. `cat a.export b.export`) are imported together, as one
+    batch; anything after the last stream that is not a complete export stream is refused and
+    nothing is imported.
     """
     from ..compression import open_decompressed
 
@@ -183,7 +197,7 @@ def import_(ctx: click.Context, file: str, as_json: bool) -> None:
     try:
         read, _ = open_decompressed(f)
         prog = ByteProgress("importing")
-        paths = st.import_paths(prog.reader(read))
+        paths = import_streams(st, prog.reader(read))
         prog.done()
     finally:
         if f is not sys.stdin.buffer:
@@ -193,6 +207,36 @@ def import_(ctx: click.Context, file: str, as_json: bool) -> None:
     else:
         for p in paths:
             click.echo(p)
+
+
+def import_streams(st: Any, read: Any) -> list[str]:
+    """Import every export stream in ``read`` (a ``read(n)`` callable), one after the other,
+    in one batch: all or nothing. ``LocalStore.import_paths`` stops at the end marker of the
+    first stream (in the serve protocol the next command follows it); here the input must end
+    right after a stream's end marker, so concatenated streams are not cut short and trailing
+    bytes are refused."""
+    from ..errors import NartoolError
+    from ..nar.source import as_source
+
+    src = as_source(read, "export stream")
+    paths: list[str] = []
+    with st.batch():
+        n = 0
+        while True:
+            n += 1
+            start = src.offset
+            try:
+                paths.extend(st.import_paths(src))
+            except NartoolError as e:
+                if n > 1:  # offsets from the start of the whole input, and which stream it was
+                    if not e.offset:
+                        e.message = f"data after export stream {n - 1} is not an export stream: {e.message}"
+                    else:
+                        e.message = f"in export stream {n} (from byte {start}): {e.message}"
+                    e.offset = start + (e.offset or 0)
+                raise
+            if src.at_eof():
+                return paths
 
 
 @store.command()
@@ -301,8 +345,9 @@ def _graph(st: Any, paths: list[str]) -> None:
 @store.command()
 @click.option("--check-contents", is_flag=True, help="Re-hash every path and compare with the database.")
 @click.option("--repair", is_flag=True,
-              help="Invalidate missing or corrupt paths and everything referring to them, so that the store "
-                   "is consistent and a later copy or import brings them back.")
+              help="Invalidate (and delete what is left of) each missing or corrupt path that nothing needs: "
+                   "no valid path refers to it and no GC root (permanent, indirect, temp or runtime) holds it. "
+                   "Other broken paths are reported as not repairable and kept; intact paths are never touched.")
 @click.option("--sigs", is_flag=True, help="Also report paths without a valid signature from trusted-public-keys "
                                            "(content-addressed paths need none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the problems as JSON.")
@@ -310,7 +355,9 @@ def _graph(st: Any, paths: list[str]) -> None:
 def verify(ctx: click.Context, check_contents: bool, repair: bool, sigs: bool, as_json: bool) -> None:
     """Check that every registered path exists (and, with --check-contents, is intact).
 
-    Exit status 1 when a problem was found.
+    Problems: missing, corrupt (NAR hash or size changed), unverifiable (contents could not be
+    read; never treated as corruption). Exit status 1 when a problem remains: anything but a
+    broken path that --repair invalidated.
     """
     st = open_store(ctx)
     problems = st.verify(check_contents=check_contents, repair=repair)
@@ -328,9 +375,13 @@ def verify(ctx: click.Context, check_contents: bool, repair: bool, sigs: bool, a
         echo_json(problems)
     else:
         for pr in problems:
-            click.echo(f"{pr['problem']}: {pr['path']}" + (f" ({pr['detail']})" if pr.get("detail") else ""),
-                       err=True)
-    if problems and not (repair and all(p["problem"] != "no valid signature" for p in problems)):
+            line = f"{pr['problem']}: {pr['path']}" + (f" ({pr['detail']})" if pr.get("detail") else "")
+            if pr.get("repair") == "not repairable":
+                line += f"; not repairable, kept: {pr.get('reason', '')}"
+            elif pr.get("repair"):
+                line += f"; {pr['repair']}"
+            click.echo(line, err=True)
+    if any(p.get("repair") not in ("invalidated", "already invalid") for p in problems):
         raise SystemExit(1)
 
 

@@ -1,12 +1,14 @@
 """Listings over NAR events: text ``ls``, Nix's ``.ls`` JSON (streamed), and ``cat``.
 
-All of them stop reading as soon as the requested subtree is complete.
+All of them stop reading as soon as the requested subtree is complete. Names in output are
+encoded as described in ``docs/names.md`` (:func:`json_name`, :func:`text_name`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -104,15 +106,80 @@ def cat(events: Iterable[Event], path: Path) -> Iterator[bytes]:
             raise NartoolError(f"not a regular file but a {kind}", path=show_path(path), rule="not-a-file")
 
 
+# -- names in output (see docs/names.md) ----------------------------------------------------
+
+_JSON_SPECIAL = re.compile("[\"\\\\\x00-\x1f\udc80-\udcff]")
+_JSON_SHORT = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _json_escape(m: re.Match[str]) -> str:
+    c = m.group()
+    return _JSON_SHORT.get(c) or f"\\u{ord(c):04x}"
+
+
+def json_name(b: bytes) -> str:
+    """A name (or symlink target) as a JSON string literal, losslessly.
+
+    Valid UTF-8 comes out as Nix 2.8 writes it: the characters themselves, with ``"`` and ``\\``
+    escaped, ``\\n``, ``\\r``, ``\\t`` and ``\\u00XX`` for the other control characters. Each byte
+    that is not part of valid UTF-8 becomes the escape ``\\udcXX`` (Python's ``surrogateescape``),
+    which no valid UTF-8 text produces: ``json.loads(s).encode("utf-8", "surrogateescape")``
+    gives the bytes back."""
+    return '"' + _JSON_SPECIAL.sub(_json_escape, b.decode("utf-8", "surrogateescape")) + '"'
+
+
+def json_text(s: str) -> str:
+    """A ``str`` that may carry ``surrogateescape`` bytes (e.g. from ``os.fsdecode``) as a JSON
+    string literal, the same way as :func:`json_name`."""
+    return '"' + _JSON_SPECIAL.sub(_json_escape, s) + '"'
+
+
+def to_json(obj: object) -> str:
+    """``obj`` (dicts, lists, str, int, bool, None) as compact JSON; strings via :func:`json_text`
+    and bytes via :func:`json_name`. Builds the whole text, so nothing half-written escapes on an
+    error."""
+    if isinstance(obj, str):
+        return json_text(obj)
+    if isinstance(obj, (bytes, bytearray)):
+        return json_name(bytes(obj))
+    if isinstance(obj, dict):
+        return "{" + ",".join(json_text(str(k)) + ":" + to_json(v) for k, v in obj.items()) + "}"
+    if isinstance(obj, (list, tuple)):
+        return "[" + ",".join(to_json(v) for v in obj) + "]"
+    return json.dumps(obj)
+
+
+_TEXT_SPECIAL = re.compile("[\\\\\x00-\x1f\x7f-\x9f\udc80-\udcff]")
+_TEXT_SHORT = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _text_escape(m: re.Match[str]) -> str:
+    c = m.group()
+    short = _TEXT_SHORT.get(c)
+    if short:
+        return short
+    if "\udc80" <= c <= "\udcff":  # a byte that is not valid UTF-8
+        return f"\\x{ord(c) - 0xDC00:02x}"
+    return "".join(f"\\x{b:02x}" for b in c.encode())  # a control character, by its UTF-8 bytes
+
+
+def text_name(b: bytes | str) -> str:
+    """A name for a line of text output, unambiguously: ``\\`` doubled; ``\\n``, ``\\r``, ``\\t``;
+    ``\\xNN`` for the other control characters (C0, DEL, C1: each byte of their UTF-8 form) and
+    for every byte that is not valid UTF-8. Everything else is printed as is. (A ``str`` is taken
+    to hold undecodable bytes as ``surrogateescape`` characters, as from ``os.fsdecode``.)"""
+    s = b.decode("utf-8", "surrogateescape") if isinstance(b, bytes) else b
+    return _TEXT_SPECIAL.sub(_text_escape, s)
+
+
+def quoted_name(b: bytes | str) -> str:
+    """:func:`text_name` in double quotes, with ``"`` escaped as ``\\"``."""
+    return '"' + text_name(b).replace('"', '\\"') + '"'
+
+
 # -- JSON (.ls) ---------------------------------------------------------------------------
 
-def _jstr(b: bytes) -> str:
-    try:
-        s = b.decode("utf-8")
-    except UnicodeDecodeError:
-        raise NartoolError("a name or target is not valid UTF-8; a JSON listing cannot hold it", got=b,
-                           rule="not-utf8") from None
-    return json.dumps(s, ensure_ascii=False)
+_jstr = json_name
 
 
 def _jleaf(ev: File | Symlink) -> str:

@@ -6,7 +6,11 @@
   the owning process, which holds an exclusive lock on the file for its lifetime;
 * ``<state>/gc.lock``: taken shared (non-blocking) while adding a temp root, exclusive by
   the collector; when a collector runs, new temp roots are announced to it over
-  ``<state>/gc-socket/socket`` (``<path>\\n`` → ``1``) so it cannot miss them.
+  ``<state>/gc-socket/socket`` (``<path>\\n`` → ``1``) so it cannot miss them. As Nix's clients
+  do, a process keeps one connection to a running collector and sends all its roots over it.
+
+Within one process, all users of one state dir share one temp-roots file (with its lock) and
+one collector connection; a forked child gets its own.
 """
 
 from __future__ import annotations
@@ -86,32 +90,33 @@ class PathLock:
         self.release()
 
 
-class TempRoots:
-    """This process's temporary GC roots in ``<state>/temproots/<pid>``."""
+class _Shared:
+    """One process's temp-roots file for one state dir, shared by all its :class:`TempRoots`.
+
+    ``flock`` locks belong to open file descriptions: two descriptions of ``temproots/<pid>``
+    in one process would block each other. So the file is opened once per process and state
+    dir, and closed (and removed) when its last user closes."""
 
     def __init__(self, state_dir: str) -> None:
-        self.state_dir = state_dir
         self.dir = os.path.join(state_dir, "temproots")
         self.gc_lock_path = os.path.join(state_dir, "gc.lock")
         self.socket_path = os.path.join(state_dir, "gc-socket", "socket")
-        self._fd = -1
-        self._pid = -1
-        self._mutex = threading.Lock()
-        self._paths: set[str] = set()
+        self.fd = -1
+        self.pid = os.getpid()
+        self.mutex = threading.Lock()
+        self.paths: set[str] = set()
+        self.users = 0
 
     def _open(self) -> int:
-        pid = os.getpid()
-        if self._fd >= 0 and self._pid == pid:
-            return self._fd
-        if self._pid != pid:  # forked: the roots file belongs to the parent
-            self._fd, self._paths = -1, set()
+        if self.fd >= 0:
+            return self.fd
         os.makedirs(self.dir, exist_ok=True)
-        path = os.path.join(self.dir, str(pid))
+        path = os.path.join(self.dir, str(self.pid))
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
             st = os.fstat(fd)
-            if st.st_nlink == 0 or st.st_size != 0 and not self._paths:
+            if st.st_nlink == 0 or st.st_size != 0 and not self.paths:
                 # a collector deleted a stale file of a previous process with our pid
                 os.close(fd)
                 try:
@@ -120,13 +125,12 @@ class TempRoots:
                     pass
                 continue
             break
-        self._fd, self._pid = fd, pid
+        self.fd = fd
         return fd
 
     def add(self, path: str) -> None:
-        """Make ``path`` a temporary root; returns once any running collector knows it."""
-        with self._mutex:
-            if path in self._paths and self._pid == os.getpid():
+        with self.mutex:
+            if path in self.paths:
                 return
             fd = self._open()
             # Into the file first: a collector that starts from now on reads it. One that is
@@ -146,33 +150,193 @@ class TempRoots:
                         time.sleep(0.05)  # collector starting or ending: retry
             finally:
                 os.close(gfd)
-            self._paths.add(path)
+            self.paths.add(path)
+
+    def close(self) -> None:
+        """Remove the file and drop the collector connection (the last user is gone)."""
+        with self.mutex:
+            if self.fd >= 0:
+                try:
+                    os.unlink(os.path.join(self.dir, str(self.pid)))
+                except OSError:
+                    pass
+                os.close(self.fd)
+            self.fd, self.paths = -1, set()
+        _drop_connection(self.socket_path)
+
+
+# Per process: real state dir → its shared temp roots; socket path → collector connection.
+# A forked child starts with empty tables (the parent's file and connection stay the parent's).
+_registry_lock = threading.Lock()
+_registry: dict[str, _Shared] = {}
+_connections: dict[str, _Connection] = {}
+_registry_pid = os.getpid()
+
+
+def _forget_after_fork() -> None:
+    global _registry_lock, _registry, _connections, _registry_pid
+    # Only drop our references: the parent still owns its file (and its lock), and closing the
+    # child's copies of descriptors would not release anything of the parent's anyway.
+    _registry_lock = threading.Lock()
+    _registry, _connections, _registry_pid = {}, {}, os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _check_pid() -> None:
+    if _registry_pid != os.getpid():  # forked without the fork hook (should not happen)
+        _forget_after_fork()
+
+
+def _acquire(state_dir: str) -> _Shared:
+    _check_pid()
+    key = os.path.realpath(state_dir)
+    with _registry_lock:
+        sh = _registry.get(key)
+        if sh is None:
+            sh = _registry[key] = _Shared(key)
+        sh.users += 1
+        return sh
+
+
+def _release(sh: _Shared) -> None:
+    _check_pid()
+    with _registry_lock:
+        if sh.pid != os.getpid():
+            return
+        sh.users -= 1
+        if sh.users > 0:
+            return
+        key = os.path.dirname(sh.dir)
+        if _registry.get(key) is sh:
+            del _registry[key]
+    sh.close()
+
+
+class TempRoots:
+    """This process's temporary GC roots in ``<state>/temproots/<pid>``.
+
+    All ``TempRoots`` of one process on one state dir (e.g. several :class:`LocalStore` objects
+    on one store) share one file, one lock and one collector connection; the file is removed
+    when the last of them closes. After a ``fork`` the child has its own."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self.dir = os.path.join(state_dir, "temproots")
+        self._shared: _Shared | None = None
+        self._pid = -1
+        self._mutex = threading.Lock()
+
+    def _get(self) -> _Shared:
+        with self._mutex:
+            pid = os.getpid()
+            if self._shared is None or self._pid != pid:  # first use, after close, or forked
+                self._shared, self._pid = _acquire(self.state_dir), pid
+            return self._shared
+
+    @property
+    def _fd(self) -> int:
+        return self._shared.fd if self._shared is not None and self._pid == os.getpid() else -1
+
+    def add(self, path: str) -> None:
+        """Make ``path`` a temporary root; returns once any running collector knows it."""
+        self._get().add(path)
 
     def close(self) -> None:
         with self._mutex:
-            if self._fd >= 0 and self._pid == os.getpid():
+            sh, self._shared = self._shared, None
+            if sh is None or self._pid != os.getpid():
+                return
+        _release(sh)
+
+
+class _Connection:
+    """A persistent connection to a running collector's ``gc-socket/socket``.
+
+    Nix's clients keep one connection per process and send every new temp root over it; a
+    connection per root makes Nix 2.8's collector abort (it mishandles quickly reused
+    descriptors). The connection is remade when it breaks, or when the socket file was
+    replaced (a new collector; a finished one may still answer on the old connection)."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.mutex = threading.Lock()
+        self.sock: socket.socket | None = None
+        self.ident: tuple[int, int, int] | None = None
+
+    def drop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.ident = None, None
+
+    def tell(self, path: str) -> bool:
+        with self.mutex:
+            try:
+                st = os.stat(self.socket_path)
+            except FileNotFoundError:
+                self.drop()
+                return False  # collector starting (no socket yet) or ending
+            ident = (st.st_dev, st.st_ino, st.st_ctime_ns)
+            while True:
+                fresh = False
+                if self.sock is None or self.ident != ident:
+                    self.drop()
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # not inherited (PEP 446)
+                    s.settimeout(600)
+                    try:
+                        s.connect(self.socket_path)
+                    except OSError as e:
+                        s.close()
+                        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                            return False
+                        raise
+                    self.sock, self.ident, fresh = s, ident, True
+                assert self.sock is not None
                 try:
-                    os.unlink(os.path.join(self.dir, str(self._pid)))
-                except OSError:
-                    pass
-                os.close(self._fd)
-            self._fd, self._paths = -1, set()
+                    self.sock.sendall(path.encode() + b"\n", _NOSIGNAL)
+                    ack = self.sock.recv(1)
+                except OSError as e:
+                    if e.errno not in (errno.EPIPE, errno.ECONNRESET):
+                        self.drop()
+                        raise
+                    ack = b""
+                if ack == b"1":
+                    return True
+                self.drop()
+                if ack:
+                    raise StoreError("unexpected answer from the garbage collector", path=self.socket_path,
+                                     rule="gc-protocol", expected=b"1", got=ack)
+                if fresh:
+                    return False  # the collector went away: retry after checking the lock
+                # an old connection (of a collector that has ended): try a new one once
+
+
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # EPIPE rather than SIGPIPE where available
+
+
+def _connection(socket_path: str) -> _Connection:
+    _check_pid()
+    with _registry_lock:
+        c = _connections.get(socket_path)
+        if c is None:
+            c = _connections[socket_path] = _Connection(socket_path)
+        return c
+
+
+def _drop_connection(socket_path: str) -> None:
+    with _registry_lock:
+        c = _connections.pop(socket_path, None)
+    if c is not None:
+        with c.mutex:
+            c.drop()
 
 
 def _tell_collector(socket_path: str, path: str) -> bool:
-    """Announce ``path`` to a running collector; False when none answers (retry)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(600)
-        s.connect(socket_path)
-        s.sendall(path.encode() + b"\n")
-        return s.recv(1) == b"1"
-    except OSError as e:
-        if e.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EPIPE, errno.ECONNRESET):
-            return False
-        raise
-    finally:
-        s.close()
+    """Announce ``path`` to a running collector over this process's connection to it; False
+    when none answers (retry)."""
+    return _connection(socket_path).tell(path)
 
 
 def read_temp_roots(state_dir: str) -> tuple[set[str], list[str]]:
