@@ -452,3 +452,31 @@ def test_nar_ls_json_identical_to_nix_for_utf8_names(nix: Nix, tmp_path: Path) -
         theirs = nix("nix", "nar", "ls", "--json", *args[:-1], nar, args[-1]).stdout
         ours = cli("nar", "ls", "--json", nar, *args).stdout
         assert ours == theirs + b"\n"
+
+
+def test_gc_socket_close_ends_open_connections(tmp_path: Path) -> None:
+    """A client keeps one connection for many roots: when our collection ends, that connection
+    must end too (before, accepted connections went on acknowledging roots for a finished
+    collection)."""
+    import socket
+
+    from nartool.store.gc import _GCSocket
+
+    heard: list[str] = []
+    srv = _GCSocket(os.fspath(tmp_path), heard.append)
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        c.settimeout(10)
+        c.connect(srv.path)
+        c.sendall(b"/nix/store/a\n")
+        assert c.recv(1) == b"1"
+        srv.close()
+        try:
+            c.sendall(b"/nix/store/b\n")
+            answer = c.recv(1)
+        except (BrokenPipeError, ConnectionResetError):
+            answer = b""
+        assert answer == b""  # the connection ended: no acknowledgement
+        assert heard == ["/nix/store/a"]
+    finally:
+        c.close()

@@ -287,6 +287,8 @@ class _GCSocket:
         self.sock.listen(64)
         self.on_root = on_root
         self.stop = False
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
         self.thread = threading.Thread(target=self._serve, name="nartool-gc-socket", daemon=True)
         self.thread.start()
 
@@ -296,9 +298,15 @@ class _GCSocket:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            with self._conns_lock:
+                if self.stop:
+                    conn.close()
+                    return
+                self._conns.add(conn)
             threading.Thread(target=self._client, args=(conn,), daemon=True).start()
 
     def _client(self, conn: socket.socket) -> None:
+        # (a client keeps its connection for many roots: one per process, as Nix's clients do)
         with conn:
             buf = b""
             while True:
@@ -318,12 +326,25 @@ class _GCSocket:
                         return
 
     def close(self) -> None:
-        self.stop = True
+        """Stop serving: no new connections, and every open one is shut down, so that a client
+        holding one learns the collection ended instead of having roots acknowledged for it."""
+        with self._conns_lock:
+            self.stop = True
+            conns, self._conns = self._conns, set()
         try:
             os.unlink(self.path)
         except OSError:
             pass
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def _hash_part(store: LocalStore, path: str) -> str:
