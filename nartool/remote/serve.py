@@ -5,7 +5,7 @@ end-of-file at a command boundary (exit status 0). Any failure is one line ``err
 on ``log`` and exit status 1 — there is no error frame in the protocol, the client sees EOF.
 Nothing but protocol bytes is ever written to ``outf``.
 
-Behaviour follows Nix 2.8 (``serve-protocol.md``): handshake reply ``0x5452eecb``/``0x207``;
+Behaviour follows Nix 2.8 (``docs/serve-protocol.md``): handshake reply ``0x5452eecb``/``0x207``;
 sets sorted by base name; ``QueryPathInfos`` records with ``narHash`` (``sha256:``+nix32),
 ``ca`` and ``sigs`` for client minor ≥ 4; ``ExportPaths`` in dependency order; ``AddToStoreNar``
 consumes exactly ``narSize`` bytes even when the path is already valid; ``lock=1`` in
@@ -39,7 +39,8 @@ consumes exactly ``narSize`` bytes even when the path is already valid; ``lock=1
   session dies inside a group, the group's paths are still registered where the store can
   (``LocalStore.batch(keep_on_error=True)``) but not acknowledged.
 
-Extensions (harmless to real Nix clients, which never trigger them):
+Extensions (harmless to real Nix clients, which never trigger them; ``docs/serve-protocol.md``,
+Extensions):
 
 * Announcement. A ``QueryValidPaths`` set containing the sentinel
   ``STORE/00000000000000000000000000000000-nartool-ext-query`` (a syntactically valid path no

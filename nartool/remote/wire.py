@@ -1,4 +1,4 @@
-"""Framing of Nix's serve protocol (``serve-protocol.md`` §2) over a :class:`ByteSource`.
+"""Framing of Nix's serve protocol (``docs/serve-protocol.md``, Framing) over a :class:`ByteSource`.
 
 Every integer is a u64 little-endian word. The magic, the versions, the command word and the
 flags ``lock``/``substitute``/``includeOutputs`` are read as 32-bit integers like Nix does: a
