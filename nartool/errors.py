@@ -19,7 +19,10 @@ def _show(v: Any) -> str:
         if len(b) > 64:
             return repr(b[:64])[:-1] + "...'"
         return repr(b)
-    return str(v)
+    s = str(v)
+    if not s or s != s.strip() or not s.isprintable():
+        return repr(s)  # an empty value, surrounding blanks or control characters: made visible
+    return s
 
 
 class NartoolError(Exception):
@@ -51,8 +54,10 @@ class NartoolError(Exception):
             parts.append(f"(path {shown!r})")
         if self.offset is not None:
             parts.append(f"at byte {self.offset} (0x{self.offset:x})")
-        if self.expected is not None or self.got is not None:
-            parts.append(f"[expected {_show(self.expected)}, got {_show(self.got)}]")
+        # only the sides that are known: never "expected None"
+        shown = [f"{k} {_show(v)}" for k, v in (("expected", self.expected), ("got", self.got)) if v is not None]
+        if shown:
+            parts.append(f"[{', '.join(shown)}]")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:

@@ -173,34 +173,38 @@ def _list_names(fd: int) -> list[tuple[bytes, bool]]:
     return out
 
 
-def remove_at(dir_fd: int | None, name: bytes) -> None:
+def remove_at(dir_fd: int | None, name: bytes, *, count: bool = False) -> int:
     """Remove ``name`` (file, symlink or whole tree) relative to ``dir_fd``; never follows symlinks.
     Nothing there is fine.
 
     Iterative, however deep the tree (see :class:`DirChain`): every entry is removed relative
     to its directory's descriptor (``unlinkat``/``rmdir`` at a descriptor), never by a path.
-    Read-only directories (as in canonicalised store paths) are made writable first."""
+    Read-only directories (as in canonicalised store paths) are made writable first.
+
+    Returns the bytes freed when ``count`` (else 0), counted as Nix does: the sizes of the
+    removed non-directories that had no other hard link."""
     try:
         st = os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
-        return
+        return 0
     if not stat.S_ISDIR(st.st_mode):
         try:
             os.unlink(name, dir_fd=dir_fd)
         except FileNotFoundError:
-            pass
-        return
+            return 0
+        return st.st_size if count and st.st_nlink == 1 else 0
+    freed = 0
     chain = DirChain(dir_fd)
     try:
         try:
             top = chain.push(name, writable=True)
         except FileNotFoundError:
-            return
+            return 0
         except OSError as e:
             if e.errno not in (errno.ENOTDIR, errno.ELOOP):
                 raise
             os.unlink(name, dir_fd=dir_fd)  # replaced by a file or symlink meanwhile
-            return
+            return 0
         todo = [_list_names(top)]
         while todo:
             entries = todo[-1]
@@ -209,8 +213,15 @@ def remove_at(dir_fd: int | None, name: bytes) -> None:
                 child, is_dir = entries.pop()
                 if not is_dir:
                     try:
-                        os.unlink(child, dir_fd=fd)
-                        continue
+                        if count:
+                            cst = os.lstat(child, dir_fd=fd)
+                            if not stat.S_ISDIR(cst.st_mode):
+                                os.unlink(child, dir_fd=fd)
+                                freed += cst.st_size if cst.st_nlink == 1 else 0
+                                continue
+                        else:
+                            os.unlink(child, dir_fd=fd)
+                            continue
                     except FileNotFoundError:
                         continue
                     except IsADirectoryError:
@@ -235,6 +246,7 @@ def remove_at(dir_fd: int | None, name: bytes) -> None:
                     pass
     finally:
         chain.close()
+    return freed
 
 
 def temp_name(base: bytes, tag: bytes = b"tmp") -> bytes:

@@ -53,9 +53,12 @@ class _Builder:
         fsync: bool,
         on_file: Callable[[bytes, int], None] | None = None,
         lock_root: bool = False,
+        shown_root: bytes | None = None,
     ) -> None:
         self.parent_fd = parent_fd
         self.root_name = name
+        # what errors about the root itself name (the destination, not a hidden temporary)
+        self.shown_root = shown_root if shown_root is not None else name
         self.names = names
         self.canonical = canonical
         self.fsync = fsync
@@ -141,12 +144,12 @@ class _Builder:
             else:
                 raise TypeError(f"not a NAR event: {ev!r}")
         except FileExistsError as e:
-            raise FsError("entry already exists (name collision)", path=rel or self.root_name,
+            raise FsError("entry already exists (name collision)", path=rel or self.shown_root,
                           rule="exists") from e
         except OSError as e:
             if isinstance(e, FsError):
                 raise
-            raise FsError(f"cannot create: {e.strerror}", path=rel or self.root_name, rule="io") from e
+            raise FsError(f"cannot create: {e.strerror}", path=rel or self.shown_root, rule="io") from e
 
     def _file(self, dfd: int, disk: bytes, rel: bytes, ev: File) -> None:
         mode = (0o555 if ev.executable else 0o444) if self.canonical else 0o666
@@ -201,7 +204,7 @@ def restore_events(
         raise FsError(f"cannot open destination's parent: {e.strerror}", path=parent or b".", rule="io") from e
     remove_stale_temps(pfd, base)
     tmp = temp_name(base)
-    b = _Builder(pfd, tmp, names=names, canonical=canonical, fsync=fsync, lock_root=True)
+    b = _Builder(pfd, tmp, names=names, canonical=canonical, fsync=fsync, lock_root=True, shown_root=dest_b)
     try:
         try:
             for ev in events:

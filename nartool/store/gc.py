@@ -486,9 +486,7 @@ def _sweep_invalid(store: LocalStore, res: GCResult, mutex: threading.Lock, temp
             if full is not None and store.is_valid(full):
                 continue
             try:
-                st = os.lstat(name, dir_fd=fd)
-                size = st.st_size if not stat.S_ISDIR(st.st_mode) else 0
-                remove_at(fd, name.encode())
+                size = remove_at(fd, name.encode(), count=True)  # what the sweep really freed
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     res.problems.append(f"cannot delete {name!r}: {e.strerror}")

@@ -1,0 +1,83 @@
+"""Issue 11, "what a new user hits first": messages, flag conflicts, sub-paths of store paths,
+serve's trust hints, JSON shapes, gc sizes, progress, portability switch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nartool.errors import NartoolError
+
+
+def run(*args: str | os.PathLike[str], input: bytes | None = None, env: dict[str, str] | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    e = dict(os.environ)
+    e.pop("NARTOOL_STORE", None)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "nartool", *map(os.fspath, args)], input=input,
+                          capture_output=True, check=False, env=e, cwd=cwd)
+
+
+# --- item 10: error rough edges -------------------------------------------------------------
+
+def test_error_shows_only_known_sides() -> None:
+    assert str(NartoolError("bad", got="sp ace")) == "bad [got sp ace]"
+    assert str(NartoolError("bad", expected="x")) == "bad [expected x]"
+    assert str(NartoolError("bad", expected="x", got=" y")) == "bad [expected x, got ' y']"
+    assert "None" not in str(NartoolError("bad", expected=None, got=""))
+
+
+def test_restore_error_names_destination(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"hi")
+    nar = tmp_path / "f.nar"
+    assert run("nar", "dump", f, "-o", nar).returncode == 0
+    dest = tmp_path / "ro" / "x"
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    try:
+        r = run("nar", "restore", dest, nar)
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+    if r.returncode == 0:
+        pytest.skip("running as root: a read-only directory does not refuse")
+    err = r.stderr.decode()
+    assert str(dest) in err and "nartool-tmp" not in err, err
+
+
+def test_restore_into_proc_names_destination(tmp_path: Path) -> None:
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc")
+    f = tmp_path / "f"
+    f.write_bytes(b"hi")
+    nar = tmp_path / "f.nar"
+    assert run("nar", "dump", f, "-o", nar).returncode == 0
+    r = run("nar", "restore", "/proc/nartool-x", nar)
+    assert r.returncode == 1
+    assert "'/proc/nartool-x'" in r.stderr.decode() and "tmp" not in r.stderr.decode(), r.stderr
+
+
+def test_gc_counts_swept_leftovers(tmp_path: Path) -> None:
+    from nartool.store import LocalStore
+
+    s = tmp_path / "s"
+    st = LocalStore(s)
+    st.close()
+    left = s / "nix/store" / ("0" * 32 + "-leftover")
+    (left / "sub").mkdir(parents=True)
+    (left / "sub/big").write_bytes(b"x" * 300_000)
+    (left / "f").write_bytes(b"y" * 200_000)
+    (left / "sub").chmod(0o555)  # as a canonicalised, interrupted add leaves it
+    r = run("--store", s, "store", "gc", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["bytesFreed"] >= 500_000
+    assert not left.exists()
+    (s / "nix/store" / ("1" * 32 + "-x")).mkdir()
+    (s / "nix/store" / ("1" * 32 + "-x") / "f").write_bytes(b"z" * (3 << 20))
+    r = run("--store", s, "store", "gc")
+    assert "3.00 MiB freed" in r.stdout.decode(), r.stdout
