@@ -55,9 +55,9 @@ class NartoolError(Exception):
         if self.offset is not None:
             parts.append(f"at byte {self.offset} (0x{self.offset:x})")
         # only the sides that are known: never "expected None"
-        shown = [f"{k} {_show(v)}" for k, v in (("expected", self.expected), ("got", self.got)) if v is not None]
-        if shown:
-            parts.append(f"[{', '.join(shown)}]")
+        sides = [f"{k} {_show(v)}" for k, v in (("expected", self.expected), ("got", self.got)) if v is not None]
+        if sides:
+            parts.append(f"[{', '.join(sides)}]")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
