@@ -8,7 +8,6 @@ first.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 from dataclasses import dataclass
 
@@ -88,7 +87,9 @@ class Hash:
     def parse(cls, text: str, algo: str | None = None) -> Hash:
         """Parse ``algo:digest``, SRI ``algo-base64``, or a bare digest when ``algo`` is given.
 
-        As in Nix, the encoding of a non-SRI digest is decided by its length.
+        As in Nix 2.8, the encoding of a non-SRI digest is decided by its length (base64 only
+        when padded to full length), and SRI base64 is read as :func:`base64_decode_nix` reads
+        it (missing or extra ``=`` padding accepted).
         """
         if not text.isascii():
             raise HashFormatError("hash string is not ASCII", got=text)
@@ -110,19 +111,54 @@ class Hash:
         if size is None:
             raise HashFormatError("unknown hash algorithm", got=algo)
         if not sri_form and len(body) == 2 * size:
-            try:
-                return cls(algo, bytes.fromhex(body))
-            except ValueError:
-                raise HashFormatError("invalid base16 hash", got=text) from None
+            if body.strip("0123456789abcdefABCDEF"):
+                raise HashFormatError("invalid base16 hash", got=text)
+            return cls(algo, bytes.fromhex(body))
         if not sri_form and len(body) == nix32_len(size):
             return cls(algo, nix32_decode(body, size))
-        try:
-            digest = base64.b64decode(body, validate=True)
-        except binascii.Error:
-            raise HashFormatError("invalid hash string", got=text) from None
+        if not sri_form and len(body) != base64_len(size):
+            raise HashFormatError(f"hash has the wrong length for hash type {algo!r}", got=text)
+        digest = base64_decode_nix(body)
         if len(digest) != size:
-            raise HashFormatError("hash string has the wrong length", got=text)
+            raise HashFormatError(f"invalid {'SRI' if sri_form else 'base-64'} hash", got=text)
         return cls(algo, digest)
+
+    def __str__(self) -> str:
+        """``algo:<nix32>``, the form Nix prints by default (``sha256:1b8m03r6…``)."""
+        return self.prefixed("nix32")
+
+    def __repr__(self) -> str:
+        return f"Hash.parse({self.prefixed('nix32')!r})"
+
+
+def base64_len(nbytes: int) -> int:
+    """Length of the padded base64 text of ``nbytes`` bytes."""
+    return (nbytes + 2) // 3 * 4
+
+
+_B64_VALUE = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
+
+
+def base64_decode_nix(text: str) -> bytes:
+    """Base64 decoded as Nix 2.8 decodes hashes: up to the first ``=`` (padding may be missing,
+    short or long, and whatever follows it is ignored), newlines skipped, unused low bits of the
+    last character ignored; any other character outside the alphabet is an error."""
+    out = bytearray()
+    acc = bits = 0
+    for c in text:
+        if c == "=":
+            break
+        if c == "\n":
+            continue
+        v = _B64_VALUE.get(c)
+        if v is None:
+            raise HashFormatError("invalid character in base-64 string", got=c)
+        acc = (acc << 6 | v) & 0xFFFF
+        bits += 6
+        if bits >= 8:
+            bits -= 8
+            out.append(acc >> bits & 0xFF)
+    return bytes(out)
 
 
 def new_hasher(algo: str = "sha256") -> hashlib._Hash:

@@ -101,3 +101,25 @@ def test_dump_does_not_leak_file_descriptors(tmp_path: Path) -> None:
         nartool.dump(t, tmp_path / "out.nar")
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("args", [
+    ["-R", "-d", ""], ["-R", "-d", "/"], ["-Rd", "/sub"], ["-Rdl", ""], ["-Rdl", "/sub/deeper"],
+    ["-Rd", "/a"], ["-Rd", "/link"], ["-d", ""], ["-Rl", "/sub"],
+])
+def test_ls_recursive_directory_lists_whole_tree(tmp_path: Path, args: list[str], nix) -> None:  # type: ignore[no-untyped-def]
+    """``nix nar ls -R -d`` prints the directory itself and everything below it (as
+    ``find . | sort`` does), not just ``.``."""
+    from .test_nar_diff import _utf8_tree
+
+    t = _utf8_tree(tmp_path)
+    nar = tmp_path / "t.nar"
+    nar.write_bytes(nix("nix-store", "--dump", t).stdout)
+    theirs = nix("nix", "nar", "ls", *args[:-1], nar, args[-1]).stdout
+    ours = _cli("nar", "ls", str(nar), *args)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == theirs
+    if args[:2] == ["-R", "-d"]:
+        found = subprocess.run(["find", ".", "-print0"], cwd=t, capture_output=True, check=True).stdout
+        first, *rest = ours.stdout[:-1].split(b"\n./")  # a name may hold a newline
+        assert first == b"." and {first, *(b"./" + r for r in rest)} == set(found.split(b"\0")[:-1])

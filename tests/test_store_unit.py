@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nartool.errors import ExportFormatError, InvalidPathError, NarError, StoreError
+from nartool.errors import ExportFormatError, HashFormatError, InvalidPathError, NarError, StoreError
 from nartool.hashes import Hash
 from nartool.nar import format as F
 from nartool.store import LocalStore, PathInfo
@@ -466,3 +466,46 @@ def test_gc_tolerates_unreadable_roots(store: LocalStore, monkeypatch: pytest.Mo
     res = collect_garbage(store, action="print-dead")
     assert any("unreadable" in p and "Permission denied" in p for p in res.problems)
     assert a in res.live and b in res.dead
+
+
+# -- hash text forms --------------------------------------------------------------------------
+
+_ABC = {"sha256": "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0=", "md5": "kAFQmDzST7DWlj99KOF/cg==",
+        "sha1": "qZk+NkcGgWq6PiVxeFDCbJzQ2J0="}
+_S = _ABC["sha256"].rstrip("=")
+HASH_TEXTS = [
+    f"sha256-{_S}=", f"sha256-{_S}", f"sha256-{_S}==", f"sha256-{_S}===", f"sha256-{_S}=junk!",
+    f"sha256-{_S}\n", f"sha256-{_S[:20]}\n{_S[20:]}", f"sha256-{_S[:42]}3",  # spare bits are ignored
+    f"sha256-{_S[:42]}", f"sha256-{_S}A", f"sha256-={_S}", f"sha256-{_S[:20]}={_S[20:]}", f"sha256-{_S}*",
+    f"sha256-{_S} =", "sha256-", f"sha256:{_S}", f"sha256:{_S}=", f"sha256:{_S[:42]}==",
+    "md5-kAFQmDzST7DWlj99KOF/cg", "md5-kAFQmDzST7DWlj99KOF/cg=", "md5-kAFQmDzST7DWlj99KOF/cg====",
+    "sha1-qZk+NkcGgWq6PiVxeFDCbJzQ2J0", "sha1-qZk+NkcGgWq6PiVxeFDCbJzQ2J0==",
+    "sha256:BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD",
+    "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015a ",
+]
+
+
+@pytest.mark.nix
+def test_hash_parse_accepts_what_nix_accepts(nix) -> None:  # type: ignore[no-untyped-def]
+    """SRI padding missing, short or long (and the rest of Nix 2.8's base64 leniency): accepted
+    exactly when ``nix hash to-base16`` accepts it, with the same digest."""
+    for text in HASH_TEXTS:
+        r = nix("nix", "hash", "to-base16", text, check=False)
+        try:
+            ours: str | None = Hash.parse(text).base16
+        except HashFormatError:
+            ours = None
+        theirs = r.stdout.decode().strip() if r.returncode == 0 else None
+        assert ours == theirs, (text, r.stderr)
+
+
+def test_hash_sri_padding_and_text_forms() -> None:
+    h = SHA(b"abc")
+    for text in (f"sha256-{_S}", f"sha256-{_S}=", f"sha256-{_S}=="):
+        assert Hash.parse(text) == h
+    for bad in (f"sha256-{_S[:42]}", f"sha256:{_S}", f"sha256-{_S}?"):
+        with pytest.raises(HashFormatError):
+            Hash.parse(bad)
+    assert str(h) == "sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s"
+    assert f"{h}" == str(h) and "\\x" not in repr(h)
+    assert eval(repr(h), {"Hash": Hash}) == h  # noqa: S307

@@ -80,17 +80,21 @@ def _subtree(events: Iterable[Event], prefix: Path) -> Iterator[tuple[Path, int,
 
 def entries(events: Iterable[Event], prefix: Path = (), recursive: bool = False,
             directory_itself: bool = False) -> Iterator[Entry]:
-    """Nodes at ``prefix``: a leaf itself; a directory's members (all below with
-    ``recursive``); or just the directory with ``directory_itself``."""
-    only_root = directory_itself
+    """Nodes at ``prefix``, as ``nix nar ls`` shows them: a leaf itself; a directory's members
+    (all below with ``recursive``); with ``directory_itself`` the directory itself first, and
+    then, with ``recursive`` too, everything below it (``nix nar ls -R -d`` lists the whole
+    tree, like ``find . | sort``)."""
+    leaf = False
     for path, depth, ev in _subtree(events, prefix):  # consumed to the end: see _subtree
         if isinstance(ev, EndDirectory):
             continue
         if depth == 0:
             if directory_itself or not isinstance(ev, Directory):
-                only_root = True
+                leaf = not isinstance(ev, Directory)
                 yield _entry(path, ev)
-        elif not only_root and (recursive or depth == 1):
+        elif leaf:
+            continue
+        elif recursive or (depth == 1 and not directory_itself):
             yield _entry(path, ev)
 
 
