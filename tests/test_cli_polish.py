@@ -81,3 +81,25 @@ def test_gc_counts_swept_leftovers(tmp_path: Path) -> None:
     (s / "nix/store" / ("1" * 32 + "-x") / "f").write_bytes(b"z" * (3 << 20))
     r = run("--store", s, "store", "gc")
     assert "3.00 MiB freed" in r.stdout.decode(), r.stdout
+
+
+# --- item 6: conflicting flags ----------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ("store", "query", "-R", "--size", "/nix/store/x"),
+    ("store", "query", "--references", "--referrers", "/nix/store/x"),
+    ("store", "gc", "--print-live", "--print-dead"),
+    ("nar", "hash", "--base16", "--sri", "."),
+])
+def test_conflicting_flags_are_refused(args: tuple[str, ...], tmp_path: Path) -> None:
+    r = run("--store", tmp_path / "s", *args)
+    assert r.returncode == 2, r
+    assert b"conflicts with earlier flag" in r.stderr, r.stderr
+
+
+def test_repeated_flag_is_fine(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"hi")
+    r = run("nar", "hash", "--base16", "--base16", f)
+    assert r.returncode == 0 and len(r.stdout.strip()) == 64, r
+    assert run("nar", "hash", f).stdout.startswith(b"sha256-")

@@ -14,6 +14,7 @@ from .. import api
 from ..compression import METHODS
 from ..nar import listing
 from .common import held_stdout, refuse_binary_to_tty, stdout_bin, write_chunks
+from .flags import chosen_mode, mode_flags
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -111,16 +112,20 @@ def restore(dest: str, nar_file: str, case_hack: bool | None) -> None:
 
 @nar.command(name="hash")
 @click.argument("path", type=click.Path(path_type=str))
-@click.option("--base16", "fmt", flag_value="base16", help="Hex, as `nix-hash --type sha256 PATH`.")
-@click.option("--base32", "fmt", flag_value="base32", help="Nix base-32, as `nix-hash --type sha256 --base32`.")
-@click.option("--sri", "fmt", flag_value="sri", default=True, help="SRI (`sha256-…`), as `nix hash path` [default].")
+@mode_flags("hash-format", "hash format", [
+    (("--base16",), "base16", "Hex, as `nix-hash --type sha256 PATH`."),
+    (("--base32",), "base32", "Nix base-32, as `nix-hash --type sha256 --base32`."),
+    (("--sri",), "sri", "SRI (`sha256-…`), as `nix hash path` [default]."),
+])
 @click.option("--type", "algo", type=click.Choice(["sha256", "sha512", "sha1", "md5"]), default="sha256",
               show_default=True, help="Hash algorithm.")
 @case_hack_option
 @with_excludes
-def hash_(path: str, fmt: str, algo: str, case_hack: bool | None, excludes: tuple[str, ...],
+@click.pass_context
+def hash_(ctx: click.Context, path: str, algo: str, case_hack: bool | None, excludes: tuple[str, ...],
           exclude_files: tuple[str, ...]) -> None:
-    """Print the hash of PATH's NAR serialisation (nothing is written)."""
+    """Print the hash of PATH's NAR serialisation (nothing is written). One format flag at most."""
+    fmt = chosen_mode(ctx, "hash-format", "sri")
     h = api.hash_path(path, algo, names=_names(case_hack, path, restore=False),  # type: ignore[arg-type]
                       exclude=_exclude(excludes, exclude_files))  # type: ignore[arg-type]
     click.echo({"base16": h.base16, "base32": h.nix32, "sri": h.sri}[fmt])

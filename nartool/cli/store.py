@@ -19,6 +19,7 @@ from .common import (
     stdout_bin,
     write_chunks,
 )
+from .flags import chosen_mode, mode_flags
 
 
 @click.group()
@@ -241,22 +242,25 @@ def import_streams(st: Any, read: Any) -> list[str]:
 
 @store.command()
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--references", "what", flag_value="references", help="Direct references.")
-@click.option("--referrers", "what", flag_value="referrers", help="Direct referrers.")
-@click.option("--requisites", "-R", "what", flag_value="requisites", help="The closure.")
-@click.option("--referrers-closure", "what", flag_value="referrers-closure", help="Everything referring to PATHs.")
-@click.option("--tree", "what", flag_value="tree", help="The closure as a tree.")
-@click.option("--graph", "what", flag_value="graph", help="The closure as a Graphviz graph.")
-@click.option("--size", "what", flag_value="size", help="NAR size.")
-@click.option("--closure-size", "what", flag_value="closure-size", help="Total NAR size of the closure.")
-@click.option("--hash", "what", flag_value="hash", help="NAR hash (sha256:nix32).")
-@click.option("--deriver", "what", flag_value="deriver", help="The deriver (or 'unknown-deriver').")
-@click.option("--info", "what", flag_value="info", default=True, help="Everything about each path [default].")
+@mode_flags("query", "query type", [
+    (("--references",), "references", "Direct references."),
+    (("--referrers",), "referrers", "Direct referrers."),
+    (("--requisites", "-R"), "requisites", "The closure."),
+    (("--referrers-closure",), "referrers-closure", "Everything referring to PATHs."),
+    (("--tree",), "tree", "The closure as a tree."),
+    (("--graph",), "graph", "The closure as a Graphviz graph."),
+    (("--size",), "size", "NAR size."),
+    (("--closure-size",), "closure-size", "Total NAR size of the closure."),
+    (("--hash",), "hash", "NAR hash (sha256:nix32)."),
+    (("--deriver",), "deriver", "The deriver (or 'unknown-deriver')."),
+    (("--info",), "info", "Everything about each path [default]."),
+])
 @click.option("--include-outputs", is_flag=True, help="With --requisites: add the outputs of derivations.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def query(ctx: click.Context, paths: tuple[str, ...], what: str, include_outputs: bool, as_json: bool) -> None:
-    """Query store paths, as `nix-store --query`."""
+def query(ctx: click.Context, paths: tuple[str, ...], include_outputs: bool, as_json: bool) -> None:
+    """Query store paths, as `nix-store --query` (one query type; two different ones are refused)."""
+    what = chosen_mode(ctx, "query", "info")
     st = open_store(ctx)
     ps = _paths(st, paths)
     for p in ps:
@@ -400,15 +404,18 @@ def add_root(ctx: click.Context, link: str, path: str) -> None:
 
 
 @store.command()
-@click.option("--print-roots", "action", flag_value="print-roots", help="List the roots as 'LINK -> PATH'.")
-@click.option("--print-live", "action", flag_value="print-live", help="List live paths, delete nothing.")
-@click.option("--print-dead", "action", flag_value="print-dead", help="List dead paths, delete nothing.")
+@mode_flags("gc", "gc action", [
+    (("--print-roots",), "print-roots", "List the roots as 'LINK -> PATH'."),
+    (("--print-live",), "print-live", "List live paths, delete nothing."),
+    (("--print-dead",), "print-dead", "List dead paths, delete nothing."),
+])
 @click.option("--max-freed", type=int, metavar="BYTES", help="Stop after freeing this many bytes.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.pass_context
-def gc(ctx: click.Context, action: str | None, max_freed: int | None, as_json: bool) -> None:
+def gc(ctx: click.Context, max_freed: int | None, as_json: bool) -> None:
     """Delete every path not reachable from a GC root (symlinks or files named after store
     paths under ROOT/nix/var/nix/gcroots and profiles, temporary roots of running processes)."""
+    action: str | None = chosen_mode(ctx, "gc", "") or None
     from ..store.gc import collect_garbage, find_roots
 
     st = open_store(ctx)
