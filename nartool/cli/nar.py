@@ -159,28 +159,35 @@ def ls_(nar_file: str, path: str, recursive: bool, long_: bool, directory: bool,
         raise click.UsageError("--directory does not go with --json")
     with ExitStack() as stack:
         events = api.read_events(_open_nar(stack, nar_file), stack)  # type: ignore[arg-type]
-        with held_stdout() as out:
-            if as_json:
-                for piece in listing.json_listing(events, prefix, recursive=recursive):
-                    out.write(piece.encode())
-                out.write(b"\n")
-                return
-            for e in listing.entries(events, prefix, recursive=recursive, directory_itself=directory):
-                rel = e.path[len(prefix):]
-                if rel:
-                    name = b"./" + b"/".join(rel)
-                elif e.type == "directory":
-                    name = b"."
-                else:
-                    name = prefix[-1] if prefix else b""
-                if long_:
-                    kind = "executable" if e.executable else e.type
-                    line = f"{_PERM[kind]} {e.size:20} ".encode() + name
-                    if e.type == "symlink":
-                        line += b" -> " + e.target
-                else:
-                    line = name
-                out.write(line + b"\n")
+        print_listing(events, prefix, recursive=recursive, long_=long_, directory=directory, as_json=as_json)
+
+
+def print_listing(events: Any, prefix: tuple[bytes, ...], *, recursive: bool, long_: bool, directory: bool,
+                  as_json: bool) -> None:
+    """The output of `nix nar ls` / `nix store ls` for the node at ``prefix``, printed only
+    when the whole listing could be produced."""
+    with held_stdout() as out:
+        if as_json:
+            for piece in listing.json_listing(events, prefix, recursive=recursive):
+                out.write(piece.encode())
+            out.write(b"\n")
+            return
+        for e in listing.entries(events, prefix, recursive=recursive, directory_itself=directory):
+            rel = e.path[len(prefix):]
+            if rel:
+                name = b"./" + b"/".join(rel)
+            elif e.type == "directory":
+                name = b"."
+            else:
+                name = prefix[-1] if prefix else b""
+            if long_:
+                kind = "executable" if e.executable else e.type
+                line = f"{_PERM[kind]} {e.size:20} ".encode() + name
+                if e.type == "symlink":
+                    line += b" -> " + e.target
+            else:
+                line = name
+            out.write(line + b"\n")
 
 
 @nar.command(name="cat")

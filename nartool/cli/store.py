@@ -13,7 +13,6 @@ from ..nar import listing
 from .common import (
     ByteProgress,
     echo_json,
-    held_stdout,
     open_store,
     refuse_binary_to_tty,
     stdout_bin,
@@ -100,13 +99,125 @@ def _add_one(st: Any, p: str, name: str | None, flat: bool, excludes: tuple[str,
               show_default=True)
 @click.pass_context
 def dump(ctx: click.Context, path: str, output: str | None, compress: str) -> None:
-    """Write the NAR of a store path (checked against its registered hash)."""
+    """Write the NAR of a store path (checked against its registered hash).
+
+    PATH may lead inside a store path (`/nix/store/…-pkg/share/doc`): then the NAR of that
+    file or directory is written, as `nix-store --dump PATH` does (symlinks on the way are
+    followed, within the store; the whole store path is still checked against its hash)."""
     from ..compression import compressor
 
     st = open_store(ctx)
-    chunks = compressor(st.nar_chunks(st.follow(path)), compress) if compress != "none" else st.nar_chunks(
-        st.follow(path))
-    _emit(chunks, output, "a NAR")
+    sp, sub = resolve_store_path(st, path)
+    chunks = st.nar_chunks(sp) if not sub else _sub_nar(st, sp, sub)
+    _in_store(path, lambda: _emit(compressor(chunks, compress) if compress != "none" else chunks, output, "a NAR"))
+
+
+def _split_store_arg(st: Any, arg: str) -> tuple[str, tuple[bytes, ...]]:
+    """(store path, components inside it) of a user argument: a store path, a path inside one
+    (in the logical or the physical store directory) or a symlink into the store."""
+    sp = st.follow(arg)
+    real = getattr(st, "real_store_dir", st.store_dir)
+    for d in (st.store_dir, real):
+        if arg.startswith(d + "/"):
+            rest = arg[len(d) + 1:].partition("/")[2]
+            return sp, listing.split_path(rest)
+    return sp, ()
+
+
+_MAX_LINKS = 40  # as the kernel's ELOOP limit
+
+
+def resolve_store_path(st: Any, arg: str) -> tuple[str, tuple[bytes, ...]]:
+    """(store path, components inside it) naming what ``arg`` names, as Nix's store accessor
+    sees it: symlinks among the leading components are followed (relative ones inside the
+    store path or on into another one, absolute ones only into the store directory); the last
+    component is not followed (unless a '/' ends ``arg``). Errors name ``arg`` as Nix does
+    ("path '…' does not exist")."""
+    from ..errors import NartoolError
+    from ..nar.events import Symlink, with_paths
+
+    sp, sub = _split_store_arg(st, arg)
+    last = 1 if arg.endswith("/") else 0  # a trailing slash follows the last symlink too, as POSIX
+    for _ in range(_MAX_LINKS):
+        link: tuple[int, bytes] | None = None
+        if len(sub) + last > 1:
+            for path, ev in with_paths(st.nar_events(sp)):
+                if isinstance(ev, Symlink) and 0 < len(path) < len(sub) + last and sub[:len(path)] == path:
+                    link = len(path), ev.target
+                    break
+        if link is None:
+            return sp, sub
+        k, target = link
+        if target.startswith(b"/"):
+            joined = os.fsdecode(target)
+        else:
+            joined = sp + "/" + os.fsdecode(b"/".join((*sub[:k - 1], target)))
+        joined = os.path.normpath(joined + "/" + os.fsdecode(b"/".join(sub[k:])))
+        if not joined.startswith(st.store_dir + "/"):
+            raise NartoolError(f"path '{arg}' leads outside the store (symlink "
+                               f"'{sp}/{os.fsdecode(b'/'.join(sub[:k]))}' -> '{os.fsdecode(target)}')",
+                               rule="outside-store")
+        sp, sub = _split_store_arg(st, joined)
+    raise NartoolError(f"path '{arg}': too many levels of symbolic links", rule="symlink-loop")
+
+
+def _in_store(arg: str, run: Any) -> Any:
+    """Run ``run()``, giving listing errors Nix's wording for store paths."""
+    from ..errors import NartoolError
+    from ..nar.listing import PathNotFound
+
+    try:
+        return run()
+    except PathNotFound:
+        raise NartoolError(f"path '{arg}' does not exist", rule="not-found") from None
+    except NartoolError as e:
+        if e.rule == "not-a-file":
+            raise NartoolError(f"path '{arg}' is not a regular file", rule="not-a-file") from None
+        raise
+
+
+def _sub_nar(st: Any, sp: str, sub: tuple[bytes, ...]) -> Iterable[bytes | bytearray | memoryview]:
+    """The NAR of the node at ``sub`` in store path ``sp``, cut from the store path's checked NAR
+    (so a damaged store path fails here too, at the end)."""
+    from ..nar.events import Directory, File, Symlink, with_paths
+    from ..nar.listing import PathNotFound, show_path
+    from ..nar.reader import NarReader
+    from ..nar.writer import write_nar
+
+    chunks = iter(st.nar_chunks(sp))
+    buf = bytearray()
+
+    def read(n: int) -> bytes:
+        while len(buf) < n:
+            c = next(chunks, None)
+            if c is None:
+                break
+            buf.extend(c)
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    def cut() -> Iterable[Any]:
+        n = len(sub)
+        found = False
+        for path, ev in with_paths(NarReader(read).events()):
+            if path[:n] != sub:
+                continue
+            if len(path) == n and not found:
+                found = True
+                if isinstance(ev, Directory):
+                    ev = Directory(b"")
+                elif isinstance(ev, File):
+                    ev = File(b"", ev.executable, ev.size, ev.chunks, ev.offset)
+                elif isinstance(ev, Symlink):
+                    ev = Symlink(b"", ev.target)
+            yield ev
+        if not found:
+            raise PathNotFound("path not found in NAR", path=show_path(sub), rule="not-found")
+        for _ in chunks:  # the rest, so that the store path's hash is checked
+            pass
+
+    return write_nar(cut())
 
 
 def _emit(chunks: Iterable[bytes | bytearray | memoryview], output: str | None, what: str) -> None:
@@ -124,36 +235,43 @@ def _emit(chunks: Iterable[bytes | bytearray | memoryview], output: str | None, 
 @click.argument("path")
 @click.argument("subpath", default="/", required=False)
 @click.option("-R", "--recursive", is_flag=True, help="List subdirectories too.")
+@click.option("-l", "--long", "long_", is_flag=True, help="Show type, permissions and size.")
+@click.option("-d", "--directory", is_flag=True, help="Show a directory itself, not its contents.")
 @click.option("--json", "as_json", is_flag=True, help="The JSON listing format of binary caches (.ls).")
 @click.pass_context
-def ls_(ctx: click.Context, path: str, subpath: str, recursive: bool, as_json: bool) -> None:
-    """List the contents of a store path (as `nix store ls`).
+def ls_(ctx: click.Context, path: str, subpath: str, recursive: bool, long_: bool, directory: bool,
+        as_json: bool) -> None:
+    """List the contents of a store path, or of a path inside one (as `nix store ls`).
 
+    PATH may lead inside a store path (`/nix/store/…-pkg/share`); SUBPATH, if given, is
+    appended. Symlinks on the way are followed (within the store), the last one is not.
     Names are printed as they are; with --json, names that are not valid UTF-8 are written
     losslessly as \\udcXX escapes (see docs/names.md). Nothing is printed unless the whole
     path could be read."""
+    from .nar import print_listing
+
+    if as_json and directory:
+        raise click.UsageError("--directory does not go with --json")
     st = open_store(ctx)
-    prefix = listing.split_path(subpath)
-    events = st.nar_events(st.follow(path))
-    with held_stdout() as out:
-        if as_json:
-            for piece in listing.json_listing(events, prefix, recursive=recursive):
-                out.write(piece.encode())
-            out.write(b"\n")
-        else:
-            for e in listing.entries(events, prefix, recursive=recursive):
-                rel = e.path[len(prefix):]
-                out.write((b"./" + b"/".join(rel) if rel else b".") + b"\n")
+    arg = path.rstrip("/") + "/" + subpath.lstrip("/") if subpath.strip("/") else path
+    sp, sub = resolve_store_path(st, arg)
+    _in_store(arg, lambda: print_listing(st.nar_events(sp), sub, recursive=recursive, long_=long_,
+                                         directory=directory, as_json=as_json))
 
 
 @store.command(name="cat")
 @click.argument("path")
-@click.argument("subpath")
+@click.argument("subpath", default="/", required=False)
 @click.pass_context
 def cat_(ctx: click.Context, path: str, subpath: str) -> None:
-    """Write one file of a store path to stdout."""
+    """Write a file inside a store path to stdout (as `nix store cat`).
+
+    PATH is the file (`/nix/store/…-pkg/etc/motd`), or a store path with the file's SUBPATH
+    inside it. Symlinks on the way are followed (within the store), the last one is not."""
     st = open_store(ctx)
-    write_chunks(listing.cat(st.nar_events(st.follow(path)), listing.split_path(subpath)), stdout_bin())
+    arg = path.rstrip("/") + "/" + subpath.lstrip("/") if subpath.strip("/") else path
+    sp, sub = resolve_store_path(st, arg)
+    _in_store(arg, lambda: write_chunks(listing.cat(st.nar_events(sp), sub), stdout_bin()))
 
 
 @store.command()
