@@ -160,3 +160,59 @@ def test_store_ls_cat_match_nix(tmp_path: Path, nix) -> None:  # type: ignore[no
     for sub in ("/nope", "/sub"):
         assert run("--store", s, "store", "cat", p + sub).returncode == 1
         assert nix("nix", "store", "cat", "--store", s, p + sub, check=False).returncode == 1
+
+
+# --- items 3 and 4: serve's trust hints and absolute paths ------------------------------------
+
+def _untrusted_info() -> object:
+    from nartool.hashes import Hash
+    from nartool.store.types import PathInfo
+
+    h = Hash("sha256", bytes(32))
+    return PathInfo(path="/nix/store/" + "a" * 32 + "-hello", nar_hash=h, nar_size=8, references=frozenset())
+
+
+def test_refusal_names_the_fix() -> None:
+    from nartool.remote.serve import Policy
+
+    why = Policy(write=True, trusted=False, user="alice").refusal(_untrusted_info(), "/nix/store")  # type: ignore[arg-type]
+    assert why is not None
+    assert "lacks a valid signature" in why
+    assert "'trusted-users = alice' to /etc/nartool/nartool.conf" in why
+    assert "trusted-public-keys" in why
+    assert Policy(write=True, trusted=True, user="root").refusal(_untrusted_info(), "/nix/store") is None  # type: ignore[arg-type]
+
+
+def test_trust_summary() -> None:
+    from nartool.cli.remote import trust_summary
+    from nartool.config import Config, UserIdentity
+
+    alice = UserIdentity("alice", 1000, 1000, "alice")
+    cfg = Config.from_text("trusted-users = root\n", "/etc/nartool/nartool.conf")
+    line = trust_summary(cfg, alice, write=True)
+    assert line.startswith("nartool serve: user 'alice', allowed, not trusted, require-sigs = true, "
+                           "0 trusted public keys, imports allowed (--write); configuration: /etc/nartool/nartool.conf")
+    assert "add 'trusted-users = alice' to /etc/nartool/nartool.conf" in line
+    line = trust_summary(Config.from_text("trusted-users = alice\n", "/etc/x.conf"), alice, write=False)
+    assert ", trusted," in line and "read-only" in line and "add 'trusted-users" not in line
+    assert "built-in defaults" in trust_summary(Config(), alice, write=True)
+
+
+def test_serve_verbose_says_it_once(tmp_path: Path) -> None:
+    r = run("serve", "-v", "--write", "--store", tmp_path / "s", input=b"")
+    err = r.stderr.decode()
+    assert err.count("nartool serve: user '") == 1, err
+    assert r.stdout == b""
+
+
+def test_serve_help_and_readme_agree() -> None:
+    r = run("serve", "--help")
+    text = " ".join(r.stdout.decode().split())
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for doc in (text, readme):
+        assert 'command="/home/u/.local/bin/nartool' in doc
+        assert "remote-program=/home/u/.local/bin/nartool-serve" in doc
+        assert "trusted-users = " in doc and "/etc/nartool/nartool.conf" in doc
+        assert "WRAPPER" not in doc
+    serve = readme[readme.index("## Copying closures"):]
+    assert serve.index("trusted-users = alice") < serve.index("nartool copy-closure --to|--from")

@@ -279,7 +279,10 @@ def test_untrusted_unsigned_refused_before_reading_nar() -> None:
     data = hello() + add_cmd(info, nar)[: -len(nar) + 10]
     code, out, err = serve_bytes(st, data, write=True, config=untrusted_config(), user=ALICE)
     assert (code, out) == (1, HANDSHAKE_REPLY)
-    assert err.strip() == f"error: cannot add path '{info.path}' because it lacks a valid signature"
+    assert err.strip() == (f"error: cannot add path '{info.path}' because it lacks a valid signature (user "
+                           f"'{ALICE.name}' is not trusted: add 'trusted-users = {ALICE.name}' to "
+                           "/etc/nartool/nartool.conf on the receiving machine, or sign the paths with a key in "
+                           "its 'trusted-public-keys')")
 
 
 @pytest.mark.parametrize("kind, accepted", [

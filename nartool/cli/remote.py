@@ -29,17 +29,27 @@ def _open_store(ctx: click.Context, store: str | None) -> Any:
 @click.option("--compress", type=click.Choice(["zstd"]), default=None,
               help="Offer a zstd-compressed session (only nartool clients take it up).")
 @click.option("--serve", "_serve", is_flag=True, hidden=True, help="Ignored (for `nix-store --serve` wrappers).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Say on stderr, once at start-up, which trust rules apply to the login user.")
 @click.pass_context
-def serve(ctx: click.Context, write: bool, store: str | None, compress: str | None, _serve: bool) -> None:
+def serve(ctx: click.Context, write: bool, store: str | None, compress: str | None, _serve: bool,
+          verbose: bool) -> None:
     """Speak Nix's serve protocol on stdin/stdout, like `nix-store --serve [--write]`.
 
+    Trust: users outside `trusted-users` may import only paths signed by a key in
+    `trusted-public-keys`, or content-addressed ones, so ordinary build outputs from an
+    untrusted login user are refused. To accept them, add `trusted-users = USER` to
+    /etc/nartool/nartool.conf (only that system file counts here; a user's own configuration is
+    ignored, except root's), or sign the paths. `allowed-users` decides who may be served at
+    all. -v prints the rules that apply to the login user.
+
     \b
-    Real Nix clients can use it, e.g. over ssh with remote-program, or locally:
-      nix-copy-closure --to 'localhost?remote-program=WRAPPER&remote-store=DIR' PATH
-    where WRAPPER runs `nartool serve "$@"`. Access control comes from the system nartool.conf
-    only (a user's own configuration is ignored here, except root's):
-    `allowed-users` decides who may be served at all; users outside `trusted-users` may import
-    only paths signed by a key in `trusted-public-keys`, or content-addressed ones.
+    As an ssh forced command, by absolute path (sshd's PATH lacks ~/.local/bin):
+      command="/home/u/.local/bin/nartool serve --write" ssh-ed25519 AAAA…
+    Real Nix clients call the `nartool-serve` command installed next to `nartool` (it is
+    `nartool serve`; no wrapper script needed):
+      nix-copy-closure --to 'host?remote-program=/home/u/.local/bin/nartool-serve' PATH
+
     Errors are `error: …` on stderr with exit status 1; stdout carries protocol bytes only.
     """
     from ..config import Config, UserIdentity
@@ -51,13 +61,37 @@ def serve(ctx: click.Context, write: bool, store: str | None, compress: str | No
     sys.stdout = sys.stderr
     proto_in = open(0, "rb", buffering=0, closefd=False)  # noqa: SIM115
     config = Config.load_for_serve()  # trust only from the system file (see nartool.config)
+    user = UserIdentity.current()
+    if verbose:
+        click.echo(trust_summary(config, user, write), err=True)
     st = _open_store(ctx, store)
-    code = serve_command(st, proto_in, proto_out, write=write, config=config, user=UserIdentity.current(),
+    code = serve_command(st, proto_in, proto_out, write=write, config=config, user=user,
                          log=sys.stderr, compress=compress)
     proto_out.close()
     if code:
         # (not ctx.exit: nartool.cli.main runs click with standalone_mode=False and drops its result)
         sys.exit(code)
+
+
+def trust_summary(config: Any, user: Any, write: bool) -> str:
+    """One line for ``serve -v``: the trust rules that apply to ``user`` in this session."""
+    from ..config import SYSTEM_CONFIG
+
+    allowed = config.is_allowed(user)
+    trusted = config.is_trusted(user)
+    keys = len(config.trusted_keys())
+    files = ", ".join(config.sources) if config.sources else f"none ({SYSTEM_CONFIG} absent: built-in defaults)"
+    parts = [f"nartool serve: user '{user.name}'",
+             "allowed" if allowed else "NOT allowed ('allowed-users')",
+             "trusted" if trusted else "not trusted",
+             f"require-sigs = {'true' if config.require_sigs else 'false'}",
+             f"{keys} trusted public key{'' if keys == 1 else 's'}",
+             "imports allowed (--write)" if write else "read-only (no --write)"]
+    line = ", ".join(parts) + f"; configuration: {files}"
+    if allowed and write and not trusted and config.require_sigs:
+        line += (f"; unsigned paths will be refused (add 'trusted-users = {user.name}' to {SYSTEM_CONFIG} "
+                 "to accept them, or sign them with a key in its 'trusted-public-keys')")
+    return line
 
 
 def parse_host(spec: str) -> tuple[str, dict[str, str]]:

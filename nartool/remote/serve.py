@@ -142,8 +142,17 @@ class Policy:
         if info.ca and ca_why is not None:
             if log is not None and "reproduce" in ca_why:
                 _log(log, f"warning: path '{info.path}' claims to be content-addressed but isn't")
-            return f"cannot add path '{info.path}' because it lacks a valid signature, and {ca_why}"
-        return f"cannot add path '{info.path}' because it lacks a valid signature"
+            return f"cannot add path '{info.path}' because it lacks a valid signature, and {ca_why}{self.hint()}"
+        return f"cannot add path '{info.path}' because it lacks a valid signature{self.hint()}"
+
+    def hint(self) -> str:
+        """How to make this session accept unsigned paths (for refusals), naming the system file:
+        a user's own configuration does not count for serve."""
+        from ..config import SYSTEM_CONFIG
+
+        return (f" (user '{self.user}' is not trusted: add 'trusted-users = {self.user}' "
+                f"to {SYSTEM_CONFIG} on the receiving machine, or sign the paths with a key in "
+                "its 'trusted-public-keys')")
 
 
 def _log(log: LogSink, line: str) -> None:
@@ -164,7 +173,10 @@ def policy_from_config(write: bool, config: Config | None, user: UserIdentity | 
 
         user = UserIdentity.current()
     if not config.is_allowed(user):
-        raise ServeExit(f"user '{user.name}' is not allowed to use this store ('allowed-users')")
+        from ..config import SYSTEM_CONFIG
+
+        raise ServeExit(f"user '{user.name}' is not allowed to use this store (see 'allowed-users' in "
+                        f"{SYSTEM_CONFIG} on the serving machine)")
     return Policy(write=write, trusted=config.is_trusted(user) if trusted is None else trusted,
                   trusted_keys=config.trusted_keys(), require_sigs=config.require_sigs, user=user.name)
 
@@ -341,9 +353,8 @@ class _Server:
     def import_paths(self) -> None:
         self._need_write("importing paths")
         if not self.policy.unsigned_ok:
-            raise ServeExit("cannot import paths with ImportPaths: the export stream carries no signatures and "
-                            f"user '{self.policy.user}' is not in 'trusted-users' (use AddToStoreNar with "
-                            "signed paths)")
+            raise ServeExit("cannot import paths with ImportPaths: the export stream carries no signatures "
+                            f"(a client speaking protocol 2.5 uses AddToStoreNar with signed paths){self.policy.hint()}")
         with self.store.batch():
             paths = self.store.import_paths(self.src)
             for p in paths:
