@@ -216,3 +216,32 @@ def test_serve_help_and_readme_agree() -> None:
         assert "WRAPPER" not in doc
     serve = readme[readme.index("## Copying closures"):]
     assert serve.index("trusted-users = alice") < serve.index("nartool copy-closure --to|--from")
+
+
+# --- item 9: JSON shaped like Nix's --------------------------------------------------------------
+
+def test_query_json_matches_nix_path_info(tmp_path: Path, nix) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "root"
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "f").write_bytes(b"contents")
+    a = nix("nix-store", "--store", root, "--add", tmp_path / "t").stdout.decode().strip()  # ultimate, ca
+    (tmp_path / "u").write_bytes(b"other")
+    b = run("--store", root, "store", "add", tmp_path / "u").stdout.decode().strip()
+    sec = tmp_path / "k.sec"
+    assert run("key", "generate", "k-1", "--secret-file", sec).returncode == 0
+    assert run("--store", root, "store", "sign", "--key-file", sec, b).returncode == 0
+    ours = json.loads(run("--store", root, "store", "query", "--json", a, b).stdout)
+    theirs = json.loads(nix("nix", "path-info", "--json", "--store", root, a, b).stdout)
+    assert ours == theirs
+    assert [list(d) for d in ours] == [list(d) for d in theirs]  # Nix's key order, absent keys omitted
+    added = json.loads(run("--store", root, "store", "add", "--json", tmp_path / "u").stdout)
+    assert added == [theirs[1]]
+
+
+def test_key_json_is_camel_case(tmp_path: Path) -> None:
+    sec = tmp_path / "k.sec"
+    r = run("key", "generate", "k-1", "--secret-file", sec, "--json")
+    obj = json.loads(r.stdout)
+    assert set(obj) == {"name", "publicKey", "secretFile"}
+    assert set(json.loads(run("key", "public", sec, "--json").stdout)) == {"name", "publicKey"}
+    assert set(json.loads(run("key", "generate", "k-2", "--json").stdout)) == {"name", "publicKey", "secretKey"}

@@ -308,13 +308,13 @@ def test_cli_generate_stdout_and_json(tmp_path: Path) -> None:
     assert SecretKey.parse(lines[0]).public_key().to_text() == lines[1]
     r = CliRunner().invoke(_cli(), ["key", "generate", "test-1", "--json"])
     obj = json.loads(r.output)
-    assert SecretKey.parse(obj["secret_key"]).public_key().to_text() == obj["public_key"]
+    assert SecretKey.parse(obj["secretKey"]).public_key().to_text() == obj["publicKey"]
     assert obj["name"] == "test-1"
     sec = tmp_path / "s"
     r = CliRunner().invoke(_cli(), ["key", "generate", "test-1", "--secret-file", str(sec), "--json"])
     obj = json.loads(r.output)
-    assert "secret_key" not in obj and obj["secret_file"] == str(sec)
-    assert load_secret_key(sec).public_key().to_text() == obj["public_key"]
+    assert "secretKey" not in obj and obj["secretFile"] == str(sec)
+    assert load_secret_key(sec).public_key().to_text() == obj["publicKey"]
     r = CliRunner().invoke(_cli(), ["key", "generate", "x:y"])
     assert isinstance(r.exception, SignatureError) and r.exception.rule == "bad-key-name"
 
@@ -325,7 +325,7 @@ def test_cli_public(tmp_path: Path) -> None:
     r = CliRunner().invoke(_cli(), ["key", "public", str(sec)])
     assert r.exit_code == 0 and r.output == GOLDEN_PUBLIC + "\n"
     r = CliRunner().invoke(_cli(), ["key", "public", "-", "--json"], input=GOLDEN_SECRET + "\n")
-    assert json.loads(r.output) == {"name": "golden-1", "public_key": GOLDEN_PUBLIC}
+    assert json.loads(r.output) == {"name": "golden-1", "publicKey": GOLDEN_PUBLIC}
     r = CliRunner().invoke(_cli(), ["key", "public", "-"], input=GOLDEN_PUBLIC)
     assert isinstance(r.exception, SignatureError) and r.exception.rule == "bad-key-size"
 

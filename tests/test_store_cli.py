@@ -65,7 +65,7 @@ def test_query_formats(tmp_path: Path) -> None:
     assert f'"{a.rsplit("/", 1)[1]}" -> "{b.rsplit("/", 1)[1]}"' in run("--store", s, "store", "query", "--graph",
                                                                         b).stdout.decode()
     info = json.loads(run("--store", s, "store", "query", "--json", b).stdout)
-    assert info[0]["references"] == [a] and info[0]["narHash"].startswith("sha256:")
+    assert info[0]["references"] == [a] and info[0]["narHash"].startswith("sha256-")
     sizes = json.loads(run("--store", s, "store", "query", "--size", "--json", a, b).stdout)
     assert set(sizes) == {a, b}
     # a result symlink or a path inside a store path is accepted like a store path

@@ -69,7 +69,8 @@ def _write_key_files(sk: SecretKey, secret_file: str | None, public_file: str | 
 @click.option("--public-file", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
               help="Write the public key to FILE (never overwritten).")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print a JSON object: name, public_key, and secret_key unless written to a file.")
+              help="Print a JSON object: name, publicKey, and secretKey unless written to a file "
+                   "(then secretFile; publicFile when written).")
 def generate(name: str, secret_file: str | None, public_file: str | None, as_json: bool) -> None:
     """Generate a new Ed25519 key pair called NAME.
 
@@ -87,13 +88,13 @@ def generate(name: str, secret_file: str | None, public_file: str | None, as_jso
     _write_key_files(sk, secret_file, public_file)
     pub = sk.public_key().to_text()
     if as_json:
-        obj: dict[str, Any] = {"name": sk.name, "public_key": pub}
+        obj: dict[str, Any] = {"name": sk.name, "publicKey": pub}
         if secret_file is None:
-            obj["secret_key"] = sk.to_text()
+            obj["secretKey"] = sk.to_text()
         else:
-            obj["secret_file"] = secret_file
+            obj["secretFile"] = secret_file
         if public_file is not None:
-            obj["public_file"] = public_file
+            obj["publicFile"] = public_file
         echo_json(obj)
         return
     if secret_file is None:
@@ -104,7 +105,7 @@ def generate(name: str, secret_file: str | None, public_file: str | None, as_jso
 
 @key.command()
 @click.argument("secret_file", metavar="SECRETFILE", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object with name and public_key.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object with name and publicKey.")
 def public(secret_file: str, as_json: bool) -> None:
     """Print the public key of the secret key in SECRETFILE ('-' reads stdin).
 
@@ -121,6 +122,6 @@ def public(secret_file: str, as_json: bool) -> None:
         sk = load_secret_key(secret_file)
     pub = sk.public_key().to_text()
     if as_json:
-        echo_json({"name": sk.name, "public_key": pub})
+        echo_json({"name": sk.name, "publicKey": pub})
     else:
         click.echo(pub)

@@ -39,11 +39,22 @@ def store(ctx: click.Context, case_hack: bool | None) -> None:
 
 
 def _info_json(info: Any) -> dict[str, Any]:
-    return {
-        "path": info.path, "narHash": info.nar_hash.prefixed("nix32"), "narSize": info.nar_size,
-        "references": sorted(info.references), "deriver": info.deriver, "registrationTime": info.registration_time,
-        "ultimate": info.ultimate, "signatures": sorted(info.sigs), "ca": info.ca,
-    }
+    """A path info shaped as `nix path-info --json` (Nix 2.8) shapes it: keys in its order, the
+    NAR hash in SRI form, and keys without a value (no deriver, not ultimate, no signatures, no
+    content address, registration time 0) left out."""
+    d: dict[str, Any] = {"path": info.path, "narHash": info.nar_hash.sri, "narSize": info.nar_size,
+                         "references": sorted(info.references)}
+    if info.ca:
+        d["ca"] = info.ca
+    if info.deriver:
+        d["deriver"] = info.deriver
+    if info.registration_time:
+        d["registrationTime"] = info.registration_time
+    if info.ultimate:
+        d["ultimate"] = True
+    if info.sigs:
+        d["signatures"] = sorted(info.sigs)
+    return d
 
 
 def _paths(st: Any, args: Iterable[str]) -> list[str]:
@@ -420,11 +431,11 @@ def query(ctx: click.Context, paths: tuple[str, ...], include_outputs: bool, as_
                 d = _info_json(i)
                 click.echo(i.path)
                 for k in ("narHash", "narSize", "deriver", "ca", "registrationTime"):
-                    if d[k] is not None:
+                    if k in d:
                         click.echo(f"  {k}: {d[k]}")
                 for r in d["references"]:
                     click.echo(f"  reference: {r}")
-                for s in d["signatures"]:
+                for s in d.get("signatures", ()):
                     click.echo(f"  signature: {s}")
         return
     if as_json:
