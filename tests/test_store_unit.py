@@ -18,7 +18,7 @@ from nartool.nar import format as F
 from nartool.store import LocalStore, PathInfo
 from nartool.store import export as X
 from nartool.store.closure import topo_sort
-from nartool.store.derivation import DerivationError, parse_derivation
+from nartool.store.derivation import DerivationError, parse_derivation, parse_derivation_strict
 from nartool.store.gc import add_indirect_root, collect_garbage, find_roots
 from nartool.store.paths import (
     ContentAddress,
@@ -94,22 +94,30 @@ HELLO_DRV = ('Derive([("out","/nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello"
 
 def test_derivation_round_trip_and_hashes() -> None:
     d = parse_derivation(HELLO_DRV)
-    assert d.unparse() == HELLO_DRV
-    masked = hashlib.sha256(d.unparse(mask_outputs=True).encode()).hexdigest()
+    assert d.unparse() == HELLO_DRV.encode()
+    masked = hashlib.sha256(d.unparse(mask_outputs=True)).hexdigest()
     assert masked == "1142b64dfc10c25b923658cd6a75f2eb8603497ca6e5c3fe3c77c3b7cc7ba923"
     assert make_text_path("hello.drv", SHA(HELLO_DRV.encode())) == \
         "/nix/store/76w21n1f03fs5kw8fnffphx7qrqffw6r-hello.drv"
     esc = parse_derivation(HELLO_DRV.replace('"echo hi > $out"', '"a\\n\\t\\"q\\\\"'))
     assert esc.args[1] == 'a\n\t"q\\'
-    assert esc.unparse() == HELLO_DRV.replace('"echo hi > $out"', '"a\\n\\t\\"q\\\\"')
+    assert esc.unparse() == HELLO_DRV.replace('"echo hi > $out"', '"a\\n\\t\\"q\\\\"').encode()
 
 
-@pytest.mark.parametrize("bad", ["", "Derive(", HELLO_DRV + "x", HELLO_DRV.replace("Derive", "Derivx"),
+@pytest.mark.parametrize("bad", ["", "Derive(", HELLO_DRV.replace("Derive", "Derivx"),
                                  HELLO_DRV[:-2], '"unterminated'])
 def test_bad_derivations(bad: str) -> None:
     with pytest.raises(DerivationError) as ei:
         parse_derivation(bad)
     assert ei.value.offset is not None
+
+
+def test_trailing_data_refused_only_in_strict_mode() -> None:
+    """Nix 2.8 ignores bytes after the closing parenthesis; the strict parser does not."""
+    assert parse_derivation(HELLO_DRV + "x").unparse() == HELLO_DRV.encode()
+    with pytest.raises(DerivationError) as ei:
+        parse_derivation_strict((HELLO_DRV + "x").encode())
+    assert ei.value.offset == len(HELLO_DRV)
 
 
 # -- references -------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ _LAZY = {
     "serve": ("nartool.cli.remote", "serve"),
     "copy-closure": ("nartool.cli.remote", "copy_closure_cmd"),
     "key": ("nartool.cli.key", "key"),
+    "derivation": ("nartool.cli.derivation", "derivation"),
 }
 
 

@@ -47,7 +47,7 @@ from . import export as X
 from .cacheck import CaCheck
 from .closure import closure_set, topo_sort
 from .db import StoreDB
-from .derivation import DerivationError, parse_derivation
+from .derivation import drv_name_from_path, parse_derivation
 from .locks import PathLock, TempRoots
 from .paths import (
     DEFAULT_STORE_DIR,
@@ -410,12 +410,18 @@ class LocalStore:
             raise
         return len(pending)
 
-    def _drv_outputs(self, tmp: bytes) -> dict[str, str]:
+    def _drv_outputs(self, tmp: bytes, drv_path: str | None = None) -> dict[str, str]:
         """Output paths of the just-restored ``.drv`` under store name ``tmp`` (the temporary),
-        for ``DerivationOutputs`` (as Nix registers them). The file is opened relative to the
-        store without following a symlink and must be a regular file of at most
-        :data:`DRV_MAX_SIZE` bytes; anything else records nothing (a NAR may hold a directory or
-        a symlink under a ``.drv`` name, and its target must never be read)."""
+        for ``DerivationOutputs``, as Nix registers them: the ``.drv`` is read as bytes (it need
+        not be UTF-8) and parsed as Nix parses it; input-addressed outputs give their recorded
+        paths, a fixed output the path computed from its hash and the name of ``drv_path``
+        (the recorded one when ``drv_path`` is not given), floating and deferred outputs
+        nothing. The file is opened relative to the store without following a symlink and
+        must be a regular file of at most :data:`DRV_MAX_SIZE` bytes; anything else records
+        nothing (a NAR may hold a directory or a symlink under a ``.drv`` name, and its target
+        must never be read)."""
+        from ..errors import NartoolError
+
         try:
             fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self._store_fd)
         except OSError:
@@ -432,12 +438,13 @@ class LocalStore:
                     break
                 parts.append(b)
                 left -= len(b)
-            drv = parse_derivation(b"".join(parts))
-        except (OSError, DerivationError):
+            name = drv_name_from_path(drv_path) if drv_path else ""
+            drv = parse_derivation(b"".join(parts), name)
+            return drv.output_paths(self.store_dir)
+        except (OSError, NartoolError):
             return {}  # not a parseable derivation: nothing to record
         finally:
             os.close(fd)
-        return {name: o.path for name, o in drv.outputs.items() if o.path}
 
     def _check_references(self, info: PathInfo) -> None:
         for r in info.references:
