@@ -245,3 +245,91 @@ def test_key_json_is_camel_case(tmp_path: Path) -> None:
     assert set(obj) == {"name", "publicKey", "secretFile"}
     assert set(json.loads(run("key", "public", sec, "--json").stdout)) == {"name", "publicKey"}
     assert set(json.loads(run("key", "generate", "k-2", "--json").stdout)) == {"name", "publicKey", "secretKey"}
+
+
+# --- item 8: gc sizes, --tree, progress --------------------------------------------------------
+
+def test_gc_max_freed_takes_nix_suffixes(tmp_path: Path) -> None:
+    from nartool.cli.store import SizeType
+
+    t = SizeType()
+    assert t.convert("1G", None, None) == 1 << 30
+    assert t.convert("10k", None, None) == 10 << 10
+    assert t.convert("3T", None, None) == 3 << 40
+    assert t.convert("512", None, None) == 512
+    r = run("--store", tmp_path / "s", "store", "gc", "--max-freed", "1G", "--json")
+    assert r.returncode == 0, r.stderr
+    for bad in ("1X", "-1", "G", "1.5G"):
+        r = run("--store", tmp_path / "s", "store", "gc", "--max-freed", bad)
+        assert r.returncode == 2 and b"--max-freed" in r.stderr, (bad, r.stderr)
+
+
+def test_tree_matches_nix(tmp_path: Path, nix) -> None:  # type: ignore[no-untyped-def]
+    from nartool.store import LocalStore
+
+    s = tmp_path / "s"
+    st = LocalStore(s)
+    a = st.add_text("a", b"a").path
+    b = st.add_text("b", b"b", [a]).path
+    c = st.add_text("c", b"c", [a, b]).path
+    d = st.add_text("d", b"d", [c, b]).path
+    x = st.add_text("x", b"x").path
+    e = st.add_text("e", b"e", [d, a, x]).path
+    f = st.add_text("f", b"f", [x]).path
+    st.close()
+    for args in ([e], [d], [e, f], [f, e], [a]):
+        ours = run("--store", s, "store", "query", "--tree", *args)
+        theirs = nix("nix-store", "--store", s, "-q", "--tree", *args)
+        assert ours.returncode == 0, ours.stderr
+        assert ours.stdout == theirs.stdout, (args, ours.stdout.decode(), theirs.stdout.decode())
+    assert b" [...]\n" in run("--store", s, "store", "query", "--tree", e).stdout
+
+
+def _stderr_on_tty(*args: str | os.PathLike[str]) -> tuple[int, bytes, bytes]:
+    """Run the CLI with stderr on a pseudo-terminal: (status, stdout, what the terminal got)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    e = dict(os.environ)
+    e.pop("NARTOOL_STORE", None)
+    p = subprocess.Popen([sys.executable, "-m", "nartool", *map(os.fspath, args)], stdout=subprocess.PIPE,
+                         stderr=slave, stdin=subprocess.DEVNULL, env=e)
+    os.close(slave)
+    got = bytearray()
+    while True:
+        r, _, _ = select.select([master], [], [], 0.1)
+        if r:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        elif p.poll() is not None:
+            break
+    out = p.stdout.read() if p.stdout else b""
+    p.wait()
+    os.close(master)
+    return p.returncode, out, bytes(got)
+
+
+def test_progress_with_totals_on_a_terminal(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "big").write_bytes(os.urandom(3 << 20))
+    s = tmp_path / "s"
+    code, out, tty = _stderr_on_tty("--store", s, "store", "add", d)
+    assert code == 0, tty
+    assert b"[adding: " in tty and b"of 3.0 MiB" in tty, tty
+    path = out.decode().strip()
+    code, _, tty = _stderr_on_tty("--store", s, "store", "verify", "--check-contents")
+    assert code == 0 and b"[verifying: " in tty and b"of 3.0 MiB" in tty, tty
+    code, _, tty = _stderr_on_tty("--store", s, "store", "export", path, "-o", tmp_path / "x.export")
+    assert code == 0 and b"[exporting: " in tty and b"of 3.0 MiB" in tty, tty
+    # not a terminal: nothing on stderr
+    r = run("--store", s, "store", "export", path, "-o", tmp_path / "y.export")
+    assert r.returncode == 0 and r.stderr == b""
+    r = run("--store", s, "store", "verify", "--check-contents")
+    assert r.returncode == 0 and r.stderr == b""

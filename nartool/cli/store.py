@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -19,6 +20,7 @@ from .common import (
     write_chunks,
 )
 from .flags import chosen_mode, mode_flags
+from .progress import TotalProgress
 
 
 @click.group()
@@ -83,7 +85,8 @@ def add(ctx: click.Context, paths: tuple[str, ...], name: str | None, flat: bool
         raise click.UsageError("--name goes with a single PATH")
     st = open_store(ctx)
     out = []
-    with st.batch():  # one sync and one transaction for all of them
+    prog = TotalProgress("adding", sum(_tree_size(p) for p in paths) if sys.stderr.isatty() else 0)
+    with prog.watch_reads(), st.batch():  # one sync and one transaction for all of them
         for p in paths:
             out.append(_add_one(st, p, name, flat, excludes, scan_references))
     for info in out:
@@ -91,6 +94,27 @@ def add(ctx: click.Context, paths: tuple[str, ...], name: str | None, flat: bool
             click.echo(info.path)
     if as_json:
         echo_json([_info_json(i) for i in out])
+
+
+def _tree_size(path: str) -> int:
+    """Bytes of the regular files at or below ``path`` (symlinks not followed): the total a
+    progress line counts towards. Unreadable parts count as nothing."""
+    total = 0
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    if not os.path.isdir(path) or os.path.islink(path):
+        return st.st_size if os.path.isfile(path) and not os.path.islink(path) else 0
+    for top, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                fst = os.lstat(os.path.join(top, f))
+            except OSError:
+                continue
+            if stat.S_ISREG(fst.st_mode):
+                total += fst.st_size
+    return total
 
 
 def _add_one(st: Any, p: str, name: str | None, flat: bool, excludes: tuple[str, ...],
@@ -304,7 +328,8 @@ def export(ctx: click.Context, paths: tuple[str, ...], output: str | None, closu
     ps = _paths(st, paths)
     if closure:
         ps = st.closure(ps)
-    chunks = ByteProgress("exporting").chunks(st.export_paths(ps))
+    total = sum(st.path_info(p).nar_size for p in ps) if sys.stderr.isatty() else 0
+    chunks = TotalProgress("exporting", total).chunks(st.export_paths(ps))
     _emit(compressor(chunks, compress) if compress != "none" else chunks, output, "an export stream")
 
 
@@ -447,22 +472,49 @@ def query(ctx: click.Context, paths: tuple[str, ...], include_outputs: bool, as_
         click.echo(result)
 
 
+def _topo_children(st: Any, items: set[str]) -> list[str]:
+    """Nix's ``topoSortPaths(items)`` reversed: a depth-first post-order over the references
+    within ``items`` (items and references visited in sorted order), so a path comes after
+    everything it refers to."""
+    out: list[str] = []
+    visited: set[str] = set()
+    for start in sorted(items):
+        if start in visited:
+            continue
+        visited.add(start)
+        stack = [(start, iter(sorted(st.query_references(start))))]
+        while stack:
+            node, it = stack[-1]
+            for r in it:
+                if r != node and r in items and r not in visited:
+                    visited.add(r)
+                    stack.append((r, iter(sorted(st.query_references(r)))))
+                    break
+            else:
+                stack.pop()
+                out.append(node)
+    return out
+
+
 def _tree(st: Any, paths: list[str]) -> None:
+    """`nix-store -q --tree`, byte for byte: children in Nix's order (each after the siblings it refers to), a
+    path met again printed with ' [...]' and not expanded (a self-reference too)."""
     done: set[str] = set()
+    out = sys.stdout
 
-    def walk(p: str, first: str, rest: str) -> None:
-        seen = p in done
-        click.echo(f"{first}{p}{' [...]' if seen and st.query_references(p) - {p} else ''}")
-        if seen:
-            return
+    todo: list[tuple[str, str, str]] = [(p, "", "") for p in reversed(paths)]
+    while todo:
+        p, first, rest = todo.pop()
+        if p in done:
+            out.write(f"{first}{p} [...]\n")
+            continue
         done.add(p)
-        refs = sorted(st.query_references(p) - {p})
-        for k, r in enumerate(refs):
-            last = k == len(refs) - 1
-            walk(r, rest + ("└───" if last else "├───"), rest + ("    " if last else "│   "))
-
-    for p in paths:
-        walk(p, "", "")
+        out.write(f"{first}{p}\n")
+        children = _topo_children(st, set(st.query_references(p)))
+        for k in range(len(children) - 1, -1, -1):  # pushed in reverse: printed in order
+            last = k == len(children) - 1
+            todo.append((children[k], rest + ("└───" if last else "├───"), rest + ("    " if last else "│   ")))
+    out.flush()
 
 
 def _graph(st: Any, paths: list[str]) -> None:
@@ -493,7 +545,11 @@ def verify(ctx: click.Context, check_contents: bool, repair: bool, sigs: bool, a
     broken path that --repair invalidated.
     """
     st = open_store(ctx)
-    problems = st.verify(check_contents=check_contents, repair=repair)
+    total = 0
+    if check_contents and sys.stderr.isatty():
+        total = sum(i.nar_size for i in (st.query_path_info(p) for p in st.all_paths()) if i is not None)
+    with TotalProgress("verifying", total).watch_reads():
+        problems = st.verify(check_contents=check_contents, repair=repair)
     if sigs:
         from ..config import Config
         from ..store.paths import ca_matches
@@ -518,6 +574,29 @@ def verify(ctx: click.Context, check_contents: bool, repair: bool, sigs: bool, a
         raise SystemExit(1)
 
 
+class SizeType(click.ParamType):  # type: ignore[type-arg]  # (generic only from click 8.2)
+    """A byte count with an optional K/M/G/T suffix (powers of 1024, either case), as Nix's
+    ``--max-freed`` takes it."""
+
+    name = "size"
+    _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        mult = 1
+        if text and text[-1].isalpha():
+            unit = text[-1].upper()
+            if unit not in self._UNITS:
+                self.fail(f"invalid unit specifier '{text[-1]}' in {value!r} (K, M, G or T)", param, ctx)
+            mult = self._UNITS[unit]
+            text = text[:-1]
+        if not text.isdigit():
+            self.fail(f"{value!r} is not a size (a number of bytes, optionally with K, M, G or T)", param, ctx)
+        return int(text) * mult
+
+
 @store.command(name="add-root")
 @click.argument("link", type=click.Path(path_type=str))
 @click.argument("path")
@@ -538,7 +617,9 @@ def add_root(ctx: click.Context, link: str, path: str) -> None:
     (("--print-live",), "print-live", "List live paths, delete nothing."),
     (("--print-dead",), "print-dead", "List dead paths, delete nothing."),
 ])
-@click.option("--max-freed", type=int, metavar="BYTES", help="Stop after freeing this many bytes.")
+@click.option("--max-freed", type=SizeType(), metavar="SIZE",
+              help="Stop after freeing this many bytes; a K, M, G or T suffix multiplies by 1024, "
+                   "1024², … (as Nix's --max-freed 1G).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.pass_context
 def gc(ctx: click.Context, max_freed: int | None, as_json: bool) -> None:
