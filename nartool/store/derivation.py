@@ -337,7 +337,10 @@ def _check_output(o: DerivationOutput, name: str, offset: int | None = None, *, 
     if kind == FIXED:
         if (o.path or not from_json) and not o.path.startswith("/"):
             raise err("bad path", o.path)
-        o.fixed_hash()
+        try:
+            o.fixed_hash()
+        except DerivationError as e:
+            raise err(e.message, o.hash) from None
     elif kind in (FLOATING, IMPURE):
         if o.path:
             raise err(f"a {kind} output has no path", o.path)
