@@ -451,3 +451,44 @@ def test_basic_derivation_wire() -> None:
     # without input derivations the inputs stay the derivation's own
     fx.input_drvs = {}
     assert BasicDerivation.from_derivation(fx, ["/x"]).input_srcs == [f"{SD}/{'c' * 32}-src"]
+
+
+def test_drv_name_from_path() -> None:
+    assert drv_name_from_path("/nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello-2.1.drv") == "hello-2.1"
+    assert drv_name_from_path("/some/dir/my-pkg.drv") == "my-pkg"
+    assert drv_name_from_path("mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-x.drv") == "x"
+
+
+def test_non_utf8_drv_registers_outputs(tmp_path: Path) -> None:
+    """(Without Nix.) A .drv that is not UTF-8 is parsed and its outputs are recorded."""
+    blank_drv = (b'Derive([("out","","","")],[],[],"x86_64-linux","/bin/sh",["-c","\xe9"],'
+                 b'[("builder","/bin/sh"),("name","l1"),("out",""),("system","x86_64-linux"),("\xff","\xfe")])')
+    d = compute_outputs(parse_derivation(blank_drv, "l1"), lambda p: Derivation())
+    with LocalStore(tmp_path / "s") as s:
+        info = s.add_text("l1.drv", d.unparse())
+        assert s.query_derivation_outputs(info.path) == {"out": d.outputs["out"].path}
+    r = cli("--store", tmp_path / "s", "derivation", "show", info.path)
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)[info.path]
+    assert shown["args"] == ["-c", "\udce9"] and shown["env"]["\udcff"] == "\udcfe"
+    assert b"\\udcff" in r.stdout and r.stdout.decode("utf-8")  # valid UTF-8, bytes escaped
+
+
+def test_show_output_path_means_its_deriver(tmp_path: Path) -> None:
+    from nartool.nar import nar_bytes
+    from nartool.nar.events import File
+    from nartool.store import export as X
+
+    blank_drv = (b'Derive([("out","","","")],[],[],"x86_64-linux","/bin/sh",[],'
+                 b'[("builder","/bin/sh"),("name","d"),("out",""),("system","x86_64-linux")])')
+    d = compute_outputs(parse_derivation(blank_drv, "d"), lambda p: Derivation())
+    root = tmp_path / "s"
+    with LocalStore(root) as s:
+        drv = s.add_text("d.drv", d.unparse()).path
+        out = d.outputs["out"].path
+        rec = b"".join(bytes(c) for c in X.record_chunks(out, [], drv, [nar_bytes([File(b"", False, 1, [b"x"])])]))
+        s.import_paths(rec + X.end_chunk())
+    by_out = cli("--store", root, "derivation", "show", out)
+    assert by_out.returncode == 0, by_out.stderr
+    assert by_out.stdout == cli("--store", root, "derivation", "show", drv).stdout
+    assert list(json.loads(by_out.stdout)) == [drv]

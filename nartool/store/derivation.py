@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import HashFormatError, NartoolError, StoreError
-from ..hashes import HASH_SIZES, Hash, nix32_encode
+from ..hashes import HASH_SIZES, NIX32_ALPHABET, Hash, nix32_encode
 from .paths import DEFAULT_STORE_DIR, make_fixed_output_path, make_store_path, make_text_path
 
 
@@ -607,10 +607,12 @@ def check_outputs(drv: Derivation, resolve: Resolver, store_dir: str = DEFAULT_S
 
 
 def drv_name_from_path(drv_path: str) -> str:
-    """``/nix/store/<hash>-hello.drv`` → ``hello``."""
+    """``/nix/store/<hash>-hello.drv`` → ``hello``; a file name without a store hash part
+    (``my-pkg.drv``) keeps its whole name (``my-pkg``)."""
     base = drv_path.rsplit("/", 1)[-1]
-    name = base.split("-", 1)[1] if "-" in base else base
-    return name[:-4] if name.endswith(".drv") else name
+    if len(base) > 33 and base[32] == "-" and all(c in NIX32_ALPHABET for c in base[:32]):
+        base = base[33:]
+    return base[:-4] if base.endswith(".drv") else base
 
 
 #: the largest ``.drv`` read from a store or a file
