@@ -492,3 +492,11 @@ def test_show_output_path_means_its_deriver(tmp_path: Path) -> None:
     assert by_out.returncode == 0, by_out.stderr
     assert by_out.stdout == cli("--store", root, "derivation", "show", drv).stdout
     assert list(json.loads(by_out.stdout)) == [drv]
+
+
+def test_outputs_outside_the_store_not_registered(tmp_path: Path) -> None:
+    drv = (b'Derive([("out","/etc/passwd","","")],[],[],"x86_64-linux","/bin/sh",[],'
+           b'[("name","bad"),("out","/etc/passwd")])')
+    with LocalStore(tmp_path / "s") as s:
+        info = s.add_text("bad.drv", drv)
+        assert s.query_derivation_outputs(info.path) == {}

@@ -439,8 +439,10 @@ class LocalStore:
                 parts.append(b)
                 left -= len(b)
             name = drv_name_from_path(drv_path) if drv_path else ""
-            drv = parse_derivation(b"".join(parts), name)
-            return drv.output_paths(self.store_dir)
+            outputs = parse_derivation(b"".join(parts), name).output_paths(self.store_dir)
+            for p in outputs.values():
+                self.parse_path(p)  # Nix refuses a .drv whose outputs are not store paths
+            return outputs
         except (OSError, NartoolError):
             return {}  # not a parseable derivation: nothing to record
         finally:
