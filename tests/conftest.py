@@ -1,6 +1,12 @@
-"""Shared fixtures. Tests needing real Nix, FUSE or sshd skip with a stated reason when the
-tool is absent — unless NARTOOL_REQUIRE_<NIX|FUSE|SSH>=1 (set by .ci/run), which turns that
-skip into a failure so CI cannot pass without running them."""
+"""Shared fixtures. Tests needing real Nix, FUSE, sshd or root skip with a stated reason when
+the capability is missing (e.g. as a normal user: /dev/fuse not accessible, serve's trust only
+for root) — unless NARTOOL_REQUIRE_<NIX|FUSE|SSH|ROOT>=1 (.ci/run sets them), which turns that
+skip into a failure so CI cannot pass without running them.
+
+As a normal user the suite also: raises the soft limit on open files to the hard limit (the
+deep-tree tests hold a descriptor per level; the default soft limit of 1024 is too low for
+them), and gives real Nix a private store (``NIX_REMOTE=local?root=…``) for commands without
+``--store``, since a normal user cannot reach the system's Nix daemon socket."""
 
 from __future__ import annotations
 
@@ -24,10 +30,54 @@ def require(kind: str, available: bool, reason: str) -> None:
 
 
 NIX_STORE = shutil.which("nix-store")
+IS_ROOT = os.geteuid() == 0
+
+
+def _raise_open_files_limit() -> None:
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 16
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
+_raise_open_files_limit()
+
+#: Tests that run ``nartool serve`` (or copy into it) as a subprocess and need it to trust the
+#: user running them through that user's own configuration file (``NARTOOL_CONFIG``). serve
+#: reads trust settings only from /etc/nartool/nartool.conf — and from root's own files when it
+#: runs as root — so as a normal user these can only be skipped. By file and test name.
+NEEDS_ROOT_FOR_SERVE_TRUST = {
+    "test_remote_protocol.py": {"test_serve_cli_session_and_errors", "test_serve_cli_allowed_users",
+                                "test_concurrent_group_commits_in_opposite_orders"},
+    "test_remote_nix.py": {"test_nix_copy_closure_to_nartool_serve", "test_nix_copy_to_ssh_store_nartool_serve",
+                           "test_nartool_to_nartool_with_zstd", "test_all_directions_over_sshd",
+                           "test_cut_connection_then_rerun", "test_concurrent_overlapping_copies"},
+    "test_hardening_serve.py": {"test_stalled_client_does_not_hold_a_path_lock"},
+}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    names = NEEDS_ROOT_FOR_SERVE_TRUST.get(item.path.name, set())
+    if getattr(item, "originalname", item.name) in names:
+        require("ROOT", IS_ROOT, "runs `nartool serve` as this user and trusts it through the user's own "
+                                 "configuration file, which serve honours only for root (trust comes from "
+                                 "/etc/nartool/nartool.conf): run the tests as root")
+
+
+@pytest.fixture(scope="session")
+def _private_nix_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return os.fspath(tmp_path_factory.mktemp("nix-default-store"))
 
 
 @pytest.fixture
-def nix() -> Callable[..., subprocess.CompletedProcess[bytes]]:
+def nix(_private_nix_root: str) -> Callable[..., subprocess.CompletedProcess[bytes]]:
     """Run a real Nix command: ``nix("nix-store", "--dump", path)`` → CompletedProcess."""
     require("NIX", NIX_STORE is not None, "nix-store not found: install Debian's nix-bin for differential tests")
 
@@ -35,6 +85,8 @@ def nix() -> Callable[..., subprocess.CompletedProcess[bytes]]:
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
         e = dict(os.environ)
         e.setdefault("NIX_CONFIG", "experimental-features = nix-command")
+        if not IS_ROOT:  # the daemon socket is root's: a store of our own (``--store`` overrides it)
+            e.setdefault("NIX_REMOTE", f"local?root={_private_nix_root}")
         if env:
             e.update(env)
         argv = [os.fspath(a) for a in args]

@@ -145,6 +145,9 @@ def main() -> None:
 def fuse_available() -> tuple[bool, str]:
     if not os.path.exists("/dev/fuse"):
         return False, "/dev/fuse is missing (no FUSE kernel support here)"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return False, ("/dev/fuse is not readable and writable by this user (FUSE mounts need it: run as root, "
+                       "or give the user access, e.g. the group that owns /dev/fuse)")
     if shutil.which("fusermount3") is None and shutil.which("fusermount") is None:
         return False, "fusermount not found: install Debian's fuse3"
     try:

@@ -275,7 +275,8 @@ def test_serve_ignores_user_trust_settings(tmp_path: Path, var: str) -> None:
     system, full_env = _serve_files(tmp_path)
     env = {"HOME": full_env["HOME"]} if var == "HOME" else {"HOME": str(tmp_path / "nohome"), var: full_env[var]}
     warnings: list[str] = []
-    c = Config.load_for_serve(env, euid=1000, system=system, warn=warnings.append)
+    me = os.geteuid()  # the system file's owner: "root" here, so that only the user files draw a warning
+    c = Config.load_for_serve(env, euid=me + 1, root_uid=me, system=system, warn=warnings.append)
     assert c.trusted_users == ("root",) and c.allowed_users == ("@users",)
     assert c.require_sigs is True and c.secret_key_files == ()
     assert c.sources == (str(system),)
