@@ -518,3 +518,48 @@ def test_add_to_a_store_without_add_text(tmp_path: Path) -> None:
         assert info.path == path and info.ca and info.ca.startswith("text:sha256:")
         assert read_derivation(s, path).unparse() == data
         assert s.query_derivation_outputs(path) == d.output_paths()
+
+
+def test_basic_derivation_read_by_nix_serve(nix: Nix, tmp_path: Path) -> None:
+    """Nix 2.8's `nix-store --serve --write` reads our BuildDerivation body (non-UTF-8 bytes
+    included) and builds it: the output it locks is the fixed output path we compute, and its
+    reply is a build result (the builder is missing in the store's chroot), not a protocol
+    error."""
+    import select
+    import struct
+    import time
+
+    def u64(n: int) -> bytes:
+        return struct.pack("<Q", n)
+
+    fo = Derivation(outputs={"out": DerivationOutput("", "r:sha1", "a9993e364706816aba3e25717850c26c9cd0d89d")},
+                    platform="x86_64-linux", builder="/bin/sh", args=["-c", "echo caf\udce9 > $out"],
+                    env={"name": "fo", "v\udce9": "\udcff"}, name="fo")
+    d = compute_outputs(fo, lambda p: Derivation())
+    drv_path = d.store_path().encode()
+    req = (u64(0x390C9DEB) + u64(0x206) + u64(8) + u64(len(drv_path)) + drv_path + b"\0" * (-len(drv_path) % 8)
+           + BasicDerivation.from_derivation(d).to_wire() + u64(0) * 5)
+    root = tmp_path / "s"
+    p = subprocess.Popen(["nix-store", "--serve", "--write", "--store", root, "--option", "sandbox", "false",
+                          "--option", "build-users-group", ""],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+    try:
+        p.stdin.write(req)
+        p.stdin.flush()  # stdin stays open: Nix stops a build when its client hangs up
+        out = b""
+        deadline = time.monotonic() + 60
+        while len(out) < 16 + 16 and time.monotonic() < deadline:
+            if select.select([p.stdout], [], [], 1)[0]:
+                chunk = p.stdout.read1(65536)  # type: ignore[attr-defined]
+                if not chunk:
+                    break
+                out += chunk
+    finally:
+        p.stdin.close()
+        p.wait(30)
+    stderr = p.stderr.read()
+    assert out[:8] == u64(0x5452EECB), stderr
+    status, n = struct.unpack("<QQ", out[16:32])
+    assert status != 0 and b"protocol" not in stderr.lower(), stderr
+    assert os.path.exists(root / (d.outputs["out"].path.lstrip("/") + ".lock")), os.listdir(root / "nix/store")
