@@ -563,3 +563,15 @@ def test_basic_derivation_read_by_nix_serve(nix: Nix, tmp_path: Path) -> None:
     status, n = struct.unpack("<QQ", out[16:32])
     assert status != 0 and b"protocol" not in stderr.lower(), stderr
     assert os.path.exists(root / (d.outputs["out"].path.lstrip("/") + ".lock")), os.listdir(root / "nix/store")
+
+
+def test_show_plain_files(tmp_path: Path) -> None:
+    fo = compute_outputs(Derivation(outputs={"out": DerivationOutput("", "sha256", "ab" * 32)}, platform="p",
+                                    builder="/bin/sh", env={"name": "fo"}, name="fo"), lambda p: Derivation())
+    f = tmp_path / "my weird name.drv"  # not a store path name: the recorded output path is shown
+    f.write_bytes(fo.unparse())
+    r = cli("derivation", "show", f)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[str(f)]["outputs"]["out"]["path"] == fo.outputs["out"].path
+    r = cli("derivation", "show", tmp_path / "missing.drv")
+    assert r.returncode == 1 and b"No such file" in r.stderr and r.stdout == b""

@@ -88,7 +88,7 @@ def show(ctx: click.Context, drvs: tuple[str, ...], recursive: bool) -> None:
     shown: dict[str, Any] = {}
     store_paths: set[str] = set()
     for arg in drvs:
-        if arg.startswith(sd + "/") or not os.path.isfile(arg) or os.path.islink(arg):
+        if arg.startswith(sd + "/") or (os.path.islink(arg) and os.readlink(arg).startswith(sd + "/")):
             p = store().follow(arg)
             if not p.endswith(".drv"):
                 info = store().path_info(p)

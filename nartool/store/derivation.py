@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import HashFormatError, NartoolError, StoreError
+from ..errors import HashFormatError, InvalidPathError, NartoolError, StoreError
 from ..hashes import HASH_SIZES, NIX32_ALPHABET, Hash, nix32_encode
 from .paths import DEFAULT_STORE_DIR, make_fixed_output_path, make_store_path, make_text_path
 
@@ -219,8 +219,11 @@ class Derivation:
             if kind == INPUT_ADDRESSED:
                 outs[n] = {"path": o.path}
             elif kind == FIXED:
-                outs[n] = {"path": self.output_path(n, store_dir), "hashAlgo": o.hash_algo,
-                           "hash": o.fixed_hash().base16}
+                try:
+                    path = self.output_path(n, store_dir)
+                except InvalidPathError:  # a .drv file whose name is no store path name
+                    path = o.path
+                outs[n] = {"path": path, "hashAlgo": o.hash_algo, "hash": o.fixed_hash().base16}
             elif kind == FLOATING:
                 outs[n] = {"hashAlgo": o.hash_algo}
             elif kind == IMPURE:
