@@ -575,3 +575,19 @@ def test_show_plain_files(tmp_path: Path) -> None:
     assert json.loads(r.stdout)[str(f)]["outputs"]["out"]["path"] == fo.outputs["out"].path
     r = cli("derivation", "show", tmp_path / "missing.drv")
     assert r.returncode == 1 and b"No such file" in r.stderr and r.stdout == b""
+
+
+_token = st.one_of(st.binary(min_size=1, max_size=4).filter(lambda b: b'"' not in b and b"\\" not in b),
+                   st.integers(0, 255).map(lambda c: b"\\" + bytes([c])))
+
+
+@given(st.lists(_token, max_size=12))
+@settings(max_examples=500, deadline=None)
+def test_string_escapes_as_nix_reads_them(tokens: list[bytes]) -> None:
+    """Any escaped byte stands for itself, except n, r, t (fast and slow paths agree)."""
+    from nartool.store.derivation import _P
+
+    want = b"".join({b"\\n": b"\n", b"\\r": b"\r", b"\\t": b"\t"}.get(t, t[1:]) if t[:1] == b"\\" else t
+                    for t in tokens)
+    p = _P(b'"' + b"".join(tokens) + b'",')
+    assert _b(p.string()) == want and p.s[p.i :] == b","

@@ -22,6 +22,7 @@ for a ``.drv`` Nix wrote, that is the file's bytes exactly.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import re
 import struct
@@ -285,11 +286,14 @@ def _uq(s: str) -> bytes:
 
 
 _ESC_RE = re.compile(rb'["\\\n\r\t]')
-_ESC = {b'"': b'\\"', b"\\": b"\\\\", b"\n": b"\\n", b"\r": b"\\r", b"\t": b"\\t"}
 
 
 def _q(s: str) -> bytes:
-    return b'"' + _ESC_RE.sub(lambda m: _ESC[m.group()], _enc(s)) + b'"'
+    b = _enc(s)
+    if _ESC_RE.search(b):
+        b = b.replace(b"\\", b"\\\\").replace(b'"', b'\\"').replace(b"\n", b"\\n").replace(
+            b"\r", b"\\r").replace(b"\t", b"\\t")
+    return b'"' + b + b'"'
 
 
 _MISSING = object()
@@ -356,6 +360,12 @@ def _check_output(o: DerivationOutput, name: str, offset: int | None = None, *, 
 # -- parsing ---------------------------------------------------------------------------------
 
 _STR_STOP = re.compile(rb'["\\]')
+#: a string's closing quote: the first quote after an even run of backslashes (each pair an
+#: escaped backslash), found from the opening quote
+_STR_END = re.compile(rb'[^\\](?:\\\\)*"', re.DOTALL)
+#: an escape other than those Nix prints (may also match after an escaped backslash: then the
+#: slow path decides)
+_STR_ODD_ESCAPE = re.compile(rb'\\[^nrt"\\]', re.DOTALL)
 
 
 class _P:
@@ -387,8 +397,16 @@ class _P:
 
     def string(self) -> str:
         self.lit(b'"')
-        out: list[bytes] = []
         s, i = self.s, self.i
+        m = _STR_END.search(s, i - 1)  # from the opening quote, which is no backslash
+        if m is not None:  # the common case, at C speed: only the escapes Nix prints
+            body = s[i : m.end() - 1]
+            self.i = m.end()
+            if b"\\" not in body:
+                return _dec(body)
+            if not _STR_ODD_ESCAPE.search(body):
+                return _dec(codecs.escape_decode(body)[0])
+        out: list[bytes] = []
         while True:
             m = _STR_STOP.search(s, i)
             if m is None:
