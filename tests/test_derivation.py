@@ -63,10 +63,13 @@ let
                  outputHash = "ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f"; };
   src = builtins.toFile "src.txt" "hello\n";
   mid = mk { name = "mid"; dep = multi.dev; inherit flat; };
+  # builtin:fetchurl, impureEnvVars, executable (recursive) — as nixpkgs' bootstrap fetches
+  fetched = import <nix/fetchurl.nix> { url = "http://example.invalid/x.tar.gz"; executable = true;
+                                         sha256 = "0000000000000000000000000000000000000000000000000000"; };
 in mk {
   name = "top"; outputs = [ "out" "doc" ];
   args = [ "-c" "x\ny\t\"z\\ $out" "" ];
-  inherit flat flat2 rec256 sha1f md5r sha512f src mid;
+  inherit flat flat2 rec256 sha1f md5r sha512f src mid fetched;
   m = multi; mlib = multi.lib;
   ctl = builtins.fromJSON "\"\\u0001\\u001f\\u007f\\r é 日本\"";
   "key with spaces\n" = "v";
