@@ -98,6 +98,17 @@ class StoreError(NartoolError):
     """A store operation failed (invalid path, hash mismatch, live path, ...)."""
 
 
+class UnsupportedError(StoreError):
+    """A store lacks an optional capability (e.g. referrers of a remote store, adding to a
+    read-only one). ``uri`` names the store, ``operation`` what was asked."""
+
+    def __init__(self, uri: str, operation: str, detail: str | None = None) -> None:
+        msg = f"store '{uri}' does not support {operation}" + (f" ({detail})" if detail else "")
+        super().__init__(msg, rule="unsupported")
+        self.uri = uri
+        self.operation = operation
+
+
 class InvalidPathError(StoreError):
     """A string is not a valid store path (or not valid in this store)."""
 

@@ -257,31 +257,29 @@ def _big_source(env: Env) -> tuple[Path, str, list[str]]:
     return root, infos[-1].path, [i.path for i in infos]
 
 
-class KillAt:
-    """A store proxy that kills the ssh transport when the ``at``-th NAR is read (upload) or
+class KillAt(LocalStore):
+    """A store that kills the ssh transport when the ``at``-th NAR is read (upload) or
     written (download)."""
 
-    def __init__(self, store: LocalStore, at: int) -> None:
-        self.store = store
+    def __init__(self, root: Any, at: int) -> None:
+        super().__init__(root)
+        self.store = self
         self.at = at
         self.n = 0
         self.transport: SshTransport | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.store, name)
 
     def _tick(self) -> None:
         self.n += 1
         if self.n == self.at and self.transport is not None:
             self.transport.proc.kill()
 
-    def nar_chunks(self, path: str) -> Any:
+    def nar_chunks(self, path: str, *, check: bool = True) -> Any:
         self._tick()
-        return self.store.nar_chunks(path)
+        return super().nar_chunks(path, check=check)
 
     def add_nar(self, info: Any, nar: Any) -> Any:
         self._tick()
-        return self.store.add_nar(info, nar)
+        return super().add_nar(info, nar)
 
 
 @pytest.mark.ssh
@@ -292,7 +290,7 @@ def test_cut_connection_then_rerun(env: Env, sshd: Sshd) -> None:  # noqa: F811
     for receiver, program in (("nartool", str(env.serve)), ("nix", "nix-store")):
         dst = env.tmp / f"cut-{receiver}"
         cmd = serve_command_line(program, str(dst))
-        src = KillAt(LocalStore(src_root), at=12)
+        src = KillAt(src_root, at=12)
         t = SshTransport(sshd.host, sshd.ssh_args(key), cmd, passthrough=False)
         src.transport = t
         with pytest.raises(RemoteError):
@@ -310,7 +308,7 @@ def test_cut_connection_then_rerun(env: Env, sshd: Sshd) -> None:  # noqa: F811
 
     # the other direction: a cut download into a nartool store keeps what fully arrived
     dst_root = env.tmp / "cut-from"
-    recv = KillAt(LocalStore(dst_root), at=12)
+    recv = KillAt(dst_root, at=12)
     remote = serve_command_line("nix-store", str(src_root))
     t = SshTransport(sshd.host, sshd.ssh_args(key), remote, passthrough=False)
     recv.transport = t

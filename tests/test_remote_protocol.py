@@ -360,10 +360,10 @@ class RecordingStore(MemoryStore):
         self.at_commit: list[tuple[int, int]] = []
 
     @contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self, *, keep_on_error: bool = False) -> Iterator[None]:
         outer = self._pending() is None
         before = len(self.infos)
-        with super().batch():
+        with super().batch(keep_on_error=keep_on_error):
             yield
         if outer:
             self.at_commit.append((len(self.out.getvalue()), before))

@@ -71,17 +71,26 @@ def report_error(e: BaseException, debug: bool) -> int:
     return 1
 
 
+#: ``nartool store`` commands that need a local store (its files, roots or database)
+LOCAL_ONLY_COMMANDS = frozenset({"add", "gc", "add-root", "delete", "verify"})
+
+
 def open_store(ctx: click.Context, *, case_hack: bool | None = None) -> Any:
-    """The :class:`~nartool.store.local.LocalStore` chosen by the global ``--store`` /
-    ``--store-dir`` options (default: the embedded store), closed when the command ends."""
-    from ..store.local import LocalStore, default_root
+    """The store named by the global ``--store URI`` (also accepted after the subcommand) and
+    ``--store-dir``: a directory or ``local?root=DIR`` (default: the embedded store),
+    ``memory://``, or ``ssh://HOST?…`` (see :mod:`nartool.store.uri`); closed when the command
+    ends. Commands that work on a local store's files refuse other kinds cleanly."""
+    from ..errors import UnsupportedError
+    from ..store.uri import open_store as open_uri
 
     obj = ctx.find_root().obj
-    root = getattr(obj, "store_root", None) or default_root()
     if case_hack is None:
         case_hack = ctx.meta.get("nartool.store_case_hack")
-    store = LocalStore(root, getattr(obj, "store_dir", "/nix/store"), case_hack=case_hack)
+    store = open_uri(getattr(obj, "store_root", None), store_dir=getattr(obj, "store_dir", "/nix/store"),
+                     case_hack=case_hack)
     ctx.call_on_close(store.close)
+    if store.scheme != "local" and ctx.info_name in LOCAL_ONLY_COMMANDS:
+        raise UnsupportedError(store.uri, f"'{ctx.command_path}' (it needs a local store)")
     return store
 
 

@@ -31,6 +31,7 @@ _LAZY = {
     "store": ("nartool.cli.store", "store"),
     "serve": ("nartool.cli.remote", "serve"),
     "copy-closure": ("nartool.cli.remote", "copy_closure_cmd"),
+    "copy": ("nartool.cli.copy", "copy_cmd"),
     "key": ("nartool.cli.key", "key"),
     "derivation": ("nartool.cli.derivation", "derivation"),
 }
@@ -49,8 +50,10 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="nartool")
-@click.option("--store", "store", metavar="ROOT", envvar="NARTOOL_STORE",
-              help="Store root directory (env NARTOOL_STORE; default: an embedded store in the user's data dir).")
+@click.option("--store", "store", metavar="URI", envvar="NARTOOL_STORE",
+              help="The store: a directory (its root), local?root=DIR, memory:// or ssh://[USER@]HOST[?…] "
+                   "(env NARTOOL_STORE; default: an embedded store in the user's data dir). Also accepted "
+                   "after the subcommand, as Nix's --store is.")
 @click.option("--store-dir", default="/nix/store", show_default=True, envvar="NARTOOL_STORE_DIR",
               help="Logical store directory of store paths.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
@@ -63,6 +66,7 @@ def cli(ctx: click.Context, store: str | None, store_dir: str, debug: bool) -> N
       nar            dump, restore, hash, list and extract NAR archives (byte-identical to Nix)
       store          add, query, export/import, verify, sign and garbage-collect store paths
       serve          speak Nix's serve protocol on stdin/stdout (an SSH forced command)
+      copy           copy closures between any two stores (`nix copy --from URI --to URI`)
       copy-closure   copy closures to or from another machine over SSH
       key            generate and inspect ed25519 signing keys (Nix's format)
     Run `nartool COMMAND --help` for details.
@@ -90,9 +94,56 @@ def _say_interrupted() -> None:
         pass
 
 
+#: subcommands with a --store option of their own (not the global one)
+_OWN_STORE_OPTION = frozenset({"serve"})
+#: global options that take a value
+_GLOBAL_VALUE_OPTIONS = frozenset({"--store", "--store-dir"})
+
+
+def hoist_store_option(args: list[str]) -> list[str]:
+    """``--store URI`` after the subcommand (``nartool store query --store URI …``) is the
+    global option, as Nix's ``--store`` is accepted anywhere: move it in front of the subcommand
+    (where a later one wins over an earlier global one). Not past ``--``, and not for commands
+    with their own ``--store``."""
+    cmd_at = None
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            return args
+        if a in _GLOBAL_VALUE_OPTIONS:
+            i += 2
+            continue
+        if not a.startswith("-"):
+            cmd_at = i
+            break
+        i += 1
+    if cmd_at is None or args[cmd_at] in _OWN_STORE_OPTION:
+        return args
+    hoisted: list[str] = []
+    rest: list[str] = []
+    i = cmd_at
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            rest.extend(args[i:])
+            break
+        if a == "--store" and i + 1 < len(args):
+            hoisted += [a, args[i + 1]]
+            i += 2
+            continue
+        if a.startswith("--store="):
+            hoisted.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return args[:cmd_at] + hoisted + rest
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     _handle_termination()
+    argv = hoist_store_option(list(argv if argv is not None else sys.argv[1:]))
     try:
         rc = cli.main(args=argv, prog_name="nartool", standalone_mode=False)
         if isinstance(rc, int) and rc:  # ctx.exit(n) returns n without standalone mode

@@ -183,14 +183,9 @@ def policy_from_config(write: bool, config: Config | None, user: UserIdentity | 
 
 def resumable_batch(store: Store) -> AbstractContextManager[None]:
     """``store.batch()``, keeping the complete paths of the batch on error where the store
-    supports it (LocalStore's ``keep_on_error``): a cut connection then loses nothing that fully
-    arrived and was verified. Such paths are registered but never acknowledged."""
-    batch = store.batch
-    try:
-        cm: AbstractContextManager[None] = batch(keep_on_error=True)  # type: ignore[call-arg]
-    except TypeError:
-        cm = batch()
-    return cm
+    supports it (``keep_on_error``; every store takes the flag): a cut connection then loses
+    nothing that fully arrived and was verified. Such paths are registered but never acknowledged."""
+    return store.batch(keep_on_error=True)
 
 
 def fd_readable(fd: int, wait: float = 0.0) -> bool:
@@ -429,13 +424,13 @@ class _Server:
         sent = 0
         nbytes = 0
         cmd9 = W.enc_u64(W.CMD_ADD_TO_STORE_NAR)
-        commit_pending: Callable[[], object] | None = getattr(self.store, "commit_pending", None)
+        commit_pending = self.store.commit_pending
 
         def before_wait() -> None:
             # The peer is slow (or stalled): make what the group holds durable now, so that no
             # path stays locked and unregistered while we wait, and acknowledge it.
             nonlocal sent
-            if commit_pending is None or sent == acks:
+            if sent == acks:
                 return
             commit_pending()
             self.w.raw(b"".join(W.enc_u64(1) for _ in range(acks - sent))).flush()

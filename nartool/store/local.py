@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
-from ..errors import FsError, NarError, StoreError, TruncatedError
+from ..errors import FsError, NarError, StoreError
 from ..fs import dump_events, dump_nar
 from ..fs.casehack import CaseHackCodec, resolve
 from ..fs.osutil import remove_at, rename_noreplace, syncfs
@@ -43,7 +43,7 @@ from ..nar.events import Event, File
 from ..nar.hashing import NarDigest, tee_nar
 from ..nar.reader import NarReader
 from ..nar.source import ByteSource, as_source
-from . import export as X
+from .base import BaseStore
 from .cacheck import CaCheck
 from .closure import closure_set, topo_sort
 from .db import StoreDB
@@ -79,8 +79,10 @@ class _Pending:
     drv_outputs: dict[str, str]
 
 
-class LocalStore:
+class LocalStore(BaseStore):
     """A Nix-compatible store rooted at ``root`` (see the module docstring)."""
+
+    scheme = "local"
 
     def __init__(self, root: str | os.PathLike[str] | None = None, store_dir: str = DEFAULT_STORE_DIR, *,
                  case_hack: bool | None = None, create: bool = True) -> None:
@@ -130,6 +132,14 @@ class LocalStore:
         return CaseHackCodec() if recorded else None
 
     @property
+    def uri(self) -> str:
+        """``local?root=ROOT`` (as Nix writes a chroot store), ``&store=DIR`` for another store dir."""
+        from urllib.parse import quote
+
+        extra = f"&store={quote(self.store_dir, safe='/')}" if self.store_dir != DEFAULT_STORE_DIR else ""
+        return f"local?root={quote(self.root, safe='/')}{extra}"
+
+    @property
     def case_hack(self) -> bool:
         return self.names is not None
 
@@ -168,19 +178,22 @@ class LocalStore:
     # -- queries ----------------------------------------------------------------------------
 
     def is_valid(self, path: str) -> bool:
-        return self.db.is_valid(path)
+        return self.db.is_valid(self._path_arg(path))
 
     def query_valid_paths(self, paths: Iterable[str]) -> set[str]:
         return self.db.valid_subset(paths)
 
     def query_path_info(self, path: str) -> PathInfo | None:
-        return self.db.info(path)
+        return self.db.info(self._path_arg(path))
 
     def path_info(self, path: str) -> PathInfo:
-        info = self.db.info(path)
+        info = self.db.info(self._path_arg(path))
         if info is None:
-            raise StoreError("path is not valid", path=path, rule="invalid-path")
+            raise StoreError("path is not valid", path=self._path_arg(path), rule="invalid-path")
         return info
+
+    def query_path_from_hash_part(self, hash_part: str) -> str | None:
+        return self.db.path_by_hash_part(self.store_dir, hash_part)
 
     def query_referrers(self, path: str) -> set[str]:
         return self.db.referrers(path)
@@ -194,29 +207,13 @@ class LocalStore:
     def all_paths(self) -> list[str]:
         return self.db.all_paths()
 
-    def closure(self, paths: Iterable[str], *, include_outputs: bool = False) -> list[str]:
-        start = list(paths)
-        for p in start:
-            self.parse_path(p)
-            if not self.db.is_valid(p):
-                raise StoreError("path is not valid", path=p, rule="invalid-path")
-        result = closure_set(start, self.db.references)
-        if include_outputs:
-            while True:
-                outs = {o for p in result if p.endswith(".drv")
-                        for o in self.db.derivation_outputs(p).values() if o not in result}
-                outs = self.db.valid_subset(outs)
-                if not outs:
-                    break
-                result |= closure_set(outs, self.db.references)
-        return topo_sort(result, self.db.references)
-
     def referrers_closure(self, paths: Iterable[str]) -> set[str]:
         return closure_set(paths, self.db.referrers)
 
     # -- reading contents -------------------------------------------------------------------
 
     def nar_events(self, path: str) -> Iterator[Event]:
+        """The NAR of ``path`` as events, straight from its files."""
         if not self.is_valid(path):
             raise StoreError("path is not valid", path=path, rule="invalid-path")
         return dump_events(self.physical(path), names=self.names)
@@ -534,8 +531,11 @@ class LocalStore:
             return self.query_path_info(path) or info
         return info
 
-    def add_text(self, name: str, data: bytes, references: Iterable[str] = ()) -> PathInfo:
-        """A text object (as ``builtins.toFile`` / ``.drv`` files make them)."""
+    def add_text(self, name: str, data: bytes | str, references: Iterable[str] = ()) -> PathInfo:
+        """A text object (as ``builtins.toFile`` / ``.drv`` files make them); a ``str`` is
+        stored as UTF-8."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
         refs = frozenset(references)
         path = make_text_path(name, Hash("sha256", hashlib.sha256(data).digest()), refs, self.store_dir)
         info0 = PathInfo(path, Hash("sha256", bytes(32)), 0, refs)
@@ -547,50 +547,19 @@ class LocalStore:
             return self.query_path_info(path) or info
         return info
 
-    def import_paths(self, src: ByteSource | BinaryIO | bytes) -> list[str]:
-        """Import a ``nix-store --export`` stream, all or nothing (one sync, one transaction)."""
-        s = as_source(src, "export stream")
-        base = s.offset
-        imported: list[str] = []
-        with self.batch():
-            while X.read_marker(s, base):
-                rec_at = s.offset - base
-                tmp = None
-                try:
-                    try:
-                        tmp, digest = self._restore_temp(NarReader(s, standalone=False))
-                    except NarError as e:
-                        # reader errors count from the NAR's start; truncation ones from the source's
-                        at = (e.offset or 0) - base if isinstance(e, TruncatedError) else (e.offset or 0) + rec_at
-                        raise NarError(f"bad NAR in export record {len(imported) + 1}: {e.message}",
-                                       offset=at, rule=e.rule, expected=e.expected, got=e.got,
-                                       path=e.path) from None
-                    t = X.read_trailer(s, self.store_dir, base)
-                    info = PathInfo(t.path, digest.hash(), digest.size, t.references, t.deriver,
-                                    registration_time=int(time.time()))
-                    self._check_references(info)
-                except BaseException:
-                    if tmp is not None:
-                        remove_at(self._store_fd, tmp)
-                    raise
-                self._place(tmp, info)
-                imported.append(t.path)
-        return imported
-
-    def export_paths(self, paths: Iterable[str]) -> Iterator[bytes | bytearray | memoryview]:
-        """A ``nix-store --export`` stream of ``paths`` in dependency order (all checked valid first)."""
-        wanted = list(dict.fromkeys(paths))
-        infos = {}
-        for p in wanted:
-            infos[p] = self.path_info(p)
-        order = topo_sort(wanted, lambda p: infos[p].references)
-        return self._export(order, infos)
-
-    def _export(self, order: list[str], infos: dict[str, PathInfo]) -> Iterator[bytes | bytearray | memoryview]:
-        for p in order:
-            info = infos[p]
-            yield from X.record_chunks(p, info.references, info.deriver, self.nar_chunks(p))
-        yield X.end_chunk()
+    def add_nar_deferred(self, src: ByteSource, finish: Callable[[Hash, int], PathInfo]) -> PathInfo | None:
+        """Restore one NAR under a temporary name, then ask ``finish`` (which reads an export
+        record's trailer) for its info and place it: an import never holds a NAR in memory."""
+        tmp = None
+        try:
+            tmp, digest = self._restore_temp(NarReader(src, standalone=False))
+            info = finish(digest.hash(), digest.size)
+            self._check_references(info)
+        except BaseException:
+            if tmp is not None:
+                remove_at(self._store_fd, tmp)
+            raise
+        return info if self._place(tmp, info) else None
 
     def add_signatures(self, path: str, sigs: Iterable[str]) -> None:
         info = self.path_info(path)

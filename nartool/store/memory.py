@@ -1,9 +1,13 @@
-"""An in-memory :class:`~nartool.store.types.Store`: NAR bytes in a dict.
+"""An in-memory store (``memory://``): NAR bytes in a dict.
 
-For tests and in-process transports (like dulwich's ``MemoryRepo``): every operation of the
-protocol behaves as the on-disk store's does — hash, size and content-address checks (the
-latter shared with it, :mod:`nartool.store.cacheck`), reference validity,
-all-or-nothing batches and imports — without touching the filesystem.
+For tests and in-process transports (like dulwich's ``MemoryRepo``). It derives from
+:class:`~nartool.store.base.BaseStore` like every store, so closures, export and import are the
+shared ones (:mod:`nartool.store.ops`), and adding behaves as the on-disk store's does: the same
+checks in the same order with the same rules — path syntax, ``bad-hash`` for a non-sha256 NAR
+hash, ``invalid-reference`` for a reference neither valid nor earlier in the batch,
+``size-mismatch``, ``hash-mismatch``, content addresses checked from the NAR stream
+(:mod:`nartool.store.cacheck`, shared with it), ``.drv`` outputs recorded from a regular file of
+at most 16 MiB — with all-or-nothing batches, without touching the filesystem.
 """
 
 from __future__ import annotations
@@ -11,20 +15,23 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import BinaryIO
 
 from ..errors import StoreError
 from ..hashes import Hash
 from ..nar.events import Event
 from ..nar.reader import NarReader
-from ..nar.source import ByteSource
+from ..nar.source import ByteSource, as_source
 from ..nar.writer import write_nar
+from .base import BaseStore
 from .cacheck import CaCheck
-from .closure import closure_set, topo_sort
-from .export import end_chunk, read_marker, read_trailer, record_chunks
-from .paths import DEFAULT_STORE_DIR, StorePath
+from .paths import DEFAULT_STORE_DIR
 from .types import PathInfo
+
+#: a ``.drv`` NAR larger than this is stored, but its outputs are not recorded (as LocalStore)
+DRV_MAX_SIZE = 16 << 20
 
 
 def read_one_nar(src: ByteSource, ca: CaCheck | None = None) -> tuple[bytes, Hash]:
@@ -44,8 +51,30 @@ def read_one_nar(src: ByteSource, ca: CaCheck | None = None) -> tuple[bytes, Has
     return b"".join(parts), Hash("sha256", h.digest())
 
 
-class MemoryStore:
+def _drv_outputs(nar: bytes) -> dict[str, str]:
+    """Output paths of a ``.drv`` held as a single regular file in ``nar`` (else nothing)."""
+    import io
+
+    from ..nar.events import File
+    from .derivation import DerivationError, parse_derivation
+
+    if len(nar) > DRV_MAX_SIZE + 4096:
+        return {}
+    try:
+        events = list(NarReader(ByteSource(io.BytesIO(nar), "NAR")))
+        if len(events) != 1 or not isinstance(events[0], File):
+            return {}
+        text = b"".join(bytes(c) for c in events[0].chunks)
+        drv = parse_derivation(text)
+    except (StoreError, DerivationError, ValueError):  # not a derivation
+        return {}
+    return {name: o.path for name, o in drv.outputs.items() if o.path}
+
+
+class MemoryStore(BaseStore):
     """A store held in memory. Thread-safe; ``batch()`` nests (the outermost one commits)."""
+
+    scheme = "memory"
 
     def __init__(self, store_dir: str = DEFAULT_STORE_DIR) -> None:
         self.store_dir = store_dir
@@ -60,13 +89,13 @@ class MemoryStore:
 
     # -- queries
 
-    def _pending(self) -> dict[str, tuple[PathInfo, bytes]] | None:
-        p: dict[str, tuple[PathInfo, bytes]] | None = getattr(self._local, "pending", None)
+    def _pending(self) -> dict[str, tuple[PathInfo, bytes, dict[str, str]]] | None:
+        p: dict[str, tuple[PathInfo, bytes, dict[str, str]]] | None = getattr(self._local, "pending", None)
         return p
 
     def is_valid(self, path: str) -> bool:
         with self._lock:
-            return path in self.infos
+            return self._path_arg(path) in self.infos
 
     def query_valid_paths(self, paths: Iterable[str]) -> set[str]:
         with self._lock:
@@ -74,7 +103,16 @@ class MemoryStore:
 
     def query_path_info(self, path: str) -> PathInfo | None:
         with self._lock:
-            return self.infos.get(path)
+            return self.infos.get(self._path_arg(path))
+
+    def query_path_infos(self, paths: Iterable[str]) -> dict[str, PathInfo]:
+        with self._lock:
+            return {p: self.infos[p] for p in paths if p in self.infos}
+
+    def query_path_from_hash_part(self, hash_part: str) -> str | None:
+        prefix = f"{self.store_dir}/{hash_part}-"
+        with self._lock:
+            return next((p for p in self.infos if p.startswith(prefix)), None)
 
     def query_referrers(self, path: str) -> set[str]:
         with self._lock:
@@ -84,111 +122,118 @@ class MemoryStore:
         with self._lock:
             return dict(self.derivation_outputs.get(drv_path, {}))
 
-    def _refs(self, p: str) -> frozenset[str]:
-        info = self.infos.get(p)
-        if info is None:
-            raise StoreError(f"path '{p}' is not valid", path=p, rule="invalid-path")
-        return info.references
-
-    def closure(self, paths: Iterable[str], *, include_outputs: bool = False) -> list[str]:
+    def all_paths(self) -> list[str]:
         with self._lock:
-            start = list(paths)
-            for p in start:
-                self._refs(p)
-            s = closure_set(start, self._refs)
-            if include_outputs:
-                while True:
-                    extra = {o for p in s if p.endswith(".drv")
-                             for o in self.derivation_outputs.get(p, {}).values() if o in self.infos}
-                    if extra <= s:
-                        break
-                    s = closure_set(s | extra, self._refs)
-            return topo_sort(s, self._refs)
+            return sorted(self.infos)
 
     # -- contents
 
-    def nar_chunks(self, path: str) -> Iterator[bytes | bytearray | memoryview]:
+    def nar_chunks(self, path: str, *, check: bool = True) -> Iterator[bytes | bytearray | memoryview]:
         with self._lock:
             nar = self.nars.get(path)
             info = self.infos.get(path)
         if nar is None or info is None:
-            raise StoreError(f"path '{path}' is not valid", path=path, rule="invalid-path")
+            raise StoreError("path is not valid", path=path, rule="invalid-path")
+        return self._chunks(path, nar, info, check)
+
+    @staticmethod
+    def _chunks(path: str, nar: bytes, info: PathInfo, check: bool) -> Iterator[bytes | bytearray | memoryview]:
         for i in range(0, len(nar), 1 << 20):
             yield nar[i : i + (1 << 20)]
-        if hashlib.sha256(nar).digest() != info.nar_hash.digest:
-            raise StoreError(f"hash of path '{path}' has changed", path=path, rule="hash-changed")
+        if check and hashlib.sha256(nar).digest() != info.nar_hash.digest:
+            raise StoreError("hash of path has changed", path=path, rule="hash-changed")
 
     # -- adding
 
-    def _check_path(self, info: PathInfo) -> None:
-        StorePath.parse(info.path, self.store_dir)
+    def _check_references(self, info: PathInfo) -> None:
+        pending = self._pending() or {}
+        with self._lock:
+            for r in info.references:
+                self.parse_path(r)
+                if r != info.path and r not in self.infos and r not in pending:
+                    raise StoreError("reference is not valid", path=r, rule="invalid-reference", got=info.path)
 
-    def add_nar(self, info: PathInfo, nar: ByteSource) -> PathInfo:
-        self._check_path(info)
+    def add_nar(self, info: PathInfo, nar: ByteSource | BinaryIO | bytes) -> PathInfo:
+        src = as_source(nar, "NAR")
+        self.parse_path(info.path)
+        if info.nar_hash.algo != "sha256":
+            raise StoreError("NAR hashes must be sha256", got=info.nar_hash.algo, path=info.path, rule="bad-hash")
         ca = CaCheck(info, self.store_dir) if info.ca else None
-        data, h = read_one_nar(nar, ca)
-        if info.nar_hash.algo != "sha256" or h.digest != info.nar_hash.digest:
-            raise StoreError(f"hash mismatch importing path '{info.path}'; specified: "
-                             f"{info.nar_hash.prefixed()} got: {h.prefixed()}", path=info.path,
-                             rule="hash-mismatch", expected=info.nar_hash.prefixed(), got=h.prefixed())
+        self._check_references(info)
+        data, h = read_one_nar(src, ca)
         if info.nar_size and len(data) != info.nar_size:
-            raise StoreError(f"size mismatch importing path '{info.path}'", path=info.path,
-                             rule="size-mismatch", expected=info.nar_size, got=len(data))
+            raise StoreError("size mismatch importing path", path=info.path, rule="size-mismatch",
+                             expected=info.nar_size, got=len(data))
+        if h.digest != info.nar_hash.digest:
+            raise StoreError("hash mismatch importing path", path=info.path, rule="hash-mismatch",
+                             expected=info.nar_hash.prefixed("nix32"), got=h.prefixed("nix32"))
         if ca is not None:
             ca.finish()
-        with self._lock:
-            existing = self.infos.get(info.path)
-            if existing is not None:
-                return existing
         new = PathInfo(path=info.path, nar_hash=h, nar_size=len(data), references=info.references,
                        deriver=info.deriver, registration_time=info.registration_time or int(time.time()),
                        ultimate=info.ultimate, sigs=info.sigs, ca=info.ca)
+        return self._put(new, data) or self.infos.get(info.path) or new
+
+    def _put(self, info: PathInfo, data: bytes) -> PathInfo | None:
+        """Queue ``info`` in the current batch (committing at once outside one); None when the
+        path is valid already or earlier in the batch."""
+        with self._lock:
+            if info.path in self.infos:
+                return None
+        outs = _drv_outputs(data) if info.path.endswith(".drv") else {}
         with self.batch():
             pending = self._pending()
             assert pending is not None
-            pending[info.path] = (new, data)
-        return new
+            if info.path in pending:
+                return None
+            pending[info.path] = (info, data, outs)
+        return info
 
-    def import_paths(self, src: ByteSource) -> list[str]:
-        done: list[str] = []
-        with self.batch():
-            while read_marker(src):
-                data, h = read_one_nar(src)
-                t = read_trailer(src, self.store_dir)
-                info = PathInfo(path=t.path, nar_hash=h, nar_size=len(data), references=t.references,
-                                deriver=t.deriver, registration_time=int(time.time()))
-                pending = self._pending()
-                assert pending is not None
-                with self._lock:
-                    if t.path not in self.infos:
-                        pending[t.path] = (info, data)
-                done.append(t.path)
-        return done
-
-    def export_paths(self, paths: Iterable[str]) -> Iterator[bytes | bytearray | memoryview]:
-        with self._lock:
-            ps = list(paths)
-            for p in ps:
-                self._refs(p)
-            order = topo_sort(ps, self._refs)
-        for p in order:
-            info = self.infos[p]
-            yield from record_chunks(p, info.references, info.deriver, self.nar_chunks(p))
-        yield end_chunk()
+    def add_nar_deferred(self, src: ByteSource, finish: Callable[[Hash, int], PathInfo]) -> PathInfo | None:
+        data, h = read_one_nar(src)
+        info = finish(h, len(data))
+        self.parse_path(info.path)
+        self._check_references(info)
+        return self._put(info, data)
 
     def add_signatures(self, path: str, sigs: Iterable[str]) -> None:
         with self._lock:
             info = self.infos.get(path)
             if info is None:
-                raise StoreError(f"path '{path}' is not valid", path=path, rule="invalid-path")
+                raise StoreError("path is not valid", path=path, rule="invalid-path")
             info.sigs = info.sigs | frozenset(sigs)
 
     def temp_root(self, path: str) -> None:
         with self._lock:
             self.temp_roots.add(path)
 
+    def commit_pending(self) -> int:
+        pending = self._pending()
+        if not pending:
+            return 0
+        n = self._commit(pending)
+        pending.clear()
+        return n
+
+    def _commit(self, pending: dict[str, tuple[PathInfo, bytes, dict[str, str]]]) -> int:
+        with self._lock:
+            for p, (info, _, _) in pending.items():
+                for r in info.references:
+                    if r != p and r not in self.infos and r not in pending:
+                        raise StoreError("reference is not valid", path=r, rule="invalid-reference", got=p)
+            for p, (info, data, outs) in pending.items():
+                if p not in self.infos:
+                    self.infos[p] = info
+                    self.nars[p] = data
+                    if outs:
+                        self.derivation_outputs[p] = outs
+            self.commits += 1
+        return len(pending)
+
     @contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self, *, keep_on_error: bool = False) -> Iterator[None]:
+        """All or nothing, whatever ``keep_on_error`` says: nothing of a memory store outlives
+        the process, so there is nothing worth resuming."""
         outer = self._pending() is None
         if outer:
             self._local.pending = {}
@@ -197,16 +242,7 @@ class MemoryStore:
             if outer:
                 pending = self._pending()
                 assert pending is not None
-                with self._lock:
-                    for p, (info, _) in pending.items():
-                        for r in info.references:
-                            if r != p and r not in self.infos and r not in pending:
-                                raise StoreError(f"path '{r}' is not valid", path=r, rule="invalid-path")
-                    for p, (info, data) in pending.items():
-                        if p not in self.infos:
-                            self.infos[p] = info
-                            self.nars[p] = data
-                    self.commits += 1
+                self._commit(pending)
         finally:
             if outer:
                 self._local.pending = None

@@ -1,0 +1,86 @@
+"""``nartool copy --from URI --to URI PATH…``: copy closures between any two stores (``nix copy``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .common import echo_json, fmt_bytes
+
+
+@click.command("copy")
+@click.option("--from", "src_uri", metavar="URI", help="The store to copy from (default: --store).")
+@click.option("--to", "dst_uri", metavar="URI", help="The store to copy to (default: --store).")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--no-check-sigs", is_flag=True,
+              help="Do not require signatures of what a local destination receives.")
+@click.option("--include-outputs", is_flag=True, help="Also copy the valid outputs of derivations in the closure.")
+@click.option("--dry-run", is_flag=True, help="Only show what would be copied.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def copy_cmd(ctx: click.Context, src_uri: str | None, dst_uri: str | None, paths: tuple[str, ...],
+             no_check_sigs: bool, include_outputs: bool, dry_run: bool, as_json: bool) -> None:
+    """Copy the closures of PATHs from one store to another, like `nix copy`.
+
+    \b
+    Stores are URIs: a directory or local?root=DIR, memory://, or
+    ssh://[USER@]HOST[?remote-program=PROG&remote-store=DIR&ssh-key=FILE&compress=true]
+    (a serve-protocol server: `nartool serve`, or `nix-store --serve` with
+    remote-program=nix-store). --from and --to default to the global --store.
+
+    Only the paths the destination lacks are copied, in dependency order; towards or from
+    an ssh store the requests are pipelined (about one round trip for the whole closure).
+    A local destination checks what it receives like Nix: with `require-sigs` (default true)
+    every path must be content-addressed or signed by a key in `trusted-public-keys`, or
+    the copy is refused before anything is transferred; --no-check-sigs skips this. An ssh
+    destination decides for itself (a nartool server is asked before anything is sent).
+    """
+    from ..store.ops import copy_paths
+    from ..store.uri import open_store
+
+    if src_uri is None and dst_uri is None:
+        raise click.UsageError("you must pass '--from' and/or '--to'")
+    obj = ctx.find_root().obj
+    default = getattr(obj, "store_root", None)
+    store_dir = getattr(obj, "store_dir", "/nix/store")
+    src = open_store(src_uri if src_uri is not None else default, store_dir=store_dir)
+    ctx.call_on_close(src.close)
+    dst = open_store(dst_uri if dst_uri is not None else default, store_dir=store_dir)
+    ctx.call_on_close(dst.close)
+    store_paths = [src.follow(p) for p in paths]
+    check_sigs = False
+    keys = {}
+    if not no_check_sigs and dst.checks_signatures_locally:
+        from ..config import Config
+
+        config = Config.load()
+        check_sigs = config.require_sigs
+        keys = dict(config.trusted_keys())
+    show = sys.stderr.isatty() and not as_json
+    progress = None
+    if show:
+        from .remote import _ProgressLine
+
+        progress = _ProgressLine()
+    result = copy_paths(src, dst, store_paths, include_outputs=include_outputs, check_sigs=check_sigs,
+                        trusted_keys=keys, dry_run=dry_run, progress=progress)
+    if as_json:
+        d = result.to_dict()
+        d["from"] = src.uri
+        d["to"] = dst.uri
+        echo_json(d)
+        return
+    if dry_run:
+        for p in result.missing:
+            click.echo(p)
+        click.echo(f"would copy {len(result.missing)} paths ({fmt_bytes(result.bytes_total)}) "
+                   f"from {src.uri} to {dst.uri}", err=True)
+        return
+    if show or os.environ.get("NARTOOL_VERBOSE"):
+        click.echo(f"copied {len(result.copied)} of {len(result.closure)} paths ({fmt_bytes(result.bytes_copied)}) "
+                   f"from {src.uri} to {dst.uri} in {result.seconds:.2f}s", err=True)
+
+
+__all__ = ["copy_cmd"]
