@@ -333,3 +333,53 @@ def test_progress_with_totals_on_a_terminal(tmp_path: Path) -> None:
     assert r.returncode == 0 and r.stderr == b""
     r = run("--store", s, "store", "verify", "--check-contents")
     assert r.returncode == 0 and r.stderr == b""
+
+
+# --- item 12: the portable fallbacks --------------------------------------------------------------
+
+def test_portable_switch_turns_off_linux_calls(tmp_path: Path) -> None:
+    code = ("import os, sys\n"
+            "from nartool.fs import osutil\n"
+            "from nartool.nar.source import ByteSource, _kernel_copy\n"
+            "from nartool.cli.progress import read_bytes_so_far\n"
+            "o = osutil.FdOutput(os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT))\n"
+            "print(osutil.PORTABLE, osutil.LINUX, o._copy_range, o._sendfile, _kernel_copy(),\n"
+            "      read_bytes_so_far() is None, osutil._libc_fn('renameat2') is None)\n")
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True,
+                       env=dict(os.environ, NARTOOL_PORTABLE="1"))
+    assert r.stdout.split() == ["True", "False", "False", "False", "False", "True", "True"], r.stderr
+    if sys.platform.startswith("linux"):
+        r = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "NARTOOL_PORTABLE"})
+        assert r.stdout.split() == ["False", "True", "True", "True", "True", "False", "False"], r.stderr
+
+
+def test_portable_fallbacks_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nartool.fs import osutil
+
+    monkeypatch.setattr(osutil, "LINUX", False)
+    monkeypatch.setattr(osutil, "DARWIN", False)
+    (tmp_path / "a").write_bytes(b"a")
+    (tmp_path / "b").write_bytes(b"b")
+    with pytest.raises(FileExistsError):
+        osutil.rename_noreplace(os.fsencode(tmp_path / "a"), os.fsencode(tmp_path / "b"))
+    osutil.rename_noreplace(os.fsencode(tmp_path / "a"), os.fsencode(tmp_path / "c"))
+    assert (tmp_path / "c").read_bytes() == b"a" and not (tmp_path / "a").exists()
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        osutil.syncfs(fd)
+    finally:
+        os.close(fd)
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 << 20))
+    dst = os.open(tmp_path / "dst", os.O_WRONLY | os.O_CREAT)
+    sfd = os.open(src, os.O_RDONLY)
+    try:
+        o = osutil.FdOutput(dst)
+        assert not o._copy_range and not o._sendfile
+        o.copy_from(sfd, 3 << 20, b"src")
+    finally:
+        os.close(sfd)
+        os.close(dst)
+    assert (tmp_path / "dst").read_bytes() == src.read_bytes()

@@ -20,6 +20,10 @@ from .common import fmt_bytes
 
 def read_bytes_so_far() -> int | None:
     """Bytes this process has read (``rchar`` of ``/proc/self/io``), or None where unknown."""
+    from ..fs.osutil import LINUX
+
+    if not LINUX:
+        return None
     try:
         with open("/proc/self/io", "rb") as f:
             for line in f:

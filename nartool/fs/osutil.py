@@ -1,4 +1,11 @@
-"""Small OS helpers: no-replace rename, syncfs, fd-relative tree removal, temp names."""
+"""Small OS helpers: no-replace rename, syncfs, fd-relative tree removal, temp names.
+
+Linux-only calls (``renameat2``, ``syncfs``, ``copy_file_range``, ``sendfile`` into files,
+``/proc``) are used only when :data:`LINUX`; macOS's equivalents (``renameatx_np`` with
+``RENAME_EXCL``, ``F_FULLFSYNC``) only when :data:`DARWIN`; every other platform takes the
+portable fallbacks. ``NARTOOL_PORTABLE=1`` in the environment (read once, at import) turns both
+off, so that the fallbacks that macOS and the BSDs run can be tested on Linux.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,13 @@ from typing import Any, BinaryIO
 
 from ..nar.source import write_all
 
+#: ``NARTOOL_PORTABLE=1``: no platform-specific calls, only the portable fallbacks
+PORTABLE = os.environ.get("NARTOOL_PORTABLE", "") == "1"
+#: use Linux's own calls (renameat2, syncfs, copy_file_range, sendfile to files, /proc)
+LINUX = sys.platform.startswith("linux") and not PORTABLE
+#: use macOS's own calls (renameatx_np, F_FULLFSYNC)
+DARWIN = sys.platform == "darwin" and not PORTABLE
+
 _libc: object = False  # loaded on first use (ctypes costs start-up time)
 
 
@@ -19,42 +33,42 @@ def _libc_fn(name: str) -> object:
     global _libc
     if _libc is False:
         _libc = None
-        if sys.platform.startswith("linux"):
+        if LINUX or DARWIN:
             import ctypes
+            import ctypes.util
 
             try:
-                _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+                _libc = ctypes.CDLL("libc.so.6" if LINUX else ctypes.util.find_library("c"), use_errno=True)
             except OSError:  # pragma: no cover - not glibc
-                import ctypes.util
-
                 try:
                     _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-                except OSError:
+                except (OSError, TypeError):
                     _libc = None
     return getattr(_libc, name, None) if _libc is not None else None
 
 
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
+_DARWIN_AT_FDCWD = -2
+_DARWIN_RENAME_EXCL = 0x4
 
 
 def rename_noreplace(src: bytes, dst: bytes, *, src_dir_fd: int | None = None, dst_dir_fd: int | None = None) -> None:
     """Rename ``src`` to ``dst``, failing with ``FileExistsError`` if ``dst`` exists.
 
-    Atomic on Linux (``renameat2(RENAME_NOREPLACE)``); elsewhere a check then a rename.
+    Atomic on Linux (``renameat2(RENAME_NOREPLACE)``) and macOS (``renameatx_np(RENAME_EXCL)``)
+    where the filesystem supports it; elsewhere a check then a rename.
     """
-    fn: Any = _libc_fn("renameat2")
+    fn: Any = _libc_fn("renameat2") if LINUX else _libc_fn("renameatx_np") if DARWIN else None
     if fn is not None:
-        r = fn(
-            AT_FDCWD if src_dir_fd is None else src_dir_fd, src,
-            AT_FDCWD if dst_dir_fd is None else dst_dir_fd, dst, RENAME_NOREPLACE,
-        )
+        cwd, flag = (AT_FDCWD, RENAME_NOREPLACE) if LINUX else (_DARWIN_AT_FDCWD, _DARWIN_RENAME_EXCL)
+        r = fn(cwd if src_dir_fd is None else src_dir_fd, src, cwd if dst_dir_fd is None else dst_dir_fd, dst, flag)
         if r == 0:
             return
         import ctypes
 
         e = ctypes.get_errno()
-        if e not in (errno.ENOSYS, errno.EINVAL):
+        if e not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise OSError(e, os.strerror(e), os.fsdecode(dst))
     try:
         os.lstat(dst, dir_fd=dst_dir_fd)
@@ -65,11 +79,39 @@ def rename_noreplace(src: bytes, dst: bytes, *, src_dir_fd: int | None = None, d
 
 
 def syncfs(fd: int) -> None:
-    """Flush the whole filesystem holding ``fd`` (one call instead of one fsync per file)."""
-    fn: Any = _libc_fn("syncfs")
+    """Flush the whole filesystem holding ``fd`` (one call instead of one fsync per file):
+    ``syncfs`` on Linux; elsewhere ``sync()``, and on macOS then ``F_FULLFSYNC``, which also
+    empties the drive's cache."""
+    fn: Any = _libc_fn("syncfs") if LINUX else None
     if fn is not None and fn(fd) == 0:
         return
     os.sync()
+    if DARWIN:
+        _full_fsync(fd)
+
+
+def _full_fsync(fd: int) -> bool:
+    import fcntl
+
+    op = getattr(fcntl, "F_FULLFSYNC", None)
+    if op is None:
+        return False
+    try:
+        fcntl.fcntl(fd, op)
+    except OSError:
+        return False
+    return True
+
+
+def fsync(fd: int) -> None:
+    """``fsync``; on macOS ``F_FULLFSYNC`` (its ``fsync`` leaves the data in the drive's cache),
+    falling back to ``fsync`` where the filesystem refuses it."""
+    if DARWIN and _full_fsync(fd):
+        return
+    os.fsync(fd)
+
+
+_fsync = fsync  # for functions whose ``fsync`` parameter hides it
 
 
 _O_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
@@ -297,13 +339,12 @@ class FdOutput:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.total = 0
-        linux = sys.platform.startswith("linux")
         try:
             regular = stat.S_ISREG(os.fstat(fd).st_mode)
         except OSError:
             regular = False
-        self._copy_range = linux and regular and hasattr(os, "copy_file_range")
-        self._sendfile = linux and hasattr(os, "sendfile")
+        self._copy_range = LINUX and regular and hasattr(os, "copy_file_range")
+        self._sendfile = LINUX and hasattr(os, "sendfile")
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         write_all(self.fd, data)
@@ -391,7 +432,7 @@ def output_file(path: str | bytes | os.PathLike[str], *, fsync: bool = False) ->
             yield f
             if fsync:
                 f.flush()
-                os.fsync(f.fileno())
+                _fsync(f.fileno())
         os.replace(tmp, dest)
     except BaseException:
         try:

@@ -26,6 +26,7 @@ from ..errors import FsError, NarError
 from ..nar import format as F
 from ..nar.events import Directory, EndDirectory, Event, File, Symlink
 from ..nar.source import write_all
+from .osutil import fsync as fsync_fd
 from .osutil import pid_alive, remove_at, rename_noreplace, temp_name, temp_owner, temp_prefix
 from .source import DirNamer, NameCodec
 from .xattrs import strip_fd
@@ -110,7 +111,7 @@ class _Builder:
                     os.utime(fd, ns=(1_000_000_000, 1_000_000_000))
                     os.fchmod(fd, 0o555)
                 if self.fsync:
-                    os.fsync(fd)
+                    fsync_fd(fd)
             finally:
                 os.close(fd)
             if not self.stack:
@@ -176,7 +177,7 @@ class _Builder:
                 # as Nix: the created mode (after umask) plus all three x bits
                 os.fchmod(fd, (0o666 & ~self.umask) | 0o111)
             if self.fsync:
-                os.fsync(fd)
+                fsync_fd(fd)
         finally:
             os.close(fd)
         if self.on_file is not None:
@@ -218,7 +219,7 @@ def restore_events(
         except FileExistsError as e:
             raise FsError("destination already exists", path=dest_b, rule="exists") from e
         if fsync:
-            os.fsync(pfd)
+            fsync_fd(pfd)
     except BaseException:
         try:
             remove_at(pfd, tmp)

@@ -49,7 +49,7 @@ class ByteSource:
         # a plain, seekable file: big contents can be copied inside the kernel (copy_to)
         self._fd = -1
         self._origin = 0
-        if self._file is not None and hasattr(os, "copy_file_range"):
+        if self._file is not None and _kernel_copy():
             try:
                 if self._file.seekable():
                     self._origin = self._file.tell()
@@ -207,6 +207,13 @@ class ByteSource:
                 return
         for _ in self.iter_chunks(n):
             pass
+
+
+def _kernel_copy() -> bool:
+    """Whether ``copy_file_range`` may be used (Linux, unless NARTOOL_PORTABLE=1)."""
+    from ..fs.osutil import LINUX  # (imported late: osutil imports this module)
+
+    return LINUX and hasattr(os, "copy_file_range")
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
