@@ -383,3 +383,10 @@ def test_portable_fallbacks_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         os.close(sfd)
         os.close(dst)
     assert (tmp_path / "dst").read_bytes() == src.read_bytes()
+
+
+def test_store_paths_through_a_result_link(tmp_path: Path) -> None:
+    s, p, _ = _tree_store(tmp_path)
+    (tmp_path / "result").symlink_to(p)
+    assert run("--store", s, "store", "ls", "result/sub", cwd=tmp_path).stdout == b"./file\n"
+    assert run("--store", s, "store", "cat", tmp_path / "result/ln/file").stdout == b"hello\n"

@@ -149,9 +149,19 @@ def dump(ctx: click.Context, path: str, output: str | None, compress: str) -> No
 
 def _split_store_arg(st: Any, arg: str) -> tuple[str, tuple[bytes, ...]]:
     """(store path, components inside it) of a user argument: a store path, a path inside one
-    (in the logical or the physical store directory) or a symlink into the store."""
-    sp = st.follow(arg)
+    (in the logical or the physical store directory), or a path through a symlink into the
+    store (`result/bin/hello`)."""
     real = getattr(st, "real_store_dir", st.store_dir)
+    if not any(arg.startswith(d + "/") for d in (st.store_dir, real)):
+        parts = arg.split("/")
+        for k in range(len(parts), 0, -1):  # the longest leading part that is a symlink
+            lead = "/".join(parts[:k])
+            if lead and os.path.islink(lead):
+                target = os.path.join(os.path.dirname(lead), os.readlink(lead))
+                rest = "/".join(parts[k:])
+                arg = os.path.normpath(target) + ("/" + rest if rest else "")
+                break
+    sp = st.follow(arg)
     for d in (st.store_dir, real):
         if arg.startswith(d + "/"):
             rest = arg[len(d) + 1:].partition("/")[2]
