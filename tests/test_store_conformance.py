@@ -42,7 +42,9 @@ from .sshd import Sshd
 
 REPO = Path(__file__).resolve().parents[1]
 
-KINDS = ["memory", "local", "ssh-nartool", "ssh-nartool-sshd", "ssh-nix"]
+KINDS = ["memory", "local", "ssh-nartool", "ssh-nartool-sshd", "ssh-nix", "ssh-nix-modern"]
+#: a command running a current Nix (``$NARTOOL_MODERN_NIX nix-store …``), for a second oracle
+MODERN_NIX = os.environ.get("NARTOOL_MODERN_NIX")
 #: kinds cheap enough to copy between every pair of
 PAIR_KINDS = ["memory", "local", "ssh-nartool", "ssh-nix"]
 
@@ -59,6 +61,17 @@ def _wrapper(tmp: Path) -> Path:
         p.write_text("#!/bin/sh\n"
                      f"export PYTHONPATH={REPO} NARTOOL_CONFIG={conf}\n"
                      f'exec {sys.executable} -m nartool serve "$@"\n')
+        p.chmod(0o755)
+    return p
+
+
+def modern_nix_store(tmp: Path) -> Path:
+    """A ``nix-store`` of a current Nix (``NARTOOL_MODERN_NIX``: a command taking ``nix-store
+    ARGS``, e.g. a wrapper around a chroot that shares /tmp); skips without one."""
+    require("MODERN_NIX", bool(MODERN_NIX), "NARTOOL_MODERN_NIX is not set (a command running current Nix)")
+    p = tmp / "modern-nix-store"
+    if not p.exists():
+        p.write_text(f'#!/bin/sh\nexec {MODERN_NIX} nix-store "$@"\n')
         p.chmod(0o755)
     return p
 
@@ -116,6 +129,8 @@ class Maker:
         elif kind == "ssh-nix":
             require("NIX", NIX_STORE is not None, "nix-store not found")
             st = open_store(f"ssh://localhost?remote-program=nix-store&remote-store={d}")
+        elif kind == "ssh-nix-modern":
+            st = open_store(f"ssh://localhost?remote-program={modern_nix_store(self.tmp)}&remote-store={d}")
         else:
             raise AssertionError(kind)
         self.opened.append(st)
@@ -254,7 +269,7 @@ def test_content_address_checked(store: BaseStore, case: str) -> None:
     else:
         other = make_fixed_output_path("conf-other", info.nar_hash, recursive=True)
         bad = replace(info, path=other[: -len("conf-other")] + "conf-ca")  # hash part of another name
-    if store.scheme == "ssh" and "nix" in store.uri and case != "wrong-hash":
+    if store.scheme == "ssh" and "remote-program=nix-store" in store.uri and case != "wrong-hash":
         # Nix 2.8's serve imports what it is given without checking the content address
         # against the path (its daemon does; nartool's stores and server always do)
         pytest.skip("Nix 2.8's nix-store --serve does not check content addresses")
@@ -514,11 +529,13 @@ def test_cli_copy_local_to_local_and_store_after_subcommand(tmp_path: Path) -> N
     assert cli("store", "query", "--hash", infos[3].path, "--store", tmp_path / "c").stdout.strip()
 
 
-@pytest.mark.parametrize("far", ["nartool", "nix"])
+@pytest.mark.parametrize("far", ["nartool", "nix", "nix-modern"])
 def test_cli_copy_local_ssh_both_ways(tmp_path: Path, far: str, module_sshd: Sshd | None) -> None:
     if far == "nix":
         require("NIX", NIX_STORE is not None, "nix-store not found")
         program = "nix-store"
+    elif far == "nix-modern":
+        program = str(modern_nix_store(tmp_path))
     else:
         program = str(_wrapper(tmp_path))
     _, top = _seed(tmp_path / "a")
@@ -534,8 +551,8 @@ def test_cli_copy_local_ssh_both_ways(tmp_path: Path, far: str, module_sshd: Ssh
     d1 = cli("store", "dump", "--store", tmp_path / "a", top).stdout
     d2 = cli("store", "dump", "--store", tmp_path / "back", top).stdout
     assert d1 == d2
-    if far == "nix":
-        v = subprocess.run(["nix-store", "--store", tmp_path / "r", "--verify", "--check-contents"],
+    if far != "nartool":
+        v = subprocess.run([program, "--store", tmp_path / "r", "--verify", "--check-contents"],
                            capture_output=True, text=True)
         assert v.returncode == 0, v.stderr
     # an operation the ssh store lacks is one clear error
