@@ -384,6 +384,39 @@ def test_stalled_client_does_not_hold_a_path_lock(tmp_path: Path, zstd: bool) ->
         assert other.verify(check_contents=True) == []
 
 
+def test_stalled_import_paths_does_not_hold_a_path_lock(tmp_path: Path) -> None:
+    """ImportPaths (command 4): one complete record, then only the start of the next one: the
+    first path must be committed (valid, lock free) while the server waits for the rest."""
+    first, second = file_nar(b"first record\n"), file_nar(b"second record\n")
+    info1, info2 = make_info("first", first), make_info("second", second)
+    ms = MemoryStore()
+    ms.add_nar(info1, first)
+    ms.add_nar(info2, second)
+    exp1 = b"".join(bytes(c) for c in ms.export_paths([info1.path]))
+    exp2 = b"".join(bytes(c) for c in ms.export_paths([info2.path]))
+    stream = exp1[:-8] + exp2  # one stream, two records
+    sess = _Session(tmp_path, False)
+    try:
+        sess.send(u64(W.CMD_IMPORT_PATHS) + stream[: len(exp1) - 8 + 60])
+        deadline = time.monotonic() + 10
+        ok = False
+        while time.monotonic() < deadline and not ok:
+            with LocalStore(sess.root) as other:
+                ok = other.is_valid(info1.path)
+            time.sleep(0.1)
+        assert ok, "the first record's path is still not registered while the client stalls"
+        with LocalStore(sess.root) as other:
+            PathLock(other.physical(info1.path), wait=False).release()  # nobody holds it
+        sess.send(stream[len(exp1) - 8 + 60 :])
+        assert sess.read(8, 10) == u64(1)
+    finally:
+        code, err = sess.close()
+    assert code == 0, err
+    with LocalStore(sess.root) as other:
+        assert other.is_valid(info2.path)
+        assert other.verify(check_contents=True) == []
+
+
 def test_stalled_server_does_not_hold_a_local_path_lock(tmp_path: Path) -> None:
     """copy-closure --from: the server sends one NAR, then stalls before the next one; the
     complete path must become valid locally (and its lock free) while the client waits."""

@@ -350,10 +350,21 @@ class _Server:
         if not self.policy.unsigned_ok:
             raise ServeExit("cannot import paths with ImportPaths: the export stream carries no signatures "
                             f"(a client speaking protocol 2.5 uses AddToStoreNar with signed paths){self.policy.hint()}")
-        with self.store.batch():
-            paths = self.store.import_paths(self.src)
-            for p in paths:
-                self.store.temp_root(p)
+        # As with AddToStoreNar: before waiting on a slow or stalled client, the complete paths
+        # received so far are committed, so that none stays locked and unregistered meanwhile
+        # (Nix's ImportPaths registers each path as it arrives, too; the reply still comes once,
+        # after the whole stream).
+        def commit_pending() -> None:
+            self.store.commit_pending()
+
+        self.before_wait = commit_pending
+        try:
+            with self.store.batch():
+                paths = self.store.import_paths(self.src)
+                for p in paths:
+                    self.store.temp_root(p)
+        finally:
+            self.before_wait = None
         self.w.u64(1).flush()
 
     def _read_nar_hash(self, path: str) -> Hash:
