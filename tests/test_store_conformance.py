@@ -588,3 +588,14 @@ def test_copy_closure_front_end_unchanged(tmp_path: Path) -> None:
 
 def test_errors_are_nartool_errors() -> None:
     assert issubclass(UnsupportedError, StoreError) and issubclass(UnsupportedError, NartoolError)
+
+
+def test_store_option_after_the_subcommand() -> None:
+    from nartool.cli.main import hoist_store_option as h
+
+    assert h(["store", "query", "--store", "U", "p"]) == ["--store", "U", "store", "query", "p"]
+    assert h(["--store", "A", "store", "ls", "--store=B", "p"]) == ["--store", "A", "--store=B", "store", "ls", "p"]
+    assert h(["serve", "--store", "D"]) == ["serve", "--store", "D"]  # serve's own option
+    assert h(["store", "cat", "--", "--store", "x"]) == ["store", "cat", "--", "--store", "x"]
+    assert h(["--debug", "copy", "--to", "T", "--store", "S", "p"]) == \
+        ["--debug", "--store", "S", "copy", "--to", "T", "p"]
