@@ -599,3 +599,58 @@ def test_store_option_after_the_subcommand() -> None:
     assert h(["store", "cat", "--", "--store", "x"]) == ["store", "cat", "--", "--store", "x"]
     assert h(["--debug", "copy", "--to", "T", "--store", "S", "p"]) == \
         ["--debug", "--store", "S", "copy", "--to", "T", "p"]
+
+
+def _ca_cases() -> dict[str, tuple[PathInfo, bytes]]:
+    """Claims a store must accept or refuse, each with the NAR it comes with."""
+    import hashlib
+
+    def h(algo: str, data: bytes) -> Hash:
+        return Hash(algo, hashlib.new(algo, data).digest())
+
+    content = b"content addressed\n"
+    fnar = file_nar(content)
+    dnar = dir_nar([("f", content)])
+    cases: dict[str, tuple[PathInfo, bytes]] = {}
+
+    def info(path: str, nar: bytes, ca: str, refs: frozenset[str] = frozenset()) -> PathInfo:
+        return PathInfo(path, h("sha256", nar), len(nar), refs, registration_time=1700000000, ca=ca)
+
+    for algo in ("sha256", "sha1", "sha512", "md5"):
+        flat = h(algo, content)
+        cases[f"flat-{algo}"] = (info(make_fixed_output_path("ca-flat", flat, recursive=False), fnar,
+                                      ContentAddress("flat", flat).render()), fnar)
+        rec = h(algo, dnar)
+        cases[f"recursive-{algo}"] = (info(make_fixed_output_path("ca-rec", rec, recursive=True), dnar,
+                                           ContentAddress("recursive", rec).render()), dnar)
+    t = h("sha256", content)
+    cases["text"] = (info(make_text_path("ca.txt", t), fnar, ContentAddress("text", t).render()), fnar)
+    # refusals
+    flat = h("sha256", content)
+    cases["flat-on-a-directory"] = (info(make_fixed_output_path("ca-flat", flat, recursive=False), dnar,
+                                         ContentAddress("flat", flat).render()), dnar)
+    cases["text-on-a-directory"] = (info(make_text_path("ca.txt", t), dnar, ContentAddress("text", t).render()), dnar)
+    wrong = h("sha256", b"other")
+    cases["flat-wrong-hash"] = (info(make_fixed_output_path("ca-flat", wrong, recursive=False), fnar,
+                                     ContentAddress("flat", wrong).render()), fnar)
+    cases["text-wrong-name"] = (info(make_text_path("ca.txt", t)[:-6] + "xx.txt", fnar,
+                                     ContentAddress("text", t).render()), fnar)
+    r1 = h("sha1", dnar)
+    cases["recursive-sha1-wrong-path"] = (info(make_fixed_output_path("ca-rec", r1, recursive=True)[:-6] + "ca-rek",
+                                               dnar, ContentAddress("recursive", r1).render()), dnar)
+    return cases
+
+
+@pytest.mark.parametrize("case", sorted(_ca_cases()))
+def test_memory_and_local_agree_on_content_addresses(tmp_path: Path, case: str) -> None:
+    info, nar = _ca_cases()[case]
+    outcomes = []
+    for st in (MemoryStore(), LocalStore(tmp_path / "local")):
+        try:
+            got = add(st, info, nar)
+            outcomes.append(("ok", got.path, got.ca, st.is_valid(info.path)))
+        except StoreError as e:
+            outcomes.append(("refused", e.rule, None, st.is_valid(info.path)))
+        st.close()
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[0][0] == ("refused" if "wrong" in case or "on-a-directory" in case else "ok"), outcomes
