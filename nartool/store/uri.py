@@ -101,7 +101,7 @@ def open_store(uri: str | None = None, *, store_dir: str | None = None, **option
     u = parse_store_uri(uri)
     opener = STORE_TYPES.get(u.scheme)
     if opener is None:
-        known = ", ".join(f"{s}://" for s in sorted(STORE_TYPES))
+        known = ", ".join(f"{s}://" for s in sorted(STORE_TYPES) if s != "local")
         raise StoreError(f"don't know how to open store '{u.text}' (known: a directory, local?root=DIR, {known})",
                          rule="unknown-store-type", got=u.scheme)
     if isinstance(opener, str):
