@@ -230,24 +230,7 @@ class BaseStore:
 
     def nar_events(self, path: str) -> Iterator[Event]:
         """The NAR of ``path`` as events (parsed from :meth:`nar_chunks`)."""
-
-        def read_fn() -> Callable[[int], bytes]:
-            it = iter(self.nar_chunks(path))
-            buf = bytearray()
-
-            def read(n: int) -> bytes:
-                while len(buf) < n:
-                    c = next(it, None)
-                    if c is None:
-                        break
-                    buf.extend(c)
-                out = bytes(buf[:n])
-                del buf[:n]
-                return out
-
-            return read
-
-        return iter(NarReader(ByteSource(read_fn(), "NAR")))
+        return iter(NarReader(ByteSource(_chunk_reader(iter(self.nar_chunks(path))), "NAR")))
 
     # -- adding ---------------------------------------------------------------------------
 
