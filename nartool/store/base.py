@@ -280,7 +280,8 @@ class BaseStore:
         return ops.export_paths(self, paths)
 
     def import_paths(self, src: ByteSource | BinaryIO | bytes) -> list[str]:
-        """Import one ``nix-store --export`` stream, all or nothing; the paths in stream order."""
+        """Import one ``nix-store --export`` stream, all or nothing where the store has
+        transactions (:meth:`batch`); the paths in stream order."""
         from . import ops
 
         return ops.import_paths(self, as_source(src, "export stream"))
