@@ -654,3 +654,22 @@ def test_memory_and_local_agree_on_content_addresses(tmp_path: Path, case: str) 
         st.close()
     assert outcomes[0] == outcomes[1], outcomes
     assert outcomes[0][0] == ("refused" if "wrong" in case or "on-a-directory" in case else "ok"), outcomes
+
+
+def test_add_path_and_text_agree_with_the_local_store(store: BaseStore, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "run").write_text("#!/bin/sh\n")
+    (tree / "sub" / "run").chmod(0o755)
+    (tree / "link").symlink_to("sub/run")
+    (tree / "f").write_bytes(b"\0" * 100)
+    with LocalStore(tmp_path / "reference") as ref:
+        want = [ref.add_path(tree), ref.add_path(tree / "f", flat=True), ref.add_text("t.txt", "text é")]
+    got = [store.add_path(tree), store.add_path(tree / "f", flat=True), store.add_text("t.txt", "text é")]
+    for w, g in zip(want, got, strict=True):
+        assert (g.path, g.nar_hash, g.nar_size, g.ca) == (w.path, w.nar_hash, w.nar_size, w.ca)
+        info = store.path_info(w.path)
+        assert (info.nar_hash, info.ca) == (w.nar_hash, w.ca)
+    if is_remote(store):
+        with pytest.raises(UnsupportedError):
+            store.add_path(tree, scan_references=True)

@@ -72,7 +72,7 @@ def report_error(e: BaseException, debug: bool) -> int:
 
 
 #: ``nartool store`` commands that need a local store (its files, roots or database)
-LOCAL_ONLY_COMMANDS = frozenset({"add", "gc", "add-root", "delete", "verify"})
+LOCAL_ONLY_COMMANDS = frozenset({"gc", "add-root", "delete", "verify"})
 
 
 def open_store(ctx: click.Context, *, case_hack: bool | None = None) -> Any:

@@ -26,7 +26,9 @@ call them.
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, BinaryIO
@@ -41,6 +43,7 @@ from .paths import DEFAULT_STORE_DIR, StorePath
 from .types import PathInfo
 
 if TYPE_CHECKING:
+    from ..fs.source import Exclude, NameCodec
     from .cacheck import CaCheck
 
 Chunks = Iterable[bytes | bytearray | memoryview]
@@ -49,15 +52,15 @@ ConsumeFn = Callable[[PathInfo, ByteSource], None]
 
 
 class NarSpool:
-    """One NAR read from a source into memory (up to 8 MiB) or an anonymous temporary file,
-    hashed on the way: what :meth:`BaseStore.add_nar_deferred` gives a store that cannot place a
-    NAR before it knows its path."""
+    """One NAR (from ``events``) in memory (up to 8 MiB) or an anonymous temporary file, hashed on
+    the way: what a store gets from :meth:`BaseStore.add_nar_deferred` or
+    :meth:`BaseStore.add_path` when it cannot place a NAR before it knows its path. ``ca`` sees
+    the events and bytes on the way."""
 
-    def __init__(self, src: ByteSource, ca: CaCheck | None = None) -> None:
+    def __init__(self, events: Iterable[Event], ca: CaCheck | None = None) -> None:
         self.file: BinaryIO = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # type: ignore[assignment]  # noqa: SIM115
         h = hashlib.sha256()
         n = 0
-        events: Iterable[Event] = NarReader(src, standalone=False)
         if ca is not None:
             events = ca.events(events)
         try:
@@ -73,6 +76,11 @@ class NarSpool:
         self.hash = Hash("sha256", h.digest())
         self.size = n
         self.file.seek(0)
+
+    @classmethod
+    def read(cls, src: ByteSource, ca: CaCheck | None = None) -> NarSpool:
+        """Exactly one NAR from ``src``."""
+        return cls(NarReader(src, standalone=False), ca)
 
     def source(self) -> ByteSource:
         self.file.seek(0)
@@ -239,7 +247,7 @@ class BaseStore:
         trailer follows its NAR): ``finish(nar_hash, nar_size)`` is called once the NAR was read
         and returns the info to add it under. Returns the info added, or None when the path was
         valid already. The default spools the NAR; a store that can place it first overrides."""
-        spool = NarSpool(src)
+        spool = NarSpool.read(src)
         try:
             info = finish(spool.hash, spool.size)
             if self.is_valid(info.path):
@@ -247,6 +255,53 @@ class BaseStore:
             return self.add_nar(info, spool.source())
         finally:
             spool.close()
+
+    def add_path(self, src: str | os.PathLike[str], *, name: str | None = None, flat: bool = False,
+                 names: NameCodec | None = None, exclude: Exclude | None = None,
+                 scan_references: bool | Iterable[str] = False) -> PathInfo:
+        """``nix-store --add`` of a file or tree (``--add-fixed sha256`` with ``flat``): its NAR
+        is spooled while hashed, then added with :meth:`add_nar` under its content-addressed
+        path. Scanning for references is a local store's (:class:`~nartool.store.local.LocalStore`)."""
+        from ..fs import dump_events
+        from .local import _hash_flat
+        from .paths import ContentAddress, make_fixed_output_path, validate_name
+
+        if scan_references is not False:
+            raise self.unsupported("scanning references while adding a path")
+        srcp = os.fspath(src)
+        name = name or os.path.basename(os.path.normpath(os.path.abspath(srcp)))
+        validate_name(name)
+        events: Iterable[Event] = dump_events(srcp, names=names, exclude=exclude)
+        flat_hash = hashlib.sha256() if flat else None
+        if flat_hash is not None:
+            events = _hash_flat(events, flat_hash, srcp)
+        spool = NarSpool(events)
+        try:
+            if flat_hash is not None:
+                h = Hash("sha256", flat_hash.digest())
+                path = make_fixed_output_path(name, h, recursive=False, store_dir=self.store_dir)
+                ca = ContentAddress("flat", h)
+            else:
+                path = make_fixed_output_path(name, spool.hash, recursive=True, store_dir=self.store_dir)
+                ca = ContentAddress("recursive", spool.hash)
+            info = PathInfo(path, spool.hash, spool.size, registration_time=int(time.time()), ca=ca.render())
+            return self.add_nar(info, spool.source())
+        finally:
+            spool.close()
+
+    def add_text(self, name: str, data: bytes | str, references: Iterable[str] = ()) -> PathInfo:
+        """A text object (``builtins.toFile``, ``.drv`` files); a ``str`` is stored as UTF-8."""
+        from ..nar.events import File
+        from .paths import ContentAddress, make_text_path
+
+        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        refs = frozenset(references)
+        th = Hash("sha256", hashlib.sha256(raw).digest())
+        path = make_text_path(name, th, refs, self.store_dir)
+        nar = b"".join(bytes(c) for c in write_nar([File(b"", False, len(raw), [raw])]))
+        info = PathInfo(path, Hash("sha256", hashlib.sha256(nar).digest()), len(nar), refs,
+                        registration_time=int(time.time()), ca=ContentAddress("text", th).render())
+        return self.add_nar(info, nar)
 
     def add_signatures(self, path: str, sigs: Iterable[str]) -> None:
         raise self.unsupported("adding signatures")
