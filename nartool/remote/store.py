@@ -57,6 +57,9 @@ class SSHStore(BaseStore):
         self.probe_ext = probe_ext
         self._client: ServeClient | None = None
         self._owned = True
+        #: infos already queried (a valid path's info never changes): reading its NAR then
+        #: needs no second QueryPathInfos
+        self._known: dict[str, PathInfo] = {}
 
     # -- construction
 
@@ -130,6 +133,7 @@ class SSHStore(BaseStore):
             return {}
         out = self._run(lambda c: c.query_path_infos(ps))
         assert isinstance(out, dict)
+        self._known.update(out)
         return out
 
     def query_path_info(self, path: str) -> PathInfo | None:
@@ -178,9 +182,11 @@ class SSHStore(BaseStore):
     # -- contents
 
     def nar_chunks(self, path: str, *, check: bool = True) -> Iterator[bytes | bytearray | memoryview]:
-        """``DumpStorePath``, after one ``QueryPathInfos`` (the NAR is read as exactly its
-        ``narSize`` bytes; with ``check`` its hash is verified at the end)."""
-        info = self.path_info(self._path_arg(path))
+        """``DumpStorePath`` after one ``QueryPathInfos`` (without ``check``, e.g. for a copy whose
+        receiver verifies anyway, an info queried before is used). The NAR is read as exactly its
+        ``narSize`` bytes; with ``check`` its hash is verified at the end."""
+        p = self._path_arg(path)
+        info = (None if check else self._known.get(p)) or self.path_info(p)
         return self._nar(info, check)
 
     def _nar(self, info: PathInfo, check: bool) -> Iterator[bytes | bytearray | memoryview]:
