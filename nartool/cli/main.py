@@ -145,30 +145,50 @@ def main(argv: list[str] | None = None) -> None:
     _handle_termination()
     argv = hoist_store_option(list(argv if argv is not None else sys.argv[1:]))
     try:
+        code = _run(argv, debug)
+    except KeyboardInterrupt:  # a signal that landed while an outcome was being reported
+        code = 130
+    finally:
+        # The outcome is settled: a signal from now on must not turn a finished (committed)
+        # command into a death by SIGINT during interpreter shutdown.
+        _ignore_termination()
+    sys.exit(code)
+
+
+def _ignore_termination() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            try:
+                signal.signal(sig, signal.SIG_IGN)
+            except (OSError, ValueError):  # not the main thread (an embedding program)
+                pass
+
+
+def _run(argv: list[str], debug: bool) -> int:
+    """Run the CLI; returns the exit status (errors reported on stderr)."""
+    try:
         rc = cli.main(args=argv, prog_name="nartool", standalone_mode=False)
-        if isinstance(rc, int) and rc:  # ctx.exit(n) returns n without standalone mode
-            sys.exit(rc)
+        return rc if isinstance(rc, int) else 0  # ctx.exit(n) returns n without standalone mode
     except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+        return e.exit_code
     except click.ClickException as e:
         e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+        return e.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
         _say_interrupted()
-        sys.exit(130)
-    except KeyboardInterrupt:
-        _say_interrupted()
-        sys.exit(130)
+        return 130
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): not an error worth a message
-        try:
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-        finally:
-            sys.exit(141)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return 141
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            click.echo(e.code, err=True)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except (NartoolError, OSError) as e:
-        sys.exit(report_error(e, debug))
+        return report_error(e, debug)
     except Exception as e:  # noqa: BLE001
-        sys.exit(report_error(e, debug) or 2)
+        return report_error(e, debug) or 2
 
 
 if __name__ == "__main__":
