@@ -68,6 +68,7 @@ def cli(ctx: click.Context, store: str | None, store_dir: str, debug: bool) -> N
       serve          speak Nix's serve protocol on stdin/stdout (an SSH forced command)
       copy           copy closures between any two stores (`nix copy --from URI --to URI`)
       copy-closure   copy closures to or from another machine over SSH
+      derivation     show and add derivations (.drv files) as Nix does
       key            generate and inspect ed25519 signing keys (Nix's format)
     Run `nartool COMMAND --help` for details.
     """
