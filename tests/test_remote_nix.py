@@ -165,8 +165,8 @@ def test_nartool_copy_closure_to_nix_store_serve(env: Env) -> None:
     dst = env.tmp / "dst"
     r = env.nartool("--store", src, "copy-closure", "--json", "--to", env.url(dst, "nix-store"), *roots)
     res = json.loads(r.stdout)
-    assert res["remote_command"] == serve_command_line("nix-store", str(dst))
-    assert len(res["copied"]) == res["closure_size"] == 8
+    assert res["remoteCommand"] == serve_command_line("nix-store", str(dst))
+    assert len(res["copied"]) == res["closureSize"] == 8
     check_same(env, src, dst, roots)
     again = json.loads(env.nartool("--store", src, "copy-closure", "--json", "--to", env.url(dst, "nix-store"),
                                    *roots).stdout)
@@ -186,7 +186,7 @@ def test_nartool_to_nartool_with_zstd(env: Env) -> None:
     dst = env.tmp / "dst"
     r = env.nartool("--store", src, "copy-closure", "--json", "--compress", "zstd", "--remote-program",
                     str(env.cli), "--to", f"localhost?remote-store={dst}", *roots)
-    assert "--compress zstd" in json.loads(r.stdout)["remote_command"]
+    assert "--compress zstd" in json.loads(r.stdout)["remoteCommand"]
     check_same(env, src, dst, roots)
     # towards Nix the option is dropped with a warning
     r = env.nartool("--store", src, "copy-closure", "--compress", "zstd", "--to",

@@ -18,10 +18,12 @@ from .common import echo_json, fmt_bytes
               help="Do not require signatures of what a local destination receives.")
 @click.option("--include-outputs", is_flag=True, help="Also copy the valid outputs of derivations in the closure.")
 @click.option("--dry-run", is_flag=True, help="Only show what would be copied.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-v", "--verbose", count=True,
+              help="More output (repeatable): -v also prints the summary line when stderr is not a terminal.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (camelCase keys).")
 @click.pass_context
 def copy_cmd(ctx: click.Context, src_uri: str | None, dst_uri: str | None, paths: tuple[str, ...],
-             no_check_sigs: bool, include_outputs: bool, dry_run: bool, as_json: bool) -> None:
+             no_check_sigs: bool, include_outputs: bool, dry_run: bool, verbose: int, as_json: bool) -> None:
     """Copy the closures of PATHs from one store to another, like `nix copy`.
 
     \b
@@ -36,6 +38,10 @@ def copy_cmd(ctx: click.Context, src_uri: str | None, dst_uri: str | None, paths
     every path must be content-addressed or signed by a key in `trusted-public-keys`, or
     the copy is refused before anything is transferred; --no-check-sigs skips this. An ssh
     destination decides for itself (a nartool server is asked before anything is sent).
+
+    On a terminal a progress line is shown; otherwise Nix's log lines go to stderr:
+    `copying N paths...` and `copying path '…' to 'URI'...` per path (`from 'URI'` when the
+    destination is local, `from 'A' to 'B'` between two non-local stores).
     """
     from ..store.ops import copy_paths
     from ..store.uri import open_store
@@ -60,12 +66,26 @@ def copy_cmd(ctx: click.Context, src_uri: str | None, dst_uri: str | None, paths
         keys = dict(config.trusted_keys())
     show = sys.stderr.isatty() and not as_json
     progress = None
+    log = None
     if show:
         from .remote import _ProgressLine
 
         progress = _ProgressLine()
+    elif not as_json:
+        from .remote import NixLog
+
+        # Nix names a local store's side implicitly: "to 'DST'" from it, "from 'SRC'" into it
+        def is_local(uri: str) -> bool:
+            return uri == "local" or uri.startswith("local?")
+
+        def shown(uri: str) -> str:  # Nix names an ssh store by its host only
+            return uri.partition("?")[0] if uri.startswith("ssh://") else uri
+
+        log = NixLog(None if is_local(src.uri) else shown(src.uri),
+                     None if is_local(dst.uri) and not is_local(src.uri) else shown(dst.uri))
     result = copy_paths(src, dst, store_paths, include_outputs=include_outputs, check_sigs=check_sigs,
-                        trusted_keys=keys, dry_run=dry_run, progress=progress)
+                        trusted_keys=keys, dry_run=dry_run, progress=progress,
+                        on_start=log.start if log else None, on_path=log.path if log else None)
     if as_json:
         d = result.to_dict()
         d["from"] = src.uri
@@ -78,7 +98,7 @@ def copy_cmd(ctx: click.Context, src_uri: str | None, dst_uri: str | None, paths
         click.echo(f"would copy {len(result.missing)} paths ({fmt_bytes(result.bytes_total)}) "
                    f"from {src.uri} to {dst.uri}", err=True)
         return
-    if show or os.environ.get("NARTOOL_VERBOSE"):
+    if show or verbose or os.environ.get("NARTOOL_VERBOSE"):
         click.echo(f"copied {len(result.copied)} of {len(result.closure)} paths ({fmt_bytes(result.bytes_copied)}) "
                    f"from {src.uri} to {dst.uri} in {result.seconds:.2f}s", err=True)
 

@@ -120,6 +120,31 @@ class _ProgressLine:
         self.shown = True
 
 
+class NixLog:
+    """Nix's log lines for a copy, on stderr, for when it is not a terminal (cron, CI):
+    ``copying N paths...`` once, then ``copying path '…' to 'URI'...`` (or ``from``, or
+    ``from 'A' to 'B'``) per path; Nix 2.8's wording. A path's line is written when it is
+    durable on the destination (the transfers are pipelined, so starts are not meaningful)."""
+
+    def __init__(self, src: str | None, dst: str | None) -> None:
+        self.src = src
+        self.dst = dst
+
+    def start(self, infos: list[Any]) -> None:
+        sys.stderr.write(f"copying {len(infos)} paths...\n")
+        sys.stderr.flush()
+
+    def path(self, path: str) -> None:
+        if self.src is None:
+            where = f"to '{self.dst}'"
+        elif self.dst is None:
+            where = f"from '{self.src}'"
+        else:
+            where = f"from '{self.src}' to '{self.dst}'"
+        sys.stderr.write(f"copying path '{path}' {where}...\n")
+        sys.stderr.flush()
+
+
 @click.command("copy-closure")
 @click.option("--to", "to_host", metavar="[USER@]HOST", help="Copy the closure of PATHs to HOST.")
 @click.option("--from", "from_host", metavar="[USER@]HOST", help="Copy the closure of PATHs from HOST.")
@@ -128,7 +153,14 @@ class _ProgressLine:
 @click.option("--dry-run", is_flag=True, help="Only show what would be copied.")
 @click.option("--compress", type=click.Choice(["zstd"]), default=None,
               help="Compress the session with zstd (only towards a nartool server; ignored for Nix).")
-@click.option("--gzip", "ssh_compress", is_flag=True, help="Let ssh compress (-C), like nix-copy-closure --gzip.")
+@click.option("--gzip", "ssh_compress", is_flag=True,
+              help="Let ssh compress the connection (ssh -C), which is what nix-copy-closure 2.8 does with "
+                   "--gzip (its ?compress=true); the NARs themselves are not gzipped. Same as ?compress=true.")
+@click.option("-s", "--use-substitutes", is_flag=True,
+              help="Accepted for nix-copy-closure compatibility; a no-op today (nartool has no substituters, "
+                   "so every missing path is sent over the connection).")
+@click.option("-v", "--verbose", count=True,
+              help="More output (repeatable): -v also prints the summary line when stderr is not a terminal.")
 @click.option("--ssh-opt", "ssh_opts", multiple=True, metavar="OPT", help="Extra ssh argument (repeatable).")
 @click.option("--remote-program", default=None, metavar="PROG",
               help="Remote server: `nartool` (default, runs `nartool serve --write`) or e.g. `nix-store` "
@@ -137,7 +169,8 @@ class _ProgressLine:
 @click.pass_context
 def copy_closure_cmd(ctx: click.Context, to_host: str | None, from_host: str | None, paths: tuple[str, ...],
                      include_outputs: bool, dry_run: bool, compress: str | None, ssh_compress: bool,
-                     ssh_opts: tuple[str, ...], remote_program: str | None, as_json: bool) -> None:
+                     use_substitutes: bool, verbose: int, ssh_opts: tuple[str, ...], remote_program: str | None,
+                     as_json: bool) -> None:
     """Copy the closure of PATHs to or from another machine over ssh, like `nix-copy-closure`.
 
     HOST may carry Nix's store-URI parameters: `?remote-program=PROG`, `?remote-store=DIR`
@@ -145,6 +178,9 @@ def copy_closure_cmd(ctx: click.Context, to_host: str | None, from_host: str | N
     `localhost` runs the remote command locally without ssh, as Nix does. NIX_SSHOPTS is
     honoured (split on whitespace). Only missing paths are transferred, in dependency order,
     pipelined; a nartool server's trust settings are checked before anything is sent.
+
+    On a terminal a progress line is shown; otherwise (cron, CI) Nix's log lines go to stderr:
+    `copying N paths...` and `copying path '…' to 'ssh://HOST'...` (`from` with --from) per path.
     """
     from ..remote.client import ServeClient
     from ..remote.copy import copy_closure
@@ -174,16 +210,21 @@ def copy_closure_cmd(ctx: click.Context, to_host: str | None, from_host: str | N
         store_paths = [StorePath.parse(p, local.store_dir).full(local.store_dir) for p in paths]
     transport = open_transport(host, command, opts)
     show = sys.stderr.isatty() and not as_json
+    log = None
+    if not show and not as_json:
+        uri = f"ssh://{host}"
+        log = NixLog(None, uri) if direction == "to" else NixLog(uri, None)
     try:
         client = ServeClient(transport, store_dir=local.store_dir, compress=use_compress)
         result = copy_closure(local, client, store_paths, direction, include_outputs=include_outputs,
-                              dry_run=dry_run, progress=_ProgressLine() if show else None)
+                              dry_run=dry_run, progress=_ProgressLine() if show else None,
+                              on_start=log.start if log else None, on_path=log.path if log else None)
     finally:
         transport.close()
     if as_json:
         d = result.to_dict()
         d["host"] = host
-        d["remote_command"] = command
+        d["remoteCommand"] = command
         echo_json(d)
         return
     if dry_run:
@@ -192,9 +233,9 @@ def copy_closure_cmd(ctx: click.Context, to_host: str | None, from_host: str | N
         click.echo(f"would copy {len(result.missing)} paths ({fmt_bytes(result.bytes_total)}) "
                    f"{direction} {host}", err=True)
         return
-    if show or os.environ.get("NARTOOL_VERBOSE"):
+    if show or verbose or os.environ.get("NARTOOL_VERBOSE"):
         click.echo(f"copied {len(result.copied)} of {len(result.closure)} paths "
                    f"({fmt_bytes(result.bytes_copied)}) {direction} {host} in {result.seconds:.2f}s", err=True)
 
 
-__all__ = ["serve", "copy_closure_cmd", "parse_host"]
+__all__ = ["serve", "copy_closure_cmd", "parse_host", "NixLog"]

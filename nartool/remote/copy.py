@@ -23,17 +23,18 @@ unsigned paths, or their daemon decides).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ..store.ops import BATCH_BYTES, BATCH_PATHS, CopyResult, Progress, ProgressFn, copy_paths
-from ..store.types import Store
+from ..store.types import PathInfo, Store
 from .client import ServeClient
 from .store import SSHStore
 
 
 def copy_closure(local: Store, client: ServeClient, paths: Iterable[str], direction: str = "to", *,
                  include_outputs: bool = False, dry_run: bool = False, progress: ProgressFn | None = None,
-                 check_trust: bool = True) -> CopyResult:
+                 check_trust: bool = True, on_start: Callable[[list[PathInfo]], None] | None = None,
+                 on_path: Callable[[str], None] | None = None) -> CopyResult:
     """Copy the closure of ``paths`` to (``direction="to"``) or from (``"from"``) the remote.
     Signatures are not checked on the receiving local side (as ``nix-copy-closure``); a nartool
     server applies its own trust rules, asked before anything is sent unless not ``check_trust``."""
@@ -42,9 +43,9 @@ def copy_closure(local: Store, client: ServeClient, paths: Iterable[str], direct
     remote = SSHStore.from_client(client, probe_ext=check_trust)
     if direction == "to":
         return copy_paths(local, remote, paths, include_outputs=include_outputs, dry_run=dry_run,
-                          progress=progress, direction="to")
+                          progress=progress, direction="to", on_start=on_start, on_path=on_path)
     return copy_paths(remote, local, paths, include_outputs=include_outputs, dry_run=dry_run,
-                      progress=progress, direction="from")
+                      progress=progress, direction="from", on_start=on_start, on_path=on_path)
 
 
 __all__ = ["copy_closure", "CopyResult", "Progress", "ProgressFn", "BATCH_PATHS", "BATCH_BYTES"]

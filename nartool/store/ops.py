@@ -146,9 +146,9 @@ class CopyResult:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "direction": self.direction, "requested": self.requested, "closure_size": len(self.closure),
-            "missing": self.missing, "copied": self.copied, "bytes_total": self.bytes_total,
-            "bytes_copied": self.bytes_copied, "seconds": round(self.seconds, 3), "dry_run": self.dry_run,
+            "direction": self.direction, "requested": self.requested, "closureSize": len(self.closure),
+            "missing": self.missing, "copied": self.copied, "bytesTotal": self.bytes_total,
+            "bytesCopied": self.bytes_copied, "seconds": round(self.seconds, 3), "dryRun": self.dry_run,
         }
 
 
@@ -211,7 +211,9 @@ def unsigned_refusals(infos: Iterable[PathInfo], store_dir: str,
 def copy_paths(src: BaseStore, dst: BaseStore, paths: Iterable[str], *, include_outputs: bool = False,
                check_sigs: bool = False, trusted_keys: Mapping[str, PublicKey] | None = None,
                dry_run: bool = False, progress: ProgressFn | None = None, direction: str = "copy",
-               batch_paths: int = BATCH_PATHS, batch_bytes: int = BATCH_BYTES) -> CopyResult:
+               batch_paths: int = BATCH_PATHS, batch_bytes: int = BATCH_BYTES,
+               on_start: Callable[[list[PathInfo]], None] | None = None,
+               on_path: Callable[[str], None] | None = None) -> CopyResult:
     """Copy the closure of ``paths`` from ``src`` to ``dst`` (``nix copy``): only the paths
     ``dst`` lacks, in dependency order.
 
@@ -219,7 +221,11 @@ def copy_paths(src: BaseStore, dst: BaseStore, paths: Iterable[str], *, include_
     the copy up front, naming the paths, when a missing path is neither content-addressed nor
     signed by a key in ``trusted_keys`` (``require-sigs``); nothing is transferred then. A
     remote destination applies its own policy (a nartool server is asked before any NAR is
-    sent). Each path counts as copied once it is durable on ``dst``."""
+    sent). Each path counts as copied once it is durable on ``dst``.
+
+    ``on_start`` gets the infos of the paths about to be transferred (not called when nothing
+    is missing, nor for a dry run); ``on_path`` each path as it becomes durable on ``dst`` (for
+    Nix's ``copying N paths...`` / ``copying path '…' to '…'...`` log lines)."""
     t0 = time.monotonic()
     requested = list(dict.fromkeys(paths))
     infos_all = src.query_closure_set(requested, include_outputs=include_outputs)
@@ -239,10 +245,15 @@ def copy_paths(src: BaseStore, dst: BaseStore, paths: Iterable[str], *, include_
     tr = Tracker(p, progress)
     copied: list[str] = []
     if not dry_run and infos:
+        if on_start is not None:
+            on_start(infos)
+
         def done(ps: list[str]) -> None:
             copied.extend(ps)
             for q in ps:
                 tr.path(q)
+                if on_path is not None:
+                    on_path(q)
 
         dst.receive_nars(src, infos, on_done=done, on_bytes=tr.bytes, batch_paths=batch_paths,
                          batch_bytes=batch_bytes)
