@@ -26,6 +26,7 @@ from ..errors import FsError, NarError
 from ..nar import format as F
 from ..nar.events import Directory, EndDirectory, Event, File, Symlink
 from ..nar.source import write_all
+from .canonical import DIR_MODE, TIMES_NS, file_mode
 from .osutil import fsync as fsync_fd
 from .osutil import pid_alive, remove_at, rename_noreplace, temp_name, temp_owner, temp_prefix
 from .source import DirNamer, NameCodec
@@ -108,8 +109,8 @@ class _Builder:
             try:
                 if self.canonical:
                     strip_fd(fd)
-                    os.utime(fd, ns=(1_000_000_000, 1_000_000_000))
-                    os.fchmod(fd, 0o555)
+                    os.utime(fd, ns=TIMES_NS)
+                    os.fchmod(fd, DIR_MODE)
                 if self.fsync:
                     fsync_fd(fd)
             finally:
@@ -128,7 +129,7 @@ class _Builder:
                 assert isinstance(ev, Symlink)
                 os.symlink(ev.target, disk, dir_fd=dfd)
                 if self.canonical:
-                    os.utime(disk, ns=(1_000_000_000, 1_000_000_000), dir_fd=dfd, follow_symlinks=False)
+                    os.utime(disk, ns=TIMES_NS, dir_fd=dfd, follow_symlinks=False)
                 if not self.stack:
                     self.done = True
             elif cls is Directory:
@@ -153,7 +154,7 @@ class _Builder:
             raise FsError(f"cannot create: {e.strerror}", path=rel or self.shown_root, rule="io") from e
 
     def _file(self, dfd: int, disk: bytes, rel: bytes, ev: File) -> None:
-        mode = (0o555 if ev.executable else 0o444) if self.canonical else 0o666
+        mode = file_mode(ev.executable) if self.canonical else 0o666
         fd = os.open(disk, _O_NEWFILE, 0o666 if not self.canonical else 0o600, dir_fd=dfd)
         try:
             if self.lock_root and not self.stack:
@@ -172,7 +173,7 @@ class _Builder:
             if self.canonical:
                 strip_fd(fd)
                 os.fchmod(fd, mode)
-                os.utime(fd, ns=(1_000_000_000, 1_000_000_000))
+                os.utime(fd, ns=TIMES_NS)
             elif ev.executable:
                 # as Nix: the created mode (after umask) plus all three x bits
                 os.fchmod(fd, (0o666 & ~self.umask) | 0o111)

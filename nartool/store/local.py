@@ -547,6 +547,78 @@ class LocalStore(BaseStore):
             return self.query_path_info(path) or info
         return info
 
+    def register_built_path(self, path: str, *, reference_candidates: Iterable[str] = (),
+                            deriver: str | None = None, ca: str | None = None) -> PathInfo:
+        """Register ``path``, whose files were produced in place at ``self.physical(path)``
+        (e.g. by a builder), as Nix registers a build output.
+
+        Under the path's lock (the path a temporary root first): the tree is made canonical
+        (:func:`nartool.fs.canonical.canonicalise_tree`: refuses FIFOs, sockets, devices and
+        files hard-linked from outside it), dumped once, hashed and scanned for the hash parts of
+        ``reference_candidates`` (store paths; the path itself may be one, for a
+        self-reference). Every reference found other than the path itself must be valid. A
+        claimed content address ``ca`` is checked against the contents and the path as
+        :meth:`add_nar` checks one. Then one ``syncfs`` and the registration, so the database
+        never names unsynced contents.
+
+        Refused (:class:`~nartool.errors.StoreError`, rule ``already-valid``): a path that is
+        valid already, or queued in the current batch. Inside a batch the path is registered
+        with the batch (and if the batch fails, its files are removed as the batch's other
+        paths are). Otherwise, on any error nothing is registered and the files are left as
+        they are (invalid: for the caller to inspect or remove; a GC removes them too)."""
+        from ..fs.canonical import canonicalise_tree
+
+        sp = self.parse_path(path)
+        path = sp.full(self.store_dir)
+        if deriver is not None:
+            self.parse_path(deriver)
+        cands = list(dict.fromkeys(reference_candidates))
+        by_hash = {self.parse_path(c).hash_part: c for c in cands}
+        base = sp.base
+        phys = self.real_store_dir + "/" + base
+        self.temp_root(path)
+        if self._in_batch(path) or self.db.is_valid(path):
+            raise StoreError("path is already valid", path=path, rule="already-valid")
+        lock = self._lock_path(phys)
+        queued = False
+        try:
+            if self.db.is_valid(path):
+                raise StoreError("path is already valid", path=path, rule="already-valid")
+            if not os.path.lexists(phys):
+                raise StoreError("built path does not exist", path=path, rule="missing")
+            canonicalise_tree(phys)
+            scanner = RefScanner(by_hash)
+            digest = NarDigest()
+
+            def sink(b: bytes | bytearray | memoryview) -> None:
+                digest(b)
+                scanner.update(b)
+
+            _drain(tee_nar(dump_events(phys, names=self.names), sink))
+            refs = frozenset(by_hash[h] for h in scanner.found)
+            info = PathInfo(path, digest.hash(), digest.size, refs, deriver=deriver,
+                            registration_time=int(time.time()), ca=ca)
+            if ca:
+                # checks the path against the content address (and, for ``fixed:r:sha256``,
+                # the NAR hash); other kinds hash the contents in a second pass
+                check = CaCheck(info, self.store_dir)
+                if not check.done:
+                    _drain(tee_nar(check.events(dump_events(phys, names=self.names)), check.update))
+                check.finish()
+            self._check_references(info)
+            drv_outputs = self._drv_outputs(base.encode(), path) if path.endswith(".drv") else {}
+            entry = _Pending(info, lock, drv_outputs)
+            if self._pending is not None:
+                self._pending.append(entry)
+                queued = True
+                return info
+            queued = True  # _commit releases the lock, whatever happens
+            self._commit([entry])
+            return info
+        finally:
+            if not queued:
+                lock.release()
+
     def add_nar_deferred(self, src: ByteSource, finish: Callable[[Hash, int], PathInfo]) -> PathInfo | None:
         """Restore one NAR under a temporary name, then ask ``finish`` (which reads an export
         record's trailer) for its info and place it: an import never holds a NAR in memory."""
@@ -651,6 +723,14 @@ class LocalStore(BaseStore):
                 else:
                     x["repair"] = "invalidated"
         return problems
+
+
+def _drain(events: Iterable[Event]) -> None:
+    """Consume ``events`` (and every file's chunks)."""
+    for ev in events:
+        if isinstance(ev, File):
+            for _ in ev.chunks:
+                pass
 
 
 def _hash_flat(events: Iterable[Event], h: hashlib._Hash, src: str) -> Iterator[Event]:
