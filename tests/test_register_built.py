@@ -7,6 +7,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from nartool.errors import FsError, InvalidPathError, StoreError
 from nartool.fs import dump_nar
 from nartool.fs.canonical import DIR_MODE, EXEC_MODE, FILE_MODE, MTIME_NS, canonicalise_tree
+from nartool.fs.osutil import remove_at
 from nartool.hashes import Hash, nix32_encode
 from nartool.nar.limits import Limits
 from nartool.store import LocalStore
@@ -136,11 +138,10 @@ def test_canonicalise_very_deep_tree(tmp_path: Path) -> None:
         for f in fds:
             st = os.fstat(f)
             assert stat.S_IMODE(st.st_mode) == DIR_MODE and st.st_mtime_ns == MTIME_NS
-        for f in fds:  # make it removable again
-            os.fchmod(f, 0o755)
     finally:
         for f in fds:
             os.close(f)
+        remove_at(None, bytes(top))  # (pytest's clean-up recurses)
 
 
 def test_canonicalise_refuses_before_changing_anything(tmp_path: Path) -> None:
@@ -176,6 +177,48 @@ def test_canonicalise_owner_as_root(tmp_path: Path) -> None:
         assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX), p
         if stat.S_ISDIR(st.st_mode):
             todo.extend(p.iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_canonicalise_unprivileged_unreadable_entries() -> None:
+    """As a plain user (where mode 0 really denies access): unreadable files and directories
+    are opened without following symlinks, then made canonical."""
+    with tempfile.TemporaryDirectory() as d:  # (pytest's tmp_path is not reachable by others)
+        os.chmod(d, 0o755)
+        _unprivileged(Path(d) / "t")
+
+
+def _unprivileged(tree: Path) -> None:
+    tree.mkdir()
+    (tree / "closed" / "sub").mkdir(parents=True)
+    (tree / "closed" / "sub" / "f").write_bytes(b"x")
+    (tree / "unreadable").write_bytes(b"y")
+    os.symlink("unreadable", tree / "link")
+    os.chmod(tree / "closed" / "sub" / "f", 0o4700)
+    os.chmod(tree / "unreadable", 0)
+    os.chmod(tree / "closed", 0)
+    for p in [tree, tree / "closed", tree / "closed" / "sub", tree / "closed" / "sub" / "f",
+              tree / "unreadable", tree / "link"]:
+        os.chown(p, 65534, 65534, follow_symlinks=False)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            canonicalise_tree(tree)
+            code = 0
+        except BaseException as e:
+            os.write(2, f"{e!r}\n".encode())
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    modes = {str(p.relative_to(tree)): stat.S_IMODE(os.lstat(p).st_mode)
+             for p in [tree / "closed", tree / "closed" / "sub", tree / "closed" / "sub" / "f", tree / "unreadable"]}
+    assert modes == {"closed": DIR_MODE, "closed/sub": DIR_MODE, "closed/sub/f": EXEC_MODE, "unreadable": FILE_MODE}
+    assert os.lstat(tree / "link").st_mtime_ns == MTIME_NS
 
 
 def _built(store: LocalStore, name: str) -> str:
