@@ -12,8 +12,8 @@ store-bound restores (:mod:`nartool.fs.sink` with ``canonical=True``) and
 * ownership untouched, except that a process running as root may give ``owner=(uid, gid)``.
 
 :func:`canonicalise_tree` walks without recursion (however deep the tree) and relative to
-directory descriptors, never following a symlink. Before changing anything it checks the whole
-tree (a first pass) and refuses, with an :class:`~nartool.errors.FsError` naming the entry:
+directory descriptors, never following a symlink. Before changing any file it checks the whole
+tree (a first pass, which only gives the owner access to directories it cannot open) and refuses, with an :class:`~nartool.errors.FsError` naming the entry:
 
 * anything a NAR cannot hold: FIFOs, sockets, character and block devices (rule
   ``unsupported-type``);
@@ -165,8 +165,9 @@ def _check(pfd: int, base: bytes, shown: bytes) -> None:
 
 def canonicalise_tree(path: str | bytes | os.PathLike[str], *, owner: tuple[int, int] | None = None) -> None:
     """Make the tree at ``path`` (a file, symlink or directory) canonical in place (see the
-    module docstring); refuses, before changing anything, what no NAR can hold and files
-    with hard links outside the tree. ``owner``: ``(uid, gid)`` to give every entry, only when
+    module docstring); refuses, before changing any file (a first pass only gives the owner
+    access to directories it could not open), what no NAR can hold and files with hard links
+    outside the tree. ``owner``: ``(uid, gid)`` to give every entry, only when
     running as root (else :class:`~nartool.errors.FsError`, rule ``not-root``)."""
     if owner is not None and os.geteuid() != 0:
         raise FsError("changing ownership needs root", path=os.fsencode(path), rule="not-root")
