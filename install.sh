@@ -8,6 +8,8 @@
 #   sh install.sh --venv DIR        use DIR for the venv
 #   sh install.sh --bin DIR         link the commands into DIR (--no-link: don't link)
 #   sh install.sh --extras test     also install the test tools (pytest, hypothesis, ruff, mypy, ...)
+#   sh install.sh --no-signing      leave out the `signing` extra (the cryptography package, needed
+#                                   only to sign and check signatures; installed by default)
 #   sh install.sh --editable        install in editable (development) mode
 #
 # Environment: PYTHON (default python3). Re-running it upgrades the installation in place.
@@ -17,6 +19,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 py=${PYTHON:-python3}
 venv=${XDG_DATA_HOME:-$HOME/.local/share}/nartool/venv
 bindir=$HOME/.local/bin
+signing=signing
 extras=
 editable=
 link=1
@@ -26,9 +29,10 @@ while [ $# -gt 0 ]; do
         --venv) venv=$2; shift 2 ;;
         --bin) bindir=$2; shift 2 ;;
         --no-link) link=; shift ;;
-        --extras) extras="[$2]"; shift 2 ;;
+        --extras) extras="$extras,$2"; shift 2 ;;
+        --no-signing) signing=; shift ;;
         --editable) editable=-e; shift ;;
-        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -58,6 +62,9 @@ if [ ! -x "$venv/bin/python" ]; then
     fi
 fi
 
+# extras: `signing` (unless --no-signing) plus any --extras, as "[signing,test]"
+extras=$(printf '%s' "$signing$extras" | sed 's/^,//')
+[ -n "$extras" ] && extras="[$extras]"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade $editable "$here$extras"
 
 if [ -n "$link" ]; then

@@ -127,3 +127,45 @@ def test_copy_logs_and_json(env: Env) -> None:
     d = json.loads(r.stdout)
     assert d["closureSize"] == 4 and d["bytesCopied"] == d["bytesTotal"] and d["dryRun"] is False
     assert not any("_" in k for k in d)
+
+
+# -- cryptography is only needed for signing ---------------------------------------------------
+
+
+def test_without_cryptography(env: Env) -> None:
+    """With ``cryptography`` unimportable, unsigned work runs (and never imports it); signing
+    fails with a clear message naming the fix and exit status 1."""
+    shim = env.tmp / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import sys\n"
+        "sys.modules['cryptography'] = None  # import cryptography -> ImportError\n"
+        "import atexit\n"
+        "atexit.register(lambda: sys.stderr.write(\n"
+        "    'IMPORTED-CRYPTOGRAPHY\\n' if any(m.startswith('cryptography.') for m in sys.modules) else ''))\n")
+    env.env["PYTHONPATH"] = f"{shim}{os.pathsep}{REPO}"
+    # the serve wrapper sets its own PYTHONPATH: give it the shim too
+    env.serve.write_text(env.serve.read_text().replace(f"PYTHONPATH={REPO}", f"PYTHONPATH={shim}:{REPO}"))
+    tree = env.tmp / "tree"
+    tree.mkdir()
+    (tree / "f").write_text("hello\n")
+    src = env.tmp / "src"
+    added = env.nartool("--store", src, "store", "add", tree).stdout.strip()
+    exported = env.tmp / "x.export"
+    with exported.open("wb") as f:
+        subprocess.run([sys.executable, "-m", "nartool", "--store", src, "store", "export", added],
+                       env=env.env, stdout=f, check=True, timeout=60)
+    outs = [
+        env.nartool("--store", env.tmp / "imp", "store", "import", exported),
+        env.nartool("copy", "--no-check-sigs", "--from", src, "--to", env.tmp / "c", added),
+        env.nartool("--store", src, "copy-closure", "--to", env.url(env.tmp / "cc"), added),
+        env.nartool("--store", src, "store", "verify", "--check-contents"),
+    ]
+    for r in outs:
+        assert "IMPORTED-CRYPTOGRAPHY" not in r.stderr, r.args
+        assert "'cryptography'" not in r.stderr and "error" not in r.stderr, r.stderr
+    assert copy_lines(outs[2].stderr)[-1] == f"copying path '{added}' to 'ssh://localhost'..."
+    r = env.nartool("key", "generate", "k-1", check=False)
+    assert r.returncode == 1 and r.stdout == ""
+    assert "'cryptography'" in r.stderr and "pip install 'nartool[signing]'" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -13,6 +13,11 @@ required and nothing may follow it (Nix 2.8 stops reading at the first ``=``).
 
 What is signed is a path's *fingerprint* (:func:`fingerprint`). Ed25519 is deterministic, so
 signing the same fingerprint with the same key gives the same signature as Nix.
+
+The Ed25519 arithmetic comes from the optional ``cryptography`` package (the ``signing``
+extra, installed by ``install.sh``), imported on first use: parsing keys and signatures and
+everything unsigned works without it; signing, verifying and deriving a public key raise
+:class:`CryptographyMissingError` (exit status 1, naming the fix) when it is absent.
 """
 
 from __future__ import annotations
@@ -24,11 +29,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-from ..errors import SignatureError
+from ..errors import NartoolError, SignatureError
 from ..hashes import Hash
 from .types import PathInfo
 
@@ -39,6 +40,24 @@ SIGNATURE_BYTES = 64
 
 # Nix's tokenizeString default separators (not Python's wider notion of whitespace)
 _LIST_SEPARATORS = re.compile(r"[ \t\n\r]+")
+
+
+INSTALL_HINT = "pip install 'nartool[signing]' (or rerun install.sh)"
+
+
+class CryptographyMissingError(NartoolError):
+    """Signing or verifying was needed but the ``cryptography`` package is not importable.
+    Deliberately not a :class:`SignatureError`: it must not read as "badly signed"."""
+
+
+def require_cryptography() -> None:
+    """Import ``cryptography``'s Ed25519 support, or raise :class:`CryptographyMissingError`."""
+    try:
+        import cryptography.hazmat.primitives.asymmetric.ed25519  # noqa: F401
+    except ImportError:
+        raise CryptographyMissingError(
+            "signing and verifying signatures need the Python package 'cryptography', which is not "
+            f"installed: {INSTALL_HINT}", rule="missing-cryptography") from None
 
 
 def _split(text: str, what: str, rule: str, *, secret: bool = False) -> tuple[str, str]:
@@ -90,6 +109,10 @@ def parse_signature(text: str) -> tuple[str, bytes]:
 
 
 def _verify_raw(public: bytes, message: bytes, sig: bytes) -> bool:
+    require_cryptography()
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         Ed25519PublicKey.from_public_bytes(public).verify(sig, message)
     except (InvalidSignature, ValueError):
@@ -165,11 +188,18 @@ class SecretKey:
 
     def sign(self, message: bytes) -> str:
         """The detached signature of ``message`` as ``NAME:base64``."""
+        require_cryptography()
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         sig = Ed25519PrivateKey.from_private_bytes(self.key[:SEED_BYTES]).sign(message)
         return f"{self.name}:{_b64encode(sig)}"
 
 
 def _public_from_seed(seed: bytes) -> bytes:
+    require_cryptography()
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     priv = Ed25519PrivateKey.from_private_bytes(seed)
     return priv.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
