@@ -12,8 +12,9 @@ store-bound restores (:mod:`nartool.fs.sink` with ``canonical=True``) and
 * ownership untouched, except that a process running as root may give ``owner=(uid, gid)``.
 
 :func:`canonicalise_tree` walks without recursion (however deep the tree) and relative to
-directory descriptors, never following a symlink. Before changing any file it checks the whole
-tree (a first pass, which only gives the owner access to directories it cannot open) and refuses, with an :class:`~nartool.errors.FsError` naming the entry:
+directory descriptors, never following a symlink. Before changing any file it checks the
+whole tree (a first pass, which only gives the owner access to directories it cannot open)
+and refuses, with an :class:`~nartool.errors.FsError` naming the entry:
 
 * anything a NAR cannot hold: FIFOs, sockets, character and block devices (rule
   ``unsupported-type``);
