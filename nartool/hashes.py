@@ -8,7 +8,6 @@ first.
 from __future__ import annotations
 
 import base64
-import hashlib
 from dataclasses import dataclass
 
 from .errors import HashFormatError
@@ -159,12 +158,6 @@ def base64_decode_nix(text: str) -> bytes:
             bits -= 8
             out.append(acc >> bits & 0xFF)
     return bytes(out)
-
-
-def new_hasher(algo: str = "sha256") -> hashlib._Hash:
-    if algo not in HASH_SIZES:
-        raise HashFormatError("unknown hash algorithm", got=algo)
-    return hashlib.new(algo)
 
 
 def compress_hash(digest: bytes, size: int) -> bytes:

@@ -7,10 +7,6 @@ from __future__ import annotations
 PAD = tuple(bytes(i) for i in range(8))
 
 
-def pad_len(n: int) -> int:
-    return (-n) & 7
-
-
 def u64(n: int) -> bytes:
     return n.to_bytes(8, "little")
 

@@ -30,9 +30,6 @@ class PathInfo:
     sigs: frozenset[str] = field(default_factory=frozenset)
     ca: str | None = None
 
-    def sorted_references(self) -> list[str]:
-        return sorted(self.references)
-
 
 def __getattr__(name: str) -> object:
     # ``Store`` is the base class of every store (:class:`nartool.store.base.BaseStore`),
