@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -143,6 +144,7 @@ def hoist_store_option(args: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    _show_diagnostics(debug)
     _handle_termination()
     argv = hoist_store_option(list(argv if argv is not None else sys.argv[1:]))
     try:
@@ -154,6 +156,29 @@ def main(argv: list[str] | None = None) -> None:
         # command into a death by SIGINT during interpreter shutdown.
         _ignore_termination()
     sys.exit(code)
+
+
+class _StderrHandler(logging.Handler):
+    """Library diagnostics as plain lines on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _show_diagnostics(debug: bool) -> None:
+    """The ``nartool`` loggers' messages on stderr: INFO and up, DEBUG too with --debug."""
+    logger = logging.getLogger("nartool")
+    for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
 
 
 def _ignore_termination() -> None:

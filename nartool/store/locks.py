@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ..errors import StoreError
+
+log = logging.getLogger(__name__)
 
 
 def _open_lock_file(path: str) -> int:
@@ -35,14 +37,15 @@ def _open_lock_file(path: str) -> int:
 @contextmanager
 def gc_lock(state_dir: str, *, exclusive: bool, waiting: str) -> Iterator[None]:
     """Hold ``<state>/gc.lock``: exclusive for a collection, shared to keep one from running
-    (making roots). Says ``waiting`` on stderr when it has to wait."""
+    (making roots). Logs ``waiting`` (at INFO, on ``nartool.store.locks``) when it has to wait:
+    the CLI shows it on stderr."""
     mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     fd = _open_lock_file(os.path.join(state_dir, "gc.lock"))
     try:
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(waiting, file=sys.stderr)
+            log.info(waiting)
             fcntl.flock(fd, mode)
         yield
     finally:
