@@ -21,31 +21,16 @@ invalid value is an error naming the file and line. ``include`` is not supported
 
 Settings:
 
-``allowed-users`` (default ``*``)
-    Users who may use the store. Entries: ``*`` (everyone), a user name (the decimal uid for a
-    uid without a passwd entry) or ``@group`` (users whose primary group is ``group``, or who are
-    listed as its members in the group database). Trusted users are always allowed.
-``trusted-users`` (default ``root``)
-    Users with full rights, e.g. importing unsigned paths. Same entry forms.
-``trusted-public-keys`` (default: empty)
-    Public keys (``NAME:base64``) whose signatures are accepted. Unlike Nix, nartool does
-    **not** trust ``cache.nixos.org-1`` by default; add its key here to trust it.
-``secret-key-files`` (default: empty)
-    Absolute paths of secret key files; nartool signs with them, and their public halves are
-    trusted too. As in Nix, unreadable files are skipped (a malformed one is an error), and a
-    ``trusted-public-keys`` entry wins over a key file of the same name.
-``require-sigs`` (default ``true``)
-    Whether paths that are not content-addressed need a trusted signature to be imported.
-    Booleans are ``true``/``false`` (also ``yes``/``no``, ``1``/``0``).
-
+{settings}
 Trust for ``nartool serve`` (:meth:`Config.load_for_serve`):
 
-All of the settings above decide what a client may do to a store, so for ``nartool serve``
-(typically an ssh forced command, run as the client's login user, who controls their own home
-directory and environment) they come **only from the system file**, as Nix's daemon ignores
-these settings in a user's configuration. A user's files (``$NARTOOL_CONFIG``,
-``$XDG_CONFIG_HOME``, ``~/.config``) are ignored there, with a warning naming them; a client
-cannot make itself trusted. The one exception is a server running as root, who could edit the
+The *trust settings* (all of the settings above) decide what a client may do to a store, so
+for ``nartool serve`` (typically an ssh forced command, run as the client's login user, who
+controls their own home directory and environment) they come **only from the system file**, as
+Nix's daemon ignores these settings in a user's configuration. A user's files
+(``$NARTOOL_CONFIG``, ``$XDG_CONFIG_HOME``, ``~/.config``) are ignored there, with a warning
+naming them (when there are settings that are not trust settings, only their trust settings
+are ignored); a client cannot make itself trusted. The one exception is a server running as root, who could edit the
 system file anyway: root's own files are read as usual, but only when they are owned by root
 and not writable by group or others (otherwise they are ignored, with a warning). The system
 file is always used, but a warning is given when it is not owned by root or is writable by its
@@ -61,6 +46,7 @@ import os
 import pwd
 import stat
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,14 +61,79 @@ USER_CONFIG_RELATIVE = "nartool/nartool.conf"
 _TRUE = ("true", "yes", "1")
 _FALSE = ("false", "no", "0")
 
-# setting name → (Config field, kind)
-_SETTINGS: dict[str, tuple[str, str]] = {
-    "allowed-users": ("allowed_users", "list"),
-    "trusted-users": ("trusted_users", "list"),
-    "trusted-public-keys": ("trusted_public_keys", "keys"),
-    "secret-key-files": ("secret_key_files", "files"),
-    "require-sigs": ("require_sigs", "bool"),
-}
+
+class SettingValueError(Exception):
+    """A setting's value is invalid: the message (``{setting}`` in it stands for the setting's
+    name) and the error's fields, made into an error naming the file and line."""
+
+    def __init__(self, message: str, *, rule: str | None, expected: Any = None, got: Any = None, detail: str = "") -> None:
+        super().__init__(message)
+        self.message, self.rule, self.expected, self.got, self.detail = message, rule, expected, got, detail
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A type of setting: how its value tokens parse, whether it is a list (``extra-NAME``
+    appends to it) and how a value is written in the documentation."""
+
+    name: str
+    parse: Callable[[list[str]], Any]
+    is_list: bool = True
+    show: Callable[[Any], str] = lambda v: " ".join(str(x) for x in v)
+
+
+def _parse_bool(tokens: list[str]) -> bool:
+    value = " ".join(tokens)
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingValueError("invalid Boolean value", rule="bad-boolean", expected="true or false", got=value)
+
+
+def _parse_keys(tokens: list[str]) -> tuple[PublicKey, ...]:
+    keys = []
+    for t in tokens:
+        try:
+            keys.append(PublicKey.parse(t))
+        except SignatureError as e:
+            raise SettingValueError("invalid public key", detail=e.message, rule=e.rule, expected=e.expected,
+                              got=e.got) from None
+    return tuple(keys)
+
+
+def _parse_abs_paths(tokens: list[str]) -> tuple[str, ...]:
+    for t in tokens:
+        if not os.path.isabs(t):
+            raise SettingValueError("{setting} entries must be absolute paths", rule="relative-path", expected="an absolute path",
+                              got=t)
+    return tuple(tokens)
+
+
+BOOL = Kind("Boolean", _parse_bool, is_list=False, show=lambda v: "true" if v else "false")
+STRINGS = Kind("list of strings", tuple)
+PUBLIC_KEYS = Kind("list of public keys", _parse_keys, show=lambda v: " ".join(k.name for k in v))
+ABS_PATHS = Kind("list of absolute paths", _parse_abs_paths)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration setting: its name in the files, the :class:`Config` field holding it,
+    its kind, default, documentation, and whether it is a *trust setting* (for ``nartool serve``
+    honoured only from the system file)."""
+
+    name: str
+    field: str
+    kind: Kind
+    default: Any
+    doc: str
+    trust: bool
+
+
+def setting(name: str, kind: Kind, default: Any, doc: str, *, trust: bool) -> Any:
+    """A :class:`Config` field that is the setting ``name`` (the one place a setting is defined:
+    parsing, validation and documentation derive from it)."""
+    return dataclasses.field(default=default, metadata={"setting": (name, kind, doc, trust)})
 
 GroupMembers = Callable[[str], Sequence[str] | None]
 
@@ -152,12 +203,38 @@ def _config_error(message: str, source: str, lineno: int, *, rule: str | None,
 class Config:
     """Effective settings (defaults, then each file in order)."""
 
-    allowed_users: tuple[str, ...] = ("*",)
-    trusted_users: tuple[str, ...] = ("root",)
-    trusted_public_keys: tuple[PublicKey, ...] = ()
-    secret_key_files: tuple[str, ...] = ()
-    require_sigs: bool = True
+    allowed_users: tuple[str, ...] = setting(
+        "allowed-users", STRINGS, ("*",), trust=True,
+        doc="Users who may use the store. Entries: ``*`` (everyone), a user name (the decimal uid for a uid "
+            "without a passwd entry) or ``@group`` (users whose primary group is ``group``, or who are listed "
+            "as its members in the group database). Trusted users are always allowed.")
+    trusted_users: tuple[str, ...] = setting(
+        "trusted-users", STRINGS, ("root",), trust=True,
+        doc="Users with full rights, e.g. importing unsigned paths. Same entry forms.")
+    trusted_public_keys: tuple[PublicKey, ...] = setting(
+        "trusted-public-keys", PUBLIC_KEYS, (), trust=True,
+        doc="Public keys (``NAME:base64``) whose signatures are accepted. Unlike Nix, nartool does **not** "
+            "trust ``cache.nixos.org-1`` by default; add its key here to trust it.")
+    secret_key_files: tuple[str, ...] = setting(
+        "secret-key-files", ABS_PATHS, (), trust=True,
+        doc="Absolute paths of secret key files; nartool signs with them, and their public halves are "
+            "trusted too. As in Nix, unreadable files are skipped (a malformed one is an error), and a "
+            "``trusted-public-keys`` entry wins over a key file of the same name.")
+    require_sigs: bool = setting(
+        "require-sigs", BOOL, True, trust=True,
+        doc="Whether paths that are not content-addressed need a trusted signature to be imported. "
+            "Booleans are ``true``/``false`` (also ``yes``/``no``, ``1``/``0``).")
     sources: tuple[str, ...] = ()  # the files that were read, in order
+
+    @classmethod
+    def settings(cls) -> dict[str, Setting]:
+        """The settings (by name, in definition order), from the fields made by :func:`setting`."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if "setting" in f.metadata:
+                name, kind, doc, trust = f.metadata["setting"]
+                out[name] = Setting(name, f.name, kind, f.default, doc, trust)
+        return out
 
     # -- loading
 
@@ -201,21 +278,31 @@ class Config:
         return cfg
 
     @classmethod
-    def from_text(cls, text: str, source: str = "<string>", base: Config | None = None) -> Config:
+    def from_text(cls, text: str, source: str = "<string>", base: Config | None = None, *,
+                  ignore_trust: list[str] | None = None) -> Config:
         """Apply the settings in ``text`` (named ``source`` in errors) on top of ``base``
-        (default: the built-in defaults)."""
+        (default: the built-in defaults). With ``ignore_trust``, trust settings are not applied
+        (still checked) but their names appended to it."""
         cfg = cls() if base is None else base
+        known = cls.settings()
         changes: dict[str, Any] = {}
         for lineno, line in enumerate(text.split("\n"), 1):
             parsed = _parse_line(line, source, lineno)
             if parsed is None:
                 continue
             name, tokens = parsed
-            field, kind, extra = _lookup(name, source, lineno)
-            value = _convert(kind, tokens, source, lineno)
+            st, extra = _lookup(known, name, source, lineno)
+            try:
+                value = st.kind.parse(tokens)
+            except SettingValueError as e:
+                raise _config_error(e.message.format(setting=st.name), source, lineno, rule=e.rule,
+                                    expected=e.expected, got=e.got, detail=e.detail) from None
+            if ignore_trust is not None and st.trust:
+                ignore_trust.append(name)
+                continue
             if extra:
-                value = (*changes.get(field, getattr(cfg, field)), *value)
-            changes[field] = value
+                value = (*changes.get(st.field, getattr(cfg, st.field)), *value)
+            changes[st.field] = value
         return dataclasses.replace(cfg, sources=(*cfg.sources, source), **changes)
 
     @classmethod
@@ -236,9 +323,20 @@ class Config:
             cfg = cls.from_text(text, str(sys_path), base=cfg)
         for path, required in cls.default_paths(env)[1:]:
             if uid != root_uid:
-                if path.exists():
+                if not path.exists():
+                    continue
+                if all(st.trust for st in cls.settings().values()):
                     say(f"ignoring '{path}' for serve: trust settings come only from the system configuration "
                         f"'{sys_path}'")
+                    continue
+                # a user's file: its other settings apply, its trust settings do not
+                text = _read_checked(path, required=required, root_uid=root_uid, say=say, insecure_ok=None)
+                if text is not None:
+                    ignored: list[str] = []
+                    cfg = cls.from_text(text, str(path), base=cfg, ignore_trust=ignored)
+                    if ignored:
+                        say(f"ignoring {', '.join(ignored)} in '{path}' for serve: trust settings come only from "
+                            f"the system configuration '{sys_path}'")
                 continue
             text = _read_checked(path, required=required, root_uid=root_uid, say=say, insecure_ok=False)
             if text is not None:
@@ -293,9 +391,10 @@ def file_problems(st: os.stat_result, root_uid: int = 0) -> list[str]:
 
 
 def _read_checked(path: Path, *, required: bool, root_uid: int, say: Callable[[str], None],
-                  insecure_ok: bool) -> str | None:
+                  insecure_ok: bool | None) -> str | None:
     """The text of a configuration file, checked as in :meth:`Config.load_for_serve`; None
-    when it is absent (and not required) or, unless ``insecure_ok``, untrustworthy."""
+    when it is absent (and not required) or, unless ``insecure_ok``, untrustworthy. With
+    ``insecure_ok=None`` (a file trusted for nothing) ownership and mode are not checked."""
     try:
         with open(path, "rb") as f:
             problems = file_problems(os.fstat(f.fileno()), root_uid)
@@ -304,7 +403,7 @@ def _read_checked(path: Path, *, required: bool, root_uid: int, say: Callable[[s
         if required:
             raise NartoolError("configuration file not found", path=str(path), rule="config-missing") from None
         return None
-    if problems:
+    if problems and insecure_ok is not None:
         what = "; ".join(problems)
         if not insecure_ok:
             say(f"ignoring '{path}' for serve: it {what}")
@@ -330,40 +429,29 @@ def _parse_line(line: str, source: str, lineno: int) -> tuple[str, list[str]] | 
     return tokens[0], tokens[2:]
 
 
-def _lookup(name: str, source: str, lineno: int) -> tuple[str, str, bool]:
-    """(Config field, kind, is-an-extra-setting) of a setting name."""
+def _lookup(known: Mapping[str, Setting], name: str, source: str, lineno: int) -> tuple[Setting, bool]:
+    """The setting a name in a file means, and whether it is ``extra-NAME`` (lists only)."""
     extra = name.startswith("extra-")
-    base = name[len("extra-"):] if extra else name
-    entry = _SETTINGS.get(base)
-    if entry is None or (extra and entry[1] == "bool"):
-        known = ", ".join(sorted(_SETTINGS))
+    st = known.get(name[len("extra-"):] if extra else name)
+    if st is None or (extra and not st.kind.is_list):
+        names = ", ".join(sorted(known))
         raise _config_error(f"unknown setting '{name}'", source, lineno, rule="unknown-setting",
-                            expected=f"one of {known} (lists also as extra-NAME)", got=name)
-    return entry[0], entry[1], extra
+                            expected=f"one of {names} (lists also as extra-NAME)", got=name)
+    return st, extra
 
 
-def _convert(kind: str, tokens: list[str], source: str, lineno: int) -> Any:
-    """A setting's value from its tokens: bool, or a tuple of strings or public keys."""
-    if kind == "bool":
-        value = " ".join(tokens)
-        if value in _TRUE:
-            return True
-        if value in _FALSE:
-            return False
-        raise _config_error("invalid Boolean value", source, lineno, rule="bad-boolean",
-                            expected="true or false", got=value)
-    if kind == "keys":
-        keys = []
-        for t in tokens:
-            try:
-                keys.append(PublicKey.parse(t))
-            except SignatureError as e:
-                raise _config_error("invalid public key", source, lineno, detail=e.message,
-                                    rule=e.rule, expected=e.expected, got=e.got) from None
-        return tuple(keys)
-    if kind == "files":
-        for t in tokens:
-            if not os.path.isabs(t):
-                raise _config_error("secret-key-files entries must be absolute paths", source, lineno,
-                                    rule="relative-path", expected="an absolute path", got=t)
-    return tuple(tokens)
+def settings_doc(settings: Iterable[Setting] | None = None) -> str:
+    """The settings' reference documentation (reStructuredText definition list), as in the
+    module docstring."""
+    out = []
+    for st in Config.settings().values() if settings is None else settings:
+        default = st.kind.show(st.default)
+        head = f"``{st.name}`` (default ``{default}``)" if default else f"``{st.name}`` (default: empty)"
+        body = textwrap.fill(st.doc, 92, initial_indent="    ", subsequent_indent="    ")
+        trust = "    A trust setting (``nartool serve`` reads it only from the system file).\n" if st.trust else ""
+        out.append(f"{head}\n{body}\n{trust}")
+    return "".join(out)
+
+
+if __doc__ is not None:
+    __doc__ = __doc__.replace("{settings}", settings_doc())
