@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -169,3 +170,28 @@ def test_without_cryptography(env: Env) -> None:
     assert r.returncode == 1 and r.stdout == ""
     assert "'cryptography'" in r.stderr and "pip install 'nartool[signing]'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# -- the same lines as real Nix ----------------------------------------------------------------
+
+
+@pytest.mark.nix
+@pytest.mark.parametrize("direction", ["to", "from"])
+def test_log_lines_match_nix_copy_closure(env: Env, nix: Any, direction: str) -> None:
+    """nix-copy-closure 2.8 and nartool copy-closure write the same stderr lines for the same copy."""
+    src, paths = env.source(n=3)
+    lines = {}
+    for tool in ("nix", "nartool"):
+        if direction == "to":
+            local, remote = src, env.tmp / f"{tool}-dst"
+        else:
+            local, remote = env.tmp / f"{tool}-dst", src
+        if tool == "nix":
+            r = nix("nix-copy-closure", f"--{direction}", env.url(remote), paths[-1],
+                    env={"NIX_REMOTE": str(local), "NARTOOL_CONFIG": str(env.config), "PYTHONPATH": str(REPO)})
+            err = r.stderr.decode()
+        else:
+            err = env.nartool("--store", local, "copy-closure", f"--{direction}", env.url(remote), paths[-1]).stderr
+        lines[tool] = copy_lines(err)
+    assert lines["nartool"] == lines["nix"]
+    assert len(lines["nix"]) == 4 and lines["nix"][0] == "copying 3 paths..."
