@@ -88,13 +88,13 @@ class NarReader:
         return NarError(msg, offset=offset - self.start, rule=rule, expected=expected, got=got, path=path)
 
     def _read_u64(self) -> int:
-        return int.from_bytes(self.src.read_exact(8), "little")
+        return self.src.read_u64()
 
     def _read_padded(self, n: int, at: int) -> bytes:
-        padded = self.src.read_exact((n + 7) & ~7)
-        if padded[n:] != F.PAD[len(padded) - n]:
-            raise self._err("non-zero padding", at, "padding", expected="zero bytes", got=padded[n:])
-        return padded[:n]
+        data, pad = self.src.read_padded(n)
+        if pad is not None:
+            raise self._err("non-zero padding", at, "padding", expected="zero bytes", got=pad)
+        return data
 
     def _read_tag(self) -> tuple[int, bytes]:
         at = self.src.offset
@@ -107,9 +107,7 @@ class NarReader:
     def _expect(self, tok: bytes, path: bytes | None = None) -> None:
         src = self.src
         n = len(tok)
-        pos = src._pos
-        if src._buf[pos : pos + n] == tok or src.peek(n) == tok:
-            src._pos += n
+        if src.match(tok):
             return
         at = src.offset
         if tok == F.TOK_MAGIC:
@@ -185,10 +183,7 @@ class NarReader:
                     self._expect(close, path)  # end of the node
                     self._finish()
                     return
-                pos = src._pos
-                if src._buf.startswith(close2, pos) or src.peek(32) == close2:
-                    src._pos += 32  # end of the node, end of the entry holding it
-                else:
+                if not src.match(close2):  # (fast: end of the node, end of the entry holding it)
                     self._expect(close, path)
                     self._expect(close, path)
 
@@ -196,12 +191,7 @@ class NarReader:
             while True:
                 top = stack[-1]
                 dpath = top[1]
-                buf = src._buf
-                pos = src._pos
-                if len(buf) - pos < 64:
-                    src._fill(64)
-                    buf = src._buf
-                    pos = src._pos
+                buf, pos = src.window(64)
                 if buf.startswith(entry_open, pos):
                     # fast: `entry ( name` NAME `node` all in the buffer, lengths and padding right
                     npos = pos + 56
@@ -210,21 +200,21 @@ class NarReader:
                     if 0 < n <= max_name and buf.startswith(node, nend) and \
                             buf[npos + n : nend] == F.PAD[nend - npos - n]:
                         name = buf[npos : npos + n]
-                        src._pos = nend + 16
+                        src.consume_to(nend + 16)
                         if b"/" in name or b"\0" in name or name == b"." or name == b"..":
                             raise self._err(F.validate_name(name, max_name) or "invalid entry name",
-                                            src._base + pos + 48, "invalid-name", got=name, path=dpath)
+                                            src.offset_at(pos + 48), "invalid-name", got=name, path=dpath)
                         last = top[0]
                         if name <= last:
-                            src._pos = pos + 48  # report it as the slow path does
+                            src.consume_to(pos + 48)  # report it as the slow path does
                         else:
                             top[0] = name
                             path = dpath + b"/" + name if dpath else name
                             break
-                    src._pos = pos + 48
+                    src.consume_to(pos + 48)
                     tag = b"entry"
                 elif buf.startswith(close, pos):
-                    src._pos = pos + 16
+                    src.consume_to(pos + 16)
                     tag = b")"
                 else:
                     at, tag = self._read_tag()
@@ -260,15 +250,10 @@ class NarReader:
     def _header(self, path: bytes) -> object:
         """The node's kind, from ``(`` up to its payload (after ``contents`` or ``target``)."""
         src = self.src
-        buf = src._buf
-        pos = src._pos
-        if len(buf) - pos < _LONGEST_HEADER:
-            src._fill(_LONGEST_HEADER)
-            buf = src._buf
-            pos = src._pos
+        buf, pos = src.window(_LONGEST_HEADER)
         for hdr, n, kind in _HEADERS:
             if buf.startswith(hdr, pos):
-                src._pos = pos + n
+                src.consume_to(pos + n)
                 return kind
         # token by token, for the exact error
         self._expect(F.TOK_OPEN, path)

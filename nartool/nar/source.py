@@ -22,6 +22,7 @@ _COPY_FALLBACK = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, err
 BUF_SIZE = 1 << 16
 _COPY_MAX = 1 << 30
 CHUNK_SIZE = 1 << 20
+_ZERO_PAD = tuple(bytes(i) for i in range(8))
 
 
 class ByteSource:
@@ -57,9 +58,79 @@ class ByteSource:
             except (AttributeError, OSError, ValueError):
                 self._fd = -1
 
+    # -- public contract for other modules (wire framing, NAR reader, export reader) ---------
+    #
+    # Other modules use only these members (never ``_buf``/``_pos``/``_base``/``_read``):
+    # ``offset``, ``read_exact``, ``peek``, ``at_eof``, ``skip``, ``iter_chunks``, ``copy_to``,
+    # ``buffered``, ``take_buffered``, ``raw_read`` and the framing helpers ``read_u64`` /
+    # ``read_padded`` below.
+
     @property
     def offset(self) -> int:
+        """Stream offset of the next byte to be consumed."""
         return self._base + self._pos
+
+    def buffered(self) -> int:
+        """How many bytes are buffered and not yet consumed (readable without blocking)."""
+        return len(self._buf) - self._pos
+
+    def take_buffered(self) -> bytes:
+        """Remove and return what is buffered but not consumed; the offset advances past it.
+        Used to hand the rest of the input over to another decoder (e.g. a zstd session)."""
+        rest = bytes(self._buf[self._pos :])
+        self._base += len(self._buf)
+        self._buf = b""
+        self._pos = 0
+        return rest
+
+    @property
+    def raw_read(self) -> ReadFn:
+        """The underlying ``read(n)``: reading from it bypasses this source (call
+        :meth:`take_buffered` first and stop using this source afterwards)."""
+        return self._read
+
+    def read_u64(self) -> int:
+        """One little-endian u64 word (:class:`TruncatedError` at EOF)."""
+        return int.from_bytes(self.read_exact(8), "little")
+
+    def read_padded(self, n: int) -> tuple[bytes, bytes | None]:
+        """The body of a framed string: ``n`` bytes and the padding after them up to the next
+        multiple of 8, as ``(data, bad_padding)`` where ``bad_padding`` is None when the
+        padding is all zero, else the padding bytes (the caller reports it in its own terms).
+        Shared by the NAR reader, the export-stream reader and the serve wire.
+        :class:`TruncatedError` at EOF."""
+        padded = self.read_exact((n + 7) & ~7)
+        pad = padded[n:]
+        return padded[:n], (None if pad == _ZERO_PAD[len(pad)] else pad)
+
+    # -- zero-copy access to the buffer, for hot parsing loops (the NAR reader) -------------
+
+    def window(self, want: int = 0) -> tuple[bytes, int]:
+        """``(buf, i)``: the internal buffer and the index in it of the next unconsumed byte,
+        after buffering at least ``want`` bytes when the input has them. Read-only, and valid
+        only until the next call that consumes or reads (then ask again)."""
+        if want and len(self._buf) - self._pos < want:
+            self._fill(want)
+        return self._buf, self._pos
+
+    def consume_to(self, i: int) -> None:
+        """Consume up to index ``i`` of the buffer last returned by :meth:`window`
+        (``i`` may also move back within it, to re-read bytes already seen)."""
+        if not 0 <= i <= len(self._buf):
+            raise ValueError(f"index {i} outside the buffered window")
+        self._pos = i
+
+    def offset_at(self, i: int) -> int:
+        """Stream offset of index ``i`` of the buffer last returned by :meth:`window`."""
+        return self._base + i
+
+    def match(self, tok: bytes) -> bool:
+        """Consume ``tok`` if the input goes on with exactly it; else consume nothing."""
+        n = len(tok)
+        if self._buf.startswith(tok, self._pos) or self.peek(n) == tok:
+            self._pos += n
+            return True
+        return False
 
     def _fill(self, want: int) -> bool:
         """Ensure at least ``want`` bytes are buffered; False if EOF came first."""

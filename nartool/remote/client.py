@@ -17,14 +17,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ..errors import NarError, NartoolError, ProtocolError, StoreError
-from ..hashes import Hash
+from ..errors import NarError, ProtocolError, StoreError
 from ..nar.reader import NarReader
 from ..nar.source import ByteSource
 from ..nar.writer import write_nar
 from ..store.export import end_chunk, record_chunks
 from ..store.paths import DEFAULT_STORE_DIR
 from ..store.types import PathInfo
+from . import messages as M
 from . import wire as W
 from .serve import EXT_SENTINEL_NAME, STALL_GRACE, ext_path, fd_readable, is_ext_path
 from .transport import Transport
@@ -189,32 +189,11 @@ class ServeClient:
         def go() -> dict[str, PathInfo]:
             self.w.u64(W.CMD_QUERY_PATH_INFOS).path_set(ps).flush()
             out: dict[str, PathInfo] = {}
-            src, sd = self.src, self.store_dir
             while True:
-                at = src.offset
-                p = W.read_str(src, "path", W.MAX_PATH_LEN)
-                if not p:
+                rec = M.PathInfoRecord.read(self.src, self.store_dir, self.minor)
+                if rec is None:
                     return out
-                W.check_store_path(p, sd, "path", at)
-                deriver = W.read_opt_path(src, sd, "deriver")
-                refs = W.read_path_set(src, sd, "references")
-                W.read_u64(src, "downloadSize")
-                nar_size = W.read_u64(src, "narSize")
-                at = src.offset
-                h = W.read_str(src, "narHash", 256)
-                ca = W.read_str(src, "ca") or None
-                sigs = W.read_str_list(src, "sigs", max_count=4096)
-                if not h:
-                    raise ProtocolError(f"NAR hash is now mandatory (path '{p}' from '{self.host}')",
-                                        offset=at, rule="no-hash")
-                try:
-                    nar_hash = Hash.parse(h, "sha256")
-                except NartoolError as e:
-                    raise ProtocolError(f"invalid narHash from '{self.host}': {e.message}", offset=at,
-                                        rule="bad-hash", got=h) from None
-                out[p] = PathInfo(path=p, nar_hash=nar_hash, nar_size=nar_size, references=frozenset(refs),
-                                  deriver=deriver, registration_time=int(time.time()), sigs=frozenset(sigs),
-                                  ca=ca)
+                out[rec.path] = rec.to_info(registration_time=int(time.time()))
 
         return self._guard("QueryPathInfos", go)
 
@@ -341,11 +320,9 @@ class ServeClient:
             w = self.w
             for info in infos:
                 if use_nar:
-                    w.u64(W.CMD_ADD_TO_STORE_NAR).str_(info.path).str_(info.deriver or "")
-                    w.str_(info.nar_hash.base16).path_set(info.references)
+                    w.u64(W.CMD_ADD_TO_STORE_NAR)
                     # ultimate = 0 like Nix's copy code: a copy is never "ultimately trusted"
-                    w.u64(info.registration_time).u64(info.nar_size).u64(0)
-                    w.strs(sorted(info.sigs)).str_(info.ca or "")
+                    M.AddToStoreNarHeader.from_info(info, ultimate=False).write(w)
                     chunks: Chunks = nar(info.path)
                 else:
                     w.u64(W.CMD_IMPORT_PATHS)
@@ -405,8 +382,7 @@ class ServeClient:
             w = self.w
             w.u64(W.CMD_EXT_CHECK_IMPORTABLE).u64(len(infos))
             for i in infos:
-                w.str_(i.path).str_(i.nar_hash.prefixed("nix32")).u64(i.nar_size).path_set(i.references)
-                w.strs(sorted(i.sigs)).str_(i.ca or "")
+                M.CheckImportableEntry.from_info(i).write(w)
             w.flush()
             n = W.read_count(self.src, "refusals")
             return [(W.read_str(self.src, "path", W.MAX_PATH_LEN), W.read_str(self.src, "reason"))

@@ -65,15 +65,14 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from ..errors import NarError, NartoolError, ProtocolError, SignatureError, StoreError, TruncatedError
-from ..hashes import Hash
 from ..nar.source import ByteSource
 from ..store.cacheck import ca_proves_path
-from ..store.paths import ContentAddress
 from ..store.types import PathInfo, Store
+from . import messages as M
 from . import wire as W
 
 if TYPE_CHECKING:
@@ -247,7 +246,7 @@ class _Server:
         self.minor = W.version_minor(self.client_version)
         if self.compress == "zstd" and self.client_version & W.VERSION_FLAG_ZSTD:
             leftover = W.take_buffered(self.src)
-            raw_read = self.src._read
+            raw_read = self.src.raw_read
             self.src = ByteSource(W.zstd_reader(leftover, raw_read), "serve input")
             self.in_fd = None  # pending compressed bytes do not mean a pending command
             self.w = W.Writer(W.ZstdWriter(self.raw_out))
@@ -308,11 +307,9 @@ class _Server:
             info = self.store.query_path_info(p)
             if info is None:
                 continue
-            w.str_(p).str_(info.deriver or "").path_set(info.references)
-            w.u64(info.nar_size).u64(info.nar_size)
-            if self.minor >= 4:
-                w.str_("sha256:" + info.nar_hash.nix32).str_(info.ca or "").strs(sorted(info.sigs))
-        w.str_("").flush()
+            M.PathInfoRecord.from_info(info).write(w, self.minor)
+        M.PathInfoRecord.write_end(w)
+        w.flush()
 
     def _valid_store_path(self, p: str, at: int | None = None) -> str:
         W.check_store_path(p, self.store_dir, "path", at)
@@ -367,41 +364,16 @@ class _Server:
             self.before_wait = None
         self.w.u64(1).flush()
 
-    def _read_nar_hash(self, path: str) -> Hash:
-        """A narHash field (any of Nix's encodings, sha256)."""
-        at = self.src.offset
-        hash_text = W.read_str(self.src, "narHash", 256)
-        try:
-            return Hash.parse(hash_text, "sha256")
-        except NartoolError as e:
-            raise ProtocolError(f"invalid narHash for '{path}': {e.message}", offset=at, path="narHash",
-                                rule="bad-hash", got=hash_text) from None
-
     def _read_nar_info(self) -> PathInfo:
-        src, sd = self.src, self.store_dir
-        path = W.read_path(src, sd, "path")
-        deriver = W.read_opt_path(src, sd, "deriver")
-        nar_hash = self._read_nar_hash(path)
-        refs = self._path_set("references")
-        reg_time = W.read_u64(src, "registrationTime")
-        nar_size = W.read_u64(src, "narSize")
-        ultimate = W.read_u64(src, "ultimate") != 0
-        sigs = W.read_str_list(src, "sigs", max_count=4096)
-        at = src.offset
-        ca = W.read_str(src, "ca") or None
-        if ca is not None:
-            try:
-                ContentAddress.parse(ca)
-            except NartoolError as e:
-                raise ProtocolError(f"invalid content address for '{path}': {e.message}", offset=at, path="ca",
-                                    rule="bad-ca", got=ca) from None
-        if nar_size == 0:
+        h = M.AddToStoreNarHeader.read(self.src, self.store_dir)
+        if h.nar_size == 0:
             raise ServeExit("narInfo is too old and missing the narSize field")
+        info = h.to_info()
         if not self.policy.trusted:
-            ultimate = False
-        return PathInfo(path=path, nar_hash=nar_hash, nar_size=nar_size, references=frozenset(refs),
-                        deriver=deriver, registration_time=reg_time or int(time.time()), ultimate=ultimate,
-                        sigs=frozenset(sigs), ca=ca)
+            info = replace(info, ultimate=False)
+        if not info.registration_time:
+            info = replace(info, registration_time=int(time.time()))
+        return info
 
     def _add_one(self, info: PathInfo) -> None:
         why = self.policy.refusal(info, self.store_dir, self.log)
@@ -473,17 +445,10 @@ class _Server:
         n = W.read_count(src, "count")
         refused: list[tuple[str, str]] = []
         for _ in range(n):
-            path = W.read_path(src, sd, "path")
-            nar_hash = self._read_nar_hash(path)
-            nar_size = W.read_u64(src, "narSize")
-            refs = self._path_set("references")
-            sigs = W.read_str_list(src, "sigs", max_count=4096)
-            ca = W.read_str(src, "ca") or None
-            info = PathInfo(path=path, nar_hash=nar_hash, nar_size=nar_size, references=frozenset(refs),
-                            sigs=frozenset(sigs), ca=ca)
+            info = M.CheckImportableEntry.read(src, sd).to_info()
             why = self.policy.refusal(info, sd)
             if why:
-                refused.append((path, why))
+                refused.append((info.path, why))
         self.w.u64(len(refused))
         for p, why in refused:
             self.w.str_(p).str_(why)

@@ -73,7 +73,7 @@ def _eof(src: ByteSource, field: str, e: TruncatedError) -> ProtocolError:
 def read_u64(src: ByteSource, field: str) -> int:
     """One u64 word (full 64-bit range)."""
     try:
-        return int.from_bytes(src.read_exact(8), "little")
+        return src.read_u64()
     except TruncatedError as e:
         raise _eof(src, field, e) from None
 
@@ -101,13 +101,13 @@ def read_bytes(src: ByteSource, field: str, limit: int = MAX_STR_LEN) -> bytes:
         raise WireError(f"string longer than {limit} bytes", offset=at, field=field, rule="too-long",
                             expected=f"<= {limit}", got=n)
     try:
-        padded = src.read_exact((n + 7) & ~7)
+        data, pad = src.read_padded(n)
     except TruncatedError as e:
         raise _eof(src, field, e) from None
-    if padded[n:] != F.PAD[len(padded) - n]:
+    if pad is not None:
         raise WireError("non-zero padding", offset=at + 8 + n, field=field, rule="padding",
-                            expected="zero bytes", got=padded[n:])
-    return padded[:n]
+                            expected="zero bytes", got=pad)
+    return data
 
 
 def read_str(src: ByteSource, field: str, limit: int = MAX_STR_LEN) -> str:
@@ -184,7 +184,7 @@ def sort_paths(paths: Iterable[str]) -> list[str]:
 def has_buffered_input(src: ByteSource, fd: int | None, want: int = 1) -> bool:
     """True when at least ``want`` bytes can be read without blocking: already buffered in
     ``src``, or readable on ``fd`` (a zero-timeout poll). False when unknown."""
-    if len(src._buf) - src._pos >= want:
+    if src.buffered() >= want:
         return True
     if fd is None:
         return False
@@ -326,11 +326,7 @@ VERSION_FLAG_ZSTD = 1 << 16
 
 def take_buffered(src: ByteSource) -> bytes:
     """Remove and return what ``src`` has buffered but not consumed."""
-    rest = bytes(src._buf[src._pos :])
-    src._base += len(src._buf)
-    src._buf = b""
-    src._pos = 0
-    return rest
+    return src.take_buffered()
 
 
 #: largest zstd window a session peer may ask for (a nartool peer uses 2 MiB): this bounds the

@@ -63,7 +63,7 @@ def end_chunk() -> bytes:
 
 
 def _u64(src: ByteSource) -> int:
-    return int.from_bytes(src.read_exact(8), "little")
+    return src.read_u64()
 
 
 def read_str(src: ByteSource, what: str, limit: int = MAX_STR, error: type[ExportFormatError] = ExportFormatError,
@@ -73,10 +73,10 @@ def read_str(src: ByteSource, what: str, limit: int = MAX_STR, error: type[Expor
     if n > limit:
         raise error(f"{what} longer than {limit} bytes", offset=at - base, expected=f"<= {limit}", got=n,
                     rule="too-long")
-    padded = src.read_exact((n + 7) & ~7)
-    if padded[n:].strip(b"\0"):
-        raise error(f"non-zero padding after {what}", offset=at - base, rule="padding", got=padded[n:])
-    return padded[:n]
+    data, pad = src.read_padded(n)
+    if pad is not None:
+        raise error(f"non-zero padding after {what}", offset=at - base, rule="padding", got=pad)
+    return data
 
 
 def read_marker(src: ByteSource, base: int = 0) -> bool:

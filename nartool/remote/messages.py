@@ -1,0 +1,275 @@
+"""The serve protocol's structured messages, declared once for both ends.
+
+Each message is a dataclass whose ``write(w)`` and ``read(src, store_dir)`` are the only
+places its field sequence is spelled out; :mod:`nartool.remote.serve` and
+:mod:`nartool.remote.client` both go through them. Field layouts are those of
+``docs/serve-protocol.md``:
+
+* :class:`PathInfoRecord` — one record of a ``QueryPathInfos`` reply (the reply is a list
+  of them ended by an empty path; ``narHash``/``ca``/``sigs`` only from protocol 2.4 on);
+* :class:`AddToStoreNarHeader` — the request header of ``AddToStoreNar`` (after the
+  command word, before the NAR);
+* :class:`CheckImportableEntry` — one entry of nartool's ``CheckImportable`` extension;
+* :class:`BuildResult` — the reply of ``BuildPaths``/``BuildDerivation`` (status values in
+  :class:`BuildStatus`). The ``BasicDerivation`` that ``BuildDerivation`` sends is
+  :class:`nartool.store.derivation.BasicDerivation` and its wire form lives there.
+
+Hashes are kept as :class:`~nartool.hashes.Hash`; each message writes the encoding real Nix
+uses for it (``sha256:``+nix32 in ``QueryPathInfos``, bare base16 in ``AddToStoreNar``) and
+reads any encoding Nix accepts.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from ..errors import NartoolError, ProtocolError
+from ..hashes import Hash
+from ..nar.source import ByteSource
+from ..store.paths import ContentAddress
+from ..store.types import PathInfo
+from . import wire as W
+
+#: most signatures accepted on one path
+MAX_SIGS = 4096
+
+
+def _read_hash(src: ByteSource, path: str) -> Hash:
+    """A ``narHash`` field: sha256 in any of Nix's encodings."""
+    at = src.offset
+    text = W.read_str(src, "narHash", 256)
+    try:
+        return Hash.parse(text, "sha256")
+    except NartoolError as e:
+        raise ProtocolError(f"invalid narHash for '{path}': {e.message}", offset=at, path="narHash",
+                            rule="bad-hash", got=text) from None
+
+
+def _read_ca(src: ByteSource, path: str) -> str | None:
+    """A content-address field: empty (none) or a valid content address."""
+    at = src.offset
+    ca = W.read_str(src, "ca") or None
+    if ca is not None:
+        try:
+            ContentAddress.parse(ca)
+        except NartoolError as e:
+            raise ProtocolError(f"invalid content address for '{path}': {e.message}", offset=at, path="ca",
+                                rule="bad-ca", got=ca) from None
+    return ca
+
+
+def _read_sigs(src: ByteSource) -> frozenset[str]:
+    return frozenset(W.read_str_list(src, "sigs", max_count=MAX_SIGS))
+
+
+@dataclass(frozen=True)
+class PathInfoRecord:
+    """One ``QueryPathInfos`` record: ``path deriver references downloadSize narSize``, then
+    from minor 4 on ``narHash ca sigs``. ``nar_hash`` is None only below minor 4."""
+
+    path: str
+    deriver: str | None
+    references: frozenset[str]
+    download_size: int
+    nar_size: int
+    nar_hash: Hash | None = None
+    ca: str | None = None
+    sigs: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_info(cls, info: PathInfo) -> PathInfoRecord:
+        # Nix's serve server sends narSize as downloadSize too
+        return cls(path=info.path, deriver=info.deriver, references=info.references, download_size=info.nar_size,
+                   nar_size=info.nar_size, nar_hash=info.nar_hash, ca=info.ca, sigs=info.sigs)
+
+    def to_info(self, registration_time: int = 0) -> PathInfo:
+        if self.nar_hash is None:
+            raise ProtocolError(f"no NAR hash for '{self.path}' (serve protocol older than 2.4)", rule="no-hash")
+        return PathInfo(path=self.path, nar_hash=self.nar_hash, nar_size=self.nar_size, references=self.references,
+                        deriver=self.deriver, registration_time=registration_time, sigs=self.sigs, ca=self.ca)
+
+    def write(self, w: W.Writer, minor: int) -> None:
+        w.str_(self.path).str_(self.deriver or "").path_set(self.references)
+        w.u64(self.download_size).u64(self.nar_size)
+        if minor >= 4:
+            if self.nar_hash is None:
+                raise ValueError(f"no NAR hash for '{self.path}'")
+            w.str_("sha256:" + self.nar_hash.nix32).str_(self.ca or "").strs(sorted(self.sigs))
+
+    @staticmethod
+    def write_end(w: W.Writer) -> None:
+        """The empty path that ends a reply."""
+        w.str_("")
+
+    @classmethod
+    def read(cls, src: ByteSource, store_dir: str, minor: int) -> PathInfoRecord | None:
+        """The next record, or None at the empty path that ends the reply."""
+        at = src.offset
+        p = W.read_str(src, "path", W.MAX_PATH_LEN)
+        if not p:
+            return None
+        W.check_store_path(p, store_dir, "path", at)
+        deriver = W.read_opt_path(src, store_dir, "deriver")
+        refs = frozenset(W.read_path_set(src, store_dir, "references"))
+        download_size = W.read_u64(src, "downloadSize")
+        nar_size = W.read_u64(src, "narSize")
+        if minor < 4:
+            return cls(p, deriver, refs, download_size, nar_size)
+        # (order as on the wire: narHash, ca, sigs; the hash is checked once all are read)
+        at = src.offset
+        h = W.read_str(src, "narHash", 256)
+        ca = W.read_str(src, "ca") or None
+        sigs = _read_sigs(src)
+        if not h:
+            raise ProtocolError(f"NAR hash is now mandatory (path '{p}')", offset=at, rule="no-hash")
+        try:
+            nar_hash = Hash.parse(h, "sha256")
+        except NartoolError as e:
+            raise ProtocolError(f"invalid narHash for '{p}': {e.message}", offset=at, rule="bad-hash",
+                                got=h) from None
+        return cls(p, deriver, refs, download_size, nar_size, nar_hash, ca, sigs)
+
+
+@dataclass(frozen=True)
+class AddToStoreNarHeader:
+    """``AddToStoreNar``'s header: ``path deriver narHash references registrationTime narSize
+    ultimate sigs ca`` (the NAR of ``narSize`` bytes follows)."""
+
+    path: str
+    deriver: str | None
+    nar_hash: Hash
+    references: frozenset[str]
+    registration_time: int
+    nar_size: int
+    ultimate: bool
+    sigs: frozenset[str]
+    ca: str | None
+
+    @classmethod
+    def from_info(cls, info: PathInfo, *, ultimate: bool | None = None) -> AddToStoreNarHeader:
+        return cls(path=info.path, deriver=info.deriver, nar_hash=info.nar_hash, references=info.references,
+                   registration_time=info.registration_time, nar_size=info.nar_size,
+                   ultimate=info.ultimate if ultimate is None else ultimate, sigs=info.sigs, ca=info.ca)
+
+    def to_info(self) -> PathInfo:
+        return PathInfo(path=self.path, nar_hash=self.nar_hash, nar_size=self.nar_size, references=self.references,
+                        deriver=self.deriver, registration_time=self.registration_time, ultimate=self.ultimate,
+                        sigs=self.sigs, ca=self.ca)
+
+    def write(self, w: W.Writer) -> None:
+        # base16 without prefix, as Nix's copy code sends it
+        w.str_(self.path).str_(self.deriver or "").str_(self.nar_hash.base16).path_set(self.references)
+        w.u64(self.registration_time).u64(self.nar_size).u64(int(self.ultimate))
+        w.strs(sorted(self.sigs)).str_(self.ca or "")
+
+    @classmethod
+    def read(cls, src: ByteSource, store_dir: str) -> AddToStoreNarHeader:
+        path = W.read_path(src, store_dir, "path")
+        deriver = W.read_opt_path(src, store_dir, "deriver")
+        nar_hash = _read_hash(src, path)
+        refs = frozenset(W.read_path_set(src, store_dir, "references"))
+        reg_time = W.read_u64(src, "registrationTime")
+        nar_size = W.read_u64(src, "narSize")
+        ultimate = W.read_u64(src, "ultimate") != 0
+        sigs = _read_sigs(src)
+        ca = _read_ca(src, path)
+        return cls(path, deriver, nar_hash, refs, reg_time, nar_size, ultimate, sigs, ca)
+
+
+@dataclass(frozen=True)
+class CheckImportableEntry:
+    """One entry of nartool's ``CheckImportable`` request: ``path narHash narSize references
+    sigs ca``. The request is ``count`` entries; the reply ``count`` (path, reason) pairs."""
+
+    path: str
+    nar_hash: Hash
+    nar_size: int
+    references: frozenset[str]
+    sigs: frozenset[str]
+    ca: str | None
+
+    @classmethod
+    def from_info(cls, info: PathInfo) -> CheckImportableEntry:
+        return cls(info.path, info.nar_hash, info.nar_size, info.references, info.sigs, info.ca)
+
+    def to_info(self) -> PathInfo:
+        return PathInfo(path=self.path, nar_hash=self.nar_hash, nar_size=self.nar_size, references=self.references,
+                        sigs=self.sigs, ca=self.ca)
+
+    def write(self, w: W.Writer) -> None:
+        w.str_(self.path).str_(self.nar_hash.prefixed("nix32")).u64(self.nar_size).path_set(self.references)
+        w.strs(sorted(self.sigs)).str_(self.ca or "")
+
+    @classmethod
+    def read(cls, src: ByteSource, store_dir: str) -> CheckImportableEntry:
+        path = W.read_path(src, store_dir, "path")
+        nar_hash = _read_hash(src, path)
+        nar_size = W.read_u64(src, "narSize")
+        refs = frozenset(W.read_path_set(src, store_dir, "references"))
+        sigs = _read_sigs(src)
+        ca = W.read_str(src, "ca") or None
+        return cls(path, nar_hash, nar_size, refs, sigs, ca)
+
+
+class BuildStatus(enum.IntEnum):
+    """``BuildResult.status`` values (Nix's ``BuildResult::Status``)."""
+
+    BUILT = 0
+    SUBSTITUTED = 1
+    ALREADY_VALID = 2
+    PERMANENT_FAILURE = 3
+    INPUT_REJECTED = 4
+    OUTPUT_REJECTED = 5
+    TRANSIENT_FAILURE = 6
+    CACHED_FAILURE = 7
+    TIMED_OUT = 8
+    MISC_FAILURE = 9
+    DEPENDENCY_FAILED = 10
+    LOG_LIMIT_EXCEEDED = 11
+    NOT_DETERMINISTIC = 12
+    RESOLVES_TO_ALREADY_VALID = 13
+    NO_SUBSTITUTERS = 14
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """The reply of ``BuildDerivation``: ``status errorMsg``, then from minor 3 on
+    ``timesBuilt isNonDeterministic startTime stopTime``, then from minor 6 on the built
+    outputs (a count, then per output its id and its realisation as JSON text)."""
+
+    status: int
+    error_msg: str = ""
+    times_built: int = 0
+    is_non_deterministic: bool = False
+    start_time: int = 0
+    stop_time: int = 0
+    built_outputs: tuple[tuple[str, str], ...] = ()
+
+    def write(self, w: W.Writer, minor: int) -> None:
+        w.u64(self.status).str_(self.error_msg)
+        if minor >= 3:
+            w.u64(self.times_built).u64(int(self.is_non_deterministic)).u64(self.start_time).u64(self.stop_time)
+        if minor >= 6:
+            w.u64(len(self.built_outputs))
+            for oid, realisation in sorted(self.built_outputs):
+                w.str_(oid).str_(realisation)
+
+    @classmethod
+    def read(cls, src: ByteSource, minor: int) -> BuildResult:
+        status = W.read_u32(src, "status")
+        error_msg = W.read_str(src, "errorMsg", 1 << 20)
+        if minor < 3:
+            return cls(status, error_msg)
+        times_built = W.read_u32(src, "timesBuilt")
+        nondet = W.read_flag(src, "isNonDeterministic")
+        start = W.read_u64(src, "startTime")
+        stop = W.read_u64(src, "stopTime")
+        outs: tuple[tuple[str, str], ...] = ()
+        if minor >= 6:
+            n = W.read_count(src, "builtOutputs", 1 << 16)
+            outs = tuple((W.read_str(src, "outputId"), W.read_str(src, "realisation", 1 << 20)) for _ in range(n))
+        return cls(status, error_msg, times_built, nondet, start, stop, outs)
+
+
+__all__ = ["PathInfoRecord", "AddToStoreNarHeader", "CheckImportableEntry", "BuildStatus", "BuildResult", "MAX_SIGS"]
