@@ -92,6 +92,9 @@ def test_nix_options_accepted(env: Env) -> None:
     r = env.nartool("--store", src, "copy-closure", "--use-substitutes", "--verbose", "--to", env.url(dst),
                     paths[-1])
     assert "copied 0 of 4 paths" in r.stderr
+    r = env.nartool("--store", src, "copy-closure", "-vv", "--xz", "--to", env.url(env.tmp / "d2"), paths[0])
+    assert "warning: '--xz' is not implemented, falling back to gzip" in r.stderr
+    assert "copied 1 of 1 paths" in r.stderr
     help_text = env.nartool("copy-closure", "--help").stdout
     assert "--use-substitutes" in help_text and "no-op" in help_text
     assert "ssh -C" in help_text

@@ -156,6 +156,10 @@ class NixLog:
 @click.option("--gzip", "ssh_compress", is_flag=True,
               help="Let ssh compress the connection (ssh -C), which is what nix-copy-closure 2.8 does with "
                    "--gzip (its ?compress=true); the NARs themselves are not gzipped. Same as ?compress=true.")
+@click.option("--bzip2", "bzip2", is_flag=True,
+              help="As nix-copy-closure 2.8: warns that it is not implemented and falls back to --gzip.")
+@click.option("--xz", "xz", is_flag=True,
+              help="As nix-copy-closure 2.8: warns that it is not implemented and falls back to --gzip.")
 @click.option("-s", "--use-substitutes", is_flag=True,
               help="Accepted for nix-copy-closure compatibility; a no-op today (nartool has no substituters, "
                    "so every missing path is sent over the connection).")
@@ -169,7 +173,7 @@ class NixLog:
 @click.pass_context
 def copy_closure_cmd(ctx: click.Context, to_host: str | None, from_host: str | None, paths: tuple[str, ...],
                      include_outputs: bool, dry_run: bool, compress: str | None, ssh_compress: bool,
-                     use_substitutes: bool, verbose: int, ssh_opts: tuple[str, ...], remote_program: str | None,
+                     bzip2: bool, xz: bool, use_substitutes: bool, verbose: int, ssh_opts: tuple[str, ...], remote_program: str | None,
                      as_json: bool) -> None:
     """Copy the closure of PATHs to or from another machine over ssh, like `nix-copy-closure`.
 
@@ -199,7 +203,10 @@ def copy_closure_cmd(ctx: click.Context, to_host: str | None, from_host: str | N
     opts = list(ssh_opts)
     if params.get("ssh-key"):
         opts += ["-i", params["ssh-key"]]
-    if ssh_compress or params.get("compress") == "true":
+    for flag, given in (("--bzip2", bzip2), ("--xz", xz)):
+        if given:
+            click.echo(f"warning: '{flag}' is not implemented, falling back to gzip (ssh -C)", err=True)
+    if ssh_compress or bzip2 or xz or params.get("compress") == "true":
         opts.append("-C")
     local = open_store(ctx)
     if direction == "to":
