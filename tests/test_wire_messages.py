@@ -54,7 +54,7 @@ def test_path_info_record_round_trip(path: str, deriver: str | None, refs: froze
         rec = M.PathInfoRecord(path, deriver, refs, dl, size)
     else:
         rec = M.PathInfoRecord(path, deriver, refs, dl, size, h, ca, sg)
-    data = _encode(lambda w: (rec.write(w, minor), M.PathInfoRecord.write_end(w)))
+    data = _encode(_reply_writer([rec], minor))
     src = _src(data)
     assert M.PathInfoRecord.read(src, SD, minor) == rec
     assert M.PathInfoRecord.read(src, SD, minor) is None
@@ -143,6 +143,15 @@ def _candidates(data: bytes) -> list[int]:
     return out
 
 
+def _reply_writer(records: list[M.PathInfoRecord], minor: int) -> Callable[[W.Writer], None]:
+    def write(w: W.Writer) -> None:
+        for r in records:
+            r.write(w, minor)
+        M.PathInfoRecord.write_end(w)
+
+    return write
+
+
 def _client_minor(name: str) -> int:
     c2s = (FIXTURES / f"{name}.c2s").read_bytes()
     return W.version_minor(int.from_bytes(c2s[8:16], "little"))
@@ -166,7 +175,7 @@ def test_query_path_infos_reply_of_real_nix_round_trips_byte_for_byte(name: str)
         if not records:
             continue
         end = start + src.offset
-        again = _encode(lambda w, rs=records: ([r.write(w, minor) for r in rs], M.PathInfoRecord.write_end(w)))
+        again = _encode(_reply_writer(records, minor))
         assert again == s2c[start:end]
         replies += 1
     assert replies, f"no QueryPathInfos reply found in {name}.s2c"
