@@ -104,6 +104,39 @@ def test_build_result_round_trip(status: M.BuildStatus, msg: str, times: int, no
         assert got == M.BuildResult(int(status), msg)
 
 
+@settings(max_examples=40, deadline=None)
+@given(u64s, u64s, u64s, st.integers(0, 2**32 - 1), st.booleans(), st.booleans(), st.sampled_from([0, 2, 3, 6, 7]))
+def test_build_settings_round_trip(silent: int, timeout: int, log: int, repeat: int, enforce: bool, keep: bool,
+                                   minor: int) -> None:
+    bs = M.BuildSettings(silent, timeout, log, repeat, enforce, keep)
+    src = _src(_encode(lambda w: bs.write(w, minor)))
+    got = M.BuildSettings.read(src, minor)
+    assert src.at_eof()
+    want = M.BuildSettings(silent, timeout, log if minor >= 2 else 0, repeat if minor >= 3 else 0,
+                           enforce and minor >= 3, keep and minor >= 7)
+    assert got == want
+
+
+@settings(max_examples=40, deadline=None)
+@given(store_paths, st.lists(st.tuples(names, store_paths), max_size=3, unique_by=lambda t: t[0]),
+       st.frozensets(store_paths, max_size=3), st.lists(st.text(max_size=20), max_size=3),
+       st.dictionaries(st.text(min_size=1, max_size=10), st.text(max_size=30), max_size=4))
+def test_build_derivation_request_round_trip(drv_path: str, outs: list[tuple[str, str]], srcs: frozenset[str],
+                                             args: list[str], env: dict[str, str]) -> None:
+    from nartool.store.derivation import BasicDerivation
+
+    drv = BasicDerivation(sorted((n, p, "", "") for n, p in outs), sorted(srcs, key=str.encode), "x86_64-linux",
+                          "/bin/sh", args, sorted(env.items()))
+    req = M.BuildDerivationRequest(drv_path, drv, M.BuildSettings(1, 2, 3, 0, False, True))
+    data = _encode(lambda w: req.write(w, 7))
+    src = _src(data)
+    assert M.BuildDerivationRequest.read(src, SD, 7) == req
+    assert src.at_eof()
+    # the derivation part is exactly BasicDerivation's own wire form
+    assert BasicDerivation.from_wire(drv.to_wire())[0] == drv
+    assert drv.to_wire() in data
+
+
 def test_build_status_values_match_the_doc() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "serve-protocol.md").read_text()
     listed = doc[doc.index("Status values: "):].split(".\n", 1)[0].replace("\n", " ")

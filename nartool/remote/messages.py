@@ -10,6 +10,8 @@ places its field sequence is spelled out; :mod:`nartool.remote.serve` and
 * :class:`AddToStoreNarHeader` — the request header of ``AddToStoreNar`` (after the
   command word, before the NAR);
 * :class:`CheckImportableEntry` — one entry of nartool's ``CheckImportable`` extension;
+* :class:`BuildDerivationRequest` (with :class:`BuildSettings`) — ``BuildDerivation``'s
+  request;
 * :class:`BuildResult` — the reply of ``BuildPaths``/``BuildDerivation`` (status values in
   :class:`BuildStatus`). The ``BasicDerivation`` that ``BuildDerivation`` sends is
   :class:`nartool.store.derivation.BasicDerivation` and its wire form lives there.
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from ..errors import NartoolError, ProtocolError
 from ..hashes import Hash
 from ..nar.source import ByteSource
+from ..store.derivation import BasicDerivation
 from ..store.paths import ContentAddress
 from ..store.types import PathInfo
 from . import wire as W
@@ -212,6 +215,74 @@ class CheckImportableEntry:
         return cls(path, nar_hash, nar_size, refs, sigs, ca)
 
 
+@dataclass(frozen=True)
+class BuildSettings:
+    """The build settings that end ``BuildPaths`` and ``BuildDerivation`` requests:
+    ``maxSilentTime buildTimeout``, from minor 2 ``maxLogSize``, from minor 3 ``buildRepeat
+    enforceDeterminism``, from minor 7 ``keepFailed``."""
+
+    max_silent_time: int = 0
+    build_timeout: int = 0
+    max_log_size: int = 0
+    build_repeat: int = 0
+    enforce_determinism: bool = False
+    keep_failed: bool = False
+
+    def write(self, w: W.Writer, minor: int) -> None:
+        w.u64(self.max_silent_time).u64(self.build_timeout)
+        if minor >= 2:
+            w.u64(self.max_log_size)
+        if minor >= 3:
+            w.u64(self.build_repeat).u64(int(self.enforce_determinism))
+        if minor >= 7:
+            w.u64(int(self.keep_failed))
+
+    @classmethod
+    def read(cls, src: ByteSource, minor: int) -> BuildSettings:
+        silent = W.read_u64(src, "maxSilentTime")
+        timeout = W.read_u64(src, "buildTimeout")
+        log_size = W.read_u64(src, "maxLogSize") if minor >= 2 else 0
+        repeat, enforce = 0, False
+        if minor >= 3:
+            repeat = W.read_u32(src, "buildRepeat")
+            enforce = W.read_flag(src, "enforceDeterminism")
+        keep = W.read_flag(src, "keepFailed") if minor >= 7 else False
+        return cls(silent, timeout, log_size, repeat, enforce, keep)
+
+
+@dataclass(frozen=True)
+class BuildDerivationRequest:
+    """``BuildDerivation``'s request: ``drvPath``, the basic derivation, the build settings.
+    The derivation is :class:`nartool.store.derivation.BasicDerivation`, written by its own
+    :meth:`~nartool.store.derivation.BasicDerivation.to_wire`; :meth:`read` reads the same
+    layout from a stream, bounded and validated like every other request."""
+
+    drv_path: str
+    drv: BasicDerivation
+    settings: BuildSettings = field(default_factory=BuildSettings)
+
+    def write(self, w: W.Writer, minor: int) -> None:
+        w.str_(self.drv_path).raw(self.drv.to_wire())
+        self.settings.write(w, minor)
+
+    @classmethod
+    def read(cls, src: ByteSource, store_dir: str, minor: int) -> BuildDerivationRequest:
+        drv_path = W.read_path(src, store_dir, "drvPath")
+        outs = []
+        for _ in range(W.read_count(src, "outputs", 1 << 12)):
+            name = W.read_str(src, "outputName")
+            path = W.read_str(src, "outputPath", W.MAX_PATH_LEN)
+            outs.append((name, path, W.read_str(src, "hashAlgo"), W.read_str(src, "hash")))
+        srcs = W.read_path_set(src, store_dir, "inputSrcs")
+        platform = W.read_str(src, "platform")
+        builder = W.read_str(src, "builder", W.MAX_PATH_LEN)
+        args = W.read_str_list(src, "args", 1 << 20, 1 << 16)
+        env = [(W.read_str(src, "env name", 1 << 16), W.read_str(src, "env value", 1 << 24))
+               for _ in range(W.read_count(src, "env", 1 << 16))]
+        drv = BasicDerivation(outs, srcs, platform, builder, args, env)
+        return cls(drv_path, drv, BuildSettings.read(src, minor))
+
+
 class BuildStatus(enum.IntEnum):
     """``BuildResult.status`` values (Nix's ``BuildResult::Status``)."""
 
@@ -272,4 +343,5 @@ class BuildResult:
         return cls(status, error_msg, times_built, nondet, start, stop, outs)
 
 
-__all__ = ["PathInfoRecord", "AddToStoreNarHeader", "CheckImportableEntry", "BuildStatus", "BuildResult", "MAX_SIGS"]
+__all__ = ["PathInfoRecord", "AddToStoreNarHeader", "CheckImportableEntry", "BuildSettings", "BuildDerivationRequest",
+           "BuildStatus", "BuildResult", "MAX_SIGS"]
