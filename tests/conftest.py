@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from .helpers import nix_env
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -111,8 +113,7 @@ def nix(_private_nix_root: str) -> Callable[..., subprocess.CompletedProcess[byt
 
     def run(*args: str | os.PathLike[str], input: bytes | None = None, check: bool = True,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-        e = dict(os.environ)
-        e.setdefault("NIX_CONFIG", "experimental-features = nix-command")
+        e = nix_env()  # not the host's nix.conf
         if not IS_ROOT:  # the daemon socket is root's: a store of our own (``--store`` overrides it)
             e.setdefault("NIX_REMOTE", f"local?root={_private_nix_root}")
         if env:

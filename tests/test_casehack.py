@@ -16,6 +16,7 @@ from nartool.errors import CaseCollisionError, FsError
 from nartool.fs.casehack import MARKER, CaseHackCodec, decode, encode, fold
 from nartool.nar import nar_bytes
 
+from .helpers import run_cli
 from .test_nar_property import events_of
 
 CH = CaseHackCodec()
@@ -132,13 +133,11 @@ def test_roundtrip_any_names(tree: dict[bytes, object]) -> None:
 
 def test_cli_flags_and_env(tmp_path: Path) -> None:
     import subprocess
-    import sys
 
     nar = nar_bytes(events_of({b"A": b"1", b"a": b"2"}))
 
     def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-        e = dict(os.environ, **(env or {}))
-        return subprocess.run([sys.executable, "-m", "nartool", *args], input=nar, capture_output=True, env=e)
+        return run_cli(*args, input=nar, env=env)
 
     assert run("nar", "restore", "--case-hack", str(tmp_path / "a")).returncode == 0
     assert sorted(os.listdir(tmp_path / "a")) == ["A", "a~nix~case~hack~1"]

@@ -13,14 +13,9 @@ import pytest
 
 from nartool.errors import NartoolError
 
+from .helpers import cli_argv, cli_env, run_cli
 
-def run(*args: str | os.PathLike[str], input: bytes | None = None, env: dict[str, str] | None = None,
-        cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
-    e = dict(os.environ)
-    e.pop("NARTOOL_STORE", None)
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "nartool", *map(os.fspath, args)], input=input,
-                          capture_output=True, check=False, env=e, cwd=cwd)
+run = run_cli
 
 
 # --- item 10: error rough edges -------------------------------------------------------------
@@ -291,10 +286,8 @@ def _stderr_on_tty(*args: str | os.PathLike[str]) -> tuple[int, bytes, bytes]:
     import select
 
     master, slave = pty.openpty()
-    e = dict(os.environ)
-    e.pop("NARTOOL_STORE", None)
-    p = subprocess.Popen([sys.executable, "-m", "nartool", *map(os.fspath, args)], stdout=subprocess.PIPE,
-                         stderr=slave, stdin=subprocess.DEVNULL, env=e)
+    p = subprocess.Popen(cli_argv(*args), stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
+                         env=cli_env())
     os.close(slave)
     got = bytearray()
     while True:

@@ -13,6 +13,8 @@ from nartool.config import Config, UserIdentity, group_members, match_user
 from nartool.errors import NartoolError, SignatureError
 from nartool.store.signing import PublicKey, SecretKey
 
+from .helpers import run_cli
+
 ALICE = UserIdentity("alice", 1000, 1000, "alice")
 BOB = UserIdentity("bob", 1001, 100, "users")
 
@@ -343,8 +345,6 @@ def test_insecure_system_file_is_used_with_a_warning(tmp_path: Path, mode: int, 
 def test_serve_cli_ignores_insecure_user_file(tmp_path: Path) -> None:
     """Through `nartool serve` (run as root here: root's own file is honoured only when only
     root can write it). Old behaviour: the group-writable file was obeyed."""
-    import subprocess
-    import sys
 
     cfg = tmp_path / "nartool.conf"
     cfg.write_text("allowed-users = nobody-at-all\ntrusted-users = nobody-at-all\n")
@@ -354,12 +354,10 @@ def test_serve_cli_ignores_insecure_user_file(tmp_path: Path) -> None:
     from nartool.remote import wire
 
     hello = wire.SERVE_MAGIC_1.to_bytes(8, "little") + wire.PROTOCOL_VERSION.to_bytes(8, "little")
-    env = dict(os.environ, NARTOOL_CONFIG=str(cfg))
-    r = subprocess.run([sys.executable, "-m", "nartool", "serve", "--store", str(tmp_path / "st")], input=hello,
-                       capture_output=True, env=env, timeout=60)
+    env = {"NARTOOL_CONFIG": str(cfg)}
+    r = run_cli("serve", "--store", tmp_path / "st", input=hello, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert b"ignoring" in r.stderr and b"writable by its group" in r.stderr
     cfg.chmod(0o644)  # now root's own, safe file: obeyed
-    r = subprocess.run([sys.executable, "-m", "nartool", "serve", "--store", str(tmp_path / "st")], input=hello,
-                       capture_output=True, env=env, timeout=60)
+    r = run_cli("serve", "--store", tmp_path / "st", input=hello, env=env, timeout=60)
     assert r.returncode == 1 and b"is not allowed to use this store" in r.stderr

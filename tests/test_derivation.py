@@ -9,7 +9,6 @@ import os
 import re
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,13 +33,13 @@ from nartool.store.derivation import (
     parse_derivation_strict,
 )
 
+from .helpers import run_cli
+
 Nix = Callable[..., subprocess.CompletedProcess[bytes]]
 SD = "/nix/store"
 
 
-def cli(*args: str | os.PathLike[str], input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "nartool", *map(os.fspath, args)], input=input,
-                          capture_output=True, check=False)
+cli = run_cli
 
 
 # -- Nix-made derivations ---------------------------------------------------------------------

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,11 +13,10 @@ import nartool
 from nartool.fs.filters import exclude_filter
 from nartool.nar import nar_bytes
 
+from .helpers import run_cli
 from .test_nar_property import events_of
 
-
-def _cli(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "nartool", *args], input=input, capture_output=True)
+_cli = run_cli
 
 
 def make_src(root: Path) -> Path:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from nartool.nar import nar_bytes
 
 from .fusefs import ci_mount, hfs_mount  # noqa: F401  (fixtures)
+from .helpers import UNSET, run_cli
 from .test_nar_property import events_of
 
 TREE = {b"Makefile": b"1", b"makefile": b"2", b"README": b"r", b"src": {b"A.c": b"a", b"a.c": b"b"},
@@ -18,10 +18,7 @@ TREE = {b"Makefile": b"1", b"makefile": b"2", b"README": b"r", b"src": {b"A.c": 
 
 def _cli(*args: str, input: bytes | None = None, env: dict[str, str] | None = None
          ) -> subprocess.CompletedProcess[bytes]:
-    e = dict(os.environ)
-    e.pop("NARTOOL_CASE_HACK", None)
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "nartool", *args], input=input, capture_output=True, env=e)
+    return run_cli(*args, input=input, env=env, unset=(*UNSET, "NARTOOL_CASE_HACK"))
 
 
 def test_mount_is_case_insensitive(ci_mount: Path) -> None:  # noqa: F811

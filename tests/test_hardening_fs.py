@@ -25,6 +25,7 @@ from nartool.fs.source import dump_events, dump_nar
 from nartool.nar import format as F
 from nartool.nar import write_nar
 
+from .helpers import cli_argv, run_cli
 from .test_nar_memory import big_file_events
 
 # ---------------------------------------------------------------------------------------------
@@ -231,8 +232,7 @@ def _expected(tree: Path) -> bytes:
     return b"".join(bytes(c) for c in write_nar(dump_events(tree)))
 
 
-def _cli(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "nartool", *args], input=input, capture_output=True)
+_cli = run_cli
 
 
 @pytest.mark.parametrize("mode", [0o600, 0o640, 0o755, 0o400])
@@ -389,8 +389,7 @@ def test_temp_name_carries_pid() -> None:
 def _start_restore(dest: Path) -> subprocess.Popen[bytes]:
     """A CLI restore of a 1 GiB file from a pipe, fed until its temporary exists."""
     work = dest.parent
-    p = subprocess.Popen([sys.executable, "-m", "nartool", "nar", "restore", str(dest)],
-                         stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(cli_argv("nar", "restore", dest), stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdin is not None
     sent = 0
     for chunk in write_nar(big_file_events(1 << 30)):
@@ -524,8 +523,7 @@ def test_huge_declared_size_from_file_cli(tmp_path: Path, redirect: bool) -> Non
     nar, size = _huge_nar(tmp_path)
     if redirect:
         with open(nar, "rb") as f:
-            r = subprocess.run([sys.executable, "-m", "nartool", "nar", "restore", str(tmp_path / "out")],
-                               stdin=f, capture_output=True)
+            r = subprocess.run(cli_argv("nar", "restore", tmp_path / "out"), stdin=f, capture_output=True)
     else:
         r = _cli("nar", "restore", str(tmp_path / "out"), str(nar))
     assert r.returncode == 1

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,16 +21,14 @@ import pytest
 from nartool.store import LocalStore
 from nartool.store.locks import read_temp_roots
 
+from .helpers import run_cli
+
 Nix = Callable[..., "subprocess.CompletedProcess[bytes]"]
 
 
 def cli(*args: str | os.PathLike[str], input: bytes | None = None,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-    e = dict(os.environ)
-    e.pop("NARTOOL_STORE", None)
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "nartool", *map(os.fspath, args)], input=input,
-                          capture_output=True, env=e, timeout=120)
+    return run_cli(*args, input=input, env=env, timeout=120)
 
 
 # -- temp roots: one collector connection per process (issue 16 item 5) ------------------------

@@ -19,13 +19,14 @@ from nartool.store import LocalStore
 from nartool.store import gc as gcmod
 from nartool.store.gc import add_indirect_root, collect_garbage, find_roots
 
+from .helpers import run_cli
+
 Nix = Callable[..., subprocess.CompletedProcess[bytes]]
 DEEP = 1200  # more levels than Python's default recursion limit (1000)
 
 
 def cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nartool", "--store", os.fspath(root), *args],
-                          capture_output=True, text=True, timeout=300, check=False)
+    return run_cli("--store", root, *args, text=True, timeout=300)
 
 
 def deep_tree(top: Path, depth: int = DEEP, leaf: bytes = b"leaf") -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,19 +12,17 @@ import pytest
 
 from nartool.nar import write_nar
 
+from .helpers import cli_argv, run_cli
 from .test_nar_memory import big_file_events
 
-
-def _cli(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "nartool", *args], input=input, capture_output=True)
+_cli = run_cli
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_restore_leaves_nothing(tmp_path: Path, sig: signal.Signals) -> None:
     work = tmp_path / "w"
     work.mkdir()
-    p = subprocess.Popen([sys.executable, "-m", "nartool", "nar", "restore", str(work / "dest")],
-                         stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(cli_argv("nar", "restore", work / "dest"), stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdin is not None
     sent = 0
     for chunk in write_nar(big_file_events(1 << 30)):

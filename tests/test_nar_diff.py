@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +11,9 @@ import pytest
 import nartool
 from nartool.compression import METHODS
 
+from .helpers import run_cli
 
-def _cli(*args: str | os.PathLike[str], input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "nartool", *map(os.fspath, args)], input=input,
-                          capture_output=True, check=False)
+_cli = run_cli
 
 
 def build_awkward(root: Path) -> Path:

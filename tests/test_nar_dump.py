@@ -22,6 +22,8 @@ from nartool.nar.events import with_paths
 from nartool.nar.limits import Limits
 from nartool.nar.writer import write_nar
 
+from .helpers import run_cli
+
 SIZES = [0, 1, 7, 8, 9, 65535, 65536, 65537, (1 << 20) - 1, 1 << 20, (1 << 20) + 3, (4 << 20) + 1]
 
 
@@ -244,14 +246,11 @@ def _restore_dev_null() -> None:
 def test_output_to_devices_and_pipes_writes_through(tmp_path: Path, argv: list[str]) -> None:
     """`-o /dev/null` or `-o FIFO` must write into them, never rename a temporary over them."""
     import stat as st
-    import subprocess
-    import sys
     import threading
 
     tree = make_tree(tmp_path / "t")
     try:
-        r = subprocess.run([sys.executable, "-m", "nartool", *argv, "-o", "/dev/null", str(tree)],
-                           capture_output=True)
+        r = run_cli(*argv, "-o", "/dev/null", tree)
         assert r.returncode == 0, r.stderr
     finally:
         _restore_dev_null()
@@ -267,7 +266,7 @@ def test_output_to_devices_and_pipes_writes_through(tmp_path: Path, argv: list[s
 
     t = threading.Thread(target=drain)
     t.start()
-    r = subprocess.run([sys.executable, "-m", "nartool", *argv, "-o", str(fifo), str(tree)], capture_output=True)
+    r = run_cli(*argv, "-o", fifo, tree)
     t.join()
     assert r.returncode == 0, r.stderr
     assert st.S_ISFIFO(os.stat(fifo).st_mode)

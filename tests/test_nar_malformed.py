@@ -7,8 +7,6 @@ line on stderr, no traceback and nothing left behind.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from nartool.errors import NarError, TruncatedError
 from nartool.nar import END, Directory, File, NarReader, Symlink, nar_bytes
 from nartool.nar.limits import Limits
 
+from .helpers import run_cli
 from .narbuild import MAGIC, dir_, entry, link, nar, reg, s, toks
 
 GOOD = nar(dir_(entry(b"a", reg(b"hello")), entry(b"b", link(b"a")), entry(b"c", dir_(entry(b"x", reg(b""))))))
@@ -193,8 +192,7 @@ def test_never_allocates_declared_length() -> None:
                 pass
 
 
-def _cli(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "nartool", *args], input=input, capture_output=True)
+_cli = run_cli
 
 
 CLI_CASES = [c for c in CASES if c[0] in {

@@ -24,6 +24,7 @@ from nartool.remote.transport import SshTransport, serve_command_line
 from nartool.store.local import LocalStore
 from nartool.store.signing import SecretKey, sign_path_info
 
+from .helpers import cli_argv, nix_env
 from .sshd import Sshd, make_sshd, sshd  # noqa: F401
 
 pytestmark = pytest.mark.nix
@@ -50,8 +51,7 @@ class Env:
         self.cli = self._wrapper("nartool", "")
         # a server that drops --write, as an authorized_keys forced command might
         self.serve_ro = self._wrapper("nartool-serve-ro", "serve", drop_write=True)
-        self.env = dict(os.environ, NARTOOL_CONFIG=str(self.config), PYTHONPATH=str(REPO),
-                        NIX_CONFIG="experimental-features = nix-command")
+        self.env = nix_env(dict(os.environ, NARTOOL_CONFIG=str(self.config), PYTHONPATH=str(REPO)))
 
     def _wrapper(self, name: str, sub: str, drop_write: bool = False) -> Path:
         p = self.bin / name
@@ -75,7 +75,7 @@ class Env:
         return r
 
     def nartool(self, *argv: str | os.PathLike[str], check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
-        return self.run(sys.executable, "-m", "nartool", *argv, check=check, **kw)
+        return self.run(*cli_argv(*argv), check=check, **kw)
 
     def url(self, store: Path, program: Path | str | None = None, host: str = "localhost") -> str:
         return f"{host}?remote-program={program or self.serve}&remote-store={store}"

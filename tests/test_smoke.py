@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-
-def run_cli(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "nartool", *args], input=input, capture_output=True)
+from .helpers import run_cli
 
 
 def test_dump_matches_nix(tmp_path: Path, nix) -> None:  # type: ignore[no-untyped-def]

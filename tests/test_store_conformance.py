@@ -38,6 +38,7 @@ from nartool.store.types import PathInfo
 from nartool.store.uri import open_store, parse_store_uri
 
 from .conftest import NIX_STORE, require
+from .helpers import nix_env, run_cli
 from .sshd import Sshd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -495,10 +496,7 @@ def test_store_uris(tmp_path: Path) -> None:
 
 def cli(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
         check: bool = True) -> subprocess.CompletedProcess[str]:
-    e = dict(os.environ, PYTHONPATH=str(REPO))
-    e.update(env or {})
-    r = subprocess.run([sys.executable, "-m", "nartool", *map(os.fspath, args)], capture_output=True, text=True,
-                       env=e, timeout=120)
+    r = run_cli(*args, env=env, text=True, timeout=120)
     if check:
         assert r.returncode == 0, r.stderr
     return r
@@ -553,7 +551,7 @@ def test_cli_copy_local_ssh_both_ways(tmp_path: Path, far: str, module_sshd: Ssh
     assert d1 == d2
     if far != "nartool":
         v = subprocess.run([program, "--store", tmp_path / "r", "--verify", "--check-contents"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env=nix_env())
         assert v.returncode == 0, v.stderr
     # an operation the ssh store lacks is one clear error
     r = cli("--store", remote, "store", "query", "--referrers", top, check=False)

@@ -21,7 +21,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +42,9 @@ from nartool.store.paths import make_fixed_output_path, make_store_path
 from nartool.store.signing import SecretKey
 from nartool.store.types import PathInfo
 
+from . import helpers
 from .conftest import NIX_STORE
+from .helpers import cli_argv, nix_env
 from .narbuild import dir_, entry, link, nar, reg
 
 STORE_DIR = "/nix/store"
@@ -55,11 +56,11 @@ SEED = int(os.environ.get("NARTOOL_FAULT_SEED", "0")) or random.randrange(1, 1 <
 
 
 def cli(root: Path | str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "nartool", "--store", os.fspath(root), "store", *args]
+    return cli_argv("--store", root, "store", *args)
 
 
 def run_cli(root: Path | str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cli(root, *args), capture_output=True, text=True, timeout=timeout)
+    return helpers.run_cli("--store", root, "store", *args, text=True, timeout=timeout)
 
 
 def store_entries(root: Path | str) -> set[str]:
@@ -155,7 +156,7 @@ def nix_verify(root: Path | str) -> None:
             pytest.fail("nix-store not found (NARTOOL_REQUIRE_NIX=1)")
         return
     r = subprocess.run([NIX_STORE, "--store", os.fspath(root), "--verify", "--check-contents"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, env=nix_env())
     assert r.returncode == 0, f"nix-store --verify failed: {r.stderr}"
     assert "modified" not in r.stderr and "error" not in r.stderr, r.stderr
 
@@ -300,7 +301,7 @@ def test_sigkill_during_import(tmp_path: Path) -> None:
     if NIX_STORE is not None:  # the fixture itself is a stream real Nix accepts
         with open(stream, "rb") as f:
             r0 = subprocess.run([NIX_STORE, "--store", os.fspath(tmp_path / "nixcal"), "--import"], stdin=f,
-                                capture_output=True, text=True, timeout=120)
+                                capture_output=True, text=True, timeout=120, env=nix_env())
         assert r0.returncode == 0, r0.stderr
         assert r0.stdout.split() == clo.paths
     startup, work = calibrate(tmp_path, ["import", os.fspath(stream)])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,13 +13,13 @@ import pytest
 from nartool.store import LocalStore
 from tests.test_nar_diff import build_awkward
 
+from .helpers import run_cli
+
 pytestmark = pytest.mark.nix
 Nix = Callable[..., subprocess.CompletedProcess[bytes]]
 
 
-def cli(*args: str | os.PathLike[str], input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "nartool", *map(os.fspath, args)], input=input,
-                          capture_output=True, check=False)
+cli = run_cli
 
 
 def lines(b: bytes) -> list[str]:
