@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import zstandard
 
+from .helpers import run_cli
 
-def run(*args: str | os.PathLike[str], input: bytes | None = None, env: dict[str, str] | None = None,
-        cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
-    e = dict(os.environ)
-    e.pop("NARTOOL_STORE", None)
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "nartool", *map(os.fspath, args)], input=input,
-                          capture_output=True, check=False, env=e, cwd=cwd)
+run = run_cli
 
 
 def test_default_store_is_embedded_in_xdg_data(tmp_path: Path) -> None:
