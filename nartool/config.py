@@ -42,10 +42,10 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import logging
 import os
 import pwd
 import stat
-import sys
 import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +54,8 @@ from typing import Any
 
 from .errors import NartoolError, SignatureError
 from .store.signing import PublicKey, SecretKey, load_secret_key, split_key_list
+
+log = logging.getLogger(__name__)
 
 SYSTEM_CONFIG = "/etc/nartool/nartool.conf"
 USER_CONFIG_RELATIVE = "nartool/nartool.conf"
@@ -312,9 +314,9 @@ class Config:
         """The configuration for ``nartool serve``: trust comes from the system file only (see
         the module docstring). ``euid`` (default: this process's) decides whether user files may
         be read at all (root's only); ``root_uid`` is the owner a trusted file must have; ``warn``
-        receives warnings (default: printed to stderr). ``system`` overrides
-        :data:`SYSTEM_CONFIG`."""
-        say = warn if warn is not None else _warn_stderr
+        receives warnings (default: logged on ``nartool.config``, which the CLI shows on
+        stderr). ``system`` overrides :data:`SYSTEM_CONFIG`."""
+        say = warn if warn is not None else _warn
         uid = os.geteuid() if euid is None else euid
         sys_path = Path(SYSTEM_CONFIG if system is None else system)
         cfg = cls()
@@ -373,9 +375,8 @@ class Config:
         return out
 
 
-def _warn_stderr(message: str) -> None:
-    sys.stderr.write(f"warning: {message}\n")
-    sys.stderr.flush()
+def _warn(message: str) -> None:
+    log.warning("warning: %s", message)
 
 
 def file_problems(st: os.stat_result, root_uid: int = 0) -> list[str]:

@@ -6,7 +6,10 @@ skip into a failure so CI cannot pass without running them.
 As a normal user the suite also: raises the soft limit on open files to the hard limit (the
 deep-tree tests hold a descriptor per level; the default soft limit of 1024 is too low for
 them), and gives real Nix a private store (``NIX_REMOTE=local?root=…``) for commands without
-``--store``, since a normal user cannot reach the system's Nix daemon socket."""
+``--store``, since a normal user cannot reach the system's Nix daemon socket.
+
+Real Nix never reads the host's configuration (/etc/nix/nix.conf, ~/.config/nix, NIX_CONFIG):
+the ``nix`` fixture, and every other Nix call, runs with :func:`tests.helpers.nix_env`."""
 
 from __future__ import annotations
 

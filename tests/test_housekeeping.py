@@ -199,3 +199,23 @@ def test_a_new_setting_is_one_field(tmp_path: Path) -> None:
     warnings.clear()
     assert Config.load_for_serve({"NARTOOL_CONFIG": str(user)}, euid=me + 1, root_uid=me, system=system,
                                  warn=warnings.append).sources == (str(system),)
+
+
+def test_serve_config_warnings_are_logged(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """load_for_serve's default warnings are log records of ``nartool.config`` (the CLI shows
+    them on stderr: test_config's serve tests), not writes to stderr."""
+    import logging
+
+    from nartool.config import Config
+
+    user = tmp_path / "user.conf"
+    user.write_text("trusted-users = *\n")
+    me = os.geteuid()
+    with caplog.at_level(logging.WARNING, logger="nartool.config"):
+        c = Config.load_for_serve({"NARTOOL_CONFIG": str(user)}, euid=me + 1, root_uid=me,
+                                  system=tmp_path / "absent.conf")
+    assert c.trusted_users == ("root",)
+    assert [(r.name, r.levelname) for r in caplog.records] == [("nartool.config", "WARNING")]
+    assert caplog.records[0].getMessage().startswith(f"warning: ignoring '{user}' for serve")
+    assert capfd.readouterr().err == ""
