@@ -219,3 +219,26 @@ def test_serve_config_warnings_are_logged(tmp_path: Path, capfd: pytest.CaptureF
     assert [(r.name, r.levelname) for r in caplog.records] == [("nartool.config", "WARNING")]
     assert caplog.records[0].getMessage().startswith(f"warning: ignoring '{user}' for serve")
     assert capfd.readouterr().err == ""
+
+
+def test_cli_diagnostics_levels(capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI's handler: INFO and up as plain lines, DEBUG too with --debug; set up once
+    however often main() runs in a process."""
+    import logging
+
+    from nartool.cli.main import _show_diagnostics
+
+    logger = logging.getLogger("nartool")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        _show_diagnostics(False)
+        logging.getLogger("nartool.x").debug("not shown")
+        logging.getLogger("nartool.x").info("shown")
+        assert capsys.readouterr().err == "shown\n"
+        _show_diagnostics(True)
+        logging.getLogger("nartool.x").debug("details")
+        assert capsys.readouterr().err == "details\n"
+    finally:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
