@@ -140,6 +140,7 @@ class NarReader:
         lim = self.limits
         close, close2, entry_open, node = F.TOK_CLOSE, F.CLOSE2, F.ENTRY_OPEN, F.TOK_NODE
         max_depth, max_name = lim.max_depth, lim.max_name
+        window, consume_to = src.window, src.consume_to  # (bound once: the per-entry path is hot)
         self._expect(F.TOK_MAGIC)
         # one [last entry name, path] per open directory
         stack: list[list[bytes]] = []
@@ -191,7 +192,7 @@ class NarReader:
             while True:
                 top = stack[-1]
                 dpath = top[1]
-                buf, pos = src.window(64)
+                buf, pos = window(64)
                 if buf.startswith(entry_open, pos):
                     # fast: `entry ( name` NAME `node` all in the buffer, lengths and padding right
                     npos = pos + 56
@@ -200,21 +201,21 @@ class NarReader:
                     if 0 < n <= max_name and buf.startswith(node, nend) and \
                             buf[npos + n : nend] == F.PAD[nend - npos - n]:
                         name = buf[npos : npos + n]
-                        src.consume_to(nend + 16)
+                        consume_to(nend + 16)
                         if b"/" in name or b"\0" in name or name == b"." or name == b"..":
                             raise self._err(F.validate_name(name, max_name) or "invalid entry name",
                                             src.offset_at(pos + 48), "invalid-name", got=name, path=dpath)
                         last = top[0]
                         if name <= last:
-                            src.consume_to(pos + 48)  # report it as the slow path does
+                            consume_to(pos + 48)  # report it as the slow path does
                         else:
                             top[0] = name
                             path = dpath + b"/" + name if dpath else name
                             break
-                    src.consume_to(pos + 48)
+                    consume_to(pos + 48)
                     tag = b"entry"
                 elif buf.startswith(close, pos):
-                    src.consume_to(pos + 16)
+                    consume_to(pos + 16)
                     tag = b")"
                 else:
                     at, tag = self._read_tag()

@@ -109,15 +109,14 @@ class ByteSource:
         """``(buf, i)``: the internal buffer and the index in it of the next unconsumed byte,
         after buffering at least ``want`` bytes when the input has them. Read-only, and valid
         only until the next call that consumes or reads (then ask again)."""
-        if want and len(self._buf) - self._pos < want:
+        if len(self._buf) - self._pos < want:
             self._fill(want)
         return self._buf, self._pos
 
     def consume_to(self, i: int) -> None:
         """Consume up to index ``i`` of the buffer last returned by :meth:`window`
-        (``i`` may also move back within it, to re-read bytes already seen)."""
-        if not 0 <= i <= len(self._buf):
-            raise ValueError(f"index {i} outside the buffered window")
+        (``i`` may also move back within it, to re-read bytes already seen). ``i`` must lie
+        within that buffer (``0 <= i <= len(buf)``): not checked, this is the hot path."""
         self._pos = i
 
     def offset_at(self, i: int) -> int:
