@@ -249,3 +249,38 @@ def test_add_to_store_nar_headers_of_the_crafted_session_are_read() -> None:
         assert M.AddToStoreNarHeader.read(_src(again), SD) == hdr
         if c2s[start:end] != again:
             assert hdr.nar_hash.prefixed("nix32").encode() in c2s[start:end]
+
+
+# -- the byte source's public contract (shared by the wire, NAR and export readers) ----------
+
+def test_byte_source_public_contract() -> None:
+    data = b"abc\0\0\0\0\0" + b"xy\0\0\0\0\0\1" + (7).to_bytes(8, "little") + b"rest"
+    f = io.BytesIO(data)
+    src = ByteSource(f, "t")
+    assert src.read_padded(3) == (b"abc", None)
+    assert src.read_padded(2) == (b"xy", b"\0\0\0\0\0\1")  # non-zero padding handed back to the caller
+    assert src.buffered() == len(data) - 16
+    assert src.read_u64() == 7
+    buf, i = src.window(4)
+    assert buf[i : i + 4] == b"rest"
+    src.consume_to(i + 1)
+    assert src.offset == src.offset_at(i + 1) == 25
+    assert src.match(b"es") and not src.match(b"zz") and src.offset == 27
+    assert src.take_buffered() == b"t" and src.buffered() == 0 and src.offset == 28
+    assert src.raw_read(10) == b""  # the underlying reader, at its end
+
+
+def test_framed_string_errors_of_each_reader_come_from_the_shared_reader() -> None:
+    """The wire, the NAR reader and the export reader all reject non-zero padding."""
+    from nartool.errors import ExportFormatError, NarError
+    from nartool.nar.reader import NarReader
+    from nartool.store.export import read_str as export_read_str
+
+    bad = (2).to_bytes(8, "little") + b"ab\0\0\0\0\0\1"
+    with pytest.raises(ProtocolError, match="non-zero padding"):
+        W.read_bytes(_src(bad), "f")
+    with pytest.raises(ExportFormatError, match="padding"):
+        export_read_str(_src(bad), "name")
+    nar = (13).to_bytes(8, "little") + b"nix-archive-1\0\0\1"
+    with pytest.raises(NarError):
+        list(NarReader(io.BytesIO(nar)))
