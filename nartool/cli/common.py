@@ -144,3 +144,20 @@ class ByteProgress:
         if self.enabled and self.n:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
+
+
+def report_copy(result: Any, *, as_json: bool, json_extra: dict[str, Any], where: str, dry_run: bool,
+                verbose: bool) -> None:
+    """What ``copy`` and ``copy-closure`` print once a copy (or dry run) finished: the JSON
+    result, the paths a dry run would copy, or a summary line (on a terminal or when asked)."""
+    if as_json:
+        echo_json({**result.to_dict(), **json_extra})
+        return
+    if dry_run:
+        for p in result.missing:
+            click.echo(p)
+        click.echo(f"would copy {len(result.missing)} paths ({fmt_bytes(result.bytes_total)}) {where}", err=True)
+        return
+    if verbose or os.environ.get("NARTOOL_VERBOSE"):
+        click.echo(f"copied {len(result.copied)} of {len(result.closure)} paths ({fmt_bytes(result.bytes_copied)}) "
+                   f"{where} in {result.seconds:.2f}s", err=True)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
-from .common import echo_json, fmt_bytes
+from .common import report_copy
 
 
 @click.command("copy")
@@ -86,21 +85,8 @@ def copy_cmd(ctx: click.Context, src_uri: str | None, dst_uri: str | None, paths
     result = copy_paths(src, dst, store_paths, include_outputs=include_outputs, check_sigs=check_sigs,
                         trusted_keys=keys, dry_run=dry_run, progress=progress,
                         on_start=log.start if log else None, on_path=log.path if log else None)
-    if as_json:
-        d = result.to_dict()
-        d["from"] = src.uri
-        d["to"] = dst.uri
-        echo_json(d)
-        return
-    if dry_run:
-        for p in result.missing:
-            click.echo(p)
-        click.echo(f"would copy {len(result.missing)} paths ({fmt_bytes(result.bytes_total)}) "
-                   f"from {src.uri} to {dst.uri}", err=True)
-        return
-    if show or verbose or os.environ.get("NARTOOL_VERBOSE"):
-        click.echo(f"copied {len(result.copied)} of {len(result.closure)} paths ({fmt_bytes(result.bytes_copied)}) "
-                   f"from {src.uri} to {dst.uri} in {result.seconds:.2f}s", err=True)
+    report_copy(result, as_json=as_json, json_extra={"from": src.uri, "to": dst.uri},
+                where=f"from {src.uri} to {dst.uri}", dry_run=dry_run, verbose=bool(show or verbose))
 
 
 __all__ = ["copy_cmd"]

@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl
 
 import click
 
-from .common import echo_json, fmt_bytes, open_store
+from .common import fmt_bytes, open_store, report_copy
 
 
 def _open_store(ctx: click.Context, store: str | None) -> Any:
@@ -228,21 +228,8 @@ def copy_closure_cmd(ctx: click.Context, to_host: str | None, from_host: str | N
                               on_start=log.start if log else None, on_path=log.path if log else None)
     finally:
         transport.close()
-    if as_json:
-        d = result.to_dict()
-        d["host"] = host
-        d["remoteCommand"] = command
-        echo_json(d)
-        return
-    if dry_run:
-        for p in result.missing:
-            click.echo(p)
-        click.echo(f"would copy {len(result.missing)} paths ({fmt_bytes(result.bytes_total)}) "
-                   f"{direction} {host}", err=True)
-        return
-    if show or verbose or os.environ.get("NARTOOL_VERBOSE"):
-        click.echo(f"copied {len(result.copied)} of {len(result.closure)} paths "
-                   f"({fmt_bytes(result.bytes_copied)}) {direction} {host} in {result.seconds:.2f}s", err=True)
+    report_copy(result, as_json=as_json, json_extra={"host": host, "remoteCommand": command},
+                where=f"{direction} {host}", dry_run=dry_run, verbose=bool(show or verbose))
 
 
 __all__ = ["serve", "copy_closure_cmd", "parse_host", "NixLog"]
