@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -127,3 +129,48 @@ def test_writer_refuses_bad_event_streams() -> None:
         with pytest.raises((NarError, FsError)) as ei:
             nar_bytes(events)
         assert ei.value.rule == rule, (events, ei.value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tree=trees, tail=st.binary(max_size=40), step=st.integers(min_value=1, max_value=300),
+       big=st.booleans())
+def test_passthrough_yields_the_input_bytes(tree: Tree, tail: bytes, step: int, big: bool) -> None:
+    """nar_passthrough gives back exactly the NAR's own bytes (not a re-encoding), leaves what
+    follows in the source, whatever the read sizes; with a big file the contents stream."""
+    from nartool.nar.reader import nar_passthrough
+    from nartool.nar.source import ByteSource
+
+    evs = events_of(tree)
+    if big:
+        evs = [File(b"", False, 300_000, [bytes(range(256)) * 1171 + b"\x01" * 224])]
+    data = nar_bytes(evs)
+    blob = data + tail
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        out = blob[pos : pos + min(n, step)]
+        pos += len(out)
+        return out
+
+    src = ByteSource(read)
+    src.peek(min(len(blob), step))  # something already buffered before the NAR is read
+    out = b"".join(nar_passthrough(src))
+    assert out == data
+    assert src.offset == len(data)
+    assert src.read_exact(len(tail)) == tail and src.at_eof()
+
+
+def test_passthrough_refuses_what_the_reader_refuses() -> None:
+    from nartool.nar.reader import nar_passthrough
+    from nartool.nar.source import ByteSource
+
+    good = nar_bytes(events_of({b"a": b"y", b"b": b"x"}))
+    swapped = good.replace(b"\x01\x00\x00\x00\x00\x00\x00\x00a", b"\x01\x00\x00\x00\x00\x00\x00\x00c", 1)
+    padded = good[:-9] + b"\x01" + good[-8:]
+    for bad in (good[:-8], swapped, padded):
+        with pytest.raises(NarError) as want:
+            list(NarReader(ByteSource(io.BytesIO(bad)), standalone=False))
+        with pytest.raises(NarError) as got:
+            b"".join(nar_passthrough(ByteSource(io.BytesIO(bad))))
+        assert (got.value.rule, got.value.offset) == (want.value.rule, want.value.offset)

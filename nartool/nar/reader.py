@@ -347,3 +347,44 @@ class _Contents:
             self.reader.src.skip(self.remaining)
             self.remaining = 0
         self._padding()
+
+
+def nar_passthrough(src: ByteSource, limits: Limits = DEFAULT_LIMITS) -> Iterator[bytes]:
+    """The original bytes of exactly one NAR read from ``src``, validated by :class:`NarReader`
+    (``standalone=False``: whatever follows the NAR stays in ``src``) as they pass: the output
+    is the input itself, never a re-encoding, and only what the reader accepted is yielded.
+    Raises as the reader does; bytes after an error are not yielded."""
+    segments: list[bytes] = []
+    start = src.offset
+    head = src.peek(src.buffered())  # already buffered before the tap: begins at ``start``
+    if head:
+        segments.append(head)
+    src.tap_raw(segments.append)
+    sent = start  # stream offset of the next byte to yield
+    seg_at = start  # stream offset of segments[0]
+
+    def flush() -> Iterator[bytes]:
+        nonlocal sent, seg_at
+        upto = src.offset
+        while sent < upto and segments:
+            seg = segments[0]
+            lo = sent - seg_at
+            hi = min(len(seg), upto - seg_at)
+            if hi > lo:
+                yield seg[lo:hi]
+                sent = seg_at + hi
+            if hi >= len(seg):
+                segments.pop(0)
+                seg_at += len(seg)
+            else:
+                break
+
+    try:
+        for ev in NarReader(src, standalone=False, limits=limits):
+            if isinstance(ev, File):
+                for _ in ev.chunks:
+                    yield from flush()
+            yield from flush()
+        yield from flush()
+    finally:
+        src.tap_raw(None)

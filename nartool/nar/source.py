@@ -31,7 +31,7 @@ class ByteSource:
     ``error_class`` is raised for truncation (a subclass of it when it is ``NarError``).
     """
 
-    __slots__ = ("_read", "_buf", "_pos", "_base", "_file", "_eof", "what", "_fd", "_origin")
+    __slots__ = ("_read", "_buf", "_pos", "_base", "_file", "_eof", "what", "_fd", "_origin", "_untapped")
 
     def __init__(self, src: ReadFn | BinaryIO | ByteSource, what: str = "input") -> None:
         if isinstance(src, ByteSource):
@@ -42,6 +42,7 @@ class ByteSource:
         else:
             self._file = src
             self._read = src.read
+        self._untapped: ReadFn | None = None
         self._buf = b""
         self._pos = 0
         self._base = 0  # offset of _buf[0]
@@ -88,6 +89,25 @@ class ByteSource:
         """The underlying ``read(n)``: reading from it bypasses this source (call
         :meth:`take_buffered` first and stop using this source afterwards)."""
         return self._read
+
+    def tap_raw(self, tap: Callable[[bytes], None] | None) -> None:
+        """From now on, call ``tap`` with every block read from the underlying input, in order
+        (``None``: stop). Blocks may run past what is consumed; offsets are the caller's to
+        track (the first tapped byte is at ``offset + buffered()`` when tapping starts). A
+        kernel copy (:meth:`copy_to`) and a seeking :meth:`skip` bypass the tap."""
+        if self._untapped is not None:
+            self._read, self._untapped = self._untapped, None
+        if tap is None:
+            return
+        raw = self._untapped = self._read
+
+        def read(n: int) -> bytes:
+            data = raw(n)
+            if data:
+                tap(data)
+            return data
+
+        self._read = read
 
     def read_u64(self) -> int:
         """One little-endian u64 word (:class:`TruncatedError` at EOF)."""

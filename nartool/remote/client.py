@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ..errors import NarError, ProtocolError, StoreError
-from ..nar.reader import NarReader
+from ..nar.reader import nar_passthrough
 from ..nar.source import ByteSource
-from ..nar.writer import write_nar
 from ..store.export import end_chunk, record_chunks
 from ..store.paths import DEFAULT_STORE_DIR
 from ..store.types import PathInfo
@@ -214,7 +213,7 @@ class ServeClient:
     def dump_store_path(self, path: str) -> Iterator[bytes | bytearray | memoryview]:
         """The NAR of ``path`` (parsed as it arrives: exactly one canonical NAR is consumed)."""
         self._guard("DumpStorePath", lambda: self.w.u64(W.CMD_DUMP_STORE_PATH).str_(path).flush())
-        it = write_nar(NarReader(self.src, standalone=False))
+        it = nar_passthrough(self.src)
         while True:
             try:
                 chunk = self._guard("DumpStorePath", lambda: next(it, None))
@@ -264,7 +263,7 @@ class ServeClient:
                 out += W.enc_u64(int(mark))
                 if not mark:
                     return bytes(out)
-                for c in write_nar(NarReader(self.src, standalone=False)):
+                for c in nar_passthrough(self.src):
                     out += c
                 t = read_trailer(self.src, self.store_dir)
                 out += b"".join(bytes(c) for c in record_chunks(t.path, t.references, t.deriver, []))[8:]

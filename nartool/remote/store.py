@@ -24,9 +24,8 @@ from typing import BinaryIO
 from urllib.parse import parse_qsl, quote, urlencode
 
 from ..errors import ProtocolError, StoreError, UnsupportedError
-from ..nar.reader import NarReader
+from ..nar.reader import nar_passthrough
 from ..nar.source import ByteSource, as_source
-from ..nar.writer import write_nar
 from ..store.base import BaseStore, ConsumeFn
 from ..store.ops import refusal_message
 from ..store.paths import DEFAULT_STORE_DIR
@@ -198,7 +197,7 @@ class SSHStore(BaseStore):
             c = self.client
             c._guard("DumpStorePath", lambda: c.w.u64(W.CMD_DUMP_STORE_PATH).str_(info.path).flush())
             sub = W.limited_source(c.src, info.nar_size)
-            it = write_nar(NarReader(sub, standalone=False))
+            it = nar_passthrough(sub)
             while True:
                 chunk = c._guard("DumpStorePath", lambda: next(it, None))
                 if chunk is None:
@@ -259,7 +258,7 @@ class SSHStore(BaseStore):
         """One ``AddToStoreNar`` (the NAR is parsed on the way, exactly one is consumed)."""
         src = as_source(nar, "NAR")
         self._check_write([info])
-        chunks = write_nar(NarReader(src, standalone=False))
+        chunks = nar_passthrough(src)
         self._run(lambda c: c.add_to_store_nar_many([info], lambda _p: chunks))
         return info
 
