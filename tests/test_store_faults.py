@@ -592,3 +592,52 @@ def test_gc_removes_leftovers(tmp_path: Path) -> None:
     (d / (base(kept) + ".lock")).write_text("")
     (d / "not-a-store-path").write_text("x")
     assert gc_clean(root) == {kept}
+
+
+def test_path_lock_interrupted_anywhere_leaves_no_lock_file(tmp_path: Path) -> None:
+    """An interrupt at any step of taking a path lock (here: raised from every line the lock
+    code runs, one after the other) leaves neither a lock file nor a held lock."""
+    import sys as _sys
+
+    from nartool.store import locks
+
+    phys = str(tmp_path / "p")
+    lines: set[int] = set()
+
+    def count(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename == locks.__file__ and event == "line":
+            lines.add(frame.f_lineno)
+        return count
+
+    _sys.settrace(count)
+    try:
+        locks.PathLock(phys).release()
+    finally:
+        _sys.settrace(None)
+    assert lines
+    for target in sorted(lines):
+        state = {"pending": False, "fired": False}
+
+        def interrupt(frame: Any, event: str, arg: Any, target: int = target) -> Any:
+            # a signal sent when ``target`` is reached runs its handler at the first line at
+            # which the signal is not blocked (signals_deferred holds it back)
+            if event != "line" or state["fired"]:
+                return interrupt
+            if frame.f_code.co_filename == locks.__file__ and frame.f_lineno == target:
+                state["pending"] = True
+            if state["pending"] and signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, []):
+                state["fired"] = True
+                raise KeyboardInterrupt
+            return interrupt
+
+        lock = locks.PathLock(phys, acquire=False)
+        _sys.settrace(interrupt)
+        try:
+            lock.acquire()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            _sys.settrace(None)
+        lock.release()  # what a caller's clean-up does with the object it kept
+        assert not os.path.exists(phys + ".lock"), f"lock file left after an interrupt at line {target}"
+        locks.PathLock(phys, wait=False).release()  # and nobody holds it

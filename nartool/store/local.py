@@ -352,7 +352,8 @@ class LocalStore(BaseStore):
                 remove_at(self._store_fd, tmp)
                 return False
             drv_outputs = self._drv_outputs(tmp) if info.path.endswith(".drv") else {}
-            lock = self._lock_path(self.real_store_dir + "/" + base.decode())
+            lock = PathLock(self.real_store_dir + "/" + base.decode(), acquire=False)
+            self._lock_path(lock)
             if self.db.is_valid(info.path):
                 lock.release()
                 remove_at(self._store_fd, tmp)
@@ -381,16 +382,18 @@ class LocalStore(BaseStore):
                     lock.release()
             raise
 
-    def _lock_path(self, physical: str) -> PathLock:
-        """Take a path lock without deadlocking against another batch: while this batch holds
-        locks, never wait for one; if it is busy, commit what is pending (releasing our locks)
-        first, then wait."""
+    def _lock_path(self, lock: PathLock) -> None:
+        """Take ``lock`` (created with ``acquire=False`` and already kept by the caller, so that
+        an interrupt right after taking it still finds it to release) without deadlocking
+        against another batch: while this batch holds locks, never wait for one; if it is busy,
+        commit what is pending (releasing our locks) first, then wait."""
         if self._pending:
             try:
-                return PathLock(physical, wait=False)
+                lock.acquire(wait=False)
+                return
             except StoreError:
                 self.commit_pending()
-        return PathLock(physical)
+        lock.acquire()
 
     def commit_pending(self) -> int:
         """Inside a batch: sync and register what the batch added so far (releasing those
@@ -579,9 +582,10 @@ class LocalStore(BaseStore):
         self.temp_root(path)
         if self._in_batch(path) or self.db.is_valid(path):
             raise StoreError("path is already valid", path=path, rule="already-valid")
-        lock = self._lock_path(phys)
+        lock = PathLock(phys, acquire=False)
         queued = False
         try:
+            self._lock_path(lock)
             if self.db.is_valid(path):
                 raise StoreError("path is already valid", path=path, rule="already-valid")
             if not os.path.lexists(phys):
@@ -642,9 +646,13 @@ class LocalStore(BaseStore):
     def _remove_object(self, path: str) -> None:
         """Invalidate ``path`` and delete its files (callers decide liveness)."""
         base = self.parse_path(path).base
-        with PathLock(self.real_store_dir + "/" + base):
+        lock = PathLock(self.real_store_dir + "/" + base, acquire=False)
+        try:
+            lock.acquire()
             self.db.invalidate(path)
             remove_at(self._store_fd, base.encode())
+        finally:
+            lock.release()
 
     def verify(self, *, check_contents: bool = False, repair: bool = False) -> list[dict[str, str]]:
         """Problems found, one dict per path: ``path``, ``problem`` and maybe ``detail``.

@@ -19,6 +19,7 @@ import errno
 import fcntl
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -52,28 +53,84 @@ def gc_lock(state_dir: str, *, exclusive: bool, waiting: str) -> Iterator[None]:
         os.close(fd)
 
 
-class PathLock:
-    """An exclusive lock on ``<physical path>.lock`` (blocking unless ``wait=False``)."""
+_DEFERRED_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
 
-    def __init__(self, physical: str, *, wait: bool = True) -> None:
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold back SIGINT, SIGTERM and SIGHUP for a few steps that must not be torn apart (taking a
+    lock and recording that we hold it): they are delivered, and their handlers run, right after
+    the block. Where the platform cannot block signals, nothing is deferred."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
+
+
+class PathLock:
+    """An exclusive lock on ``<physical path>.lock`` (blocking unless ``wait=False``).
+
+    Interrupt-safe: a signal (Ctrl-C, SIGTERM) at any point while the lock is being taken leaves
+    no lock file behind and no lock held. Callers that must release what they took even when
+    interrupted right after taking it create the object first (``acquire=False``), keep it, then
+    call :meth:`acquire`: once the lock is held, :attr:`fd` is set before any signal handler can
+    run."""
+
+    def __init__(self, physical: str, *, wait: bool = True, acquire: bool = True) -> None:
         self.lock_path = physical + ".lock"
         self.fd = -1
+        if acquire:
+            self.acquire(wait=wait)
+
+    def acquire(self, *, wait: bool = True) -> None:
         while True:
-            fd = _open_lock_file(self.lock_path)
+            with signals_deferred():
+                fd = _open_lock_file(self.lock_path)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    got = True
+                except BlockingIOError:
+                    got = False
+                if got:
+                    if os.fstat(fd).st_size != 0:  # the previous holder deleted it: a fresh file
+                        os.close(fd)
+                        continue
+                    self.fd = fd
+                    return
+                if not wait:
+                    os.close(fd)
+                    raise StoreError("path is locked by another process", path=self.lock_path[:-5],
+                                     rule="locked")
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                os.close(fd)
-                raise StoreError("path is locked by another process", path=physical, rule="locked") from None
+                fcntl.flock(fd, fcntl.LOCK_EX)  # the wait: signals are delivered here
+                with signals_deferred():
+                    if os.fstat(fd).st_size != 0:
+                        os.close(fd)
+                        continue
+                    self.fd = fd
+                    return
             except BaseException:
-                os.close(fd)
+                if self.fd != fd:
+                    with signals_deferred():
+                        self._abandon(fd)
                 raise
-            if os.fstat(fd).st_size != 0:
-                # the previous holder deleted it after we opened it: try again on a fresh file
-                os.close(fd)
-                continue
-            self.fd = fd
-            return
+
+    def _abandon(self, fd: int) -> None:
+        """Close ``fd`` of a lock attempt that was interrupted, releasing the lock as its holder
+        would if the attempt had in fact got it (the lock file then goes too)."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # already ours, or free: now ours
+            if os.fstat(fd).st_size == 0:
+                os.unlink(self.lock_path)
+                os.write(fd, b"d")
+        except OSError:
+            pass  # held by someone else: theirs to remove
+        os.close(fd)
 
     def release(self) -> None:
         if self.fd < 0:
