@@ -20,6 +20,8 @@ import pytest
 from nartool.remote.testing import chain
 from nartool.store.local import LocalStore
 
+from .helpers import cli_argv
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -37,7 +39,7 @@ class Env:
         self.env.pop("NARTOOL_VERBOSE", None)
 
     def nartool(self, *argv: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([sys.executable, "-m", "nartool", *map(os.fspath, argv)], env=self.env,
+        r = subprocess.run(cli_argv(*argv), env=self.env,
                            capture_output=True, text=True, timeout=120)
         if check and r.returncode != 0:
             raise AssertionError(f"{argv} exited {r.returncode}:\n{r.stderr}")
@@ -157,7 +159,7 @@ def test_without_cryptography(env: Env) -> None:
     added = env.nartool("--store", src, "store", "add", tree).stdout.strip()
     exported = env.tmp / "x.export"
     with exported.open("wb") as f:
-        subprocess.run([sys.executable, "-m", "nartool", "--store", src, "store", "export", added],
+        subprocess.run(cli_argv("--store", src, "store", "export", added),
                        env=env.env, stdout=f, check=True, timeout=60)
     outs = [
         env.nartool("--store", env.tmp / "imp", "store", "import", exported),

@@ -11,7 +11,6 @@ import io
 import os
 import select
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from nartool.store.paths import ContentAddress, make_fixed_output_path
 from nartool.store.signing import SecretKey, sign_path_info
 from nartool.store.types import PathInfo, Store
 
+from .helpers import cli_argv
 from .narbuild import link, nar
 
 u64 = F.u64
@@ -288,8 +288,8 @@ class _Session:
         env = dict(os.environ, NARTOOL_CONFIG=str(cfg))
         args = ["--compress", "zstd"] if zstd else []
         self.root = tmp_path / "st"
-        self.p = subprocess.Popen([sys.executable, "-m", "nartool", "serve", "--write", "--store", str(self.root),
-                                   *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        self.p = subprocess.Popen(cli_argv("serve", "--write", "--store", str(self.root),
+                                   *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   env=env)
         self.zstd = zstd
         self.got = b""

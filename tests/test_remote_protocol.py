@@ -29,6 +29,8 @@ from nartool.store.memory import MemoryStore
 from nartool.store.signing import SecretKey, sign_path_info
 from nartool.store.types import PathInfo, Store
 
+from .helpers import cli_argv
+
 FIX = Path(__file__).parent / "fixtures" / "serve"
 MANIFEST = json.loads((FIX / "manifest.json").read_text())
 HANDSHAKE_REPLY = F.u64(W.SERVE_MAGIC_2) + F.u64(0x207)
@@ -605,12 +607,11 @@ def test_zstd_offer_ignored_by_plain_client() -> None:
 
 def _serve_cli(tmp_path: Path, data: bytes, *args: str, conf: str = "trusted-users = root\n") -> Any:
     import subprocess
-    import sys
 
     cfg = tmp_path / "nartool.conf"
     cfg.write_text(conf)
     env = dict(os.environ, NARTOOL_CONFIG=str(cfg))
-    return subprocess.run([sys.executable, "-m", "nartool", "serve", "--store", str(tmp_path / "st"), *args],
+    return subprocess.run(cli_argv("serve", "--store", str(tmp_path / "st"), *args),
                           input=data, capture_output=True, env=env, timeout=60)
 
 
@@ -637,7 +638,6 @@ def test_serve_cli_allowed_users(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_concurrent_group_commits_in_opposite_orders(tmp_path: Path) -> None:
-    import sys
     import threading
 
     src = mem()
@@ -652,7 +652,7 @@ def test_concurrent_group_commits_in_opposite_orders(tmp_path: Path) -> None:
 
         def go(order: list[PathInfo], dst: Path = dst, transports: list[LocalTransport] = transports,
                errors: list[BaseException] = errors) -> None:
-            t = LocalTransport([sys.executable, "-m", "nartool", "serve", "--write", "--store", str(dst)],
+            t = LocalTransport(cli_argv("serve", "--write", "--store", str(dst)),
                                passthrough=False)
             transports.append(t)
             try:

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -618,7 +619,8 @@ def test_path_lock_interrupted_anywhere_leaves_no_lock_file(tmp_path: Path) -> N
     for target in sorted(lines):
         state = {"pending": False, "fired": False}
 
-        def interrupt(frame: Any, event: str, arg: Any, target: int = target) -> Any:
+        def interrupt(frame: Any, event: str, arg: Any, target: int = target,
+                      state: dict[str, bool] = state) -> Any:
             # a signal sent when ``target`` is reached runs its handler at the first line at
             # which the signal is not blocked (signals_deferred holds it back)
             if event != "line" or state["fired"]:
