@@ -161,6 +161,23 @@ class BaseStore:
         still consumed). Signature policy is the caller's. Returns the registered info."""
         raise self.unsupported("adding paths")
 
+    def _check_add(self, info: PathInfo) -> CaCheck | None:
+        """What every ``add_nar`` checks before reading the NAR: a valid path, a sha256 NAR
+        hash, valid references (the subclass's ``_check_references``); returns the checker of a
+        claimed content address (None without one)."""
+        from .cacheck import CaCheck
+
+        self.parse_path(info.path)
+        if info.nar_hash.algo != "sha256":
+            raise StoreError("NAR hashes must be sha256", got=info.nar_hash.algo, path=info.path, rule="bad-hash")
+        ca = CaCheck(info, self.store_dir) if info.ca else None
+        self._check_references(info)
+        return ca
+
+    def _check_references(self, info: PathInfo) -> None:
+        """References of ``info`` must be valid, the path itself, or pending in this batch."""
+        raise self.unsupported("adding paths")
+
     # -- queries with generic defaults ----------------------------------------------------
 
     def query_path_infos(self, paths: Iterable[str]) -> dict[str, PathInfo]:

@@ -460,11 +460,7 @@ class LocalStore(BaseStore):
 
     def add_nar(self, info: PathInfo, nar: ByteSource | BinaryIO | bytes) -> PathInfo:
         src = as_source(nar, "NAR")
-        self.parse_path(info.path)
-        if info.nar_hash.algo != "sha256":
-            raise StoreError("NAR hashes must be sha256", got=info.nar_hash.algo, path=info.path, rule="bad-hash")
-        ca = CaCheck(info, self.store_dir) if info.ca else None
-        self._check_references(info)
+        ca = self._check_add(info)
         start = src.offset
         tmp, digest = self._restore_temp(NarReader(src, standalone=False), ca=ca)
         try:

@@ -155,11 +155,7 @@ class MemoryStore(BaseStore):
 
     def add_nar(self, info: PathInfo, nar: ByteSource | BinaryIO | bytes) -> PathInfo:
         src = as_source(nar, "NAR")
-        self.parse_path(info.path)
-        if info.nar_hash.algo != "sha256":
-            raise StoreError("NAR hashes must be sha256", got=info.nar_hash.algo, path=info.path, rule="bad-hash")
-        ca = CaCheck(info, self.store_dir) if info.ca else None
-        self._check_references(info)
+        ca = self._check_add(info)
         data, h = read_one_nar(src, ca)
         if info.nar_size and len(data) != info.nar_size:
             raise StoreError("size mismatch importing path", path=info.path, rule="size-mismatch",
