@@ -123,3 +123,12 @@ class ProtocolError(NartoolError):
 
 class SignatureError(NartoolError):
     """A key or signature is malformed or does not verify."""
+
+
+class BuildError(NartoolError):
+    """A build could not be set up or run (sandbox setup, build users, builder failure)."""
+
+
+class SandboxUnavailable(BuildError):
+    """The kernel refused the namespaces a sandboxed build needs (clone/unshare gave EPERM or
+    EINVAL); the caller decides whether to fall back to an unsandboxed build."""
