@@ -81,7 +81,7 @@ class Kind:
     name: str
     parse: Callable[[list[str]], Any]
     is_list: bool = True
-    show: Callable[[Any], str] = lambda v: " ".join(str(x) for x in v)
+    show: Callable[[Any], str] = lambda v: " ".join(str(x) for x in v or ())
 
 
 def _parse_bool(tokens: list[str]) -> bool:
@@ -112,7 +112,37 @@ def _parse_abs_paths(tokens: list[str]) -> tuple[str, ...]:
     return tuple(tokens)
 
 
+def _parse_uint(tokens: list[str]) -> int:
+    value = " ".join(tokens)
+    if not value.isdigit():
+        raise SettingValueError("{setting} must be a non-negative integer", rule="bad-integer",
+                                expected="a non-negative integer", got=value)
+    return int(value)
+
+
+def _parse_max_jobs(tokens: list[str]) -> int:
+    value = " ".join(tokens)
+    if value == "auto":
+        return os.cpu_count() or 1
+    if not value.isdigit():
+        raise SettingValueError("configuration setting '{setting}' should be 'auto' or an integer",
+                                rule="bad-integer", expected="auto or an integer", got=value)
+    return int(value)
+
+
+def _parse_sandbox_mode(tokens: list[str]) -> str:
+    value = " ".join(tokens)
+    if value not in ("true", "false", "relaxed"):
+        raise SettingValueError("option '{setting}' has invalid value", rule="bad-value",
+                                expected="true, false or relaxed", got=value)
+    return value
+
+
 BOOL = Kind("Boolean", _parse_bool, is_list=False, show=lambda v: "true" if v else "false")
+UINT = Kind("integer", _parse_uint, is_list=False, show=lambda v: "" if v is None else str(v))
+MAX_JOBS = Kind("integer or auto", _parse_max_jobs, is_list=False, show=str)
+STRING = Kind("string", lambda tokens: " ".join(tokens), is_list=False, show=lambda v: "" if v is None else str(v))
+SANDBOX_MODE = Kind("true, false or relaxed", _parse_sandbox_mode, is_list=False, show=str)
 STRINGS = Kind("list of strings", tuple)
 PUBLIC_KEYS = Kind("list of public keys", _parse_keys, show=lambda v: " ".join(k.name for k in v))
 ABS_PATHS = Kind("list of absolute paths", _parse_abs_paths)
@@ -226,6 +256,76 @@ class Config:
         "require-sigs", BOOL, True, trust=True,
         doc="Whether paths that are not content-addressed need a trusted signature to be imported. "
             "Booleans are ``true``/``false`` (also ``yes``/``no``, ``1``/``0``).")
+    # -- builds (``nartool build``; Nix's names and defaults, see docs/builds.md). Trust settings: a
+    # ``nartool serve`` that builds takes them only from the system file, as Nix's daemon does.
+    sandbox: str = setting(
+        "sandbox", SANDBOX_MODE, "true", trust=True,
+        doc="Whether builds run in the sandbox: ``true``, ``false`` or ``relaxed`` (fixed-output derivations and "
+            "derivations with ``__noChroot`` run unsandboxed). A store whose real directory differs from its "
+            "logical one is always built sandboxed. Aliases ``build-use-sandbox``, ``build-use-chroot``.")
+    sandbox_fallback: bool = setting(
+        "sandbox-fallback", BOOL, True, trust=True,
+        doc="Build without the sandbox when the kernel refuses its namespaces.")
+    sandbox_paths: tuple[str, ...] = setting(
+        "sandbox-paths", STRINGS, (), trust=True,
+        doc="Host paths shown in the sandbox: ``PATH``, ``TARGET=SOURCE``, a trailing ``?`` makes an entry "
+            "optional; a store path source brings its closure. Aliases ``build-chroot-dirs``, "
+            "``build-sandbox-paths``.")
+    pre_build_hook: str = setting(
+        "pre-build-hook", STRING, "", trust=True,
+        doc="A program run as ``HOOK DRV CHROOTDIR`` before each sandboxed build; it may answer "
+            "``extra-sandbox-paths`` followed by paths and an empty line.")
+    build_users_group: str | None = setting(
+        "build-users-group", STRING, None, trust=True,
+        doc="Group whose members are the build users (used only as root). Default: ``nixbld`` as root, empty "
+            "otherwise.")
+    max_jobs: int = setting(
+        "max-jobs", MAX_JOBS, 1, trust=True,
+        doc="How many builds run at once (``auto``: one per CPU). Alias ``build-max-jobs``.")
+    cores: int | None = setting(
+        "cores", UINT, None, trust=True,
+        doc="``NIX_BUILD_CORES`` of builders (``0``: all CPUs, as builders read it). Default: the number of CPUs. "
+            "Alias ``build-cores``.")
+    max_silent_time: int = setting(
+        "max-silent-time", UINT, 0, trust=True,
+        doc="Seconds a builder may stay silent before it is killed (0: no limit). Alias ``build-max-silent-time``.")
+    timeout: int = setting(
+        "timeout", UINT, 0, trust=True,
+        doc="Seconds a build may run before it is killed (0: no limit). Alias ``build-timeout``.")
+    max_build_log_size: int = setting(
+        "max-build-log-size", UINT, 0, trust=True,
+        doc="Bytes of log a builder may write before it is killed (0: no limit). Alias ``build-max-log-size``.")
+    system_features: tuple[str, ...] | None = setting(
+        "system-features", STRINGS, None, trust=True,
+        doc="Features this machine offers to ``requiredSystemFeatures``. Default: ``nixos-test benchmark "
+            "big-parallel``, plus ``kvm`` when ``/dev/kvm`` is usable.")
+    system: str | None = setting(
+        "system", STRING, None, trust=True,
+        doc="The platform this machine builds for. Default: this machine's (e.g. ``x86_64-linux``).")
+    keep_build_log: bool = setting(
+        "keep-build-log", BOOL, True, trust=True,
+        doc="Store each build's raw log under the store's ``log/nix/drvs``. Alias ``build-keep-log``.")
+    compress_build_log: bool = setting(
+        "compress-build-log", BOOL, True, trust=True,
+        doc="Compress stored build logs with bzip2. Alias ``build-compress-log``.")
+    filter_syscalls: bool = setting(
+        "filter-syscalls", BOOL, True, trust=True,
+        doc="Refuse setuid/setgid modes and extended attributes to builders (seccomp).")
+    sandbox_build_dir: str = setting(
+        "sandbox-build-dir", STRING, "/build", trust=True,
+        doc="Where the build directory appears in the sandbox.")
+    sandbox_dev_shm_size: str = setting(
+        "sandbox-dev-shm-size", STRING, "50%", trust=True,
+        doc="Size of the sandbox's ``/dev/shm``.")
+    log_lines: int = setting(
+        "log-lines", UINT, 10, trust=True,
+        doc="How many of a failed build's last log lines an error shows (when the log is not printed).")
+    builders: str = setting(
+        "builders", STRING, "", trust=True,
+        doc="Remote build machines (Nix's syntax); empty: build locally only.")
+    builders_use_substitutes: bool = setting(
+        "builders-use-substitutes", BOOL, False, trust=True,
+        doc="Whether remote builders may substitute inputs themselves.")
     sources: tuple[str, ...] = ()  # the files that were read, in order
 
     @classmethod
@@ -430,8 +530,20 @@ def _parse_line(line: str, source: str, lineno: int) -> tuple[str, list[str]] | 
     return tokens[0], tokens[2:]
 
 
+#: Nix's old names of settings (``--option`` and the files accept both)
+ALIASES = {
+    "build-use-sandbox": "sandbox", "build-use-chroot": "sandbox",
+    "build-chroot-dirs": "sandbox-paths", "build-sandbox-paths": "sandbox-paths",
+    "build-extra-chroot-dirs": "extra-sandbox-paths", "build-extra-sandbox-paths": "extra-sandbox-paths",
+    "build-max-jobs": "max-jobs", "build-cores": "cores", "build-max-silent-time": "max-silent-time",
+    "build-timeout": "timeout", "build-max-log-size": "max-build-log-size", "build-keep-log": "keep-build-log",
+    "build-compress-log": "compress-build-log",
+}
+
+
 def _lookup(known: Mapping[str, Setting], name: str, source: str, lineno: int) -> tuple[Setting, bool]:
     """The setting a name in a file means, and whether it is ``extra-NAME`` (lists only)."""
+    name = ALIASES.get(name, name)
     extra = name.startswith("extra-")
     st = known.get(name[len("extra-"):] if extra else name)
     if st is None or (extra and not st.kind.is_list):

@@ -142,8 +142,9 @@ def test_settings_table_drives_parsing_and_docs() -> None:
     from nartool.config import Config, settings_doc
 
     table = Config.settings()
-    assert list(table) == ["allowed-users", "trusted-users", "trusted-public-keys", "secret-key-files",
-                           "require-sigs"]
+    assert list(table)[:5] == ["allowed-users", "trusted-users", "trusted-public-keys", "secret-key-files",
+                               "require-sigs"]
+    assert {"sandbox", "sandbox-paths", "max-jobs", "build-users-group"} <= set(table)  # the build settings
     # every field but the bookkeeping one is a setting, with the field's default
     assert {f.name for f in dataclasses.fields(Config)} - {st.field for st in table.values()} == {"sources"}
     for st in table.values():
