@@ -369,6 +369,32 @@ class ServeClient:
 
         self._pipelined("ImportPaths", send, body)
 
+    # -- builds
+
+    def build_derivation(self, req: M.BuildDerivationRequest) -> M.BuildResult:
+        """``BuildDerivation`` (8): the derivation goes inline; the reply comes when the remote
+        build ends (its log arrives meanwhile on the remote's stderr)."""
+
+        def go() -> M.BuildResult:
+            self.w.u64(W.CMD_BUILD_DERIVATION)
+            req.write(self.w, self.minor)
+            self.w.flush()
+            return M.BuildResult.read(self.src, self.minor)
+
+        return self._guard("BuildDerivation", go)
+
+    def build_paths(self, paths: Sequence[str], settings: M.BuildSettings) -> tuple[int, str]:
+        """``BuildPaths`` (6): ``(0, "")`` on success, else Nix's exit status and message."""
+
+        def go() -> tuple[int, str]:
+            self.w.u64(W.CMD_BUILD_PATHS).strs(list(paths))
+            settings.write(self.w, self.minor)
+            self.w.flush()
+            status = W.read_u64(self.src, "status")
+            return (0, "") if status == 0 else (status, W.read_str(self.src, "errorMsg", 1 << 20))
+
+        return self._guard("BuildPaths", go)
+
     # -- nartool extension
 
     def check_importable(self, infos: Sequence[PathInfo]) -> list[tuple[str, str]]:

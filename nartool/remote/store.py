@@ -19,6 +19,7 @@ the command locally without ssh, as Nix does.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import BinaryIO
 from urllib.parse import parse_qsl, quote, urlencode
@@ -31,6 +32,7 @@ from ..store.ops import refusal_message
 from ..store.paths import DEFAULT_STORE_DIR
 from ..store.types import PathInfo
 from .client import RemoteError, ServeClient
+from .messages import BuildDerivationRequest, BuildResult, BuildSettings
 
 Connect = Callable[[], ServeClient]
 
@@ -63,8 +65,11 @@ class SSHStore(BaseStore):
     # -- construction
 
     @classmethod
-    def from_uri(cls, rest: str, store_dir: str = DEFAULT_STORE_DIR, *, ssh_opts: Sequence[str] = ()) -> SSHStore:
-        """``rest`` is what follows ``ssh://``: ``[USER@]HOST[?key=value&…]``."""
+    def from_uri(cls, rest: str, store_dir: str = DEFAULT_STORE_DIR, *, ssh_opts: Sequence[str] = (),
+                 stderr_to: object = None) -> SSHStore:
+        """``rest`` is what follows ``ssh://``: ``[USER@]HOST[?key=value&…]``. ``stderr_to`` (an
+        object with ``write(bytes)``/``flush()``) receives the remote's stderr, e.g. a remote
+        build's log; by default it is passed through to ours."""
         from .transport import is_nartool_program, open_transport, serve_command_line
 
         host, _, query = rest.partition("?")
@@ -80,12 +85,19 @@ class SSHStore(BaseStore):
             opts += ["-i", params["ssh-key"]]
         if params.get("compress") == "true":
             opts.append("-C")
+        known_hosts = None
+        if params.get("base64-ssh-public-host-key"):
+            known_hosts = _known_hosts_file(host, params["base64-ssh-public-host-key"])
+            opts.append(f"-oUserKnownHostsFile={known_hosts}")
 
         def connect() -> ServeClient:
-            t = open_transport(host, command, opts)
+            t = open_transport(host, command, opts, stderr_to=stderr_to)
             return ServeClient(t, store_dir=store_dir, compress=compress)
 
-        return cls(connect, name=host, store_dir=store_dir, params=params)
+        st = cls(connect, name=host, store_dir=store_dir, params=params)
+        if known_hosts is not None:
+            weakref.finalize(st, _unlink_quietly, known_hosts)
+        return st
 
     @classmethod
     def from_client(cls, client: ServeClient, *, probe_ext: bool = True) -> SSHStore:
@@ -262,6 +274,20 @@ class SSHStore(BaseStore):
         self._run(lambda c: c.add_to_store_nar_many([info], lambda _p: chunks))
         return info
 
+    # -- builds
+
+    def build_derivation(self, req: BuildDerivationRequest) -> BuildResult:
+        """``BuildDerivation`` on the remote (inputs must already be valid there)."""
+        out = self._run(lambda c: c.build_derivation(req))
+        assert isinstance(out, BuildResult)
+        return out
+
+    def build_paths(self, paths: Sequence[str], settings: BuildSettings) -> tuple[int, str]:
+        """``BuildPaths`` on the remote: ``(0, "")`` or Nix's exit status and message."""
+        out = self._run(lambda c: c.build_paths(paths, settings))
+        assert isinstance(out, tuple)
+        return out
+
     def receive_nars(self, source: BaseStore, infos: Sequence[PathInfo], *,
                      on_done: Callable[[list[str]], None], on_bytes: Callable[[int], None] | None = None,
                      batch_paths: int = 512, batch_bytes: int = 256 << 20) -> None:
@@ -271,6 +297,37 @@ class SSHStore(BaseStore):
         self._run(lambda c: c.add_to_store_nar_many(
             infos, lambda p: source.nar_chunks(p, check=False), on_ack=lambda i: on_done([i.path]),
             on_sent=on_bytes))
+
+
+def _known_hosts_file(host: str, b64_key: str) -> str:
+    """A private known-hosts file naming ``b64_key`` (base64 of an OpenSSH public key line, as
+    Nix's ``base64-ssh-public-host-key`` and the machines file's last column) for ``host``."""
+    import base64
+    import binascii
+    import os
+    import tempfile
+
+    try:
+        key = base64.b64decode(b64_key, validate=True).decode().strip()
+    except (binascii.Error, UnicodeDecodeError) as e:
+        raise StoreError(f"invalid base64-ssh-public-host-key for '{host}': {e}", rule="bad-uri",
+                         got=b64_key) from None
+    if not key or "\n" in key:
+        raise StoreError(f"invalid base64-ssh-public-host-key for '{host}': not one public key line",
+                         rule="bad-uri", got=b64_key)
+    fd, path = tempfile.mkstemp(prefix="nartool-known-hosts-")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{host.rpartition('@')[2]} {key}\n")
+    return path
+
+
+def _unlink_quietly(path: str) -> None:
+    import os
+
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 __all__ = ["SSHStore", "ReadOnlyRemoteError"]

@@ -132,7 +132,7 @@ class ProcessTransport(Transport):
     """A subprocess speaking the protocol on its stdin/stdout."""
 
     def __init__(self, argv: Sequence[str], *, name: str | None = None, env: Mapping[str, str] | None = None,
-                 passthrough: bool = True) -> None:
+                 passthrough: bool = True, stderr_to: Any = None) -> None:
         self.argv = list(argv)
         self.name = name or self.argv[0]
         self.passthrough = passthrough
@@ -143,7 +143,9 @@ class ProcessTransport(Transport):
         self.sink = FdSink(os.dup(self.proc.stdin.fileno()))
         self.proc.stdin.close()
         self._out_fd = self.proc.stdout.fileno()
-        self.tail = _Tail(_stderr_bin() if passthrough else None)
+        # ``stderr_to``: where the server's stderr goes instead of ours (an object with
+        # ``write(bytes)``/``flush()``, e.g. a remote build's log sink)
+        self.tail = _Tail(stderr_to if stderr_to is not None else _stderr_bin() if passthrough else None)
         self._err_thread = threading.Thread(target=self._pump, args=(self.proc.stderr,), daemon=True,
                                             name="nartool-remote-stderr")
         self._err_thread.start()
@@ -213,10 +215,11 @@ class SshTransport(ProcessTransport):
     """``ssh HOST -x -a [NIX_SSHOPTS words] [ssh_opts] -- "COMMAND"``."""
 
     def __init__(self, host: str, ssh_opts: Sequence[str] = (), remote_command: str = "nartool serve --write", *,
-                 env: Mapping[str, str] | None = None, passthrough: bool = True, ssh: str = "ssh") -> None:
+                 env: Mapping[str, str] | None = None, passthrough: bool = True, ssh: str = "ssh",
+                 stderr_to: Any = None) -> None:
         self.host = host
         super().__init__(ssh_argv(host, remote_command, ssh_opts, env, ssh), name=host, env=env,
-                         passthrough=passthrough)
+                         passthrough=passthrough, stderr_to=stderr_to)
 
 
 class PipeTransport(Transport):
@@ -313,8 +316,9 @@ def is_nartool_program(remote_program: str) -> bool:
 
 
 def open_transport(host: str, remote_command: str, ssh_opts: Sequence[str] = (),
-                   env: Mapping[str, str] | None = None) -> ProcessTransport:
-    """Like Nix: ``localhost`` runs ``bash -c COMMAND`` locally, anything else goes through ssh."""
+                   env: Mapping[str, str] | None = None, *, stderr_to: Any = None) -> ProcessTransport:
+    """Like Nix: ``localhost`` runs ``bash -c COMMAND`` locally, anything else goes through ssh.
+    ``stderr_to`` receives the server's stderr instead of our own stderr."""
     if host == "localhost":
-        return LocalTransport(["bash", "-c", remote_command], name=host, env=env)
-    return SshTransport(host, ssh_opts, remote_command, env=env)
+        return LocalTransport(["bash", "-c", remote_command], name=host, env=env, stderr_to=stderr_to)
+    return SshTransport(host, ssh_opts, remote_command, env=env, stderr_to=stderr_to)
