@@ -326,6 +326,37 @@ class Config:
     builders_use_substitutes: bool = setting(
         "builders-use-substitutes", BOOL, False, trust=True,
         doc="Whether remote builders may substitute inputs themselves.")
+    narinfo_cache_positive_ttl: int = setting(
+        "narinfo-cache-positive-ttl", UINT, 3600, trust=False,
+        doc="Seconds a remote cache's answer that it has a path (and its ``nix-cache-info``) is used without "
+            "asking again; after that it is revalidated (``If-None-Match``, a ``304`` keeps it). Nix's name; "
+            "Nix's default is 30 days because Nix never revalidates.")
+    narinfo_cache_negative_ttl: int = setting(
+        "narinfo-cache-negative-ttl", UINT, 3600, trust=False,
+        doc="Seconds a remote cache's answer that it lacks a path is used without asking again (Nix's name "
+            "and default).")
+    connect_timeout: int = setting(
+        "connect-timeout", UINT, 5, trust=False,
+        doc="Seconds to wait for an HTTP connection to a cache (Nix's name; Nix's default 0 means curl's "
+            "300 s). A cache not answering in time is skipped for the rest of the command.")
+    stalled_download_timeout: int = setting(
+        "stalled-download-timeout", UINT, 300, trust=False,
+        doc="Seconds an HTTP transfer may receive nothing before it fails (Nix's name and default).")
+    download_attempts: int = setting(
+        "download-attempts", UINT, 5, trust=False,
+        doc="How often an HTTP request that failed transiently is tried (Nix's name and default).")
+    netrc_file: str = setting(
+        "netrc-file", STRING, "/etc/nartool/netrc", trust=False,
+        doc="A netrc file whose credentials are sent (HTTP Basic) to the hosts it names (as Nix's, whose "
+            "default is ``/etc/nix/netrc``).")
+    cache_serve_upload_from: tuple[str, ...] = setting(
+        "cache-serve-upload-from", STRINGS, ("127.0.0.1", "::1"), trust=True,
+        doc="Client addresses or networks (``10.0.0.0/8``) from which ``nartool cache serve --writable`` "
+            "accepts uploads (PUT); ``*`` means any.")
+    cache_serve_upload_password_file: str = setting(
+        "cache-serve-upload-password-file", STRING, "", trust=True,
+        doc="If set, ``nartool cache serve --writable`` accepts uploads only with HTTP Basic credentials "
+            "whose password is this file's first line (clients put it in their netrc file).")
     sources: tuple[str, ...] = ()  # the files that were read, in order
 
     @classmethod
