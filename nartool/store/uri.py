@@ -6,6 +6,7 @@
 | ``/DIR``, ``DIR``, ``local?root=DIR`` | a local store rooted at ``DIR`` (the layout of ``nix-store --store DIR``) |
 | ``memory://`` | a new, empty in-memory store |
 | ``ssh://[USER@]HOST[?remote-program=…&remote-store=…&ssh-key=…&compress=true]`` | a serve-protocol server (:class:`nartool.remote.store.SSHStore`) |
+| ``file:///DIR[?compression=…&secret-key=…]`` | a binary cache in a directory (:class:`nartool.cache.store.BinaryCacheStore`) |
 
 Every scheme is one row of a table (:data:`STORE_TYPES`); :func:`register_store_type` adds
 one (binary caches register here). Parameters common to every store: ``store`` (the logical
@@ -86,6 +87,7 @@ STORE_TYPES: dict[str, Opener | str] = {
     "local": _open_local,
     "memory": _open_memory,
     "ssh": _open_ssh,
+    "file": "nartool.cache.store:open_file_store",
 }
 
 
