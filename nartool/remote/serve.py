@@ -223,6 +223,10 @@ class _Server:
         self.compress = compress
         self.client_version = 0
         self.minor = 0
+        #: the configuration builds take their options from (None: built-in defaults)
+        self.config: Config | None = None
+        #: settings forced on every build of this session (``--option`` of ``nartool serve``)
+        self.build_overrides: dict[str, str] = {}
 
     # -- plumbing
 
@@ -259,9 +263,9 @@ class _Server:
             W.CMD_DUMP_STORE_PATH: self.dump_store_path,
             W.CMD_IMPORT_PATHS: self.import_paths,
             W.CMD_EXPORT_PATHS: self.export_paths,
-            W.CMD_BUILD_PATHS: self.build,
+            W.CMD_BUILD_PATHS: self.build_paths,
             W.CMD_QUERY_CLOSURE: self.query_closure,
-            W.CMD_BUILD_DERIVATION: self.build,
+            W.CMD_BUILD_DERIVATION: self.build_derivation,
             W.CMD_ADD_TO_STORE_NAR: self.add_to_store_nar,
             W.CMD_EXT_CHECK_IMPORTABLE: self.ext_check_importable,
         }
@@ -338,9 +342,19 @@ class _Server:
         self.w.raw_chunks(self.store.export_paths(paths))
         self.w.flush()
 
-    def build(self) -> None:
+    # -- builds (see nartool.remote.serve_build)
+
+    def build_paths(self) -> None:
         self._need_write("building paths")
-        raise ServeExit("building is not supported yet by nartool serve")
+        from .serve_build import build_paths
+
+        build_paths(self)
+
+    def build_derivation(self) -> None:
+        self._need_write("building paths")
+        from .serve_build import build_derivation
+
+        build_derivation(self)
 
     def import_paths(self) -> None:
         self._need_write("importing paths")
@@ -457,7 +471,7 @@ class _Server:
 
 def serve_command(store: Store, inf: BinaryIO, outf: BinaryIO, *, write: bool, trusted: bool | None = None,
                   config: Config | None = None, user: UserIdentity | None = None, log: LogSink | None = None,
-                  compress: str | None = None) -> int:
+                  compress: str | None = None, build_overrides: Mapping[str, str] | None = None) -> int:
     """Serve one session; returns the exit status (0 = clean EOF at a command boundary).
 
     Trust: with ``config``, ``allowed-users`` decides whether ``user`` (default: the current
@@ -470,7 +484,10 @@ def serve_command(store: Store, inf: BinaryIO, outf: BinaryIO, *, write: bool, t
         log = sys.stderr
     try:
         policy = policy_from_config(write, config, user, trusted)
-        return _Server(store, inf, outf, policy, log, compress).run()
+        server = _Server(store, inf, outf, policy, log, compress)
+        server.config = config
+        server.build_overrides = dict(build_overrides or {})
+        return server.run()
     except ServeExit as e:
         _log(log, f"error: {e.message}")
         return e.code
