@@ -357,6 +357,16 @@ class Config:
         "cache-serve-upload-password-file", STRING, "", trust=True,
         doc="If set, ``nartool cache serve --writable`` accepts uploads only with HTTP Basic credentials "
             "whose password is this file's first line (clients put it in their netrc file).")
+    substituters: tuple[str, ...] = setting(
+        "substituters", STRINGS, (), trust=True,
+        doc="Store URIs (binary caches: ``file://``, ``http(s)://``, ``s3://``; or any store) that paths are "
+            "fetched from instead of being copied or built, tried by priority (``?priority=N`` or the cache's "
+            "``Priority``, lower first; ties in the listed order). Unlike Nix, the default is empty. Alias "
+            "``binary-caches``.")
+    substitute: bool = setting(
+        "substitute", BOOL, True, trust=False,
+        doc="Whether to use the substituters at all (``--option substitute false`` turns them off). Alias "
+            "``build-use-substitutes``.")
     sources: tuple[str, ...] = ()  # the files that were read, in order
 
     @classmethod
@@ -569,6 +579,8 @@ ALIASES = {
     "build-max-jobs": "max-jobs", "build-cores": "cores", "build-max-silent-time": "max-silent-time",
     "build-timeout": "timeout", "build-max-log-size": "max-build-log-size", "build-keep-log": "keep-build-log",
     "build-compress-log": "compress-build-log",
+    "binary-caches": "substituters", "extra-binary-caches": "extra-substituters",
+    "build-use-substitutes": "substitute",
 }
 
 
