@@ -256,11 +256,11 @@ class BinaryCacheStore(BaseStore):
 
     @property
     def priority(self) -> int:
-        """``?priority=`` if given, else the cache's ``Priority``, else 50 (lower is tried first)."""
+        """``?priority=`` if given, else the cache's ``Priority``, else 0 as in Nix (lower is tried first)."""
         if self.params.priority is not None:
             return self.params.priority
         p = self.cache_info().priority
-        return 50 if p is None else p
+        return 0 if p is None else p
 
     @property
     def want_mass_query(self) -> bool:
