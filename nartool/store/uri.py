@@ -7,6 +7,7 @@
 | ``memory://`` | a new, empty in-memory store |
 | ``ssh://[USER@]HOST[?remote-program=…&remote-store=…&ssh-key=…&compress=true]`` | a serve-protocol server (:class:`nartool.remote.store.SSHStore`) |
 | ``file:///DIR[?compression=…&secret-key=…]`` | a binary cache in a directory (:class:`nartool.cache.store.BinaryCacheStore`) |
+| ``http://HOST[/PREFIX]``, ``https://…`` | a binary cache on a web server (:mod:`nartool.cache.http`) |
 | ``s3://BUCKET[/PREFIX][?region=…&endpoint=…&scheme=…&profile=…]`` | a binary cache in an S3 bucket (:mod:`nartool.cache.s3`) |
 
 Every scheme is one row of a table (:data:`STORE_TYPES`); :func:`register_store_type` adds
@@ -90,6 +91,8 @@ STORE_TYPES: dict[str, Opener | str] = {
     "ssh": _open_ssh,
     "file": "nartool.cache.store:open_file_store",
     "s3": "nartool.cache.s3:open_s3_store",
+    "http": "nartool.cache.http:open_http_store",
+    "https": "nartool.cache.http:open_http_store",
 }
 
 
