@@ -1,0 +1,727 @@
+"""The ``http://`` / ``https://`` binary-cache backend: files of a cache on a web server.
+
+A :class:`HttpBackend` is the :class:`~nartool.cache.backend.CacheBackend` of a URL prefix
+(``https://cache.example.org/prefix``): ``GET`` reads a file (streamed: a NAR is never held in
+memory), ``HEAD`` asks whether one exists, ``PUT`` writes one (what ``nix copy --to http://…``
+sends; ``nartool cache serve --writable`` accepts it). As in Nix, ``404``, ``403`` and ``410``
+mean *absent* (S3 buckets without list permission answer ``403``).
+
+Connections: :mod:`http.client`, kept alive and reused (a small pool per host, shared by
+threads), ``TCP_NODELAY`` set. Timeouts are Nix's settings: ``connect-timeout`` bounds the
+connection set-up, ``stalled-download-timeout`` any wait for data. Transient failures
+(connection refused or reset, ``5xx`` other than ``501``/``505``/``511``, ``429``) are retried
+up to ``download-attempts`` times with exponential back-off from 250 ms, as Nix's downloader
+does; a request on a kept-alive connection the server has meanwhile closed is repeated at once
+on a new one. A server that still cannot be reached after that — or does not accept the
+connection within ``connect-timeout`` — is marked *dead*: every later request to it in this
+process fails at once with the same error, so a dead substituter costs its timeout only once.
+Redirects are followed (at most 10). ``Content-Encoding`` (gzip, xz, bzip2, zstd) is decoded,
+as Nix does; a body shorter or longer than its ``Content-Length`` is an error, never a file.
+
+Authentication: Basic credentials from the URL's user info, else from the ``netrc-file``
+(Nix's setting; nartool's default ``/etc/nartool/netrc``) for the request's host — as Nix
+does through curl, and the only authentication ``nix copy --to http://`` has.
+
+``nix-cache-info`` and narinfos go through the :mod:`lookup cache <nartool.cache.lookup>`
+(fresh answers cost no request; stale ones are revalidated with ``If-None-Match`` /
+``If-Modified-Since``); a successful ``PUT`` of a narinfo drops its stored answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import logging
+import netrc
+import os
+import random
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+from urllib.parse import quote, urljoin, urlsplit
+
+from .. import __version__
+from ..errors import StoreError
+from .backend import CacheUnavailableError, check_key
+from .lookup import Answer, Entry, LookupCache, TransferError
+from .store import BinaryCacheStore
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"nartool/{__version__}"
+#: Nix's defaults: ``download-attempts``, ``stalled-download-timeout``; nartool's own for
+#: ``connect-timeout`` (Nix's 0 leaves curl's 300 s, far too long for a dead substituter)
+DEFAULT_TRIES = 5
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 300.0
+DEFAULT_NETRC_FILE = "/etc/nartool/netrc"
+#: first retry delay (doubled per attempt, plus up to as much again at random), as Nix
+RETRY_BASE = 0.25
+MAX_REDIRECTS = 10
+#: idle connections kept per host
+POOL_SIZE = 8
+_CHUNK = 1 << 16
+_NOT_TRANSIENT_5XX = frozenset({501, 505, 511})
+_ABSENT = frozenset({403, 404, 410})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+class HttpError(TransferError):
+    """An HTTP request to a cache failed: a timeout, an unexpected status or a malformed
+    answer. ``url``, ``status`` (when there was one) and ``rule``."""
+
+
+class HttpUnavailableError(CacheUnavailableError):
+    """The server cannot be reached at all (refused, unresolvable, no answer within the
+    connect timeout): the cache is dead for the rest of the process."""
+
+    def __init__(self, message: str, *, url: str) -> None:
+        super().__init__(message, where=url)
+        self.url = url
+
+
+def _is_lookup(key: str) -> bool:
+    """Files answered through the lookup cache: small, and asked for again and again."""
+    return key == "nix-cache-info" or key.endswith(".narinfo")
+
+
+@dataclass(frozen=True)
+class _Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def netloc(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+class _Conn(http.client.HTTPConnection):
+    """``http.client`` with separate connect and read timeouts and ``TCP_NODELAY``."""
+
+    def __init__(self, host: str, port: int, connect_timeout: float, read_timeout: float) -> None:
+        super().__init__(host, port, timeout=read_timeout, blocksize=_CHUNK)
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+
+    def connect(self) -> None:
+        self.sock = _open_socket(self.host, self.port, self.connect_timeout, self.read_timeout)
+
+
+class _TLSConn(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, connect_timeout: float, read_timeout: float,
+                 context: ssl.SSLContext) -> None:
+        super().__init__(host, port, timeout=read_timeout, blocksize=_CHUNK, context=context)
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.tls_context = context
+
+    def connect(self) -> None:
+        sock = _open_socket(self.host, self.port, self.connect_timeout, self.read_timeout)
+        self.sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
+
+
+class _ConnectTimeout(Exception):
+    pass
+
+
+def _open_socket(host: str, port: int, connect_timeout: float, read_timeout: float) -> socket.socket:
+    try:
+        sock = socket.create_connection((host, port), timeout=connect_timeout)
+    except TimeoutError as e:
+        raise _ConnectTimeout(str(e) or "timed out") from None
+    sock.settimeout(read_timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _tls_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    bundle = os.environ.get("NIX_SSL_CERT_FILE")
+    if bundle:
+        ctx.load_verify_locations(bundle)
+    return ctx
+
+
+class _Pool:
+    """Idle kept-alive connections per origin, shared by threads."""
+
+    def __init__(self) -> None:
+        self._idle: dict[_Origin, list[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, origin: _Origin) -> http.client.HTTPConnection | None:
+        with self._lock:
+            idle = self._idle.get(origin)
+            return idle.pop() if idle else None
+
+    def give(self, origin: _Origin, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(origin, [])
+            if len(idle) < POOL_SIZE:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for c in conns:
+            c.close()
+
+
+class _Response:
+    """A response being read: the connection goes back to the pool once its body was read
+    to the end (and the server keeps it open), else it is closed."""
+
+    def __init__(self, backend: HttpBackend, origin: _Origin, conn: http.client.HTTPConnection,
+                 resp: http.client.HTTPResponse, url: str) -> None:
+        self.backend, self.origin, self.conn, self.resp, self.url = backend, origin, conn, resp, url
+        self.status = resp.status
+        self.length = resp.length
+        self.received = 0
+        self.finished = False
+
+    def header(self, name: str) -> str | None:
+        v = self.resp.getheader(name)
+        return None if v is None else v.strip()
+
+    def read(self, n: int) -> bytes:
+        if self.finished:
+            return b""
+        try:
+            data = self.resp.read(n)
+        except http.client.IncompleteRead as e:
+            self.abort()
+            raise HttpError("truncated response: the server closed the connection early", url=self.url,
+                            status=self.status, rule="truncated",
+                            expected=f"{self.received + len(e.partial) + (e.expected or 0)} bytes",
+                            got=f"{self.received + len(e.partial)} bytes") from None
+        except TimeoutError:
+            self.abort()
+            raise HttpError(f"download stalled: no data for {self.backend.read_timeout:g} s", url=self.url,
+                            status=self.status, rule="timeout") from None
+        except (OSError, http.client.HTTPException) as e:
+            self.abort()
+            raise HttpError(f"download failed: {e}", url=self.url, status=self.status, rule="connection") from None
+        if not data and n > 0:
+            self._end()
+        self.received += len(data)
+        return data
+
+    def read_all(self, limit: int) -> bytes:
+        out = bytearray()
+        while True:
+            b = self.read(_CHUNK)
+            if not b:
+                return bytes(out)
+            out += b
+            if len(out) > limit:
+                self.abort()
+                raise HttpError("response too large", url=self.url, rule="too-large", expected=f"at most {limit} bytes")
+
+    def _end(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.length is not None and self.received != self.length:  # pragma: no cover - http.client checks
+            self.conn.close()
+            raise HttpError("response body does not match its Content-Length", url=self.url, rule="truncated",
+                            expected=self.length, got=self.received)
+        if self.resp.will_close:
+            self.conn.close()
+        else:
+            self.backend._pool.give(self.origin, self.conn)
+
+    def drain(self) -> None:
+        """Read and drop a (short) body so the connection can be reused; close it otherwise."""
+        if self.finished:
+            return
+        if self.length is not None and self.length <= (1 << 16):
+            try:
+                while self.read(_CHUNK):
+                    pass
+                return
+            except HttpError:
+                return
+        self.abort()
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.conn.close()
+
+
+class _BodyReader(io.RawIOBase):
+    """A streamed response body as a binary file (decoded if the server set
+    ``Content-Encoding``)."""
+
+    def __init__(self, resp: _Response, read: Any) -> None:
+        super().__init__()
+        self._resp = resp
+        self._read = read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        mv = memoryview(b).cast("B")
+        data = self._read(len(mv))
+        mv[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        return bytes(self._read(size))
+
+    def close(self) -> None:
+        if not self.closed:
+            self._resp.abort() if not self._resp.finished else None
+        super().close()
+
+
+def _decoder(resp: _Response) -> Any:
+    """``read(n)`` of the body, decoded by its ``Content-Encoding``."""
+    enc = (resp.header("Content-Encoding") or "identity").lower()
+    if enc in ("identity", ""):
+        return resp.read
+    if enc not in ("gzip", "x-gzip", "xz", "bzip2", "zstd"):
+        resp.abort()
+        raise HttpError("unsupported Content-Encoding", url=resp.url, rule="bad-encoding",
+                        expected="identity, gzip, xz, bzip2 or zstd", got=enc)
+    from ..compression import CompressionError, open_decompressed
+
+    try:
+        read, method = open_decompressed(resp.read)
+    except CompressionError as e:
+        resp.abort()
+        raise HttpError(f"cannot decode the {enc} body: {e.message}", url=resp.url, rule="bad-encoding") from None
+    want = "gzip" if enc == "x-gzip" else enc
+    if method != want:
+        resp.abort()
+        raise HttpError("body does not match its Content-Encoding", url=resp.url, rule="bad-encoding",
+                        expected=want, got=method)
+
+    def checked(n: int) -> bytes:
+        try:
+            return bytes(read(n))
+        except CompressionError as e:
+            resp.abort()
+            raise HttpError(f"cannot decode the {enc} body: {e.message}", url=resp.url, rule="bad-encoding") from None
+
+    return checked
+
+
+class HttpBackend:
+    """Files under ``url`` (``http://`` or ``https://``, no query) on a web server; see the
+    module docstring. ``lookups`` caches ``nix-cache-info`` and narinfo answers (None: every
+    lookup asks the server)."""
+
+    #: largest narinfo / nix-cache-info accepted (they are a few hundred bytes)
+    MAX_LOOKUP_SIZE = 4 << 20
+
+    def __init__(self, url: str, *, lookups: LookupCache | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 read_timeout: float = DEFAULT_READ_TIMEOUT, tries: int = DEFAULT_TRIES,
+                 netrc_file: str | None = DEFAULT_NETRC_FILE, retry_base: float = RETRY_BASE) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise HttpError("not an http:// or https:// URL", url=url, rule="bad-url")
+        if parts.query or parts.fragment:
+            raise HttpError("a cache URL has no query or fragment here", url=url, rule="bad-url")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise HttpError("invalid port in URL", url=url, rule="bad-url") from None
+        self.origin = _Origin(parts.scheme, parts.hostname, port)
+        self.prefix = parts.path.rstrip("/")
+        self.url = f"{parts.scheme}://{self.origin.netloc}{self.prefix}"
+        self.lookups = lookups
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.tries = max(1, tries)
+        self.retry_base = retry_base
+        self.netrc_file = netrc_file
+        self._url_auth = None
+        if parts.username is not None:
+            cred = f"{parts.username}:{parts.password or ''}".encode()
+            self._url_auth = "Basic " + base64.b64encode(cred).decode("ascii")
+        self._pool = _Pool()
+        self._dead: HttpUnavailableError | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._netrc: netrc.netrc | None | bool = False  # False: not read yet
+
+    # -- the CacheBackend protocol --------------------------------------------------------
+
+    def describe(self) -> str:
+        return self.url
+
+    def file_exists(self, key: str) -> bool:
+        if _is_lookup(key):
+            return self._lookup(key) is not None
+        resp = self._request("HEAD", key)
+        if resp is None:
+            return False
+        resp.drain()
+        return True
+
+    def get_file(self, key: str) -> BinaryIO | None:
+        if _is_lookup(key):
+            body = self._lookup(key)
+            return None if body is None else io.BytesIO(body)
+        resp = self._request("GET", key)
+        if resp is None:
+            return None
+        return io.BufferedReader(_BodyReader(resp, _decoder(resp)), _CHUNK)
+
+    def upsert_file(self, key: str, data: bytes | Iterable[bytes] | BinaryIO, *, mime: str) -> None:
+        resp = self._request("PUT", key, body=data, headers={"Content-Type": mime}, absent_ok=False)
+        assert resp is not None
+        resp.drain()
+        if self.lookups is not None and _is_lookup(key):
+            self.lookups.forget(self.url, key)
+
+    def close(self) -> None:
+        self._pool.close()
+        if self.lookups is not None:
+            self.lookups.close()
+
+    # -- beyond the protocol --------------------------------------------------------------
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """A whole (small) file, None when absent; lookups go through the lookup cache."""
+        if _is_lookup(key):
+            return self._lookup(key)
+        resp = self._request("GET", key)
+        if resp is None:
+            return None
+        return _read_limited(resp, self.MAX_LOOKUP_SIZE)
+
+    def refetch(self, key: str) -> bytes | None:
+        """Ask the server again for a lookup file even if the stored answer is fresh (a NAR
+        named by a cached narinfo has vanished: the narinfo may have changed)."""
+        if self.lookups is None:
+            return self.get_bytes(key)
+        return self.lookups.lookup(self.url, key, lambda prev: self._fetch_lookup(key, prev), revalidate=True)
+
+    def forget(self, key: str) -> None:
+        """Drop the stored answer for a lookup file."""
+        if self.lookups is not None:
+            self.lookups.forget(self.url, key)
+
+    # -- lookups --------------------------------------------------------------------------
+
+    def _lookup(self, key: str) -> bytes | None:
+        if self.lookups is None:
+            ans = self._fetch_lookup(key, None)
+            return ans.body if ans.status == "ok" else None
+        return self.lookups.lookup(self.url, key, lambda prev: self._fetch_lookup(key, prev))
+
+    def _fetch_lookup(self, key: str, previous: Entry | None) -> Answer:
+        headers = {}
+        if previous is not None:
+            if previous.etag:
+                headers["If-None-Match"] = previous.etag
+            if previous.last_modified:
+                headers["If-Modified-Since"] = previous.last_modified
+        resp = self._request("GET", key, headers=headers)
+        if resp is None:
+            return Answer("absent")
+        if resp.status == 304:
+            resp.drain()
+            return Answer("not-modified", etag=resp.header("ETag"), last_modified=resp.header("Last-Modified"))
+        etag, modified = resp.header("ETag"), resp.header("Last-Modified")
+        body = _read_limited(resp, self.MAX_LOOKUP_SIZE)
+        return Answer("ok", body, etag, modified)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _target(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{quote(key, safe='/!$&()*+,;=:@-._~')}"
+
+    def _auth(self, origin: _Origin) -> str | None:
+        if origin == self.origin and self._url_auth is not None:
+            return self._url_auth
+        if self._netrc is False:
+            self._netrc = None
+            if self.netrc_file and os.path.exists(self.netrc_file):
+                try:
+                    self._netrc = netrc.netrc(self.netrc_file)
+                except (netrc.NetrcParseError, OSError) as e:
+                    log.warning("warning: cannot read netrc file '%s': %s", self.netrc_file, e)
+        if not isinstance(self._netrc, netrc.netrc):
+            return None
+        found = self._netrc.authenticators(origin.host)
+        if not found:
+            return None
+        login, _account, password = found
+        return "Basic " + base64.b64encode(f"{login}:{password or ''}".encode()).decode("ascii")
+
+    def _connect(self, origin: _Origin) -> http.client.HTTPConnection:
+        if origin.scheme == "https":
+            if self._tls is None:
+                self._tls = _tls_context()
+            return _TLSConn(origin.host, origin.port, self.connect_timeout, self.read_timeout, self._tls)
+        return _Conn(origin.host, origin.port, self.connect_timeout, self.read_timeout)
+
+    def _request(self, method: str, key: str, *, headers: Mapping[str, str] | None = None,
+                 body: bytes | Iterable[bytes] | BinaryIO | None = None, absent_ok: bool = True) -> _Response | None:
+        """One request with retries and redirects: the response (status 2xx or 304), or None
+        for an absent file. Everything else raises :class:`HttpError`."""
+        if self._dead is not None:
+            raise HttpUnavailableError(self._dead.message, url=f"{self.url}/{key}")
+        origin, target = self.origin, self._target(key)
+        payload, length, rewind = _payload(body)
+        attempt = 0
+        redirects = 0
+        while True:
+            url = f"{origin.scheme}://{origin.netloc}{target}"
+            hdrs = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+            auth = self._auth(origin)
+            if auth:
+                hdrs["Authorization"] = auth
+            if payload is not None:
+                if length is not None:
+                    hdrs["Content-Length"] = str(length)
+                else:
+                    hdrs["Transfer-Encoding"] = "chunked"
+            hdrs.update(headers or {})
+            try:
+                resp = self._send(origin, method, target, hdrs, payload, length is None and payload is not None, url)
+            except _Retry as r:
+                attempt += 1
+                if not r.retry or attempt >= self.tries or (payload is not None and rewind is None):
+                    if r.connect:
+                        self._dead = HttpUnavailableError(f"cannot reach binary cache '{self.url}': "
+                                                          f"{r.error.message}", url=r.error.url)
+                        raise self._dead from None
+                    raise r.error from None
+                if rewind is not None:
+                    payload = rewind()
+                self._backoff(attempt, url, r.error)
+                continue
+            st = resp.status
+            if 200 <= st < 300 or st == 304:
+                return resp
+            if st in _REDIRECTS and resp.header("Location"):
+                resp.drain()
+                redirects += 1
+                if redirects > MAX_REDIRECTS:
+                    raise HttpError("too many redirects", url=url, status=st, rule="redirects")
+                nxt = urlsplit(urljoin(url, resp.header("Location") or ""))
+                if nxt.scheme not in ("http", "https") or not nxt.hostname:
+                    raise HttpError("redirect to a non-HTTP URL", url=url, status=st, rule="redirects",
+                                    got=resp.header("Location"))
+                origin = _Origin(nxt.scheme, nxt.hostname, nxt.port or (443 if nxt.scheme == "https" else 80))
+                target = (nxt.path or "/") + (f"?{nxt.query}" if nxt.query else "")
+                if st == 303:
+                    method, payload = ("HEAD" if method == "HEAD" else "GET"), None
+                elif rewind is not None:
+                    payload = rewind()
+                elif payload is not None:
+                    raise HttpError("cannot repeat a streamed upload for a redirect", url=url, status=st,
+                                    rule="redirects")
+                continue
+            if st in _ABSENT and absent_ok:
+                resp.drain()
+                return None
+            excerpt = _excerpt(resp) if method != "HEAD" else ""
+            transient = (st >= 500 and st not in _NOT_TRANSIENT_5XX) or st == 429 or st == 408
+            err = HttpError(f"HTTP error {st} ({resp.resp.reason}){excerpt}", url=url, status=st,
+                            rule="http-status")
+            attempt += 1
+            if transient and attempt < self.tries and (payload is None or rewind is not None):
+                if rewind is not None:
+                    payload = rewind()
+                self._backoff(attempt, url, err)
+                continue
+            raise err
+
+    def _send(self, origin: _Origin, method: str, target: str, headers: dict[str, str], payload: Any,
+              chunked: bool, url: str) -> _Response:
+        conn = self._pool.take(origin)
+        reused = conn is not None
+        while True:
+            if conn is None:
+                conn = self._connect(origin)
+                try:
+                    conn.connect()
+                except _ConnectTimeout:
+                    conn.close()
+                    raise _Retry(HttpError(f"cannot connect: no answer within the connect timeout "
+                                           f"({self.connect_timeout:g} s)", url=url, rule="connect-timeout"),
+                                 connect=True, retry=False) from None
+                except ssl.SSLError as e:
+                    conn.close()
+                    raise HttpError(f"TLS error: {e}", url=url, rule="tls") from None
+                except OSError as e:
+                    conn.close()
+                    what = e.strerror or str(e) or type(e).__name__
+                    raise _Retry(HttpError(f"cannot connect: {what}", url=url, rule="connection"),
+                                 connect=True) from None
+            try:
+                conn.request(method, target, body=payload, headers=headers, encode_chunked=chunked)
+                resp = conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                conn.close()
+                if reused and payload is None:  # the server closed an idle kept-alive connection
+                    conn, reused = None, False
+                    continue
+                raise _Retry(HttpError(f"connection failed: {e or type(e).__name__}", url=url, rule="connection"),
+                             connect=False) from None
+            except TimeoutError:
+                conn.close()
+                raise _Retry(HttpError(f"no response within {self.read_timeout:g} s", url=url,
+                                       rule="timeout"), connect=False) from None
+            except OSError as e:
+                conn.close()
+                raise _Retry(HttpError(f"connection failed: {e.strerror or e}", url=url, rule="connection"),
+                             connect=False) from None
+            except http.client.HTTPException as e:
+                conn.close()
+                raise _Retry(HttpError(f"malformed HTTP response ({type(e).__name__}: {e})", url=url,
+                                       rule="bad-response"), connect=False) from None
+            r = _Response(self, origin, conn, resp, url)
+            if method == "HEAD" or resp.status == 304 or resp.length == 0:
+                resp.read()
+                r.finished = True
+                if resp.will_close:
+                    conn.close()
+                else:
+                    self._pool.give(origin, conn)
+            return r
+
+    def _backoff(self, attempt: int, url: str, err: HttpError) -> None:
+        delay = self.retry_base * (1 << (attempt - 1))
+        delay += random.uniform(0, delay)
+        log.warning("warning: %s; retrying in %d ms", err, int(delay * 1000))
+        time.sleep(delay)
+
+
+class _Retry(Exception):
+    def __init__(self, error: HttpError, *, connect: bool, retry: bool = True) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.connect = connect
+        self.retry = retry
+
+
+def _payload(body: bytes | Iterable[bytes] | BinaryIO | None) -> tuple[Any, int | None, Any]:
+    """(what to send, its length or None for chunked, a function giving it again or None)."""
+    if body is None:
+        return None, None, None
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        data = bytes(body)
+        return data, len(data), lambda: data
+    if hasattr(body, "read"):
+        f: Any = body
+        try:
+            start = f.tell()
+            end = f.seek(0, os.SEEK_END)
+            f.seek(start)
+        except (OSError, AttributeError, ValueError):
+            return _chunks_of(f), None, None
+
+        def again() -> Any:
+            f.seek(start)
+            return f
+
+        return f, end - start, again
+    return iter(body), None, None
+
+
+def _chunks_of(f: Any) -> Iterator[bytes]:
+    while True:
+        b = f.read(_CHUNK)
+        if not b:
+            return
+        yield b
+
+
+def _read_limited(resp: _Response, limit: int) -> bytes:
+    read = _decoder(resp)
+    out = bytearray()
+    while True:
+        b = read(_CHUNK)
+        if not b:
+            return bytes(out)
+        out += b
+        if len(out) > limit:
+            resp.abort()
+            raise HttpError("file too large for a cache's metadata file", url=resp.url, rule="too-large",
+                            expected=f"at most {limit} bytes")
+
+
+def _excerpt(resp: _Response) -> str:
+    try:
+        if resp.length is not None and resp.length > 4096:
+            resp.abort()
+            return ""
+        text = resp.read_all(4096).decode("utf-8", "replace").strip()
+    except HttpError:
+        return ""
+    text = " ".join(text.split())[:200]
+    return f": {text}" if text else ""
+
+
+class HttpCacheStore(BinaryCacheStore):
+    """An ``http(s)://`` binary cache. A NAR missing behind a narinfo (collected on the server,
+    or the narinfo stored in the lookup cache is out of date) makes it ask for the narinfo once
+    more, bypassing the lookup cache; if the NAR is still missing, the error
+    (``rule="nar-missing"``) lets a substituter fall back to the next cache."""
+
+    backend: HttpBackend
+
+    def nar_chunks(self, path: str, *, check: bool = True) -> Iterator[bytes | bytearray | memoryview]:
+        try:
+            return super().nar_chunks(path, check=check)
+        except StoreError as e:
+            if e.rule != "nar-missing":
+                raise
+            log.info("%s; asking '%s' for the narinfo again", e.message, self.uri)
+        key = self._hash_part(self._path_arg(path)) + ".narinfo"
+        self.forget([self._path_arg(path)])
+        self.backend.refetch(key)
+        return super().nar_chunks(path, check=check)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def backend_from_config(url: str, *, config: Any = None, refresh: bool | None = None) -> HttpBackend:
+    """An :class:`HttpBackend` with the settings of ``config`` (default: the user's) and the
+    user's lookup cache; ``refresh`` (default: :data:`nartool.cache.lookup.REFRESH`) forces
+    revalidation of stored answers."""
+    from . import lookup
+
+    if config is None:
+        from ..config import Config
+
+        config = Config.load()
+    lookups = LookupCache(positive_ttl=config.narinfo_cache_positive_ttl, negative_ttl=config.narinfo_cache_negative_ttl,
+                          refresh=lookup.REFRESH if refresh is None else refresh)
+    return HttpBackend(url, lookups=lookups, connect_timeout=float(config.connect_timeout or DEFAULT_CONNECT_TIMEOUT),
+                       read_timeout=float(config.stalled_download_timeout or DEFAULT_READ_TIMEOUT),
+                       tries=config.download_attempts or 1, netrc_file=config.netrc_file or None)
+
+
+def open_http_store(u: Any, store_dir: str, opts: Mapping[str, Any]) -> BinaryCacheStore:
+    """The ``http://`` / ``https://`` opener (registered in :mod:`nartool.store.uri`)."""
+    if not u.authority:
+        raise StoreError(f"an {u.scheme}:// store needs a host ({u.scheme}://HOST[/PREFIX])", rule="bad-uri",
+                         got=u.text)
+    backend = backend_from_config(f"{u.scheme}://{u.authority}", refresh=opts.get("refresh"))
+    return HttpCacheStore(backend, store_dir=store_dir, params=u.params, scheme=u.scheme)
+
+
+__all__ = ["HttpBackend", "HttpCacheStore", "HttpError", "HttpUnavailableError", "USER_AGENT", "open_http_store",
+           "backend_from_config"]
