@@ -35,6 +35,7 @@ _LAZY = {
     "copy": ("nartool.cli.copy", "copy_cmd"),
     "key": ("nartool.cli.key", "key"),
     "derivation": ("nartool.cli.derivation", "derivation"),
+    "cache": ("nartool.cli.cache", "cache"),
 }
 
 
@@ -58,8 +59,10 @@ class _LazyGroup(click.Group):
 @click.option("--store-dir", default="/nix/store", show_default=True, envvar="NARTOOL_STORE_DIR",
               help="Logical store directory of store paths.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.option("--refresh", is_flag=True,
+              help="Ask binary caches again instead of trusting stored answers (revalidates the lookup cache).")
 @click.pass_context
-def cli(ctx: click.Context, store: str | None, store_dir: str, debug: bool) -> None:
+def cli(ctx: click.Context, store: str | None, store_dir: str, debug: bool, refresh: bool) -> None:
     """nartool: Nix-compatible NAR archives, stores and closure copying.
 
     \b
@@ -71,9 +74,14 @@ def cli(ctx: click.Context, store: str | None, store_dir: str, debug: bool) -> N
       copy-closure   copy closures to or from another machine over SSH
       derivation     show and add derivations (.drv files) as Nix does
       key            generate and inspect ed25519 signing keys (Nix's format)
+      cache          serve a store as an HTTP binary cache (`cache serve`)
     Run `nartool COMMAND --help` for details.
     """
     ctx.obj = Ctx(store, store_dir, debug)
+    if refresh:
+        from ..cache.lookup import set_refresh
+
+        set_refresh()
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
