@@ -410,16 +410,18 @@ def _build_on(store: Any, machine: Machine, drv_path: str, drv: Derivation | Bas
     sink = _LineLog(log)
     remote = open_machine_store(machine, store.store_dir, stderr_to=sink)
     try:
-        try:
-            remote.query_valid_paths([])  # connects (handshake) now: a dead machine is skipped
-        except (RemoteError, OSError) as e:
-            raise _ConnectFailed(str(e)) from None
         log_.info("building '%s' on '%s'", drv_path, machine.uri)
         if isinstance(drv, Derivation):
             inputs = _input_paths(store, drv)
             basic = BasicDerivation.from_derivation(drv, inputs, store.store_dir)
         else:
             basic, inputs = drv, closure(store, drv.input_srcs)
+        try:
+            # the session starts with the copy's validity query (no round trip of its own): a
+            # machine that cannot be reached is skipped
+            remote.client  # noqa: B018 - connects
+        except (RemoteError, OSError) as e:
+            raise _ConnectFailed(str(e)) from None
         _upload(store, remote, machine, inputs)
         req = BuildDerivationRequest(drv_path, basic, build_settings(options))
         result: BuildResult = remote.build_derivation(req)

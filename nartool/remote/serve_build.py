@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import _thread
 import json
+import re
 import select
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -178,6 +179,35 @@ def realisations(drv_path: str, basic: BasicDerivation, store_dir: str,
     return tuple(sorted(out))
 
 
+def _m(s: str) -> str:
+    return f"\x1b[35;1m{s}\x1b[0m"
+
+
+#: Nix's build failure messages and which of their parts it colours
+_COLOURED: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str]], ...] = (
+    (re.compile(r"builder for '(.+)' failed with exit code (\d+)"),
+     lambda m: f"builder for '{_m(m[1])}' failed with exit code {m[2]}"),
+    (re.compile(r"builder for '(.+)' (failed due to signal .*)"), lambda m: f"builder for '{_m(m[1])}' {m[2]}"),
+    (re.compile(r"(.+) timed out after (\d+) seconds of silence"),
+     lambda m: f"{_m(m[1])} timed out after {_m(m[2])} seconds of silence"),
+    (re.compile(r"(.+) timed out after (\d+) seconds"), lambda m: f"{_m(m[1])} timed out after {_m(m[2])} seconds"),
+    (re.compile(r"(.+) killed after writing more than (\d+) bytes of log output"),
+     lambda m: f"{_m(m[1])} killed after writing more than {_m(m[2])} bytes of log output"),
+)
+
+
+def nix_colours(message: str) -> str:
+    """A build error message with Nix's colours (as its ``BuildResult.errorMsg`` carries them:
+    a reset first, the quoted values in bold magenta). Already coloured text is kept."""
+    if not message or "\x1b" in message:
+        return message
+    for pat, fmt in _COLOURED:
+        m = pat.fullmatch(message)
+        if m:
+            return "\x1b[0m" + fmt(m)
+    return "\x1b[0m" + message
+
+
 def nix_error_text(message: str) -> str:
     """``message`` as Nix sends it in ``BuildPaths``' reply: coloured ``error:`` prefix."""
     return ERROR_PREFIX + message
@@ -294,9 +324,12 @@ def build_derivation(server: _Server) -> None:
     if result.status in _SUCCESS:
         result = M.BuildResult(result.status, result.error_msg, result.times_built, result.is_non_deterministic,
                                result.start_time, result.stop_time, realisations(req.drv_path, basic, sd, built))
+    elif result.status == M.BuildStatus.TIMED_OUT:
+        # as Nix 2.8 reports a timed-out build: not counted as built, no start time
+        result = M.BuildResult(result.status, nix_colours(result.error_msg), 0, False, 0, result.stop_time, ())
     else:
-        result = M.BuildResult(result.status, result.error_msg, result.times_built, result.is_non_deterministic,
-                               result.start_time, result.stop_time, ())
+        result = M.BuildResult(result.status, nix_colours(result.error_msg), result.times_built,
+                               result.is_non_deterministic, result.start_time, result.stop_time, ())
     result.write(server.w, server.minor)
     server.w.flush()
 
@@ -341,11 +374,11 @@ def build_paths(server: _Server) -> None:
         server.w.u64(0).flush()
         return
     if len(failed) == 1:
-        msg = failed[0].error_msg
+        msg = nix_colours(failed[0].error_msg)
     else:
         msg = "build of " + ", ".join(f"'{t}'" for t in drvs) + " failed"
     if not msg.startswith(ERROR_PREFIX):
-        msg = nix_error_text(msg)
+        msg = nix_error_text(msg.removeprefix("\x1b[0m"))
     server.w.u64(exit_status(results)).str_(msg).flush()
 
 

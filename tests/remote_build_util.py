@@ -1,0 +1,147 @@
+"""Shared parts of the remote-build tests: stores holding busybox as the builder, derivation
+chains instantiated by real Nix, a recording wrapper for the remote program, and a parser of
+the client-to-server bytes it captures (to check which commands a client sent)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from nartool.nar.source import ByteSource
+from nartool.remote import messages as M
+from nartool.remote import wire as W
+from nartool.store.local import LocalStore
+
+from .conftest import require
+from .helpers import nix_env
+
+BUSYBOX = "/nix/store/ap5lw0pk87zllpr8psdiqgxx50yqpp1h-busybox"
+BUSYBOX_BIN = "/bin/busybox"
+SYSTEM = "x86_64-linux"
+
+#: derivations for the tests; ``what`` picks one; ``n`` is the length of ``chainN``
+EXPR = """{ busybox, what, n ? 2, tag ? "" }:
+let
+  bb = builtins.storePath busybox;
+  sh = "${bb}/bin/sh";
+  mk = name: script: derivation { inherit name; system = builtins.currentSystem; builder = sh;
+                                  args = [ "-c" script ]; };
+  base = mk "rb-base" "echo building base; echo base > $out";
+  top = mk "rb-top" "echo building top; cat ${base} > $out; echo top >> $out";
+  step = i: prev: mk "rb-step-${toString i}${tag}"
+    (if prev == null then "echo step 0; echo 0 > $out" else "echo step ${toString i}; cat ${prev} > $out; echo ${toString i} >> $out");
+  go = i: if i == 0 then step 0 null else step i (go (i - 1));
+  fail = mk "rb-fail" "echo about to fail; echo second line; exit 3";
+  silent = mk "rb-silent" "echo going quiet; sleep 5; echo never > $out";
+  refs = mk "rb-refs" "mkdir $out; echo ${base} > $out/ref; ln -s ${bb}/bin/sh $out/sh; printf 'no newline at the end'";
+in { chain = top; inherit fail silent refs; chainN = go (n - 1); }.${what}
+"""
+
+
+def require_busybox() -> None:
+    require("NIX", os.access(BUSYBOX_BIN, os.X_OK) and shutil.which("nix-instantiate") is not None,
+            f"{BUSYBOX_BIN} (busybox-static) and nix-instantiate are needed for the remote-build tests")
+
+
+def busybox_tree(tmp: Path) -> Path:
+    """A directory ``busybox/bin/{busybox,sh}`` (added to a store it is :data:`BUSYBOX`)."""
+    d = tmp / "busybox-src" / "busybox"
+    if not d.exists():
+        (d / "bin").mkdir(parents=True)
+        shutil.copy(BUSYBOX_BIN, d / "bin" / "busybox")
+        (d / "bin" / "sh").symlink_to("busybox")
+    return d
+
+
+def make_store(root: Path, tmp: Path, with_busybox: bool = True) -> Path:
+    """A store at ``root`` (made by nartool) holding busybox."""
+    st = LocalStore(root)
+    try:
+        if with_busybox:
+            p = st.add_path(busybox_tree(tmp)).path
+            if p != BUSYBOX:
+                require("NIX", False, f"{BUSYBOX_BIN} is not the busybox these tests expect (it added as {p})")
+    finally:
+        st.close()
+    return root
+
+
+def instantiate(store: Path, tmp: Path, what: str, **args: str | int) -> str:
+    """``nix-instantiate`` the derivation ``what`` of :data:`EXPR` into ``store``; its .drv path."""
+    expr = tmp / "rb.nix"
+    expr.write_text(EXPR)
+    argv = ["nix-instantiate", "--store", os.fspath(store), "--arg", "busybox", f'"{BUSYBOX}"', "--argstr", "what", what]
+    for k, v in args.items():
+        argv += ["--arg", k, str(v)] if isinstance(v, int) else ["--argstr", k, v]
+    r = subprocess.run([*argv, os.fspath(expr)], env=nix_env(), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise AssertionError(f"nix-instantiate failed: {r.stderr}")
+    return r.stdout.strip().splitlines()[-1].split("!")[0]
+
+
+RECORDER = """#!/bin/sh
+# records what the client sends to the remote program and passes everything through
+n=$(cat "{dir}/counter" 2>/dev/null || echo 0); n=$((n + 1)); echo $n > "{dir}/counter"
+exec 3>"{dir}/session-$n.c2s"
+tee /dev/fd/3 | {program} "$@"
+"""
+
+
+def recorder(tmp: Path, program: str, name: str = "recorder") -> tuple[Path, Path]:
+    """A remote program that records each session's client bytes to ``DIR/session-N.c2s`` and
+    runs ``program "$@"``; returns (the program, DIR)."""
+    d = tmp / f"{name}-sessions"
+    d.mkdir(parents=True, exist_ok=True)
+    p = tmp / name
+    p.write_text(RECORDER.format(dir=d, program=program))
+    p.chmod(0o755)
+    return p, d
+
+
+@dataclass
+class Command:
+    number: int
+    detail: object = None
+
+
+def parse_c2s(data: bytes, store_dir: str = "/nix/store") -> list[Command]:
+    """The commands a client sent in one session (after the handshake)."""
+    chunks = [data]
+
+    def read(n: int) -> bytes:
+        if not chunks:
+            return b""
+        out, chunks[0] = chunks[0][:n], chunks[0][n:]
+        if not chunks[0]:
+            chunks.clear()
+        return out
+
+    src = ByteSource(read, "c2s")
+    W.read_u64(src, "magic")
+    minor = W.version_minor(W.read_u64(src, "version"))
+    out: list[Command] = []
+    while not src.at_eof():
+        cmd = W.read_u32(src, "command")
+        if cmd == W.CMD_QUERY_VALID_PATHS:
+            W.read_u64(src, "lock")
+            W.read_u64(src, "substitute")
+            out.append(Command(cmd, W.read_path_set(src, store_dir, "paths")))
+        elif cmd == W.CMD_ADD_TO_STORE_NAR:
+            h = M.AddToStoreNarHeader.read(src, store_dir)
+            src.skip(h.nar_size)
+            out.append(Command(cmd, h.path))
+        elif cmd == W.CMD_BUILD_DERIVATION:
+            out.append(Command(cmd, M.BuildDerivationRequest.read(src, store_dir, minor)))
+        elif cmd == W.CMD_QUERY_PATH_INFOS:
+            out.append(Command(cmd, W.read_path_set(src, store_dir, "paths")))
+        elif cmd == W.CMD_DUMP_STORE_PATH:
+            out.append(Command(cmd, W.read_str(src, "path")))
+        elif cmd == W.CMD_QUERY_CLOSURE:
+            W.read_u64(src, "includeOutputs")
+            out.append(Command(cmd, W.read_path_set(src, store_dir, "paths")))
+        else:
+            raise AssertionError(f"unexpected command {cmd} in a remote-build session")
+    return out
