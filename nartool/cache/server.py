@@ -76,6 +76,8 @@ CACHE_CONTROL_MISSING = "no-store"
 MAX_SMALL_UPLOAD = 16 << 20
 #: spooled NARs whose narinfo never came are dropped after this many seconds
 SPOOL_MAX_AGE = 3600
+#: where a local store's upload aliases are kept (in its state directory)
+ALIASES_DB = "nartool-cache-serve.sqlite"
 _CHUNK = 1 << 16
 _HASH_RE = re.compile(r"[0-9a-df-np-sv-z]{32}\Z")
 _NAR_RE = re.compile(r"nar/([0-9a-df-np-sv-z]{32})-([0-9a-df-np-sv-z]{52})\.nar(\.zst)?\Z")
@@ -135,7 +137,7 @@ class CacheServer(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(self.options.max_connections)
         self._conns: dict[socket.socket, bool] = {}  # socket -> busy with a request
         self._conns_lock = threading.Lock()
-        self._threads: set[threading.Thread] = set()
+        self._workers: set[threading.Thread] = set()
         self._closing = threading.Event()
         # a store that is not safe to share between threads is used by one request at a time
         from ..store.local import LocalStore
@@ -145,6 +147,7 @@ class CacheServer(ThreadingHTTPServer):
         self._uploads_lock = threading.Lock()
         self._spool = tempfile.mkdtemp(prefix="nartool-cache-serve-", dir=self.options.spool_dir)
         self._networks = [_network(a) for a in self.options.upload_from]
+        self.aliases = _Aliases(os.path.join(store.state_dir, ALIASES_DB) if isinstance(store, LocalStore) else None)
         super().__init__(address, _Handler)
 
     @property
@@ -165,7 +168,7 @@ class CacheServer(ThreadingHTTPServer):
         t = threading.Thread(target=self._run, args=(request, client_address), daemon=True,
                              name=f"cache-serve {client_address[0]}")
         with self._conns_lock:
-            self._threads.add(t)
+            self._workers.add(t)
         t.start()
 
     def _run(self, request: Any, client_address: Any) -> None:
@@ -178,7 +181,7 @@ class CacheServer(ThreadingHTTPServer):
         finally:
             with self._conns_lock:
                 self._conns.pop(request, None)
-                self._threads.discard(threading.current_thread())
+                self._workers.discard(threading.current_thread())
             self.shutdown_request(request)
             self._slots.release()
 
@@ -212,7 +215,7 @@ class CacheServer(ThreadingHTTPServer):
         deadline = time.monotonic() + self.options.drain_timeout
         while True:
             with self._conns_lock:
-                threads = list(self._threads)
+                threads = list(self._workers)
             if not threads:
                 break
             left = deadline - time.monotonic()
@@ -235,6 +238,7 @@ class CacheServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         shutil.rmtree(self._spool, ignore_errors=True)
+        self.aliases.close()
 
     # -- store access ---------------------------------------------------------------------
 
@@ -368,6 +372,7 @@ class CacheServer(ThreadingHTTPServer):
             with self._locked():
                 valid = self.store.is_valid(ni.store_path)
             if valid:
+                self.aliases.add(ni.url, ni.store_path, ni.nar_hash)
                 return ni.store_path
             raise _Reply(400, f"the NAR '{ni.url}' of '{ni.store_path}' was not uploaded first")
         if ni.file_size is not None and ni.file_size != up.size:
@@ -392,12 +397,43 @@ class CacheServer(ThreadingHTTPServer):
                 raise _Reply(400, f"the NAR of '{ni.store_path}' cannot be decompressed: {e}") from None
             except NartoolError as e:
                 raise _Reply(400, f"cannot add '{ni.store_path}': {e}") from None
+        self.aliases.add(ni.url, ni.store_path, ni.nar_hash)
         with self._uploads_lock:
             if self._uploads.get(ni.url) is up:
                 del self._uploads[ni.url]
         _unlink(up.path)
         log.info("cache serve: added '%s'", ni.store_path)
         return ni.store_path
+
+
+class _Aliases:
+    """The NAR names uploads used (``nar/<FileHash>.nar.xz``…), each with its store path and
+    NAR hash. Nix remembers the narinfo it uploaded and later asks for the NAR under that
+    name, so the server answers it too, with the NAR generated from the store and compressed
+    with zstd: Nix 2.8 detects the compression of what it gets (an xz name, zstd bytes), but
+    refuses an uncompressed NAR where the narinfo it has says otherwise. Kept in the store's state directory (in memory for
+    other stores)."""
+
+    def __init__(self, path: str | None) -> None:
+        import sqlite3
+
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path or ":memory:", timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._db.execute("create table if not exists Aliases (key text primary key, path text not null, "
+                         "narHash text not null)")
+
+    def add(self, key: str, path: str, nar_hash: str) -> None:
+        with self._lock:
+            self._db.execute("insert or replace into Aliases values (?, ?, ?)", (key, path, nar_hash))
+
+    def get(self, key: str) -> tuple[str, str] | None:
+        with self._lock:
+            row = self._db.execute("select path, narHash from Aliases where key = ?", (key,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
 
 
 def _unlink(path: str) -> None:
@@ -543,10 +579,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _nar(self, key: str, head: bool) -> None:
         m = _NAR_RE.match(key)
-        if m is None:
-            raise _Reply(404, "not found")
-        hp, nar_hash, zst = m.group(1), m.group(2), bool(m.group(3))
-        info = self.server.info_of(hp)
+        if m is not None:
+            hp, nar_hash, zst = m.group(1), m.group(2), bool(m.group(3))
+            info = self.server.info_of(hp)
+        else:
+            alias = self.server.aliases.get(key)
+            if alias is None:
+                raise _Reply(404, "not found")
+            path, alias_hash = alias
+            nar_hash = Hash.parse(alias_hash).nix32
+            zst = True  # whatever its name says: Nix detects the compression (but refuses a plain NAR)
+            info = self.server.info_of(StorePath.parse(path, self.server.store.store_dir).hash_part)
         if info is None or info.nar_hash.nix32 != nar_hash:
             raise _Reply(404, "no such NAR")
         etag = f'"{nar_hash}{"-zst" if zst else ""}"'
