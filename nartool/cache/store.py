@@ -87,7 +87,7 @@ class CacheParams:
         known = BASE_PARAMS | frozenset(backend_params)
         for k in params:
             if k not in known:
-                log.warning("unknown setting '%s'", k)
+                log.warning("warning: unknown setting '%s'", k)
 
         def boolean(name: str, default: bool) -> bool:
             v = params.get(name)
@@ -166,14 +166,123 @@ def compressobj(method: str, level: int | None = None, parallel: bool = False) -
     if method == "bzip2":
         return bz2.BZ2Compressor(9 if level is None or level < 1 else level)
     if method == "zstd":
+        lvl = 3 if level is None or level < 0 else level
+        if not parallel:
+            sysz = SystemZstd.create(lvl)
+            if sysz is not None:
+                return sysz
         import zstandard
 
-        return zstandard.ZstdCompressor(level=3 if level is None or level < 0 else level,
-                                        threads=-1 if parallel else 0).compressobj()
+        return zstandard.ZstdCompressor(level=lvl, threads=-1 if parallel else 0).compressobj()
     if method == "gzip":
         return zlib.compressobj(6 if level is None or level < 0 else level, zlib.DEFLATED, 31)
     raise CacheParamError(f"nartool cannot write '{method}' compressed NARs", rule="bad-compression",
                           expected="|".join(WRITABLE), got=method)
+
+
+class SystemZstd:
+    """Single-threaded streaming zstd through the system's ``libzstd`` (the library Nix links).
+
+    zstd's output depends on the library version (1.5.4 and 1.5.7 compress the same input
+    larger than one block differently), so the bytes Nix writes are reproduced with the same
+    library Nix uses; the ``zstandard`` package (which bundles its own copy) is the fallback
+    when no system library is found. ``NARTOOL_SYSTEM_ZSTD=0`` turns this off."""
+
+    _lib: Any = None
+    _tried = False
+    _C_LEVEL = 100  # ZSTD_c_compressionLevel
+    _CONTINUE, _END = 0, 2  # ZSTD_e_continue, ZSTD_e_end
+
+    @classmethod
+    def library(cls) -> Any:
+        if not cls._tried:
+            cls._tried = True
+            if os.environ.get("NARTOOL_SYSTEM_ZSTD", "1") == "0":
+                return None
+            import ctypes
+            import ctypes.util
+
+            name = ctypes.util.find_library("zstd")
+            if name is None:
+                return None
+            try:
+                lib = ctypes.CDLL(name)
+                lib.ZSTD_createCCtx.restype = ctypes.c_void_p
+                lib.ZSTD_freeCCtx.argtypes = [ctypes.c_void_p]
+                lib.ZSTD_CCtx_setParameter.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+                lib.ZSTD_CCtx_setParameter.restype = ctypes.c_size_t
+                lib.ZSTD_compressStream2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                lib.ZSTD_compressStream2.restype = ctypes.c_size_t
+                lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+                lib.ZSTD_isError.restype = ctypes.c_uint
+                lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+                lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+                lib.ZSTD_CStreamOutSize.restype = ctypes.c_size_t
+                lib.ZSTD_versionNumber.restype = ctypes.c_uint
+            except (OSError, AttributeError):
+                return None
+            cls._lib = lib
+        return cls._lib
+
+    @classmethod
+    def create(cls, level: int) -> SystemZstd | None:
+        lib = cls.library()
+        return None if lib is None else cls(lib, level)
+
+    def __init__(self, lib: Any, level: int) -> None:
+        import ctypes
+
+        class Buf(ctypes.Structure):
+            _fields_ = [("ptr", ctypes.c_void_p), ("size", ctypes.c_size_t), ("pos", ctypes.c_size_t)]
+
+        self._ct = ctypes
+        self._Buf = Buf
+        self.lib = lib
+        self.cctx = lib.ZSTD_createCCtx()
+        if not self.cctx:
+            raise MemoryError("ZSTD_createCCtx failed")
+        self._check(lib.ZSTD_CCtx_setParameter(self.cctx, self._C_LEVEL, level))
+        self.out_size = int(lib.ZSTD_CStreamOutSize())
+        self.out = ctypes.create_string_buffer(self.out_size)
+
+    def _check(self, rc: int) -> int:
+        if self.lib.ZSTD_isError(rc):
+            raise CacheParamError(f"zstd: {self.lib.ZSTD_getErrorName(rc).decode()}", rule="compression-failed")
+        return rc
+
+    def _run(self, data: bytes, mode: int) -> bytes:
+        ct = self._ct
+        src = ct.create_string_buffer(data, len(data)) if data else None
+        inb = self._Buf(ct.cast(src, ct.c_void_p) if src is not None else None, len(data), 0)
+        parts = []
+        while True:
+            outb = self._Buf(ct.cast(self.out, ct.c_void_p), self.out_size, 0)
+            rc = self._check(self.lib.ZSTD_compressStream2(self.cctx, ct.byref(outb), ct.byref(inb), mode))
+            if outb.pos:
+                parts.append(self.out.raw[: outb.pos])
+            if mode == self._END:
+                if rc == 0:
+                    break
+            elif inb.pos == inb.size:
+                break
+        return b"".join(parts)
+
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes:
+        return self._run(bytes(data), self._CONTINUE) if len(data) else b""
+
+    def flush(self) -> bytes:
+        try:
+            return self._run(b"", self._END)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.cctx:
+            self.lib.ZSTD_freeCCtx(self.cctx)
+            self.cctx = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class _Listing:
@@ -511,6 +620,12 @@ def _verified_nar(f: BinaryIO, ni: NarInfo, where: str) -> Iterator[bytes]:
             try:
                 b = read(1 << 20)
             except CompressionError as e:
+                if fh is not None:  # a damaged file: say so if its FileHash tells
+                    while raw_read(1 << 20):
+                        pass
+                    if ni.file_hash is not None and not _same_hash(fh, ni.file_hash):
+                        raise fail(f"file '{ni.url}' does not match its FileHash", "file-hash-mismatch",
+                                   expected=ni.file_hash) from None
                 raise fail(f"corrupt compressed NAR '{ni.url}': {e.message}", "corrupt-nar") from None
             if not b:
                 break
@@ -527,11 +642,9 @@ def _verified_nar(f: BinaryIO, ni: NarInfo, where: str) -> Iterator[bytes]:
         if ni.file_size is not None and raw_size != ni.file_size:
             raise fail(f"file '{ni.url}' does not match its FileSize", "file-size-mismatch", expected=ni.file_size,
                        got=raw_size)
-        if fh is not None and ni.file_hash is not None:
-            algo = ni.file_hash.split(":", 1)[0]
-            if Hash(algo, fh.digest()).prefixed("nix32") != Hash.parse(ni.file_hash).prefixed("nix32"):
-                raise fail(f"file '{ni.url}' does not match its FileHash", "file-hash-mismatch",
-                           expected=ni.file_hash, got=Hash(algo, fh.digest()).prefixed("nix32"))
+        if fh is not None and ni.file_hash is not None and not _same_hash(fh, ni.file_hash):
+            raise fail(f"file '{ni.url}' does not match its FileHash", "file-hash-mismatch", expected=ni.file_hash,
+                       got=Hash(ni.file_hash.split(":", 1)[0], fh.digest()).prefixed("nix32"))
         if nh.digest() != Hash.parse(ni.nar_hash).digest:
             raise fail("hash mismatch importing path", "hash-mismatch", expected=ni.nar_hash,
                        got=Hash("sha256", nh.digest()).prefixed("nix32"))
@@ -539,6 +652,10 @@ def _verified_nar(f: BinaryIO, ni: NarInfo, where: str) -> Iterator[bytes]:
             yield held
     finally:
         f.close()
+
+
+def _same_hash(h: Any, text: str) -> bool:
+    return bool(h.digest() == Hash.parse(text).digest)
 
 
 def open_cache_store(backend: CacheBackend, u: Any, store_dir: str, *, backend_params: Iterable[str] = (),

@@ -65,7 +65,7 @@ class Substituters:
             try:
                 opened.append(open_store(uri, store_dir=store_dir))
             except NartoolError as e:
-                log.warning("substituter '%s' is unusable: %s", uri, e)
+                log.warning("warning: substituter '%s' is unusable: %s", uri, e)
         return cls(cls.order(opened))
 
     @staticmethod
@@ -75,10 +75,10 @@ class Substituters:
             try:
                 pr = priority_of(s)
             except CacheUnavailableError as e:
-                log.warning("substituter '%s' is unreachable: %s", s.uri, e.message)
+                log.warning("warning: substituter '%s' is unreachable: %s", s.uri, e.message)
                 pr = 1 << 30
             except StoreError as e:  # e.g. a StoreDir mismatch: Nix warns and skips it
-                log.warning("substituter '%s' is unusable: %s", s.uri, e)
+                log.warning("warning: substituter '%s' is unusable: %s", s.uri, e)
                 continue
             keyed.append((pr, i, s))
         return [s for _, _, s in sorted(keyed, key=lambda t: (t[0], t[1]))]
@@ -89,7 +89,7 @@ class Substituters:
     def kill(self, store: BaseStore, why: object) -> None:
         if id(store) not in self.dead:
             self.dead.add(id(store))
-            log.warning("substituter '%s' is unreachable, skipping it: %s", store.uri, why)
+            log.warning("warning: substituter '%s' is unreachable, skipping it: %s", store.uri, why)
 
     def close(self) -> None:
         for s in self.stores:
@@ -140,7 +140,7 @@ def substitute_paths(store: BaseStore, paths: Iterable[str], config: Config | No
                 if _unreachable(e):
                     subs.kill(sub, e)
                 else:
-                    log.warning("substituter '%s' failed: %s", sub.uri, e)
+                    log.warning("warning: substituter '%s' failed: %s", sub.uri, e)
                 continue
             except OSError as e:
                 subs.kill(sub, e)
@@ -153,7 +153,7 @@ def substitute_paths(store: BaseStore, paths: Iterable[str], config: Config | No
                     if sigs_needed and check_locally and not is_trusted_substituter(sub):
                         refused = unsigned_refusals(moving, store.store_dir, keys)
                         if refused:
-                            log.warning("the substitute for '%s' from '%s' is not signed by any of the keys in "
+                            log.warning("warning: the substitute for '%s' from '%s' is not signed by any of the keys in "
                                         "'trusted-public-keys'", refused[0][0], sub.uri)
                             continue
                     r = copy_paths(sub, store, [p], check_sigs=False)
@@ -163,7 +163,7 @@ def substitute_paths(store: BaseStore, paths: Iterable[str], config: Config | No
                     if _unreachable(e):
                         subs.kill(sub, e)
                         break
-                    log.warning("cannot substitute '%s' from '%s': %s", p, sub.uri, e)
+                    log.warning("warning: cannot substitute '%s' from '%s': %s", p, sub.uri, e)
                 except OSError as e:
                     subs.kill(sub, e)
                     break
