@@ -232,10 +232,11 @@ class _Response:
         if self.finished:
             return
         self.finished = True
-        if self.length is not None and self.received != self.length:  # pragma: no cover - http.client checks
+        announced = self.resp.getheader("Content-Length")
+        if announced is not None and announced.strip().isdigit() and self.received != int(announced):
             self.conn.close()
-            raise HttpError("response body does not match its Content-Length", url=self.url, rule="truncated",
-                            expected=self.length, got=self.received)
+            raise HttpError("truncated response: the body ended before its Content-Length", url=self.url,
+                            rule="truncated", expected=f"{announced.strip()} bytes", got=f"{self.received} bytes")
         if self.resp.will_close:
             self.conn.close()
         else:
