@@ -17,12 +17,16 @@ from .common import report_copy
               help="Do not require signatures of what a local destination receives.")
 @click.option("--include-outputs", is_flag=True, help="Also copy the valid outputs of derivations in the closure.")
 @click.option("--dry-run", is_flag=True, help="Only show what would be copied.")
+@click.option("-s", "--substitute-on-destination", "substitute", is_flag=True,
+              help="First let the destination fetch what it lacks from the configured `substituters` (binary "
+                   "caches, signatures checked); only the rest is copied from the source (as `nix copy -s`).")
 @click.option("-v", "--verbose", count=True,
               help="More output (repeatable): -v also prints the summary line when stderr is not a terminal.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (camelCase keys).")
 @click.pass_context
 def copy_cmd(ctx: click.Context, src_uri: str | None, dst_uri: str | None, paths: tuple[str, ...],
-             no_check_sigs: bool, include_outputs: bool, dry_run: bool, verbose: int, as_json: bool) -> None:
+             no_check_sigs: bool, include_outputs: bool, dry_run: bool, substitute: bool, verbose: int,
+             as_json: bool) -> None:
     """Copy the closures of PATHs from one store to another, like `nix copy`.
 
     \b
@@ -63,6 +67,10 @@ def copy_cmd(ctx: click.Context, src_uri: str | None, dst_uri: str | None, paths
         config = Config.load()
         check_sigs = config.require_sigs
         keys = dict(config.trusted_keys())
+    if substitute and not dry_run:
+        from ..cache.substitute import substitute_paths
+
+        substitute_paths(dst, src.closure(store_paths, include_outputs=include_outputs))
     show = sys.stderr.isatty() and not as_json
     progress = None
     log = None

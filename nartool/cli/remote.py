@@ -161,8 +161,9 @@ class NixLog:
 @click.option("--xz", "xz", is_flag=True,
               help="As nix-copy-closure 2.8: warns that it is not implemented and falls back to --gzip.")
 @click.option("-s", "--use-substitutes", is_flag=True,
-              help="Accepted for nix-copy-closure compatibility; a no-op today (nartool has no substituters, "
-                   "so every missing path is sent over the connection).")
+              help="With --from: first fetch what the local store lacks from the configured `substituters` "
+                   "(binary caches, in priority order, signatures checked); only the rest comes over the "
+                   "connection. With --to the remote decides (accepted, no effect on a nartool remote).")
 @click.option("-v", "--verbose", count=True,
               help="More output (repeatable): -v also prints the summary line when stderr is not a terminal.")
 @click.option("--ssh-opt", "ssh_opts", multiple=True, metavar="OPT", help="Extra ssh argument (repeatable).")
@@ -223,6 +224,12 @@ def copy_closure_cmd(ctx: click.Context, to_host: str | None, from_host: str | N
         log = NixLog(None, uri) if direction == "to" else NixLog(uri, None)
     try:
         client = ServeClient(transport, store_dir=local.store_dir, compress=use_compress)
+        if use_substitutes and direction == "from" and not dry_run:
+            from ..cache.substitute import substitute_paths
+            from ..remote.store import SSHStore
+
+            remote = SSHStore.from_client(client, probe_ext=False)
+            substitute_paths(local, remote.closure(store_paths, include_outputs=include_outputs))
         result = copy_closure(local, client, store_paths, direction, include_outputs=include_outputs,
                               dry_run=dry_run, progress=_ProgressLine() if show else None,
                               on_start=log.start if log else None, on_path=log.path if log else None)
