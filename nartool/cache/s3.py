@@ -18,7 +18,7 @@ bucket is allowed (``s3://bucket/some/prefix``).
 Uploads: one ``PutObject`` up to the threshold — ``buffer-size`` with ``multipart-upload=true``,
 else S3's single-upload limit of 5 GiB (where Nix fails) — and a multipart upload above it.
 Parts are at least 5 MiB (S3's minimum), grow so that an object fits S3's 10 000 parts
-(from its size when known; when not, the part size doubles every 1 000 parts, which reaches
+(from its size when known; when not, the part size doubles every 900 parts, which reaches
 S3's 5 TiB object limit), and several are sent at once. Part data over 16 MiB is spooled to a
 temporary file, so memory stays bounded. Any failure aborts the multipart upload, so no
 incomplete upload is left in the bucket to be billed.
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from ..errors import NartoolError, StoreError
 from ..store.paths import DEFAULT_STORE_DIR
 from .backend import CacheUnavailableError, UploadData, check_key, iter_upload
-from .store import BinaryCacheStore
+from .store import BinaryCacheStore, CacheInfo
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -182,10 +182,10 @@ def part_size_for(total: int | None, buffer_size: int) -> int:
 
 def part_size_at(first: int, number: int, known: bool) -> int:
     """The size of part ``number`` (1-based): constant when the total is known, else doubling
-    every 1 000 parts (5 MiB parts: 5 GiB after 1 000 parts, over 5 TiB by the 10 000th)."""
+    every 900 parts (from 5 MiB: about 4.4 GiB after the first 900 parts, 5 TiB by part 9 125)."""
     if known:
         return first
-    return min(first << ((number - 1) // 1000), MAX_PART)
+    return min(first << ((number - 1) // 900), MAX_PART)
 
 
 class _Reader(io.RawIOBase):
@@ -827,6 +827,17 @@ class S3CacheStore(BinaryCacheStore):
     def __init__(self, backend: S3Backend, *, store_dir: str = DEFAULT_STORE_DIR,
                  params: Mapping[str, str] | None = None) -> None:
         super().__init__(backend, store_dir=store_dir, params=params, backend_params=S3_PARAMS, scheme="s3")
+
+    def cache_info(self) -> CacheInfo:
+        """``nix-cache-info``; a bucket that does not exist yet is an empty cache (a first write
+        creates it), reading a path from it is then an error."""
+        try:
+            return super().cache_info()
+        except S3Error as e:
+            if e.rule != "s3-no-bucket":
+                raise
+            log.debug("%s: no such bucket (yet)", self.uri)
+            return CacheInfo()
 
     def _init_for_writing(self) -> None:
         if not self._cache_info_written:
