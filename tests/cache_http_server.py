@@ -140,7 +140,7 @@ def main() -> None:
     def handler(*a: object, **kw: object) -> Handler:
         return Handler(*a, directory=directory, **kw)  # type: ignore[arg-type]
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)  # type: ignore[arg-type]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     tmp = port_file + ".tmp"
     with open(tmp, "w") as f:

@@ -52,16 +52,14 @@ class Closure:
         return path.split("/")[-1][:32]
 
 
-@pytest.fixture
-def key(tmp_path: Path) -> tuple[Path, str]:
+def make_key(tmp_path: Path) -> tuple[Path, str]:
     sk = SecretKey.generate("test-http-1")
     f = tmp_path / "key.sec"
     f.write_text(sk.to_text())
     return f, sk.public_key().to_text()
 
 
-@pytest.fixture
-def conf(tmp_path: Path, key: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def make_conf(tmp_path: Path, key: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The user's configuration (trusting the test key, quick retries) and cache directory,
     for this process and for CLI runs."""
     c = tmp_path / "nartool.conf"
@@ -71,6 +69,16 @@ def conf(tmp_path: Path, key: tuple[Path, str], monkeypatch: pytest.MonkeyPatch)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> tuple[Path, str]:
+    return make_key(tmp_path)
+
+
+@pytest.fixture
+def conf(tmp_path: Path, key: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    return make_conf(tmp_path, key, monkeypatch)
 
 
 @pytest.fixture
