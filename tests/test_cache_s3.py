@@ -494,3 +494,29 @@ def test_push_creates_a_missing_bucket(s3server: WeedS3, tmp_path: Path, aws: di
         copy_paths(open_store(uri), LocalStore(tmp_path / "x"), [top])
     copy_paths(src, open_store(uri), [top])  # ...writing creates it, as Nix does
     assert len([k for k in keys(s3server, bucket) if k.endswith(".narinfo")]) == len(closure)
+
+
+def test_nar_already_in_the_bucket_is_not_uploaded_again(s3server: WeedS3, tmp_path: Path,  # noqa: F811
+                                                         aws: dict[str, str]) -> None:
+    src, top, closure = make_closure(tmp_path / "src", tmp_path)
+    prefix = unique("again")
+    uri = s3server.store_uri("cache", prefix, compression="xz")
+    copy_paths(src, open_store(uri), [top])
+    c = s3server.client()
+    nars = [k for k in keys(s3server, "cache", prefix + "/nar/")]
+    assert len(nars) == len(closure)
+    for k in keys(s3server, "cache", prefix + "/"):  # an interrupted push: the NARs without narinfos
+        if k.endswith(".narinfo"):
+            c.delete_object(Bucket="cache", Key=k)
+    dst = open_store(uri)
+    assert isinstance(dst, S3CacheStore)
+    calls: list[tuple[str, str]] = []
+    dst.backend.client.meta.events.register("provide-client-params.s3.*",
+                                            lambda params, model, **kw: calls.append((model.name, params.get("Key", ""))))
+    copy_paths(src, dst, [top])
+    puts = [k for op, k in calls if op == "PutObject"]
+    assert len(puts) == len(closure) and all(k.endswith(".narinfo") for k in puts)
+    assert sorted(k for op, k in calls if op == "HeadObject" and "/nar/" in k) == nars  # each checked once
+    fresh = open_store(uri)
+    for p in closure:
+        assert nar_sha(fresh, p) == nar_sha(src, p)

@@ -33,7 +33,7 @@ import stat
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import NartoolError, StoreError
 from ..store.paths import DEFAULT_STORE_DIR
+from ..store.types import PathInfo
 from .backend import CacheUnavailableError, UploadData, check_key, iter_upload
 from .store import BinaryCacheStore, CacheInfo
 
@@ -294,6 +295,7 @@ class S3Backend:
         self._submitted: list[Future[None]] = []
         self._slots = threading.BoundedSemaphore(2 * self.upload_workers)
         self._failure: BaseException | None = None
+        self._check_first: set[str] = set()  # NARs to look for before uploading
 
     # -- identity
 
@@ -401,10 +403,21 @@ class S3Backend:
     # -- reading
 
     def file_exists(self, key: str) -> bool:
-        import botocore.exceptions as bx
-
+        """Whether ``key`` exists (403 counts as absent unless the credentials are wrong). While
+        uploads are deferred a NAR (``nar/…``) not yet seen is reported absent at once and its
+        upload, if one follows, checks first and skips a NAR the bucket has: the store asks only
+        to decide whether to upload, and the NAR's check then runs in parallel with the rest."""
         if self._wait_pending(key):
             return True
+        with self._lock:
+            if self._deferred > 0 and key.startswith("nar/"):
+                self._check_first.add(key)
+                return False
+        return self._exists_now(key)
+
+    def _exists_now(self, key: str) -> bool:
+        import botocore.exceptions as bx
+
         k = self._key(key)
         try:
             self.client.head_object(Bucket=self.settings.bucket, Key=k)
@@ -706,6 +719,7 @@ class S3Backend:
         with self._lock:
             for k in [k for k, f in self._pending.items() if f.done()]:
                 del self._pending[k]
+            self._check_first.clear()
             failure, self._failure = self._failure, None
         if failure is not None and raise_errors:
             raise failure
@@ -745,6 +759,12 @@ class S3Backend:
                 if f.exception() is not None:
                     raise S3Error("not uploaded: an upload it must follow failed", rule="s3-error",
                                   path=f"{self.describe()}/{key}")
+            with self._lock:
+                check = key in self._check_first
+                self._check_first.discard(key)
+            if check and self._exists_now(key):
+                log.debug("%s: %s is there already: not uploaded again", self.describe(), key)
+                return
             self._upsert_now(key, data, mime)
         except BaseException as e:
             with self._lock:
@@ -858,6 +878,31 @@ class S3CacheStore(BinaryCacheStore):
     def commit_pending(self) -> int:
         self.backend.flush()
         return 0
+
+    #: lookups (narinfo GETs, HEADs) sent at once by the bulk queries
+    query_workers = 8
+
+    def _fan_out(self, paths: Iterable[str], one: Callable[[list[str]], Any]) -> list[Any]:
+        ps = list(dict.fromkeys(paths))
+        if len(ps) <= 1:
+            return [one(ps)]
+        self.cache_info()  # once, before the threads
+        with ThreadPoolExecutor(max_workers=min(self.query_workers, len(ps)), thread_name_prefix="s3-query") as pool:
+            return list(pool.map(lambda p: one([p]), ps))
+
+    def query_valid_paths(self, paths: Iterable[str]) -> set[str]:
+        """One request per path, several at once (S3 has no bulk lookup)."""
+        out: set[str] = set()
+        for r in self._fan_out(paths, super().query_valid_paths):
+            out |= r
+        return out
+
+    def query_path_infos(self, paths: Iterable[str]) -> dict[str, PathInfo]:
+        """One narinfo GET per path, several at once."""
+        out: dict[str, PathInfo] = {}
+        for r in self._fan_out(paths, super().query_path_infos):
+            out.update(r)
+        return out
 
     def all_paths(self) -> list[str]:
         """Every path with a narinfo at the top of the bucket (or prefix)."""
