@@ -23,6 +23,9 @@ from .common import report_copy
 @click.option("-v", "--verbose", count=True,
               help="More output (repeatable): -v also prints the summary line when stderr is not a terminal.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (camelCase keys).")
+@click.option("--refresh", is_flag=True, expose_value=False, is_eager=True,
+              callback=lambda ctx, param, value: _refresh(value),
+              help="Ask binary caches again instead of trusting stored answers (as the global --refresh).")
 @click.pass_context
 def copy_cmd(ctx: click.Context, src_uri: str | None, dst_uri: str | None, paths: tuple[str, ...],
              no_check_sigs: bool, include_outputs: bool, dry_run: bool, substitute: bool, verbose: int,
@@ -95,6 +98,13 @@ def copy_cmd(ctx: click.Context, src_uri: str | None, dst_uri: str | None, paths
                         on_start=log.start if log else None, on_path=log.path if log else None)
     report_copy(result, as_json=as_json, json_extra={"from": src.uri, "to": dst.uri},
                 where=f"from {src.uri} to {dst.uri}", dry_run=dry_run, verbose=bool(show or verbose))
+
+
+def _refresh(value: bool) -> None:
+    if value:
+        from ..cache.lookup import set_refresh
+
+        set_refresh()
 
 
 __all__ = ["copy_cmd"]
