@@ -252,14 +252,15 @@ class SystemZstd:
 
     def _run(self, data: bytes, mode: int) -> bytes:
         ct = self._ct
-        src = ct.create_string_buffer(data, len(data)) if data else None
-        inb = self._Buf(ct.cast(src, ct.c_void_p) if src is not None else None, len(data), 0)
+        keep = ct.c_char_p(data)  # points into ``data`` itself (no copy); zstd only reads it
+        inb = self._Buf(ct.cast(keep, ct.c_void_p), len(data), 0)
+        out_addr = ct.addressof(self.out)
         parts = []
         while True:
-            outb = self._Buf(ct.cast(self.out, ct.c_void_p), self.out_size, 0)
+            outb = self._Buf(out_addr, self.out_size, 0)
             rc = self._check(self.lib.ZSTD_compressStream2(self.cctx, ct.byref(outb), ct.byref(inb), mode))
             if outb.pos:
-                parts.append(self.out.raw[: outb.pos])
+                parts.append(ct.string_at(out_addr, outb.pos))
             if mode == self._END:
                 if rc == 0:
                     break
