@@ -285,6 +285,20 @@ def test_negative_answers_expire_and_refresh_forces(static: Static, closure: Clo
     assert static.count(f"/{hp}.narinfo") == 2
 
 
+def test_copy_refresh_flag(static: Static, closure: Closure, tmp_path: Path, conf: dict[str, str]) -> None:
+    hp = closure.hash_part(closure.mid)
+    (static.cache / f"{hp}.narinfo").rename(static.cache / "hidden")
+    store = open_store(static.url)
+    assert not store.is_valid(closure.mid)
+    store.close()
+    (static.cache / "hidden").rename(static.cache / f"{hp}.narinfo")
+    r = run_cli("--store", tmp_path / "dst", "copy", "--from", static.url, closure.mid, env=conf)
+    assert r.returncode == 1 and static.count(f"/{hp}.narinfo") == 1  # the stored "absent"
+    r = run_cli("--store", tmp_path / "dst", "copy", "--refresh", "--from", static.url, closure.mid, env=conf)
+    assert r.returncode == 0, r.stderr
+    assert static.count(f"/{hp}.narinfo") == 2
+
+
 def test_push_drops_negative_answer(tmp_path: Path, closure: Closure, key: tuple[Path, str],
                                     conf: dict[str, str]) -> None:
     empty = tmp_path / "empty"
