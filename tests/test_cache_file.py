@@ -459,3 +459,60 @@ def test_compressions_round_trip_in_process(closure: tuple[Path, dict[str, str]]
         assert ni is not None and ni.compression == comp
         with LocalStore(root) as src:
             assert opener((tmp_path / comp / ni.url).read_bytes()) == b"".join(src.nar_chunks(paths["tree"]))
+
+
+# -- current Nix, concurrency ---------------------------------------------------------------------------
+
+
+def test_current_nix_both_ways(closure: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """Nix 2.26 (``NARTOOL_MODERN_NIX``) writes the same narinfos and NARs; each reads the other's cache."""
+    import subprocess
+
+    from .conftest import require
+    from .helpers import nix_env
+
+    modern = os.environ.get("NARTOOL_MODERN_NIX")
+    require("MODERN_NIX", bool(modern), "NARTOOL_MODERN_NIX is not set (a command running current Nix)")
+    assert modern is not None
+    root, paths = closure
+
+    def mnix(*args: str | os.PathLike[str]) -> None:
+        r = subprocess.run([*modern.split(), *map(str, args)], capture_output=True, text=True, env=nix_env(),
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+
+    params = "compression=zstd&secret-key={key}"
+    key = tmp_path / "key.sec"  # current Nix runs in a chroot that shares only /tmp
+    shutil.copy(KEY_SEC, key)
+    for comp in ("zstd", "none"):
+        mnix("nix", "--extra-experimental-features", "nix-command", "copy", "--store", root, "--to",
+             f"file://{tmp_path / 'm'}-{comp}?compression={comp}&secret-key={key}", paths["ia"])
+    # identical where the compressor's version does not matter (its libzstd is not Debian 12's)
+    nartool_push(root, tmp_path / "n-none", "compression=none&secret-key={key}", [paths["ia"]])
+    assert tree_files(tmp_path / "n-none") == tree_files(Path(f"{tmp_path / 'm'}-none"))
+    nartool_push(root, tmp_path / "n", params, [paths["ia"]])
+    with LocalStore(tmp_path / "r1") as dst:
+        ops.copy_paths(cache_store(Path(f"{tmp_path / 'm'}-zstd")), dst, [paths["ia"]], check_sigs=True,
+                       trusted_keys=keys())
+        assert dst.is_valid(paths["ia"])
+    mnix("nix-store", "--store", tmp_path / "r2", "-r", paths["ia"], "--option", "substituters",
+         f"file://{tmp_path / 'n'}", "--option", "trusted-public-keys", pub_key())
+    mnix("nix-store", "--store", tmp_path / "r2", "--verify", "--check-contents")
+
+
+def test_concurrent_pushes_of_one_closure(closure: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """Four processes push the same closure to one cache at once: all succeed and the cache is whole."""
+    import subprocess
+
+    from .helpers import cli_argv, cli_env
+
+    root, paths = closure
+    uri = f"file://{tmp_path / 'c'}?compression=xz&secret-key={KEY_SEC}&write-nar-listing=1"
+    procs = [subprocess.Popen(cli_argv("--store", root, "copy", "--to", uri, paths["ia"]), env=cli_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    assert not [p for p in (tmp_path / "c").rglob(".*")]  # no temporaries left
+    nartool_push(root, tmp_path / "one", "compression=xz&secret-key={key}&write-nar-listing=1", [paths["ia"]])
+    assert tree_files(tmp_path / "c") == tree_files(tmp_path / "one")
