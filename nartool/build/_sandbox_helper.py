@@ -1,0 +1,528 @@
+"""The process that starts a builder, run as ``python -I -S _sandbox_helper.py MODE``.
+
+It is a freshly exec'd, single-threaded interpreter that imports only the standard library, so
+creating namespaces and switching ids here is safe (nartool's own process has threads; forking
+and calling ``unshare``/``setuid`` from it could hang in glibc's at-fork/setxid machinery).
+
+Modes:
+
+``sandbox``/``plain``
+    stdin is the control pipe: one JSON line (the prepared plan, see ``nartool.build.sandbox``),
+    then ``go`` lines; EOF on it kills the builder. stdout is the report pipe: lines
+    ``unshared <0|1>`` (sandbox: namespaces made; the parent writes the id maps and /etc/passwd,
+    then sends ``go``), ``pid <host pid>``, and at the end ``status <wait status>``; or one
+    ``unavailable <reason>`` / ``error <message>`` line. A setup failure of the builder child
+    is written to the error pipe (close-on-exec, so the builder never sees it).
+
+``kill-user UID``
+    kill every process of UID (switches to it, ``kill(-1, SIGKILL)`` until none is left).
+
+``probe``
+    try to create the namespaces a sandbox needs in a child and print ``ok`` or the reason.
+"""
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import stat as statmod
+import struct
+import sys
+import termios
+from typing import Any
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SHARED = 1 << 20
+MNT_DETACH = 2
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+ADDR_NO_RANDOMIZE = 0x0040000
+PER_LINUX32 = 0x0008
+UNAME26 = 0x0020000
+
+SIOCSIFFLAGS = 0x8914
+IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
+
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "i686": 217, "armv7l": 218, "riscv64": 41}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class SetupError(Exception):
+    pass
+
+
+def _check(res: int, what: str) -> int:
+    if res == -1:
+        e = ctypes.get_errno()
+        raise SetupError(f"{what}: {os.strerror(e)}", e)
+    return res
+
+
+def sys_error(what: str, e: int) -> SetupError:
+    err = SetupError(f"{what}: {os.strerror(e)}")
+    err.errno = e  # type: ignore[attr-defined]
+    return err
+
+
+def call(fn: Any, what: str, *args: Any) -> None:
+    if fn(*args) == -1:
+        raise sys_error(what, ctypes.get_errno())
+
+
+def mount(src: str | None, target: str, fstype: str | None, flags: int, data: str | None, what: str) -> None:
+    def b(x: str | None) -> bytes | None:
+        return None if x is None else os.fsencode(x)
+    if _libc.mount(b(src), b(target), b(fstype), ctypes.c_ulong(flags), b(data)) == -1:
+        raise sys_error(what, ctypes.get_errno())
+
+
+def unshare(flags: int) -> int:
+    if _libc.unshare(ctypes.c_int(flags)) == -1:
+        return ctypes.get_errno()
+    return 0
+
+
+def write_line(fd: int, line: str) -> None:
+    data = (line + "\n").encode("utf-8", "surrogateescape")
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def userns_enabled() -> bool:
+    try:
+        with open("/proc/sys/user/max_user_namespaces") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return False
+
+
+def create_dirs(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+
+
+def write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def path_exists(path: str) -> bool:
+    try:
+        os.lstat(path)
+        return True
+    except OSError:
+        return False
+
+
+def do_bind(source: str, target: str, optional: bool = False) -> None:
+    try:
+        st = os.stat(source)
+    except OSError as e:
+        if optional and e.errno == errno.ENOENT:
+            return
+        raise sys_error(f"getting attributes of path '{source}'", e.errno or 0) from None
+    if statmod.S_ISDIR(st.st_mode):
+        create_dirs(target)
+    else:
+        create_dirs(os.path.dirname(target))
+        write_file(target, b"")
+    mount(source, target, "", MS_BIND | MS_REC, None, f"bind mount from '{source}' to '{target}' failed")
+
+
+def cfmakeraw(fd: int) -> None:
+    a = termios.tcgetattr(fd)
+    a[0] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP | termios.INLCR
+              | termios.IGNCR | termios.ICRNL | termios.IXON)
+    a[1] &= ~termios.OPOST
+    a[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
+    a[2] &= ~(termios.CSIZE | termios.PARENB)
+    a[2] |= termios.CS8
+    a[6][termios.VMIN] = 1
+    a[6][termios.VTIME] = 0
+    termios.tcsetattr(fd, termios.TCSANOW, a)
+
+
+def install_seccomp(program: bytes) -> None:
+    call(_libc.prctl, "unable to set 'no new privileges'", PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1),
+         ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    n = len(program) // 8
+    buf = ctypes.create_string_buffer(program, len(program))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    prog = SockFprog(n, ctypes.cast(buf, ctypes.c_void_p))
+    call(_libc.prctl, "unable to load seccomp BPF program", PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER),
+         ctypes.byref(prog), ctypes.c_ulong(0), ctypes.c_ulong(0))
+
+
+def loopback_up() -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 0)
+    try:
+        ifr = struct.pack("16sH22x", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING)
+        try:
+            fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, ifr)
+        except OSError as e:
+            raise sys_error("cannot set loopback interface flags", e.errno or 0) from None
+    finally:
+        s.close()
+
+
+def close_most_fds(keep: set) -> None:  # type: ignore[type-arg]
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def common_child_init(plan: dict) -> None:  # type: ignore[type-arg]
+    # the signal state Nix gives its builders: default dispositions, nothing blocked
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    try:
+        os.setsid()
+    except OSError as e:
+        raise sys_error("creating a new session", e.errno or 0) from None
+    os.dup2(plan["pty_fd"], 2)
+    os.dup2(2, 1)
+    nul = os.open("/dev/null", os.O_RDWR)
+    if nul != 0:
+        os.dup2(nul, 0)
+        os.close(nul)
+
+
+def finish_and_exec(plan: dict, err_fd: int, set_user: bool) -> None:  # type: ignore[type-arg]
+    try:
+        os.chdir(plan["cwd"])
+    except OSError as e:
+        raise sys_error(f"changing into '{plan['build_dir']}'", e.errno or 0) from None
+    close_most_fds({0, 1, 2, err_fd})
+    for p in plan.get("personality", []):
+        cur = _libc.personality(ctypes.c_ulong(0xFFFFFFFF))
+        if p == "linux32":
+            call(_libc.personality, "cannot set 32-bit personality", ctypes.c_ulong(PER_LINUX32))
+        elif p == "uname26" and cur != -1:
+            _libc.personality(ctypes.c_ulong(cur | UNAME26))
+    cur = _libc.personality(ctypes.c_ulong(0xFFFFFFFF))
+    if cur != -1:
+        _libc.personality(ctypes.c_ulong(cur | ADDR_NO_RANDOMIZE))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.RLIM_INFINITY))
+    bu = plan.get("build_user")
+    if set_user and bu:
+        if bu["supplementary_gids"]:
+            try:
+                os.setgroups(bu["supplementary_gids"])
+            except OSError as e:
+                raise sys_error("cannot set supplementary groups of build user", e.errno or 0) from None
+        try:
+            os.setgid(bu["gid"])
+        except OSError as e:
+            raise sys_error("setgid failed", e.errno or 0) from None
+        if os.getgid() != bu["gid"] or os.getegid() != bu["gid"]:
+            raise sys_error("setgid failed", errno.EPERM)
+        try:
+            os.setuid(bu["uid"])
+        except OSError as e:
+            raise sys_error("setuid failed", e.errno or 0) from None
+        if os.getuid() != bu["uid"] or os.geteuid() != bu["uid"]:
+            raise sys_error("setuid failed", errno.EPERM)
+    builder = os.fsencode(plan["builder"])
+    args = [os.path.basename(builder)] + [os.fsencode(a) for a in plan["args"]]
+    env = {os.fsencode(k): os.fsencode(v) for k, v in plan["env"]}
+    try:
+        os.execve(builder, args, env)
+    except OSError as e:
+        raise sys_error(f"executing '{plan['builder']}'", e.errno or 0) from None
+
+
+def run_child(plan: dict, err_fd: int) -> None:  # type: ignore[type-arg]
+    """The builder child (pid 1 of the new PID namespace in sandbox mode)."""
+    common_child_init(plan)
+    if plan.get("seccomp"):
+        try:
+            install_seccomp(bytes.fromhex(plan["seccomp"]))
+        except SetupError:
+            if plan.get("build_user"):
+                raise
+    if plan["mode"] != "sandbox":
+        finish_and_exec(plan, err_fd, True)
+        return
+    chroot = plan["chroot"]
+    if plan["private_network"]:
+        loopback_up()
+    try:
+        socket.sethostname("localhost")
+    except OSError as e:
+        raise sys_error("cannot set host name", e.errno or 0) from None
+    dn = b"(none)\0"
+    call(_libc.setdomainname, "cannot set domain name", dn, ctypes.c_size_t(len(dn)))
+    mount(None, "/", None, MS_PRIVATE | MS_REC, None, "unable to make '/' private")
+    mount(chroot, chroot, None, MS_BIND, None, f"unable to bind mount '{chroot}'")
+    store = chroot + plan["store_dir"]
+    mount(store, store, None, MS_BIND, None, "unable to bind mount the Nix store")
+    mount(None, store, None, MS_SHARED, None, f"unable to make '{store}' shared")
+
+    binds: dict = {t: (s, o) for t, s, o in plan["binds"]}  # type: ignore[type-arg]
+    extra: list = []  # type: ignore[type-arg]
+    if "/dev" not in binds:
+        create_dirs(chroot + "/dev/shm")
+        create_dirs(chroot + "/dev/pts")
+        extra.append("/dev/full")
+        if plan.get("kvm") and path_exists("/dev/kvm"):
+            extra.append("/dev/kvm")
+        extra += ["/dev/null", "/dev/random", "/dev/tty", "/dev/urandom", "/dev/zero"]
+        os.symlink("/proc/self/fd", chroot + "/dev/fd")
+        os.symlink("/proc/self/fd/0", chroot + "/dev/stdin")
+        os.symlink("/proc/self/fd/1", chroot + "/dev/stdout")
+        os.symlink("/proc/self/fd/2", chroot + "/dev/stderr")
+    if not plan["private_network"]:
+        write_file(chroot + "/etc/nsswitch.conf", b"hosts: files dns\nservices: files\n")
+        for p in ("/etc/resolv.conf", "/etc/services", "/etc/hosts"):
+            if path_exists(p):
+                extra.append(p)
+    for p in extra:
+        binds.setdefault(p, (p, False))
+    for target in sorted(binds, key=lambda t: os.fsencode(t)):
+        source, optional = binds[target]
+        if source == "/proc":
+            continue
+        do_bind(source, chroot + target, optional)
+
+    create_dirs(chroot + "/proc")
+    mount("none", chroot + "/proc", "proc", 0, None, "mounting /proc")
+    if path_exists("/dev/shm"):
+        mount("none", chroot + "/dev/shm", "tmpfs", 0, "size=" + plan["dev_shm_size"], "mounting /dev/shm")
+    if path_exists("/dev/pts/ptmx") and not path_exists(chroot + "/dev/ptmx") and "/dev/pts" not in binds:
+        try:
+            mount("none", chroot + "/dev/pts", "devpts", 0, "newinstance,mode=0620", "mounting /dev/pts")
+            os.symlink("/dev/pts/ptmx", chroot + "/dev/ptmx")
+            os.chmod(chroot + "/dev/pts/ptmx", 0o666)
+        except SetupError as e:
+            if getattr(e, "errno", None) != errno.EINVAL:
+                raise
+            do_bind("/dev/pts", chroot + "/dev/pts")
+            do_bind("/dev/ptmx", chroot + "/dev/ptmx")
+
+    if unshare(CLONE_NEWNS):
+        raise sys_error("unsharing mount namespace", ctypes.get_errno())
+    try:
+        os.chdir(chroot)
+    except OSError as e:
+        raise sys_error(f"cannot change directory to '{chroot}'", e.errno or 0) from None
+    try:
+        os.mkdir("real-root", 0)
+    except OSError as e:
+        raise sys_error("cannot create real-root directory", e.errno or 0) from None
+    nr = SYS_PIVOT_ROOT.get(os.uname().machine)
+    if nr is None or _libc.syscall(ctypes.c_long(nr), b".", b"real-root") == -1:
+        raise sys_error(f"cannot pivot old root directory onto '{chroot}/real-root'",
+                        ctypes.get_errno() if nr is not None else errno.ENOSYS)
+    try:
+        os.chroot(".")
+    except OSError as e:
+        raise sys_error(f"cannot change root directory to '{chroot}'", e.errno or 0) from None
+    call(_libc.umount2, "cannot unmount real root filesystem", b"real-root", ctypes.c_int(MNT_DETACH))
+    try:
+        os.rmdir("real-root")
+    except OSError as e:
+        raise sys_error("cannot remove real-root directory", e.errno or 0) from None
+    try:
+        os.setgid(plan["sandbox_gid"])
+    except OSError as e:
+        raise sys_error("setgid failed", e.errno or 0) from None
+    try:
+        os.setuid(plan["sandbox_uid"])
+    except OSError as e:
+        raise sys_error("setuid failed", e.errno or 0) from None
+    finish_and_exec(plan, err_fd, False)
+
+
+def child_main(plan: dict, err_fd: int) -> None:  # type: ignore[type-arg]
+    try:
+        os.set_inheritable(err_fd, False)  # closed by the builder's execve: it never sees it
+        run_child(plan, err_fd)
+        msg = "exec returned"
+    except SetupError as e:
+        msg = str(e.args[0])
+    except BaseException as e:  # noqa: BLE001 - everything becomes a setup error report
+        msg = f"{type(e).__name__}: {e}"
+    try:
+        os.write(err_fd, msg.encode("utf-8", "surrogateescape"))
+    finally:
+        os._exit(1)
+
+
+def monitor(child: int, report: int) -> None:
+    """Wait for the builder; kill it when the control pipe closes or says ``kill``."""
+    pidfd = os.pidfd_open(child)
+    buf = b""
+    control_open = True
+    while True:
+        fds = [pidfd] + ([0] if control_open else [])
+        r, _, _ = select.select(fds, [], [])
+        if 0 in r:
+            data = os.read(0, 4096)
+            buf += data
+            if not data or b"kill" in buf:
+                control_open = bool(data)
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                buf = b""
+        if pidfd in r:
+            _, status = os.waitpid(child, 0)
+            try:
+                write_line(report, f"status {status}")
+            except OSError:
+                pass
+            os._exit(0)
+
+
+def start(mode: str) -> None:
+    os.umask(0o022)
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(0, 1)
+        if not chunk:
+            os._exit(2)
+        line += chunk
+    plan = json.loads(line)
+    report = 1
+    err_fd = plan["err_fd"]
+    if mode == "sandbox":
+        if os.getuid() == 0:
+            try:
+                os.setgroups([])
+            except OSError as e:
+                write_line(report, f"error setgroups failed: {os.strerror(e.errno or 0)}")
+                os._exit(1)
+        flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+        if plan["private_network"]:
+            flags |= CLONE_NEWNET
+        userns = userns_enabled() and not plan.get("no_userns")
+        if userns:
+            flags |= CLONE_NEWUSER
+        err = unshare(flags)
+        if err == errno.EINVAL:
+            flags &= ~CLONE_NEWPID
+            err = unshare(flags)
+        if userns and err in (errno.EPERM, errno.EINVAL):
+            userns = False
+            flags &= ~CLONE_NEWUSER
+            err = unshare(flags)
+        if err in (errno.EPERM, errno.EINVAL):
+            write_line(report, f"unavailable unshare({flags:#x}): {os.strerror(err)}")
+            os._exit(1)
+        if err:
+            write_line(report, f"error cloning builder process: {os.strerror(err)}")
+            os._exit(1)
+        write_line(report, f"unshared {int(userns)}")
+        go = b""
+        while not go.endswith(b"\n"):
+            chunk = os.read(0, 1)
+            if not chunk:
+                os._exit(1)
+            go += chunk
+        if go != b"go\n":
+            os._exit(1)
+        if not userns and not plan.get("build_user"):
+            write_line(report, "error cannot perform a sandboxed build because user namespaces are not enabled; "
+                               "check /proc/sys/user/max_user_namespaces")
+            os._exit(1)
+        plan["sandbox_uid"] = 1000 if userns else plan["build_user"]["uid"]
+        plan["sandbox_gid"] = 100 if userns else plan["build_user"]["gid"]
+    pid = os.fork()
+    if pid == 0:
+        os.close(report)
+        # the helper is single-threaded: its death (e.g. SIGKILL) takes the builder with it
+        _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                    ctypes.c_ulong(0))
+        child_main(plan, err_fd)
+    os.close(err_fd)
+    os.close(plan["pty_fd"])
+    write_line(report, f"pid {pid}")
+    monitor(pid, report)
+
+
+def kill_user(uid: int) -> None:
+    # as Nix does: one kill(-1) as the uid reaches every process of it (ESRCH/EPERM: none left)
+    os.setuid(uid)
+    while True:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        except InterruptedError:
+            continue
+        break
+
+
+def probe() -> None:
+    """Create every namespace a sandbox uses in a child; print ``ok`` or why it failed."""
+    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET
+    if os.getuid() != 0:
+        if not userns_enabled():
+            print("user namespaces are not enabled (/proc/sys/user/max_user_namespaces is 0 or missing)")
+            return
+        flags |= CLONE_NEWUSER
+    elif userns_enabled():
+        err = unshare(flags | CLONE_NEWUSER)
+        if err == 0:
+            print("ok")
+            return
+    err = unshare(flags)
+    if err:
+        names = [n for n, f in (("user", CLONE_NEWUSER), ("mount", CLONE_NEWNS), ("PID", CLONE_NEWPID),
+                                ("IPC", CLONE_NEWIPC), ("UTS", CLONE_NEWUTS), ("network", CLONE_NEWNET))
+                 if flags & f]
+        print(f"unshare({', '.join(names)} namespaces) failed: {os.strerror(err)}")
+        return
+    print("ok")
+
+
+def main() -> None:
+    mode = sys.argv[1] if len(sys.argv) > 1 else ""
+    if mode in ("sandbox", "plain"):
+        start(mode)
+    elif mode == "kill-user":
+        try:
+            kill_user(int(sys.argv[2]))
+        except OSError as e:
+            sys.stderr.write(f"setting uid: {e.strerror}\n")
+            sys.exit(1)
+    elif mode == "probe":
+        probe()
+    else:
+        sys.stderr.write("usage: _sandbox_helper.py sandbox|plain|kill-user UID|probe\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

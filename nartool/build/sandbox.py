@@ -1,0 +1,581 @@
+"""Running a builder the way Nix 2.8 runs it on Linux: in a chroot of bind mounts with private
+namespaces (``start_sandboxed``), or in the host file system (``start_unsandboxed``).
+
+The goal (``nartool.build.goal``) prepares everything a :class:`SandboxSpec` holds — the ordered
+environment, the build directory, the input closure, the parsed ``sandbox-paths`` — and this
+module does the rest:
+
+* in this process (which may have threads): the chroot skeleton (``<drv>.chroot`` in the real
+  store directory: ``/tmp``, ``/etc/group``, ``/etc/hosts``, the sandbox store with hard links of
+  non-directory inputs), the pre-build hook, the pseudo-terminal of the log, and, once the
+  namespaces exist, the uid/gid maps and ``/etc/passwd``;
+* in a freshly exec'd single-threaded helper (``_sandbox_helper.py``): ``unshare`` of the
+  namespaces, the fork that makes the builder pid 1, and in the builder: mounts, ``pivot_root``,
+  seccomp, ids, and ``execve``.
+
+See docs/sandbox.md for the sequence step by step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+import termios
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO
+
+from ..errors import BuildError, SandboxUnavailable
+from . import seccomp
+from .users import BuildUser
+
+log = logging.getLogger(__name__)
+
+HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_helper.py")
+HOMELESS_SHELTER = "/homeless-shelter"
+SETUP_CONTEXT = "while setting up the build environment"
+
+
+@dataclass
+class Bind:
+    """One ``sandbox-paths`` / pre-build-hook entry, already parsed."""
+
+    target: str
+    source: str
+    optional: bool = False
+
+
+@dataclass
+class SandboxSpec:
+    builder: bytes
+    args: list[bytes]
+    env: list[tuple[bytes, bytes]]
+    store_dir: str
+    real_store_dir: str
+    chroot_dir: str
+    build_dir: str
+    inputs: list[str]
+    binds: list[Bind]
+    outputs: list[str]
+    host_network: bool
+    build_user: BuildUser | None
+    sandbox_build_dir: str = "/build"
+    kvm: bool = False
+    dev_shm_size: str = "50%"
+    filter_syscalls: bool = True
+    pre_build_hook: Callable[[str], list[Bind]] | None = None
+    #: extra personality flags: "linux32" (i686/armv7l builds on 64-bit), "uname26"
+    personality: list[str] = field(default_factory=list)
+    #: for tests: do not try a user namespace (as when max_user_namespaces is 0)
+    no_user_namespace: bool = False
+
+
+def _setup_error(msg: str) -> BuildError:
+    e = BuildError(f"{msg} ({SETUP_CONTEXT})", rule="sandbox-setup")
+    e.setup_message = msg  # type: ignore[attr-defined]
+    return e
+
+
+# ---------------------------------------------------------------------------------------------
+# removal of a chroot without ever deleting through a mount
+
+
+def _mount_points_under(root: str, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    root = os.path.realpath(root)
+    pts: list[str] = []
+    try:
+        with open(mountinfo, "rb") as f:
+            for line in f:
+                fields = line.split(b" ")
+                if len(fields) < 5:
+                    continue
+                mp = _unescape_mountinfo(fields[4])
+                if mp == root or mp.startswith(root + "/"):
+                    pts.append(mp)
+    except OSError:
+        pass
+    return pts
+
+
+def _unescape_mountinfo(b: bytes) -> str:
+    out = bytearray()
+    i = 0
+    while i < len(b):
+        if b[i] == 0x5C and i + 3 < len(b) + 0 and b[i + 1:i + 4].isdigit():
+            out.append(int(b[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(b[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _umount_detach(path: str) -> bool:
+    return bool(_libc.umount2(os.fsencode(path), ctypes.c_int(2)) == 0)  # MNT_DETACH
+
+
+def cleanup_chroot(path: str, mountinfo_files: tuple[str, ...] = ("/proc/self/mountinfo",)) -> list[str]:
+    """Remove a (possibly stale) chroot directory. Mounts found under it (in the mount tables
+    given) are unmounted first; whatever cannot be unmounted is left in place together with the
+    directories above it, and the returned list names it. Removal never crosses a mount point:
+    every directory is opened relative to its parent with O_NOFOLLOW and skipped when it is a
+    mount point or lies on another device."""
+    if not os.path.lexists(path):
+        return []
+    for mi in mountinfo_files:
+        for mp in sorted(_mount_points_under(path, mi), key=len, reverse=True):
+            _umount_detach(mp)
+    left = set()
+    for mi in mountinfo_files:
+        left.update(_mount_points_under(path, mi))
+    real = os.path.realpath(path)
+    if real in left:
+        log.warning("not removing %s: it is still a mount point", path)
+        return sorted(left)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return []
+    _rmtree(real, st.st_dev, left)
+    if left:
+        log.warning("left mount points under %s in place: %s", path, ", ".join(sorted(left)))
+    return sorted(left)
+
+
+def _rmtree(path: str, dev: int, skip: set[str]) -> bool:
+    """Remove ``path`` (a directory); False if something had to stay."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return True
+    complete = True
+    try:
+        if os.fstat(fd).st_dev != dev:
+            return False
+        try:
+            os.fchmod(fd, 0o700)
+        except OSError:
+            pass
+        for name in os.listdir(fd):
+            child = path + "/" + name
+            if child in skip or any(s.startswith(child + "/") for s in skip):
+                complete = False
+                if child not in skip and not _rmtree(child, dev, skip):
+                    continue
+                continue
+            try:
+                cst = os.lstat(name, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(cst.st_mode):
+                if cst.st_dev != dev or not _rmtree(child, dev, skip):
+                    complete = False
+                    continue
+                try:
+                    os.rmdir(name, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.EBUSY, errno.ENOTEMPTY):
+                        complete = False
+                    elif e.errno != errno.ENOENT:
+                        raise
+            else:
+                try:
+                    os.unlink(name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    if e.errno != errno.EBUSY:
+                        raise
+                    complete = False
+    finally:
+        os.close(fd)
+    if complete and path != "":
+        return True
+    return complete
+
+
+def _remove_chroot(path: str, extra_mountinfo: tuple[str, ...] = ()) -> list[str]:
+    left = cleanup_chroot(path, ("/proc/self/mountinfo", *extra_mountinfo))
+    if not left and os.path.isdir(path):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+    return left
+
+
+# ---------------------------------------------------------------------------------------------
+# the chroot skeleton (parent side)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        if e.errno not in (errno.EMLINK, errno.EPERM, errno.EXDEV):
+            raise
+        import shutil
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _mkdirs(path: str) -> None:
+    os.makedirs(path, mode=0o755, exist_ok=True)
+
+
+def _userns_enabled() -> bool:
+    try:
+        with open("/proc/sys/user/max_user_namespaces") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return False
+
+
+def _prepare_chroot(spec: SandboxSpec, userns_expected: bool) -> dict[str, tuple[str, bool]]:
+    chroot = spec.chroot_dir
+    if os.path.lexists(chroot):
+        left = _remove_chroot(chroot)
+        if left or os.path.lexists(chroot):
+            raise BuildError(f"cannot remove stale chroot '{chroot}': still mounted: {', '.join(left)}",
+                             path=chroot, rule="stale-chroot")
+    bu = spec.build_user
+    os.mkdir(chroot, 0o750)
+    os.chmod(chroot, 0o750)
+    if bu is not None:
+        os.chown(chroot, 0, bu.gid)
+    _mkdirs(chroot + "/tmp")
+    os.chmod(chroot + "/tmp", 0o1777)
+    _mkdirs(chroot + "/etc")
+    gid = 100 if userns_expected or bu is None else bu.gid
+    _write_file(chroot + "/etc/group", f"root:x:0:\nnixbld:!:{gid}:\nnogroup:x:65534:\n".encode())
+    if not spec.host_network:
+        _write_file(chroot + "/etc/hosts", b"127.0.0.1 localhost\n::1 localhost\n")
+    store = chroot + spec.store_dir
+    _mkdirs(store)
+    os.chmod(store, 0o1775)
+    if bu is not None:
+        os.chown(store, 0, bu.gid)
+
+    binds: dict[str, tuple[str, bool]] = {}
+    for b in spec.binds:
+        binds[b.target] = (b.source, b.optional)
+    binds[spec.sandbox_build_dir] = (spec.build_dir, False)
+    for p in spec.inputs:
+        if not p.startswith(spec.store_dir + "/"):
+            raise BuildError(f"input '{p}' is not in the store '{spec.store_dir}'", path=p, rule="input-path")
+        real = spec.real_store_dir + p[len(spec.store_dir):]
+        if stat.S_ISDIR(os.lstat(real).st_mode):
+            binds[p] = (real, False)
+        else:
+            _link_or_copy(real, chroot + p)
+    for o in spec.outputs:
+        binds.pop(o, None)
+    if spec.pre_build_hook is not None:
+        for b in spec.pre_build_hook(chroot):
+            binds[b.target] = (b.source, b.optional)
+    return binds
+
+
+def _open_pty(bu: BuildUser | None) -> tuple[int, int]:
+    master, slave = os.openpty()
+    if bu is not None:
+        name = os.ttyname(slave)
+        os.chmod(name, 0o600)
+        os.chown(name, bu.uid, 0)
+    a = termios.tcgetattr(slave)
+    a[0] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP | termios.INLCR
+              | termios.IGNCR | termios.ICRNL | termios.IXON)
+    a[1] &= ~termios.OPOST
+    a[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
+    a[2] &= ~(termios.CSIZE | termios.PARENB)
+    a[2] |= termios.CS8
+    a[6][termios.VMIN] = 1
+    a[6][termios.VTIME] = 0
+    termios.tcsetattr(slave, termios.TCSANOW, a)
+    fl = fcntl.fcntl(master, fcntl.F_GETFL)
+    fcntl.fcntl(master, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+    return master, slave
+
+
+# ---------------------------------------------------------------------------------------------
+# the running builder
+
+
+class Builder:
+    """A running builder. ``pid`` is its host pid (pid 1 of its PID namespace when sandboxed);
+    ``log_fd`` the non-blocking master side of its pty (EIO or EOF once every writer is gone)."""
+
+    def __init__(self, spec: SandboxSpec, proc: subprocess.Popen[bytes], pid: int, log_fd: int,
+                 sandboxed: bool, user_namespace: bool) -> None:
+        self.spec = spec
+        self._proc = proc
+        self.pid = pid
+        self.log_fd = log_fd
+        self.sandboxed = sandboxed
+        self.user_namespace = user_namespace
+        self._status: int | None = None
+        self._cleaned = False
+
+    def kill(self) -> None:
+        """SIGKILL the whole build: pid 1 of the namespace (its death kills every process of the
+        PID namespace), the process group when unsandboxed, and every process of the build user."""
+        if self._status is not None:
+            return
+        try:
+            if self.sandboxed:
+                os.kill(self.pid, 9)
+            else:
+                os.killpg(self.pid, 9)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(b"kill\n")
+            self._proc.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+        if self.spec.build_user is not None:
+            self.spec.build_user.kill()
+
+    def poll(self) -> int | None:
+        """The wait status if the builder has exited, else None (never blocks)."""
+        if self._status is not None:
+            return self._status
+        if self._proc.poll() is None:
+            return None
+        return self.wait()
+
+    def wait(self) -> int:
+        """Wait for the builder; return its wait status."""
+        if self._status is not None:
+            return self._status
+        status: int | None = None
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith(b"status "):
+                status = int(line.split()[1])
+        rc = self._proc.wait()
+        if status is None:
+            # the helper itself died: make sure nothing of the build survives it
+            try:
+                os.kill(self.pid, 9)
+            except (ProcessLookupError, PermissionError):
+                pass
+            status = (rc & 0x7F) if rc < 0 else (rc << 8)
+            if rc < 0:
+                status = -rc
+        self._status = status
+        try:
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()
+        except OSError:
+            pass
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        if self.spec.build_user is not None:
+            self.spec.build_user.kill()
+        return status
+
+    def output_location(self, path: str) -> str:
+        """The host path where the builder left the logical store path ``path``."""
+        if self.sandboxed:
+            return self.spec.chroot_dir + path
+        return self.spec.real_store_dir + path[len(self.spec.store_dir):]
+
+    def cleanup(self) -> None:
+        """After exit: unmount what is still mounted under the chroot and remove it (never
+        through a mount). Idempotent. Closes ``log_fd``."""
+        if self._status is None:
+            self.kill()
+            self.wait()
+        if self.log_fd >= 0:
+            try:
+                os.close(self.log_fd)
+            except OSError:
+                pass
+            self.log_fd = -1
+        if self.sandboxed and not self._cleaned:
+            _remove_chroot(self.spec.chroot_dir)
+            self._cleaned = True
+
+
+def _plan(spec: SandboxSpec, mode: str, binds: dict[str, tuple[str, bool]], slave: int, err_w: int) -> bytes:
+    prog = None
+    if spec.filter_syscalls:
+        try:
+            prog = seccomp.filter_program().hex()
+        except ValueError:
+            if spec.build_user is not None:
+                raise BuildError("seccomp is not supported on this machine; set 'filter-syscalls' to false "
+                                 "to build without it", rule="seccomp") from None
+    bu = spec.build_user
+    plan = {
+        "mode": mode,
+        "chroot": spec.chroot_dir,
+        "store_dir": spec.store_dir,
+        "build_dir": spec.build_dir,
+        "cwd": spec.sandbox_build_dir if mode == "sandbox" else spec.build_dir,
+        "binds": sorted([t, s, o] for t, (s, o) in binds.items()),
+        "private_network": not spec.host_network,
+        "kvm": spec.kvm,
+        "dev_shm_size": spec.dev_shm_size,
+        "seccomp": prog,
+        "personality": spec.personality,
+        "build_user": None if bu is None else {"uid": bu.uid, "gid": bu.gid,
+                                               "supplementary_gids": bu.supplementary_gids},
+        "builder": os.fsdecode(spec.builder),
+        "args": [os.fsdecode(a) for a in spec.args],
+        "env": [[os.fsdecode(k), os.fsdecode(v)] for k, v in spec.env],
+        "pty_fd": slave,
+        "err_fd": err_w,
+        "no_userns": spec.no_user_namespace,
+    }
+    return json.dumps(plan).encode() + b"\n"
+
+
+def _read_line(f: IO[bytes]) -> str:
+    return f.readline().decode("utf-8", "surrogateescape").rstrip("\n")
+
+
+def _start(spec: SandboxSpec, mode: str) -> Builder:
+    if not spec.builder.startswith(b"/"):
+        raise BuildError(f"builder '{os.fsdecode(spec.builder)}' is not an absolute path", rule="builder-path")
+    sandboxed = mode == "sandbox"
+    if spec.build_user is not None:
+        spec.build_user.kill()
+    userns_expected = _userns_enabled() and not spec.no_user_namespace
+    master = slave = err_r = err_w = -1
+    proc: subprocess.Popen[bytes] | None = None
+    ok = False
+    try:
+        binds = _prepare_chroot(spec, userns_expected) if sandboxed else {}
+        master, slave = _open_pty(spec.build_user)
+        err_r, err_w = os.pipe()
+        plan = _plan(spec, mode, binds, slave, err_w)
+        proc = subprocess.Popen([sys.executable, "-I", "-S", HELPER, mode], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, pass_fds=(slave, err_w), close_fds=True, cwd="/",
+                                start_new_session=True)
+        os.close(slave)
+        slave = -1
+        os.close(err_w)
+        err_w = -1
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(plan)
+        proc.stdin.flush()
+        userns = False
+        line = _read_line(proc.stdout)
+        if sandboxed and line.startswith("unshared "):
+            userns = line.split()[1] == "1"
+            _after_unshare(spec, proc.pid, userns)
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            line = _read_line(proc.stdout)
+        if line.startswith("unavailable "):
+            raise SandboxUnavailable(f"cannot create the build sandbox: {line[len('unavailable '):]}",
+                                     rule="sandbox-unavailable")
+        if line.startswith("error "):
+            raise BuildError(line[len("error "):], rule="sandbox-start")
+        if not line.startswith("pid "):
+            proc.wait()
+            raise BuildError(f"the sandbox helper failed (exit status {proc.returncode}): {line!r}",
+                             rule="sandbox-start")
+        pid = int(line.split()[1])
+        msg = b""
+        while True:
+            chunk = os.read(err_r, 65536)
+            if not chunk:
+                break
+            msg += chunk
+        os.close(err_r)
+        err_r = -1
+        builder = Builder(spec, proc, pid, master, sandboxed, userns)
+        if msg:
+            builder.wait()
+            raise _setup_error(msg.decode("utf-8", "surrogateescape"))
+        ok = True
+        return builder
+    finally:
+        if not ok:
+            for fd in (slave, err_r, err_w, master):
+                if fd >= 0:
+                    os.close(fd)
+            if proc is not None:
+                try:
+                    if proc.stdin is not None:
+                        proc.stdin.close()
+                except OSError:
+                    pass
+                proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
+            if sandboxed and os.path.lexists(spec.chroot_dir):
+                _remove_chroot(spec.chroot_dir)
+
+
+def _after_unshare(spec: SandboxSpec, pid: int, userns: bool) -> None:
+    """Parent's part once the helper made the namespaces: id maps, then /etc/passwd."""
+    bu = spec.build_user
+    if userns:
+        host_uid = bu.uid if bu is not None else os.getuid()
+        host_gid = bu.gid if bu is not None else os.getgid()
+        _write_file(f"/proc/{pid}/uid_map", f"1000 {host_uid} 1".encode())
+        _write_file(f"/proc/{pid}/setgroups", b"deny")
+        _write_file(f"/proc/{pid}/gid_map", f"100 {host_gid} 1".encode())
+        uid, gid = 1000, 100
+    elif bu is None:
+        raise BuildError("cannot perform a sandboxed build because user namespaces are not enabled; "
+                         "check /proc/sys/user/max_user_namespaces", rule="no-user-namespaces")
+    else:
+        uid, gid = bu.uid, bu.gid
+    _write_file(spec.chroot_dir + "/etc/passwd",
+                f"root:x:0:0:Nix build user:{spec.sandbox_build_dir}:/noshell\n"
+                f"nixbld:x:{uid}:{gid}:Nix build user:{spec.sandbox_build_dir}:/noshell\n"
+                "nobody:x:65534:65534:Nobody:/:/noshell\n".encode())
+
+
+def start_sandboxed(spec: SandboxSpec) -> Builder:
+    """Start the builder in a fresh sandbox (see the module docs). Raises BuildError for setup
+    failures and SandboxUnavailable when the kernel refuses the namespaces."""
+    return _start(spec, "sandbox")
+
+
+def start_unsandboxed(spec: SandboxSpec) -> Builder:
+    """Start the builder in the host file system (cwd = the build dir), as the build user if
+    any. Refuses when /homeless-shelter exists, as Nix does."""
+    if os.path.lexists(HOMELESS_SHELTER):
+        raise BuildError(f"home directory '{HOMELESS_SHELTER}' exists; please remove it to assure purity of "
+                         "builds without sandboxing", path=HOMELESS_SHELTER, rule="homeless-shelter")
+    return _start(spec, "plain")
+
+
+def sandbox_unavailable_reason() -> str | None:
+    """None when this machine can create the namespaces a sandboxed build needs, else why not
+    (tried for real in a throw-away helper process)."""
+    if sys.platform != "linux":
+        return f"build sandboxing needs Linux namespaces (this is {sys.platform})"
+    if os.getuid() != 0 and not _userns_enabled():
+        return ("user namespaces are not enabled (/proc/sys/user/max_user_namespaces is 0 or missing); "
+                "a sandboxed build as a non-root user needs them")
+    r = subprocess.run([sys.executable, "-I", "-S", HELPER, "probe"], capture_output=True,
+                       stdin=subprocess.DEVNULL, check=False)
+    out = r.stdout.decode(errors="replace").strip()
+    if r.returncode == 0 and out == "ok":
+        return None
+    return out or f"the sandbox probe failed: {r.stderr.decode(errors='replace').strip()}"
