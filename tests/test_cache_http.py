@@ -607,3 +607,17 @@ def test_copy_to_static_http_cache(static: Static, closure: Closure, tmp_path: P
 def test_http_store_errors_are_store_errors() -> None:
     with pytest.raises(StoreError):
         open_store("http://")
+
+
+def test_upload_of_chunks_has_content_length(static: Static) -> None:
+    """Uploads from an iterable or a pipe are spooled so the server gets a Content-Length."""
+    b = HttpBackend(static.url, tries=1)
+    b.upsert_file("up/a", iter([b"abc", b"def"]), mime="application/x-nix-nar")
+    r, w = os.pipe()
+    os.write(w, b"piped bytes")
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        b.upsert_file("up/b", f, mime="application/x-nix-nar")
+    assert (static.cache / "up" / "a").read_bytes() == b"abcdef"
+    assert (static.cache / "up" / "b").read_bytes() == b"piped bytes"
+    b.close()

@@ -38,6 +38,7 @@ import os
 import random
 import socket
 import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -285,8 +286,8 @@ class _BodyReader(io.RawIOBase):
         return bytes(self._read(size))
 
     def close(self) -> None:
-        if not self.closed:
-            self._resp.abort() if not self._resp.finished else None
+        if not self.closed and not self._resp.finished:
+            self._resp.abort()
         super().close()
 
 
@@ -384,9 +385,14 @@ class HttpBackend:
         return io.BufferedReader(_BodyReader(resp, _decoder(resp)), _CHUNK)
 
     def upsert_file(self, key: str, data: bytes | Iterable[bytes] | BinaryIO, *, mime: str) -> None:
-        resp = self._request("PUT", key, body=data, headers={"Content-Type": mime}, absent_ok=False)
-        assert resp is not None
-        resp.drain()
+        payload = _payload(data)
+        try:
+            resp = self._request("PUT", key, body=payload, headers={"Content-Type": mime}, absent_ok=False)
+            assert resp is not None
+            resp.drain()
+        finally:
+            if payload[0] is not data and hasattr(payload[0], "close"):
+                payload[0].close()
         if self.lookups is not None and _is_lookup(key):
             self.lookups.forget(self.url, key)
 
@@ -475,13 +481,14 @@ class HttpBackend:
         return _Conn(origin.host, origin.port, self.connect_timeout, self.read_timeout)
 
     def _request(self, method: str, key: str, *, headers: Mapping[str, str] | None = None,
-                 body: bytes | Iterable[bytes] | BinaryIO | None = None, absent_ok: bool = True) -> _Response | None:
+                 body: tuple[Any, int | None, Any] | None = None, absent_ok: bool = True) -> _Response | None:
         """One request with retries and redirects: the response (status 2xx or 304), or None
-        for an absent file. Everything else raises :class:`HttpError`."""
+        for an absent file. ``body``: what :func:`_payload` made of an upload. Everything
+        else raises :class:`HttpError`."""
         if self._dead is not None:
             raise HttpUnavailableError(self._dead.message, url=f"{self.url}/{key}")
         origin, target = self.origin, self._target(key)
-        payload, length, rewind = _payload(body)
+        payload, length, rewind = body if body is not None else (None, None, None)
         attempt = 0
         redirects = 0
         while True:
@@ -491,13 +498,10 @@ class HttpBackend:
             if auth:
                 hdrs["Authorization"] = auth
             if payload is not None:
-                if length is not None:
-                    hdrs["Content-Length"] = str(length)
-                else:
-                    hdrs["Transfer-Encoding"] = "chunked"
+                hdrs["Content-Length"] = str(length)
             hdrs.update(headers or {})
             try:
-                resp = self._send(origin, method, target, hdrs, payload, length is None and payload is not None, url)
+                resp = self._send(origin, method, target, hdrs, payload, False, url)
             except _Retry as r:
                 attempt += 1
                 if not r.retry or attempt >= self.tries or (payload is not None and rewind is None):
@@ -617,27 +621,45 @@ class _Retry(Exception):
 
 
 def _payload(body: bytes | Iterable[bytes] | BinaryIO | None) -> tuple[Any, int | None, Any]:
-    """(what to send, its length or None for chunked, a function giving it again or None)."""
+    """(what to send, its length, a function giving it again or None). A file that cannot
+    seek, or an iterable of chunks, is spooled first (in memory up to 8 MiB, then on disk) so
+    that the upload has a ``Content-Length`` — servers in front of object stores often refuse
+    chunked uploads — and can be repeated after a transient failure."""
     if body is None:
         return None, None, None
     if isinstance(body, (bytes, bytearray, memoryview)):
         data = bytes(body)
         return data, len(data), lambda: data
+    f: Any = body
     if hasattr(body, "read"):
-        f: Any = body
         try:
             start = f.tell()
             end = f.seek(0, os.SEEK_END)
             f.seek(start)
         except (OSError, AttributeError, ValueError):
-            return _chunks_of(f), None, None
+            pass
+        else:
 
-        def again() -> Any:
-            f.seek(start)
-            return f
+            def again() -> Any:
+                f.seek(start)
+                return f
 
-        return f, end - start, again
-    return iter(body), None, None
+            return f, end - start, again
+        chunks: Iterable[bytes] = _chunks_of(f)
+    else:
+        chunks = body
+    spool: Any = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115 - closed by upsert_file
+    n = 0
+    for c in chunks:
+        spool.write(c)
+        n += len(c)
+    spool.seek(0)
+
+    def rewind() -> Any:
+        spool.seek(0)
+        return spool
+
+    return spool, n, rewind
 
 
 def _chunks_of(f: Any) -> Iterator[bytes]:
