@@ -79,7 +79,9 @@ def serve(ctx: click.Context, listen: str, store_uri: str | None, sign_keys: tup
         server = CacheServer(store, (host, port), options)
     except OSError as e:
         store.close()
-        raise click.ClickException(f"cannot listen on {listen}: {e.strerror or e}") from None
+        from ..errors import StoreError
+
+        raise StoreError(f"cannot listen on {listen}: {e.strerror or e}", rule="listen-failed") from None
     try:
         log.info("serving %s as a binary cache on %s%s", store.uri, server.url,
                  " (writable)" if writable else "")
