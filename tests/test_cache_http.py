@@ -621,3 +621,44 @@ def test_upload_of_chunks_has_content_length(static: Static) -> None:
     assert (static.cache / "up" / "a").read_bytes() == b"abcdef"
     assert (static.cache / "up" / "b").read_bytes() == b"piped bytes"
     b.close()
+
+
+def test_silent_server_is_dead_after_its_attempts(tmp_path: Path, conf: dict[str, str]) -> None:
+    """A server that accepts connections but never answers: each attempt waits
+    stalled-download-timeout, then the cache is dead (no further waits)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    port = s.getsockname()[1]
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        s.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(s.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        b = HttpBackend(f"http://127.0.0.1:{port}", read_timeout=0.5, tries=2, retry_base=0.01)
+        t0 = time.monotonic()
+        with pytest.raises(HttpUnavailableError, match="no response within 0.5 s"):
+            b.get_file("nix-cache-info")
+        assert 0.9 < time.monotonic() - t0 < 3
+        t1 = time.monotonic()
+        with pytest.raises(HttpUnavailableError):
+            b.file_exists("nar/x.nar")
+        assert time.monotonic() - t1 < 0.05
+        r = run_cli("--store", tmp_path / "dst", "copy", "--from", f"http://127.0.0.1:{port}",
+                    "/nix/store/" + "1" * 32 + "-x", env=conf, timeout=60)
+        assert r.returncode == 1 and b"no response within 2 s" in r.stderr and b"Traceback" not in r.stderr
+    finally:
+        stop.set()
+        t.join(5)
+        for c in accepted:
+            c.close()
+        s.close()

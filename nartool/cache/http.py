@@ -13,7 +13,7 @@ connection set-up, ``stalled-download-timeout`` any wait for data. Transient fai
 up to ``download-attempts`` times with exponential back-off from 250 ms, as Nix's downloader
 does; a request on a kept-alive connection the server has meanwhile closed is repeated at once
 on a new one. A server that still cannot be reached after that — or does not accept the
-connection within ``connect-timeout`` — is marked *dead*: every later request to it in this
+connection within ``connect-timeout``, or accepts it but never answers — is marked *dead*: every later request to it in this
 process fails at once with the same error, so a dead substituter costs its timeout only once.
 Redirects are followed (at most 10). ``Content-Encoding`` (gzip, xz, bzip2, zstd) is decoded,
 as Nix does; a body shorter or longer than its ``Content-Length`` is an error, never a file.
@@ -585,8 +585,10 @@ class HttpBackend:
                              connect=False) from None
             except TimeoutError:
                 conn.close()
+                # a server that accepts connections but never answers is as dead as one that
+                # refuses them, once the attempts are used up
                 raise _Retry(HttpError(f"no response within {self.read_timeout:g} s", url=url,
-                                       rule="timeout"), connect=False) from None
+                                       rule="timeout"), connect=True) from None
             except OSError as e:
                 conn.close()
                 raise _Retry(HttpError(f"connection failed: {e.strerror or e}", url=url, rule="connection"),
