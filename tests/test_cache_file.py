@@ -516,3 +516,37 @@ def test_concurrent_pushes_of_one_closure(closure: tuple[Path, dict[str, str]], 
     assert not [p for p in (tmp_path / "c").rglob(".*")]  # no temporaries left
     nartool_push(root, tmp_path / "one", "compression=xz&secret-key={key}&write-nar-listing=1", [paths["ia"]])
     assert tree_files(tmp_path / "c") == tree_files(tmp_path / "one")
+
+
+def test_batches_publish_at_the_end_with_narinfos_last(closure: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """Inside a batch nothing is visible until it ends (one sync for all files); an error drops
+    the block's files unless keep_on_error; commit_pending publishes mid-block."""
+    root, paths = closure
+    order = [paths["tree"], paths["mid"], paths["top"]]
+    with LocalStore(root) as src:
+        items = [(src.path_info(p), b"".join(src.nar_chunks(p))) for p in order]
+    c = cache_store(tmp_path / "c", "compression=zstd")
+
+    def visible() -> set[str]:
+        return {f.name for f in (tmp_path / "c").glob("*.narinfo")}
+
+    with c.batch():
+        for info, nar in items:
+            c.add_nar(info, nar)
+        assert visible() == set() and not list((tmp_path / "c" / "nar").glob("[!.]*"))  # only temporaries
+        assert c.is_valid(paths["top"])  # the store itself knows (references of later paths)
+    assert len(visible()) == 3 and not [p for p in (tmp_path / "c").rglob(".*")]
+    d = cache_store(tmp_path / "d", "compression=zstd")
+    with pytest.raises(RuntimeError), d.batch():
+        d.add_nar(*items[0])
+        raise RuntimeError("interrupted")
+    assert not list((tmp_path / "d").glob("*.narinfo")) and not [p for p in (tmp_path / "d").rglob(".*")]
+    assert not d.is_valid(paths["tree"])
+    e = cache_store(tmp_path / "e", "compression=zstd")
+    with pytest.raises(RuntimeError), e.batch(keep_on_error=True):
+        e.add_nar(*items[0])
+        assert e.commit_pending() == 1 and len(list((tmp_path / "e").glob("*.narinfo"))) == 1
+        e.add_nar(*items[1])
+        raise RuntimeError("interrupted")
+    assert len(list((tmp_path / "e").glob("*.narinfo"))) == 2  # complete ones kept
+    assert cache_store(tmp_path / "e").query_valid_paths(order) == set(order[:2])

@@ -37,6 +37,7 @@ EXTENSIONS = {"none": "", "xz": ".xz", "bzip2": ".bz2", "zstd": ".zst", "gzip": 
 _SINGLE = ("StorePath", "URL", "Compression", "FileHash", "FileSize", "NarHash", "NarSize", "References",
            "Deriver", "System", "CA")
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]*\Z")
+_BLANK_RE = re.compile(r"\s")
 _INT_RE = re.compile(r"(0|[1-9][0-9]{0,19})\Z")
 #: the most a narinfo may hold (references of a huge closure fit many times over)
 MAX_NARINFO_SIZE = 16 << 20
@@ -67,7 +68,7 @@ def check_url(url: str) -> str | None:
         return "it is empty"
     if url.startswith("/") or "\\" in url or "\x00" in url:
         return "it must be a relative path"
-    if any(not c.isprintable() or c.isspace() for c in url):
+    if not url.isprintable() or _BLANK_RE.search(url):
         return "it contains blanks or control characters"
     parts = url.split("/")
     if any(p in ("", ".", "..") for p in parts):
