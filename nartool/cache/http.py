@@ -13,10 +13,11 @@ connection set-up, ``stalled-download-timeout`` any wait for data. Transient fai
 up to ``download-attempts`` times with exponential back-off from 250 ms, as Nix's downloader
 does; a request on a kept-alive connection the server has meanwhile closed is repeated at once
 on a new one. A server that still cannot be reached after that — or does not accept the
-connection within ``connect-timeout``, or accepts it but never answers — is marked *dead*: every later request to it in this
-process fails at once with the same error, so a dead substituter costs its timeout only once.
-Redirects are followed (at most 10). ``Content-Encoding`` (gzip, xz, bzip2, zstd) is decoded,
-as Nix does; a body shorter or longer than its ``Content-Length`` is an error, never a file.
+connection within ``connect-timeout``, or accepts it but never answers — is marked *dead*:
+every later request to it in this process fails at once with the same error, so a dead
+substituter costs its timeout only once. Redirects are followed (at most 10).
+``Content-Encoding`` (gzip, xz, bzip2, zstd) is decoded, as Nix does; a body that ends before
+its ``Content-Length`` is an error, never a file.
 
 Authentication: Basic credentials from the URL's user info, else from the ``netrc-file``
 (Nix's setting; nartool's default ``/etc/nartool/netrc``) for the request's host — as Nix
