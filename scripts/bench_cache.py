@@ -10,7 +10,7 @@ alternating the tools, times for each compression:
 
 and prints min / median / max wall seconds per tool, plus the size of the cache.
 
-    python scripts/bench_cache.py --runs 3 --compressions zstd,xz,none [--source DIR]
+    python scripts/bench_cache.py --runs 3 --compressions zstd,xz,none [--source DIR] [--chain N]
 """
 
 from __future__ import annotations
@@ -43,14 +43,17 @@ def nartool(*args: str) -> list[str]:
     return [sys.executable, "-m", "nartool", *args]
 
 
-def make_closure(root: Path, source: Path) -> tuple[str, int]:
+def make_closure(root: Path, source: Path, chain: int) -> tuple[str, int, int]:
     from nartool.store.local import LocalStore
 
     with LocalStore(root) as st:
         tree = st.add_path(source, name="bench-tree")
         mid = st.add_text("bench-mid", "uses " + tree.path, [tree.path])
+        for i in range(chain):  # many small paths: per-path costs
+            mid = st.add_text(f"bench-chain-{i}", f"{i} uses {mid.path}\n" * 50, [mid.path])
         top = st.add_text("bench-top", "uses " + mid.path, [mid.path, tree.path])
-        return top.path, sum(st.path_info(p).nar_size for p in st.closure([top.path]))
+        cl = st.closure([top.path])
+        return top.path, sum(st.path_info(p).nar_size for p in cl), len(cl)
 
 
 def du(d: Path) -> int:
@@ -65,14 +68,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--compressions", default="zstd,xz,none")
-    ap.add_argument("--source", type=Path, default=Path(sysconfig.get_paths()["stdlib"]) / "email")
+    ap.add_argument("--source", type=Path, default=Path(sysconfig.get_paths()["stdlib"]) / "test",
+                    help="the tree in the closure (default: the Python standard library's tests, ~100 MiB)")
+    ap.add_argument("--chain", type=int, default=0, help="add a chain of N small paths to the closure")
     args = ap.parse_args()
     if shutil.which("nix") is None:
         sys.exit("needs Nix (nix copy) on PATH")
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         t = Path(tmp)
-        top, size = make_closure(t / "store", args.source)
-        print(f"closure of {top}: {size / 2**20:.1f} MiB NAR, {args.runs} runs, alternating; "
+        top, size, n = make_closure(t / "store", args.source, args.chain)
+        print(f"closure of {top}: {n} paths, {size / 2**20:.1f} MiB NAR, {args.runs} runs, alternating; "
               "wall seconds min / median / max")
         for comp in args.compressions.split(","):
             res: dict[str, list[float]] = {k: [] for k in ("push nix", "push nartool", "pull nix", "pull nartool")}
