@@ -300,6 +300,15 @@ class StoreDB:
                 for name, out in sorted(drv_outputs.get(info.path, {}).items()):
                     c.execute("insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)",
                               (ids[info.path], name, out))
+            for drv, outs in sorted(drv_outputs.items()):
+                # a derivation that is not among ``infos`` (e.g. the one whose outputs these are)
+                if drv in ids or not outs:
+                    continue
+                row = c.execute("select id from ValidPaths where path = ?", (drv,)).fetchone()
+                if row is not None:
+                    for name, out in sorted(outs.items()):
+                        c.execute("insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)",
+                                  (row[0], name, out))
 
     def set_sigs(self, path: str, sigs: Iterable[str]) -> None:
         with self.transaction() as c:

@@ -619,6 +619,43 @@ class LocalStore(BaseStore):
             if not queued:
                 lock.release()
 
+    def register_build_outputs(self, moves: list[tuple[str, PathInfo]], *, drv_path: str | None = None,
+                               drv_outputs: dict[str, str] | None = None) -> list[PathInfo]:
+        """Register a build's outputs together: each ``(location, info)`` is moved by ``rename``
+        from ``location`` (e.g. inside a build's chroot, on the store's file system; nothing to
+        move when it is the path's own place) to its place in the store, then one ``syncfs`` and
+        one transaction registers them all (with ``drv_path``'s ``DerivationOutputs`` rows when
+        that derivation is valid). The caller holds the paths' locks, has made the trees
+        canonical and computed ``info`` (hash, size, references: valid or among ``moves``).
+        On any error nothing is registered and the moved outputs are removed."""
+        moved: list[bytes] = []
+        try:
+            for location, info in moves:
+                base = self.parse_path(info.path).base.encode()
+                self.temp_root(info.path)
+                if os.path.abspath(location) == self.physical(info.path):
+                    continue
+                if self.db.is_valid(info.path):
+                    raise StoreError("path is already valid", path=info.path, rule="already-valid")
+                remove_at(self._store_fd, base)  # an unregistered leftover (its lock is ours)
+                try:
+                    rename_noreplace(os.fsencode(location), base, dst_dir_fd=self._store_fd)
+                except OSError as e:
+                    raise StoreError(f"cannot move build output into the store: {e.strerror}", path=info.path,
+                                     rule="io") from e
+                moved.append(base)
+            syncfs(self._store_fd)
+            now = int(time.time())
+            infos = [replace(info, registration_time=info.registration_time or now)
+                     for _, info in moves]
+            self.db.register(infos, {drv_path: dict(drv_outputs or {})} if drv_path else None)
+        except BaseException:
+            for base in moved:
+                remove_at(self._store_fd, base)
+            raise
+        self.db.maybe_checkpoint()
+        return infos
+
     def add_nar_deferred(self, src: ByteSource, finish: Callable[[Hash, int], PathInfo]) -> PathInfo | None:
         """Restore one NAR under a temporary name, then ask ``finish`` (which reads an export
         record's trailer) for its info and place it: an import never holds a NAR in memory."""

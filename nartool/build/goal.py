@@ -1,0 +1,725 @@
+"""Building derivations: one build (:func:`build_derivation`) and the scheduler over many
+(:func:`build_paths`), as Nix 2.8's derivation goals and worker do (``docs/builds.md``).
+
+One build: output locks (so that two processes build a derivation once), the platform and
+``__noChroot`` checks, the build directory (``$TMPDIR/nix-build-<name>.drv-<n>``, 0700), the
+environment (:mod:`.env`), the input closure plus ``sandbox-paths`` and their closures, a build
+user, the sandbox (:mod:`.sandbox`), the log loop (raw log, lines, ``max-silent-time``,
+``timeout``, ``max-build-log-size``), then the output checks and the registration
+(:mod:`.outputs`). Nothing is registered unless every output passed every check.
+
+The scheduler builds input derivations first, independent ones in parallel up to ``max-jobs``
+(each in a worker thread; the builders themselves are separate processes), skips derivations
+whose outputs are valid, and on Ctrl-C/SIGTERM (a ``KeyboardInterrupt`` in the calling thread)
+kills every running build, removes its chroot and registers nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BuildError, NartoolError, SandboxUnavailable, StoreError
+from ..fs.osutil import remove_at
+from ..remote.messages import BuildResult, BuildStatus
+from ..store.derivation import (
+    FIXED,
+    BasicDerivation,
+    Derivation,
+    DerivationOutput,
+    drv_name_from_path,
+    hash_derivation_modulo,
+    read_derivation,
+    store_resolver,
+)
+from ..store.local import LocalStore
+from ..store.locks import PathLock
+from .env import get_bool_attr, get_strings_attr, make_environment
+from .logs import LineAssembler, RawLog, filter_escapes, log_path
+from .options import BuildOptions, parse_sandbox_paths
+from .outputs import HashMismatch, Output, OutputRejected, check_outputs, examine_outputs, register_outputs
+
+log = logging.getLogger(__name__)
+
+LogFn = Callable[[bytes], None]
+NoticeFn = Callable[[str], None]
+
+#: statuses that mean success
+SUCCESS = (BuildStatus.BUILT, BuildStatus.SUBSTITUTED, BuildStatus.ALREADY_VALID,
+           BuildStatus.RESOLVES_TO_ALREADY_VALID)
+_READ_SIZE = 4096  # Nix reads the log in chunks of this size (the log limit is checked per chunk)
+
+
+class Cancelled(BaseException):
+    """The build was interrupted (Ctrl-C, SIGTERM, a hung-up client)."""
+
+
+class CancelToken:
+    """Set from any thread; a running build notices at once (its log loop also waits on a pipe)."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        self.set_flag = False
+
+    def set(self) -> None:
+        self.set_flag = True
+        try:
+            os.write(self._w, b"x")
+        except OSError:
+            pass
+
+    @property
+    def fd(self) -> int:
+        return self._r
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def basic_to_derivation(drv_path: str, basic: BasicDerivation) -> Derivation:
+    return Derivation(outputs={n: DerivationOutput(p, a, h) for n, p, a, h in basic.outputs}, input_drvs={},
+                      input_srcs=list(basic.input_srcs), platform=basic.platform, builder=basic.builder,
+                      args=list(basic.args), env=dict(basic.env), name=drv_name_from_path(drv_path))
+
+
+def _status_text(status: int) -> str:
+    if os.WIFEXITED(status):
+        return f"failed with exit code {os.WEXITSTATUS(status)}"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"failed due to signal {sig} ({signal.strsignal(sig) or 'unknown'})"
+    return "died abnormally"
+
+
+def _make_build_dir(name: str) -> str:
+    """``$TMPDIR/nix-build-<drv base name without hash>-<n>`` (the first free ``n`` from 0)."""
+    top = os.environ.get("TMPDIR") or "/tmp"
+    n = 0
+    while True:
+        p = os.path.join(top, f"nix-build-{name}-{n}")
+        try:
+            os.mkdir(p, 0o700)
+            return p
+        except FileExistsError:
+            n += 1
+
+
+def _remove_tree(path: str) -> None:
+    try:
+        remove_at(None, os.fsencode(path))
+    except OSError as e:
+        log.warning("cannot remove '%s': %s", path, e.strerror)
+
+
+def _realisations(store: LocalStore, drv_path: str, drv: Derivation, paths: dict[str, str],
+                  full: bool) -> tuple[tuple[str, str], ...]:
+    try:
+        resolve = store_resolver(store) if full else (lambda p: read_derivation(store, p))
+        hashes = hash_derivation_modulo(drv, resolve, store_dir=store.store_dir).hashes
+    except NartoolError:
+        return ()
+    out = []
+    for name, p in sorted(paths.items()):
+        oid = f"sha256:{hashes[name].base16}!{name}"
+        obj = {"dependentRealisations": {}, "id": oid, "outPath": p.rsplit("/", 1)[-1], "signatures": []}
+        out.append((oid, json.dumps(obj, sort_keys=True, separators=(",", ":"))))
+    return tuple(out)
+
+
+def _path_info_json(store: LocalStore) -> Callable[[Iterable[str]], list[dict[str, Any]]]:
+    def f(paths: Iterable[str]) -> list[dict[str, Any]]:
+        out = []
+        for p in sorted(paths):
+            info = store.path_info(p)
+            closure = store.closure([p])
+            obj: dict[str, Any] = {"closureSize": sum(store.path_info(q).nar_size for q in closure),
+                                   "narHash": info.nar_hash.prefixed("nix32"), "narSize": info.nar_size,
+                                   "path": p, "references": sorted(info.references)}
+            if info.ca:
+                obj["ca"] = info.ca
+            out.append(obj)
+        return out
+    return f
+
+
+@dataclass
+class _Failure(Exception):
+    status: int
+    message: str
+
+
+def _fail(status: int, message: str) -> _Failure:
+    return _Failure(status, message)
+
+
+@dataclass
+class _Build:
+    store: LocalStore
+    drv_path: str
+    drv: Derivation
+    options: BuildOptions
+    log_fn: LogFn | None
+    notice: NoticeFn | None
+    full: bool
+    keep_colours: bool
+    cancel: CancelToken | None
+    wanted: list[str] | None = None
+    locks: list[PathLock] = field(default_factory=list)
+    build_dir: str | None = None
+    builder: Any = None
+    build_user: Any = None
+    raw: RawLog | None = None
+
+    @property
+    def name(self) -> str:
+        outs = ",".join(sorted(self.drv.outputs))
+        what = "from .drv file" if self.full else "from in-memory derivation"
+        return f"building of '{self.drv_path}!{outs}' {what}"
+
+    def run(self) -> BuildResult:
+        start = int(time.time())
+        try:
+            return self._run(start)
+        except _Failure as f:
+            return BuildResult(f.status, f.message, 1 if f.status not in (BuildStatus.MISC_FAILURE,) else 0,
+                               False, start, int(time.time()))
+        finally:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.raw is not None:
+            self.raw.close()
+            self.raw = None
+        if self.builder is not None:
+            try:
+                self.builder.cleanup()
+            except OSError as e:
+                log.warning("cannot clean up the build of '%s': %s", self.drv_path, e)
+            self.builder = None
+        if self.build_dir is not None:
+            _remove_tree(self.build_dir)
+            self.build_dir = None
+        if self.build_user is not None:
+            self.build_user.release()
+            self.build_user = None
+        for lk in self.locks:
+            lk.release()
+        self.locks = []
+
+    def _lock_outputs(self, outputs: dict[str, str]) -> bool:
+        """Lock every output path; True when all of them are valid already (nothing to build)."""
+        for p in sorted(outputs.values()):
+            self.store.temp_root(p)
+        lock_paths = [self.store.physical(p) for p in sorted(outputs.values())]
+        for lp in lock_paths:
+            lk = PathLock(lp, acquire=False)
+            self.locks.append(lk)
+            try:
+                lk.acquire(wait=False)
+            except StoreError:
+                if self.notice is not None:
+                    self.notice("waiting for lock on " + ", ".join(f"'{self.store.store_dir}/{os.path.basename(x)}'"
+                                                                  for x in lock_paths))
+                self._wait_lock(lk)
+        return all(self.store.is_valid(p) for p in outputs.values())
+
+    def _wait_lock(self, lk: PathLock) -> None:
+        while True:
+            if self.cancel is not None and self.cancel.set_flag:
+                raise Cancelled()
+            try:
+                lk.acquire(wait=False)
+                return
+            except StoreError:
+                time.sleep(0.05)
+
+    def _run(self, start: int) -> BuildResult:
+        store, drv, opts = self.store, self.drv, self.options
+        sd = store.store_dir
+        try:
+            kind = drv.type()
+        except NartoolError as e:
+            raise _fail(BuildStatus.MISC_FAILURE, str(e)) from None
+        outputs = drv.output_paths(sd)
+        if set(outputs) != set(drv.outputs):
+            raise _fail(BuildStatus.MISC_FAILURE, f"derivation '{self.drv_path}' has outputs whose paths are not "
+                        "known before the build (content-addressed derivations are not supported)")
+        if self._lock_outputs(outputs):
+            return BuildResult(BuildStatus.ALREADY_VALID, "", 0, False, start, int(time.time()),
+                               _realisations(store, self.drv_path, drv, outputs, self.full))
+        fixed = kind == FIXED
+        # platform
+        required = sorted(set(get_strings_attr(drv, "requiredSystemFeatures") or []))
+        features = set(opts.system_features)
+        platforms = {opts.system, "builtin"} | ({"i686-linux"} if opts.system == "x86_64-linux" else set())
+        if drv.platform not in platforms or not set(required) <= features:
+            raise _fail(BuildStatus.MISC_FAILURE,
+                        f"a '{drv.platform}' with features {{{', '.join(required)}}} is required to build "
+                        f"'{self.drv_path}', but I am a '{opts.system}' with features "
+                        f"{{{', '.join(sorted(features))}}}")
+        if drv.builder.startswith("builtin:"):
+            raise _fail(BuildStatus.MISC_FAILURE, f"builder '{drv.builder}' (a builtin of Nix) is not supported "
+                        "by nartool")
+        # sandbox or not
+        try:
+            no_chroot = get_bool_attr(drv, "__noChroot")
+        except BuildError as e:
+            raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
+        if opts.sandbox == "true":
+            if no_chroot:
+                raise _fail(BuildStatus.MISC_FAILURE, f"derivation '{self.drv_path}' has '__noChroot' set, but "
+                            "that's not allowed when 'sandbox' is 'true'")
+            sandboxed = True
+        elif opts.sandbox == "false":
+            sandboxed = False
+        else:
+            sandboxed = not fixed and not no_chroot
+        diverted = store.real_store_dir != sd
+        if diverted:
+            sandboxed = True
+        valid_outs = {n for n, p in outputs.items() if store.is_valid(p)}
+        if valid_outs and not sandboxed:
+            raise _fail(BuildStatus.MISC_FAILURE, f"cannot rebuild '{self.drv_path}' without the sandbox while "
+                        f"some of its outputs are valid ({', '.join(sorted(valid_outs))})")
+        # inputs
+        try:
+            input_paths = self._input_closure()
+        except NartoolError as e:
+            raise _fail(BuildStatus.MISC_FAILURE, str(e)) from None
+        for p in input_paths:
+            store.temp_root(p)
+        if self.notice is not None:
+            self.notice(f"building '{self.drv_path}'...")
+        # build user, build dir, environment
+        from .users import acquire_build_user
+
+        group = opts.build_users_group or ""
+        if os.geteuid() == 0 and group:
+            try:
+                while True:
+                    self.build_user = acquire_build_user(group)
+                    if self.build_user is not None:
+                        break
+                    if self.notice is not None:
+                        self.notice(f"waiting for UID to build '{self.drv_path}'")
+                    for _ in range(20):
+                        if self.cancel is not None and self.cancel.set_flag:
+                            raise Cancelled()
+                        time.sleep(0.05)
+            except BuildError as e:
+                raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
+        self.build_dir = _make_build_dir(self.drv_path.rsplit("/", 1)[-1][33:])
+        if self.build_user is not None:
+            os.chown(self.build_dir, self.build_user.uid, self.build_user.gid)
+        top = opts.sandbox_build_dir if sandboxed else self.build_dir
+        try:
+            benv = make_environment(
+                drv, store_dir=sd, build_top=top, host_build_top=self.build_dir, cores=opts.cores,
+                fixed_output=fixed, input_paths=input_paths, outputs=outputs,
+                closure=lambda ps: set(store.closure(list(ps))), references=store.query_references,
+                derivation_outputs=lambda p: store.query_derivation_outputs(p).values(),
+                path_info_json=_path_info_json(store))
+        except NartoolError as e:
+            raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
+        for fn, data in benv.files.items():
+            p = os.path.join(self.build_dir, fn)
+            with open(p, "wb") as f:
+                f.write(data)
+            if self.build_user is not None:
+                os.chown(p, self.build_user.uid, self.build_user.gid)
+        # sandbox paths (and their closures)
+        from . import sandbox as sbx
+
+        binds: list[sbx.Bind] = []
+        extra_inputs: set[str] = set()
+        for sp in parse_sandbox_paths(opts.sandbox_paths).values():
+            src = sp.source
+            if src.startswith(sd + "/"):
+                top_path = sd + "/" + src[len(sd) + 1:].split("/", 1)[0]
+                if store.is_valid(top_path):
+                    extra_inputs |= set(store.closure([top_path]))
+                if src == top_path and sp.target == src:
+                    continue  # shown as an input path
+                src = store.real_store_dir + src[len(sd):]
+            binds.append(sbx.Bind(sp.target, src, sp.optional))
+        inputs = sorted((input_paths | extra_inputs) - set(outputs.values()))
+        hook = self._hook if (opts.pre_build_hook and sandboxed and self.full) else None
+        spec = sbx.SandboxSpec(
+            builder=drv.builder.encode("utf-8", "surrogateescape"),
+            args=[a.encode("utf-8", "surrogateescape") for a in drv.args], env=benv.env, store_dir=sd,
+            real_store_dir=store.real_store_dir,
+            chroot_dir=store.real_store_dir + "/" + self.drv_path.rsplit("/", 1)[-1] + ".chroot",
+            build_dir=self.build_dir, inputs=inputs, binds=binds, outputs=sorted(outputs.values()),
+            host_network=fixed, build_user=self.build_user, sandbox_build_dir=opts.sandbox_build_dir,
+            kvm="kvm" in opts.system_features and os.access("/dev/kvm", os.R_OK | os.W_OK),
+            dev_shm_size=opts.sandbox_dev_shm_size, filter_syscalls=opts.filter_syscalls, pre_build_hook=hook)
+        if not sandboxed:
+            for p in outputs.values():
+                remove_at(None, os.fsencode(store.physical(p)))  # an unregistered leftover: ours (locked)
+        # start
+        try:
+            if sandboxed:
+                try:
+                    self.builder = sbx.start_sandboxed(spec)
+                except SandboxUnavailable as e:
+                    if not opts.sandbox_fallback or diverted:
+                        raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
+                    sandboxed = False
+                    self.builder = sbx.start_unsandboxed(spec)
+            else:
+                self.builder = sbx.start_unsandboxed(spec)
+        except BuildError as e:
+            raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
+        if opts.keep_build_log:
+            self.raw = RawLog(log_path(store.state_dir, self.drv_path, compressed=opts.compress_build_log),
+                              compressed=opts.compress_build_log)
+        status, failure = self._log_loop()
+        stop = int(time.time())
+        if failure is not None:
+            raise failure
+        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            st = BuildStatus.TRANSIENT_FAILURE if fixed else BuildStatus.PERMANENT_FAILURE
+            raise _fail(st, f"builder for '{self.drv_path}' {_status_text(status)}")
+        # outputs
+        outs = [Output(n, p, self.builder.output_location(p)) for n, p in sorted(outputs.items())
+                if n not in valid_outs]
+        try:
+            order = examine_outputs(store, self.drv_path, drv, outs, input_paths=input_paths,
+                                    build_uid=self.build_user.uid if self.build_user is not None else None)
+            check_outputs(store, drv, order)
+            register_outputs(store, self.drv_path if self.full else None, order)
+        except HashMismatch as e:
+            raise _Failure(BuildStatus.OUTPUT_REJECTED, e.message) from None
+        except (OutputRejected, BuildError) as e:
+            raise _fail(BuildStatus.OUTPUT_REJECTED, e.message) from None
+        except NartoolError as e:
+            raise _fail(BuildStatus.OUTPUT_REJECTED, str(e)) from None
+        return BuildResult(BuildStatus.BUILT, "", 1, False, start, stop,
+                           _realisations(store, self.drv_path, drv, outputs, self.full))
+
+    def _input_closure(self) -> set[str]:
+        store, drv = self.store, self.drv
+        roots = set(drv.input_srcs)
+        for p, names in drv.input_drvs.items():
+            outs = store.query_derivation_outputs(p)
+            if not outs:
+                outs = read_derivation(store, p).output_paths(store.store_dir)
+            for n in names:
+                if n not in outs:
+                    raise BuildError(f"derivation '{p}' has no output '{n}'", path=p, rule="bad-input")
+                roots.add(outs[n])
+        missing = sorted(r for r in roots if not store.is_valid(r))
+        if missing:
+            raise BuildError(f"path '{missing[0]}' is not valid", path=missing[0], rule="invalid-input")
+        return set(store.closure(sorted(roots)))
+
+    def _hook(self, chroot_dir: str) -> list[Any]:
+        from .sandbox import Bind
+
+        hook = self.options.pre_build_hook or ""
+        r = subprocess.run([hook, self.drv_path, chroot_dir], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           check=False)
+        if r.returncode != 0:
+            raise BuildError(f"program '{hook}' {_status_text(r.returncode << 8 if r.returncode >= 0 else -r.returncode)}",
+                             rule="pre-build-hook")
+        binds: list[Any] = []
+        state = "begin"
+        text = r.stdout.decode("utf-8", "surrogateescape")
+        lines = text.split("\n")[:-1]  # only complete lines
+        for line in lines:
+            if state == "begin":
+                if line in ("extra-sandbox-paths", "extra-chroot-dirs"):
+                    state = "paths"
+                else:
+                    raise BuildError(f"unknown pre-build hook command '{line}'", rule="pre-build-hook")
+            elif not line:
+                state = "begin"
+            else:
+                target, eq, source = line.partition("=")
+                binds.append(Bind(target, source if eq else target, False))
+        return binds
+
+    def _emit(self, line: bytes) -> None:
+        if line.startswith(b"@nix "):
+            try:
+                obj = json.loads(line[5:])
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict):
+                if obj.get("action") == "msg" and isinstance(obj.get("msg"), str) and \
+                        isinstance(obj.get("level"), int) and obj["level"] <= 3:
+                    line = obj["msg"].encode("utf-8", "surrogateescape")
+                else:
+                    return
+        if self.log_fn is not None:
+            self.log_fn(filter_escapes(line, keep_colours=self.keep_colours) + b"\n")
+
+    def _log_loop(self) -> tuple[int, _Failure | None]:
+        """Read the builder's output until EOF, enforcing the limits; then its wait status."""
+        b, opts = self.builder, self.options
+        fd = b.log_fd
+        assembler = LineAssembler(self._emit)
+        started = last = time.monotonic()
+        size = 0
+        failure: _Failure | None = None
+        watch = [fd] + ([self.cancel.fd] if self.cancel is not None else [])
+        try:
+            while True:
+                now = time.monotonic()
+                deadlines = []
+                if opts.max_silent_time:
+                    deadlines.append(last + opts.max_silent_time)
+                if opts.timeout:
+                    deadlines.append(started + opts.timeout)
+                wait = max(0.0, min(deadlines) - now) if deadlines else None
+                try:
+                    ready, _, _ = select.select(watch, [], [], wait)
+                except InterruptedError:
+                    continue
+                if self.cancel is not None and self.cancel.fd in ready:
+                    raise Cancelled()
+                if fd in ready:
+                    try:
+                        data = os.read(fd, _READ_SIZE)
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # EIO: every writer is gone
+                        data = b""
+                    if not data:
+                        break
+                    last = time.monotonic()
+                    size += len(data)
+                    if opts.max_build_log_size and size > opts.max_build_log_size:
+                        b.kill()
+                        failure = _fail(BuildStatus.LOG_LIMIT_EXCEEDED,
+                                        f"{self.name} killed after writing more than {opts.max_build_log_size} "
+                                        "bytes of log output")
+                        break
+                    assembler.feed(data)
+                    if self.raw is not None:
+                        self.raw.write(data)
+                    continue
+                now = time.monotonic()
+                if opts.max_silent_time and now - last >= opts.max_silent_time:
+                    b.kill()
+                    failure = _fail(BuildStatus.TIMED_OUT, f"{self.name} timed out after {opts.max_silent_time} "
+                                    "seconds of silence")
+                    break
+                if opts.timeout and now - started >= opts.timeout:
+                    b.kill()
+                    failure = _fail(BuildStatus.TIMED_OUT, f"{self.name} timed out after {opts.timeout} seconds")
+                    break
+        except BaseException:
+            b.kill()
+            raise
+        assembler.finish()
+        return b.wait(), failure
+
+
+def build_derivation(store: LocalStore, drv_path: str, drv: Derivation | BasicDerivation, options: BuildOptions,
+                     *, log: LogFn | None = None, full_derivation: bool = True, notice: NoticeFn | None = None,
+                     keep_colours: bool = False, cancel: CancelToken | None = None) -> BuildResult:
+    """Build one derivation whose inputs are valid (see the module docstring); never raises for a
+    failed build (the result says why), only for internal errors and interruptions
+    (``KeyboardInterrupt``/:class:`Cancelled`, after the build was killed and cleaned up)."""
+    d = basic_to_derivation(drv_path, drv) if isinstance(drv, BasicDerivation) else drv
+    if not d.name:
+        d.name = drv_name_from_path(drv_path)
+    store.temp_root(drv_path)
+    return _Build(store, drv_path, d, options, log, notice, full_derivation, keep_colours, cancel).run()
+
+
+# -- the scheduler --------------------------------------------------------------------------
+
+
+@dataclass
+class _Node:
+    drv_path: str
+    drv: Derivation
+    deps: set[str] = field(default_factory=set)
+    result: BuildResult | None = None
+
+
+def _parse_target(t: str) -> tuple[str, list[str] | None]:
+    p, bang, outs = t.partition("!")
+    if not bang or outs == "*":
+        return p, None
+    return p, [o for o in outs.split(",") if o]
+
+
+def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *, log: LogFn | None = None,
+                notice: NoticeFn | None = None, keep_colours: bool = False,
+                on_failure: Callable[[str, BuildResult], None] | None = None,
+                all_results: dict[str, BuildResult] | None = None) -> list[BuildResult]:
+    """Build ``targets`` (``DRV`` or ``DRV!OUT,…``) and their input derivations (see the module
+    docstring); one :class:`BuildResult` per target. ``on_failure`` hears of each failed
+    dependency as it fails (Nix prints those as they happen); ``all_results`` receives the result
+    of every derivation involved (for :func:`exit_status`)."""
+    nodes: dict[str, _Node] = {}
+    todo: list[str] = []
+    parsed = [_parse_target(t) for t in targets]
+    for p, wanted in parsed:
+        if not p.endswith(".drv"):
+            raise BuildError(f"'{p}' is not a derivation", path=p, rule="not-a-derivation")
+        drv = read_derivation(store, p)
+        for o in wanted or []:
+            if o not in drv.outputs:
+                raise BuildError(f"derivation '{p}' does not have wanted outputs '{o}'", path=p, rule="no-such-output")
+        if p not in nodes:
+            nodes[p] = _Node(p, drv)
+            todo.append(p)
+    while todo:
+        p = todo.pop()
+        n = nodes[p]
+        for dep in sorted(n.drv.input_drvs):
+            # an input derivation whose wanted outputs are valid needs no build (nor its inputs)
+            n.deps.add(dep)
+            if dep not in nodes:
+                if not store.is_valid(dep):
+                    raise BuildError(f"path '{dep}' is not valid", path=dep, rule="invalid-input")
+                nodes[dep] = _Node(dep, read_derivation(store, dep))
+                todo.append(dep)
+    # prune: nodes whose outputs are all valid are done (their inputs are not needed)
+    def valid(n: _Node) -> bool:
+        paths = n.drv.output_paths(store.store_dir)
+        return bool(paths) and len(paths) == len(n.drv.outputs) and all(store.is_valid(x) for x in paths.values())
+
+    needed: set[str] = set()
+    stack = [p for p, _ in parsed]
+    while stack:
+        p = stack.pop()
+        if p in needed:
+            continue
+        needed.add(p)
+        if not valid(nodes[p]):
+            stack.extend(nodes[p].deps)
+    for p in needed:
+        store.temp_root(p)
+    pending = {p for p in needed if not valid(nodes[p])}
+    if notice is not None and pending:
+        ps = sorted(pending)
+        head = "this derivation will be built:" if len(ps) == 1 else f"these {len(ps)} derivations will be built:"
+        notice(head + "".join(f"\n  {x}" for x in ps))
+    for p in needed - pending:
+        nodes[p].result = BuildResult(BuildStatus.ALREADY_VALID)
+    cancel = CancelToken()
+    cond = threading.Condition()
+    running: dict[str, threading.Thread] = {}
+    target_paths = {p for p, _ in parsed}
+    failed_any = False
+    max_jobs = options.max_jobs
+
+    def ok(p: str) -> bool | None:
+        r = nodes[p].result
+        return None if r is None else r.status in SUCCESS
+
+    def worker(n: _Node) -> None:
+        try:
+            res = _build_one(store, n, options, log, notice, keep_colours, cancel)
+        except (Cancelled, KeyboardInterrupt):
+            res = BuildResult(BuildStatus.MISC_FAILURE, "interrupted")
+        except BaseException as e:  # noqa: BLE001 (reported as the build's result)
+            res = BuildResult(BuildStatus.MISC_FAILURE, str(e) if isinstance(e, NartoolError)
+                              else f"{type(e).__name__}: {e}")
+        with cond:
+            n.result = res
+            running.pop(n.drv_path, None)
+            cond.notify_all()
+
+    try:
+        with cond:
+            while True:
+                for p in sorted(pending):
+                    if nodes[p].result is not None:
+                        pending.discard(p)
+                        if not ok(p):
+                            failed_any = True
+                            if on_failure is not None and p not in target_paths:
+                                on_failure(p, nodes[p].result)  # type: ignore[arg-type]
+                # derivations whose inputs failed (or, without --keep-going, everything not started)
+                changed = True
+                while changed:
+                    changed = False
+                    for p in sorted(pending):
+                        if p in running:
+                            continue
+                        bad = [d for d in nodes[p].deps if d in needed and ok(d) is False]
+                        if bad or (failed_any and not options.keep_going):
+                            n_bad = max(len(bad), 1)
+                            nodes[p].result = BuildResult(
+                                BuildStatus.DEPENDENCY_FAILED,
+                                f"{n_bad} dependencies of derivation '{p}' failed to build")
+                            pending.discard(p)
+                            changed = True
+                if not pending and not running:
+                    break
+                ready = [p for p in sorted(pending) if p not in running
+                         and all(ok(d) for d in nodes[p].deps if d in needed)]
+                if max_jobs == 0 and not options.builders:
+                    for p in ready:
+                        nodes[p].result = BuildResult(BuildStatus.MISC_FAILURE, NO_JOBS)
+                    if ready:
+                        continue
+                for p in ready:
+                    if len(running) >= max(max_jobs, 1):
+                        break
+                    t = threading.Thread(target=worker, args=(nodes[p],), name=f"build {p}", daemon=True)
+                    running[p] = t
+                    t.start()
+                cond.wait()
+    except BaseException:
+        cancel.set()
+        threads = list(running.values())
+        for t in threads:
+            t.join()
+        cancel.close()
+        raise
+    cancel.close()
+    if all_results is not None:
+        all_results.update({p: r for p in needed if (r := nodes[p].result) is not None})
+    return [nodes[p].result or BuildResult(BuildStatus.MISC_FAILURE, "not built") for p, _ in parsed]
+
+
+NO_JOBS = "unable to start any build; either increase '--max-jobs' or enable remote builds"
+
+
+def _build_one(store: LocalStore, n: _Node, options: BuildOptions, log: LogFn | None, notice: NoticeFn | None,
+               keep_colours: bool, cancel: CancelToken) -> BuildResult:
+    if options.builders:
+        from ..remote import builders as remote_builders
+
+        res = remote_builders.try_remote_build(store, n.drv_path, n.drv, options, log=log)
+        if res is not None:
+            return res
+        if options.max_jobs == 0:
+            return BuildResult(BuildStatus.MISC_FAILURE, NO_JOBS)
+    return build_derivation(store, n.drv_path, n.drv, options, log=log, notice=notice, keep_colours=keep_colours,
+                            cancel=cancel)
+
+
+def exit_status(results: Iterable[BuildResult]) -> int:
+    """Nix's exit status for failed builds: 100 + bit 0 timeout, bit 1 hash mismatch, bit 2 a
+    build failure (also set by the first two), or 1 when no such failure happened."""
+    mask = 0
+    for r in results:
+        if r.status == BuildStatus.TIMED_OUT:
+            mask |= 0x01 | 0x04
+        elif r.status == BuildStatus.PERMANENT_FAILURE:
+            mask |= 0x04
+        elif r.status == BuildStatus.OUTPUT_REJECTED and r.error_msg.startswith("hash mismatch"):
+            mask |= 0x02 | 0x04
+    return 0x60 | mask if mask else 1
