@@ -418,3 +418,67 @@ def test_modern_nix_substitutes_from_cache_serve(tmp_path: Path, closure: Closur
         assert (root / closure.tree.lstrip("/") / "hello").read_text() == "hello\n"
     finally:
         assert s.stop() == 0
+
+
+@pytest.mark.nix
+def test_modern_nix_copies_to_writable_cache_serve(tmp_path: Path, conf: dict[str, str]) -> None:
+    """Current Nix uploads with nix copy --to, then substitutes from the narinfo it remembers
+    uploading (it insists on the compression that narinfo names: the kept upload is served)."""
+    modern = _modern()
+    if modern is None:
+        pytest.skip("current Nix not installed (bash .ci/modern-nix install)")
+    env = _nix_env(tmp_path)
+    t = tmp_path / "t"
+    t.mkdir()
+    (t / "f").write_text("modern upload\n")
+    src = f"local?root={tmp_path / 'msrc'}"
+    r = subprocess.run([modern, "nix-store", "--store", src, "--add", str(t)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    path = r.stdout.strip().splitlines()[-1]
+    served = tmp_path / "served"
+    LocalStore(served).close()
+    s = start_serve(tmp_path, served, conf, "--writable")
+    try:
+        nix = [modern, "nix", "--extra-experimental-features", "nix-command"]
+        r = subprocess.run([*nix, "copy", "--store", src, "--to", s.url, path], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert path in valid_paths(served)
+        r = subprocess.run([*nix, "copy", "--store", f"local?root={tmp_path / 'mdst'}", "--from", s.url, path],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "mdst" / path.lstrip("/") / "f").read_text() == "modern upload\n"
+    finally:
+        assert s.stop() == 0
+
+
+def test_alias_of_valid_path_served_in_its_compression(tmp_path: Path) -> None:
+    """A narinfo uploaded for a path the store has already (no NAR sent) makes its NAR name
+    answer too, compressed as that narinfo says (current Nix insists on it)."""
+    import lzma
+
+    srv, store, t = _writable(tmp_path, require_sigs=False)
+    try:
+        st1, st2, body, path = _upload_one(srv.url, "first")
+        assert (st1, st2) == (204, 204), body
+        info = store.path_info(path)
+        ni = NarInfo.from_path_info(info, url="nar/" + "3" * 52 + ".nar.xz", compression="xz", file_hash=None,
+                                    file_size=None)
+        st, _, body = req(srv.url, "PUT", f"/{path.split('/')[-1][:32]}.narinfo", body=ni.render())
+        assert st == 204, body
+        st, h, data = req(srv.url, "GET", "/" + ni.url)
+        assert st == 200 and h["transfer-encoding"] == "chunked"
+        nar = lzma.decompress(data)
+        assert Hash("sha256", hashlib.sha256(nar).digest()) == info.nar_hash
+        # the kept upload is served byte for byte under its own name
+        nar0 = dir_nar([("f", b"first" * 100)])
+        h0 = Hash("sha256", hashlib.sha256(nar0).digest())
+        st, h, data = req(srv.url, "GET", f"/nar/{h0.nix32}.nar")
+        assert st == 200 and data == nar0 and h["content-length"] == str(len(nar0))
+        st, _, _ = req(srv.url, "GET", "/nar/" + "4" * 52 + ".nar.xz")
+        assert st == 404
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        store.close()

@@ -76,8 +76,8 @@ CACHE_CONTROL_MISSING = "no-store"
 MAX_SMALL_UPLOAD = 16 << 20
 #: spooled NARs whose narinfo never came are dropped after this many seconds
 SPOOL_MAX_AGE = 3600
-#: where a local store's upload aliases are kept (in its state directory)
-ALIASES_DB = "nartool-cache-serve.sqlite"
+#: where a local store's upload aliases and kept uploaded NARs live (in its state directory)
+ALIASES_DIR = "nartool-cache-serve"
 _CHUNK = 1 << 16
 _HASH_RE = re.compile(r"[0-9a-df-np-sv-z]{32}\Z")
 _NAR_RE = re.compile(r"nar/([0-9a-df-np-sv-z]{32})-([0-9a-df-np-sv-z]{52})\.nar(\.zst)?\Z")
@@ -145,9 +145,11 @@ class CacheServer(ThreadingHTTPServer):
         self.store_lock: threading.Lock | None = None if isinstance(store, LocalStore) else threading.Lock()
         self._uploads: dict[str, _Upload] = {}
         self._uploads_lock = threading.Lock()
-        self._spool = tempfile.mkdtemp(prefix="nartool-cache-serve-", dir=self.options.spool_dir)
+        alias_dir = os.path.join(store.state_dir, ALIASES_DIR) if isinstance(store, LocalStore) else None
+        self.aliases = _Aliases(alias_dir)
+        # spooled uploads next to the kept NARs, so that keeping one is a rename
+        self._spool = tempfile.mkdtemp(prefix="spool-", dir=self.options.spool_dir or self.aliases.dir)
         self._networks = [_network(a) for a in self.options.upload_from]
-        self.aliases = _Aliases(os.path.join(store.state_dir, ALIASES_DB) if isinstance(store, LocalStore) else None)
         super().__init__(address, _Handler)
 
     @property
@@ -372,7 +374,7 @@ class CacheServer(ThreadingHTTPServer):
             with self._locked():
                 valid = self.store.is_valid(ni.store_path)
             if valid:
-                self.aliases.add(ni.url, ni.store_path, ni.nar_hash)
+                self.aliases.add(ni.url, ni.store_path, ni.nar_hash, ni.compression, None)
                 return ni.store_path
             raise _Reply(400, f"the NAR '{ni.url}' of '{ni.store_path}' was not uploaded first")
         if ni.file_size is not None and ni.file_size != up.size:
@@ -397,43 +399,61 @@ class CacheServer(ThreadingHTTPServer):
                 raise _Reply(400, f"the NAR of '{ni.store_path}' cannot be decompressed: {e}") from None
             except NartoolError as e:
                 raise _Reply(400, f"cannot add '{ni.store_path}': {e}") from None
-        self.aliases.add(ni.url, ni.store_path, ni.nar_hash)
         with self._uploads_lock:
             if self._uploads.get(ni.url) is up:
                 del self._uploads[ni.url]
-        _unlink(up.path)
+        self.aliases.add(ni.url, ni.store_path, ni.nar_hash, ni.compression, up.path)
         log.info("cache serve: added '%s'", ni.store_path)
         return ni.store_path
 
 
 class _Aliases:
-    """The NAR names uploads used (``nar/<FileHash>.nar.xz``…), each with its store path and
-    NAR hash. Nix remembers the narinfo it uploaded and later asks for the NAR under that
-    name, so the server answers it too, with the NAR generated from the store and compressed
-    with zstd: Nix 2.8 detects the compression of what it gets (an xz name, zstd bytes), but
-    refuses an uncompressed NAR where the narinfo it has says otherwise. Kept in the store's state directory (in memory for
-    other stores)."""
+    """The NAR names uploads used (``nar/<FileHash>.nar.xz``…), each with its store path, NAR
+    hash, compression and the uploaded file itself. Nix remembers the narinfo it uploaded and
+    later asks for the NAR under that name (current Nix insists on the compression that
+    narinfo names), so the server keeps the uploaded bytes and serves them under that name —
+    while the path is valid with that NAR hash. A name whose NAR was not uploaded (the path was
+    valid already) is served compressed on the fly as its narinfo says. Kept in the store's
+    state directory (``nartool-cache-serve/``), in a temporary directory for other stores."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, directory: str | None) -> None:
         import sqlite3
 
+        self.temporary = directory is None
+        self.dir = directory or tempfile.mkdtemp(prefix="nartool-cache-serve-")
+        os.makedirs(os.path.join(self.dir, "nar"), exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path or ":memory:", timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(os.path.join(self.dir, "aliases.sqlite"), timeout=30.0, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("pragma journal_mode = wal")
         self._db.execute("create table if not exists Aliases (key text primary key, path text not null, "
-                         "narHash text not null)")
+                         "narHash text not null, compression text not null, kept integer not null)")
 
-    def add(self, key: str, path: str, nar_hash: str) -> None:
-        with self._lock:
-            self._db.execute("insert or replace into Aliases values (?, ?, ?)", (key, path, nar_hash))
+    def _file(self, key: str) -> str:
+        return os.path.join(self.dir, "nar", hashlib.sha256(key.encode()).hexdigest())
 
-    def get(self, key: str) -> tuple[str, str] | None:
+    def add(self, key: str, path: str, nar_hash: str, compression: str, upload: str | None) -> None:
+        if upload is not None:
+            shutil.move(upload, self._file(key))  # a rename unless the spool is elsewhere
         with self._lock:
-            row = self._db.execute("select path, narHash from Aliases where key = ?", (key,)).fetchone()
-        return None if row is None else (str(row[0]), str(row[1]))
+            self._db.execute("insert or replace into Aliases values (?, ?, ?, ?, ?)",
+                             (key, path, nar_hash, compression, int(upload is not None)))
+
+    def get(self, key: str) -> tuple[str, str, str, str | None] | None:
+        """(store path, NAR hash, compression, the kept file or None)."""
+        with self._lock:
+            row = self._db.execute("select path, narHash, compression, kept from Aliases where key = ?",
+                                   (key,)).fetchone()
+        if row is None:
+            return None
+        f = self._file(key) if row[3] and os.path.isfile(self._file(key)) else None
+        return str(row[0]), str(row[1]), str(row[2]), f
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self.temporary:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _unlink(path: str) -> None:
@@ -579,17 +599,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _nar(self, key: str, head: bool) -> None:
         m = _NAR_RE.match(key)
-        if m is not None:
-            hp, nar_hash, zst = m.group(1), m.group(2), bool(m.group(3))
-            info = self.server.info_of(hp)
-        else:
-            alias = self.server.aliases.get(key)
-            if alias is None:
-                raise _Reply(404, "not found")
-            path, alias_hash = alias
-            nar_hash = Hash.parse(alias_hash).nix32
-            zst = True  # whatever its name says: Nix detects the compression (but refuses a plain NAR)
-            info = self.server.info_of(StorePath.parse(path, self.server.store.store_dir).hash_part)
+        if m is None:
+            self._alias(key, head)
+            return
+        hp, nar_hash, zst = m.group(1), m.group(2), bool(m.group(3))
+        info = self.server.info_of(hp)
         if info is None or info.nar_hash.nix32 != nar_hash:
             raise _Reply(404, "no such NAR")
         etag = f'"{nar_hash}{"-zst" if zst else ""}"'
@@ -610,6 +624,42 @@ class _Handler(BaseHTTPRequestHandler):
         headers["Transfer-Encoding"] = "chunked"
         self._send_head(200, headers)
         self._stream(_zstd(self.server.nar_chunks(info.path), self.server.options.zstd_level), chunked=True)
+
+    def _alias(self, key: str, head: bool) -> None:
+        """A NAR under the name an upload gave it (see :class:`_Aliases`)."""
+        alias = self.server.aliases.get(key)
+        if alias is None:
+            raise _Reply(404, "not found")
+        path, nar_hash, compression, kept = alias
+        info = self.server.info_of(StorePath.parse(path, self.server.store.store_dir).hash_part)
+        if info is None or info.nar_hash != Hash.parse(nar_hash):
+            raise _Reply(404, "no such NAR")
+        etag = f'"{info.nar_hash.nix32}-{compression}"'
+        headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL_IMMUTABLE, "Content-Type": "application/x-nix-nar"}
+        if _etag_matches(self.headers.get("If-None-Match"), etag):
+            self._send_head(304, {k: v for k, v in headers.items() if k != "Content-Type"})
+            return
+        if kept is not None:
+            with open(kept, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                self._send_head(200, {**headers, "Content-Length": str(size)})
+                if not head:
+                    self.wfile.flush()
+                    self.connection.sendfile(f)  # zero-copy where the platform has it
+            return
+        if compression == "none":
+            self._send_head(200, {**headers, "Content-Length": str(info.nar_size)})
+            if not head:
+                self._stream(self.server.nar_chunks(info.path), chunked=False)
+            return
+        from ..compression import compressor
+
+        if compression not in ("xz", "bzip2", "gzip", "zstd"):
+            raise _Reply(404, f"cannot serve {compression} compression")
+        self._send_head(200, {**headers, "Transfer-Encoding": "chunked"})
+        if not head:
+            level = 0 if compression == "xz" else None  # any xz decodes; preset 0 is the fast one
+            self._stream(compressor(self.server.nar_chunks(info.path), compression, level), chunked=True)
 
     def _stream(self, chunks: Iterable[bytes | bytearray | memoryview], *, chunked: bool) -> None:
         """Send ``chunks`` (coalesced into 64 KiB writes). An error after the head was sent
