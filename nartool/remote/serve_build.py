@@ -62,6 +62,7 @@ from . import messages as M
 from . import wire as W
 
 if TYPE_CHECKING:
+    from ..store.local import LocalStore
     from .serve import _Server
 
 #: the first words of every error line, coloured as Nix prints it
@@ -75,14 +76,14 @@ _SUCCESS = (M.BuildStatus.BUILT, M.BuildStatus.SUBSTITUTED, M.BuildStatus.ALREAD
 
 
 class HangupMonitor:
-    """Watches ``fd`` (the session's input) while a build runs; when the client hangs up, the
-    main thread gets a KeyboardInterrupt, which kills the build (the build layer kills its
-    builder while unwinding). Only a session served from the main thread can be interrupted
-    that way (the ``nartool serve`` command); elsewhere the hang-up is only noticed."""
+    """Watches ``fd`` (the session's input) while a build runs; when the client hangs up it calls
+    ``on_hangup`` (which cancels the build: the build layer kills its builder), or, without one,
+    interrupts the main thread with KeyboardInterrupt when the session is served from it."""
 
-    def __init__(self, fd: int | None) -> None:
+    def __init__(self, fd: int | None, on_hangup: Callable[[], None] | None = None) -> None:
         self.fd = fd
         self.fired = False
+        self.on_hangup = on_hangup
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._interrupt = threading.current_thread() is threading.main_thread()
@@ -100,7 +101,9 @@ class HangupMonitor:
                 if self._stop.is_set():
                     return
                 self.fired = True
-                if self._interrupt:
+                if self.on_hangup is not None:
+                    self.on_hangup()
+                elif self._interrupt:
                     _thread.interrupt_main()
                 return
 
@@ -257,18 +260,31 @@ def _read_settings(server: _Server) -> M.BuildSettings:
     return settings
 
 
+HANGUP_MESSAGE = "the client closed the connection during the build; the build was killed"
+
+
 @contextmanager
-def _watched(server: _Server) -> Iterator[HangupMonitor]:
+def _watched(server: _Server, on_hangup: Callable[[], None] | None = None) -> Iterator[HangupMonitor]:
+    from ..build.goal import Cancelled
     from .serve import ServeExit
 
-    mon = HangupMonitor(server.in_fd)
+    mon = HangupMonitor(server.in_fd, on_hangup)
     try:
         with mon:
             yield mon
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Cancelled):
         if mon.fired:
-            raise ServeExit("the client closed the connection during the build; the build was killed") from None
+            raise ServeExit(HANGUP_MESSAGE) from None
         raise
+
+
+def _local_store(server: _Server) -> LocalStore:
+    from ..store.local import LocalStore
+    from .serve import ServeExit
+
+    if not isinstance(server.store, LocalStore):
+        raise ServeExit(f"cannot build in '{server.store.uri}': only a local store can build")
+    return server.store
 
 
 # -- the commands -----------------------------------------------------------------------------
@@ -281,7 +297,7 @@ def build_derivation(server: _Server) -> None:
     req = M.BuildDerivationRequest.read(server.src, server.store_dir, server.minor)
     if req.settings.build_repeat > 0:
         raise ServeExit(REPEAT_REFUSED)
-    store, sd = server.store, server.store_dir
+    store, sd = _local_store(server), server.store_dir
     basic = req.drv
     drv = basic_as_derivation(req.drv_path, basic)
     try:
@@ -308,10 +324,16 @@ def build_derivation(server: _Server) -> None:
     for p in outs.values():
         store.temp_root(p)
     options = _options(server, req.settings)
+    from ..build import CancelToken
     from ..build import build_derivation as run_build
 
-    with _watched(server):
-        result = run_build(store, req.drv_path, basic, options, log=_log_writer(server), full_derivation=False)
+    cancel = CancelToken()
+    try:
+        with _watched(server, cancel.set):
+            result = run_build(store, req.drv_path, basic, options, log=_log_writer(server), full_derivation=False,
+                               cancel=cancel)
+    finally:
+        cancel.close()
     built = dict(outs)
     for oid, rjson in result.built_outputs:  # outputs whose paths were only known after the build
         try:
@@ -344,7 +366,7 @@ def build_paths(server: _Server) -> None:
     for t in targets:
         W.check_store_path(t.split("!", 1)[0], sd, "paths", at)
     settings = _read_settings(server)
-    store = server.store
+    store = _local_store(server)
     plain = [t for t in targets if "!" not in t and not t.endswith(".drv")]
     invalid = [t for t in plain if not store.is_valid(t)]
     if invalid:
