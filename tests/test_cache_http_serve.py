@@ -482,3 +482,23 @@ def test_alias_of_valid_path_served_in_its_compression(tmp_path: Path) -> None:
         srv.shutdown()
         srv.server_close()
         store.close()
+
+
+def test_build_logs(served: CacheServer, closure: Closure) -> None:
+    import bz2
+
+    drvs = Path(closure.root) / "nix" / "var" / "log" / "nix" / "drvs"
+    plain = "a" * 32 + "-plain.drv"
+    packed = "b" * 32 + "-packed.drv"
+    (drvs / plain[:2]).mkdir(parents=True)
+    (drvs / plain[:2] / plain[2:]).write_text("plain log\n")
+    (drvs / packed[:2]).mkdir(parents=True)
+    (drvs / packed[:2] / (packed[2:] + ".bz2")).write_bytes(bz2.compress(b"packed log\n"))
+    st, h, body = req(served.url, "GET", f"/log/{plain}")
+    assert st == 200 and body == b"plain log\n" and h["content-type"].startswith("text/plain")
+    st2, _, _ = req(served.url, "GET", f"/log/{plain}", {"If-None-Match": h["etag"]})
+    assert st2 == 304
+    st, _, body = req(served.url, "GET", f"/log/{packed}")
+    assert st == 200 and body == b"packed log\n"
+    st, _, _ = req(served.url, "GET", "/log/" + "c" * 32 + "-none.drv")
+    assert st == 404
