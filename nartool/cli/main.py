@@ -36,6 +36,7 @@ _LAZY = {
     "key": ("nartool.cli.key", "key"),
     "derivation": ("nartool.cli.derivation", "derivation"),
     "cache": ("nartool.cli.cache", "cache"),
+    "build": ("nartool.cli.build", "build_cmd"),
 }
 
 
@@ -73,6 +74,7 @@ def cli(ctx: click.Context, store: str | None, store_dir: str, debug: bool, refr
       copy           copy closures between any two stores (`nix copy --from URI --to URI`)
       copy-closure   copy closures to or from another machine over SSH
       derivation     show and add derivations (.drv files) as Nix does
+      build          build derivations in a sandbox, as nix-store --realise does
       key            generate and inspect ed25519 signing keys (Nix's format)
       cache          serve a store as an HTTP binary cache (`cache serve`)
     Run `nartool COMMAND --help` for details.
