@@ -706,3 +706,12 @@ def sign(ctx: click.Context, paths: tuple[str, ...], key_file: str, closure: boo
             st.add_signatures(p, [sig])
             n += 1
     click.echo(f"added {n} signatures", err=True)
+
+
+def _add_log_command() -> None:
+    from .build import store_log
+
+    store.add_command(store_log, "log")
+
+
+_add_log_command()
