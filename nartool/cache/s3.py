@@ -288,12 +288,13 @@ class S3Backend:
         self._client: S3Client | None = None
         self._lock = threading.Lock()
         self._bucket_checked = False
-        # deferred uploads (see deferred()): the pool, futures by key and in submission order
+        # deferred uploads (see deferred()): the pools, futures by key and in submission order
         self._deferred = 0
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: ThreadPoolExecutor | None = None  # NARs and the rest
+        self._meta_pool: ThreadPoolExecutor | None = None  # narinfos (which wait for others)
         self._pending: dict[str, Future[None]] = {}
         self._submitted: list[Future[None]] = []
-        self._slots = threading.BoundedSemaphore(2 * self.upload_workers)
+        self._slots: threading.BoundedSemaphore | None = None
         self._failure: BaseException | None = None
         self._check_first: set[str] = set()  # NARs to look for before uploading
 
@@ -682,15 +683,19 @@ class S3Backend:
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
-        """Inside the block, uploads run in the background, several at once (``upload_workers``),
-        with one rule of order: a narinfo is uploaded only once every upload submitted before it
-        succeeded (a store adds a path after its references, so a narinfo never appears before
-        its NAR or its references' narinfos). The block ends when every upload has ended; the
-        first failure is raised (the original error wins if the block itself failed)."""
+        """Inside the block, uploads run in the background, several at once (``upload_workers``
+        files, each multipart upload with its own parts in parallel), with one rule of order: a
+        narinfo is uploaded only once the uploads it names succeeded — its NAR (``URL``), its
+        ``.ls`` and the narinfos of its references — so a narinfo never appears before them. At
+        most ``4 × upload_workers`` uploads wait at a time (the caller blocks beyond that). The
+        block ends when every upload has ended; the first failure is raised (the block's own
+        error wins if it failed)."""
         with self._lock:
             self._deferred += 1
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.upload_workers, thread_name_prefix="s3-upload")
+                self._meta_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-narinfo")
+                self._slots = threading.BoundedSemaphore(4 * self.upload_workers)
         try:
             yield
         except BaseException:
@@ -701,11 +706,12 @@ class S3Backend:
         finally:
             with self._lock:
                 self._deferred -= 1
-                pool = self._pool if self._deferred == 0 else None
+                pools = (self._pool, self._meta_pool) if self._deferred == 0 else (None, None)
+                if self._deferred == 0:
+                    self._pool = self._meta_pool = None
+            for pool in pools:
                 if pool is not None:
-                    self._pool = None
-            if pool is not None:
-                pool.shutdown(wait=True)
+                    pool.shutdown(wait=True)
 
     def flush(self, *, raise_errors: bool = True) -> None:
         """Wait for every deferred upload; raise the first failure (and forget it)."""
@@ -733,29 +739,47 @@ class S3Backend:
         f.result()
         return True
 
+    def _narinfo_deps(self, key: str, data: UploadData) -> list[Future[None]]:
+        """The pending uploads a narinfo must follow: its NAR, its ``.ls``, its references'
+        narinfos (all pending uploads, if the narinfo cannot be read). Under ``self._lock``."""
+        if not isinstance(data, bytes):
+            return list(self._submitted)
+        names = [key[: -len(".narinfo")] + ".ls"]
+        for line in data.decode("utf-8", "replace").split("\n"):
+            field, _, value = line.partition(": ")
+            if field == "URL":
+                names.append(value)
+            elif field == "References":
+                names += [r[:32] + ".narinfo" for r in value.split()]
+        return [self._pending[n] for n in names if n != key and n in self._pending]
+
     def _submit(self, key: str, data: UploadData, mime: str) -> None:
         with self._lock:
             failure = self._failure
         if failure is not None:
             raise failure
         owned = _take_over(data)
+        assert self._slots is not None
         self._slots.acquire()
         try:
             with self._lock:
-                before = list(self._submitted) if key.endswith(".narinfo") else []
-                assert self._pool is not None
-                fut = self._pool.submit(self._run_deferred, key, owned, mime, before)
+                narinfo = key.endswith(".narinfo")
+                deps = self._narinfo_deps(key, owned) if narinfo else []
+                pool = self._meta_pool if narinfo else self._pool
+                assert pool is not None
+                fut = pool.submit(self._run_deferred, key, owned, mime, deps)
                 self._pending[key] = fut
                 self._submitted.append(fut)
         except BaseException:
             self._slots.release()
             _close(owned)
             raise
-        fut.add_done_callback(lambda _f: self._slots.release())
+        slots = self._slots
+        fut.add_done_callback(lambda _f: slots.release())
 
-    def _run_deferred(self, key: str, data: UploadData, mime: str, before: list[Future[None]]) -> None:
+    def _run_deferred(self, key: str, data: UploadData, mime: str, deps: list[Future[None]]) -> None:
         try:
-            for f in before:  # a narinfo: only once everything before it is there
+            for f in deps:  # a narinfo: only once its NAR, listing and references are there
                 if f.exception() is not None:
                     raise S3Error("not uploaded: an upload it must follow failed", rule="s3-error",
                                   path=f"{self.describe()}/{key}")
