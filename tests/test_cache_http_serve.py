@@ -502,3 +502,28 @@ def test_build_logs(served: CacheServer, closure: Closure) -> None:
     assert st == 200 and body == b"packed log\n"
     st, _, _ = req(served.url, "GET", "/log/" + "c" * 32 + "-none.drv")
     assert st == 404
+
+
+def test_client_revalidates_against_cache_serve(served: CacheServer, closure: Closure, tmp_path: Path) -> None:
+    """nartool's lookup cache and cache serve's ETags together: a stale narinfo costs a 304."""
+    from nartool.cache.http import HttpBackend
+    from nartool.cache.lookup import Answer, Entry, LookupCache
+
+    now = [0.0]
+    b = HttpBackend(served.url, lookups=LookupCache(str(tmp_path / "lc.sqlite"), positive_ttl=10,
+                                                     clock=lambda: now[0]), tries=1)
+    seen: list[str] = []
+    fetch = b._fetch_lookup
+
+    def spy(key: str, prev: Entry | None) -> Answer:
+        a = fetch(key, prev)
+        seen.append(a.status)
+        return a
+
+    b._fetch_lookup = spy  # type: ignore[method-assign]
+    key = closure.hash_part(closure.top) + ".narinfo"
+    first = b.get_bytes(key)
+    now[0] = 11
+    assert b.get_bytes(key) == first
+    assert seen == ["ok", "not-modified"]
+    b.close()

@@ -829,6 +829,13 @@ class _Handler(BaseHTTPRequestHandler):
                 log.warning("cache serve: refused upload %s from %s: %s", self.path, self.client_address[0], r.text)
             self._reply(r)
             return
+        except (NartoolError, OSError) as e:
+            if isinstance(e, (BrokenPipeError, ConnectionResetError, TimeoutError)):
+                raise
+            log.warning("cache serve: upload %s from %s failed: %s", self.path, self.client_address[0], e)
+            self.close_connection = True
+            self._reply(_Reply(500, f"upload failed: {e}"))
+            return
         self._send_head(204, {"Content-Length": "0"})
 
 
