@@ -36,8 +36,10 @@ let
   go = i: if i == 0 then step 0 null else step i (go (i - 1));
   fail = mk "rb-fail" "echo about to fail; echo second line; exit 3";
   silent = mk "rb-silent" "echo going quiet; sleep 5; echo never > $out";
+  nonl = mk "rb-nonl" "echo first line; printf 'no newline at the end'; echo x > $out";
+  hang = mk "rb-hang${tag}" "echo started; sleep 37; echo done > $out";
   refs = mk "rb-refs" "mkdir $out; echo ${base} > $out/ref; ln -s ${bb}/bin/sh $out/sh; printf 'no newline at the end'";
-in { chain = top; inherit fail silent refs; chainN = go (n - 1); }.${what}
+in { chain = top; inherit fail silent refs hang nonl; chainN = go (n - 1); }.${what}
 """
 
 

@@ -1,0 +1,191 @@
+"""``nartool serve --write`` as a build machine, driven with hand-made sessions (the client's
+bytes built with nartool's own message classes): access rules, refused requests, the reply
+layout per client minor, the log on stderr, BuildPaths, and a client hanging up mid-build."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from nartool.config import Config, UserIdentity
+from nartool.nar.source import ByteSource
+from nartool.remote import messages as M
+from nartool.remote import wire as W
+from nartool.remote.builders import _input_paths
+from nartool.remote.serve import serve_command
+from nartool.remote.serve_build import REPEAT_REFUSED
+from nartool.store.derivation import BasicDerivation, read_derivation
+from nartool.store.local import LocalStore
+
+from .helpers import cli_argv, cli_env
+from .remote_build_util import BUSYBOX, instantiate, make_store, require_busybox
+
+
+@pytest.fixture
+def client(tmp_path: Path, nix: object) -> Path:
+    require_busybox()
+    return make_store(tmp_path / "client", tmp_path)
+
+
+def session(client: Path, drv_path: str, *, minor: int = 7, settings: M.BuildSettings | None = None,
+            upload: list[str] | None = None, build_paths: list[str] | None = None) -> tuple[bytes, int]:
+    """Client bytes: handshake, AddToStoreNar of ``upload`` (default: the input closure), then
+    BuildDerivation of ``drv_path`` (or BuildPaths of ``build_paths``); and the upload count."""
+    st = LocalStore(client)
+    try:
+        drv = read_derivation(st, drv_path)
+        inputs = _input_paths(st, drv)
+        basic = BasicDerivation.from_derivation(drv, inputs)
+        buf = io.BytesIO()
+        w = W.Writer(buf)
+        w.u64(W.SERVE_MAGIC_1).u64(0x200 | minor)
+        paths = inputs if upload is None else upload
+        for p in paths:
+            w.u64(W.CMD_ADD_TO_STORE_NAR)
+            M.AddToStoreNarHeader.from_info(st.path_info(p), ultimate=False).write(w)
+            for c in st.nar_chunks(p):
+                w.raw(c)
+        if build_paths is not None:
+            w.u64(W.CMD_BUILD_PATHS).strs(build_paths)
+            (settings or M.BuildSettings()).write(w, minor)
+        else:
+            w.u64(W.CMD_BUILD_DERIVATION)
+            M.BuildDerivationRequest(drv_path, basic, settings or M.BuildSettings()).write(w, minor)
+        w.flush()
+        return buf.getvalue(), len(paths)
+    finally:
+        st.close()
+
+
+def reply(data: bytes, uploads: int, minor: int = 7) -> M.BuildResult:
+    src = ByteSource(io.BytesIO(data).read, "reply")
+    assert W.read_u64(src, "magic") == W.SERVE_MAGIC_2
+    W.read_u64(src, "version")
+    for _ in range(uploads):
+        assert W.read_u64(src, "ack") == 1
+    r = M.BuildResult.read(src, minor)
+    assert src.at_eof()
+    return r
+
+
+def serve(machine: Path, data: bytes, *, write: bool = True, trusted: bool = True) -> tuple[int, bytes, str]:
+    user = UserIdentity.current()
+    config = Config.from_text(f"trusted-users = {user.name if trusted else 'nobody-at-all'}\nrequire-sigs = false\n")
+    out, err = io.BytesIO(), io.StringIO()
+    st = LocalStore(machine)
+    try:
+        code = serve_command(st, io.BytesIO(data), out, write=write, config=config, user=user, log=err)
+    finally:
+        st.close()
+    return code, out.getvalue(), err.getvalue()
+
+
+# -- refusals (nothing is built) --------------------------------------------------------------
+
+
+def test_refusals(tmp_path: Path, client: Path) -> None:
+    drv = instantiate(client, tmp_path, "chainN", n=1)
+    data, _ = session(client, drv)
+    code, _out, err = serve(tmp_path / "m1", data, write=False)
+    assert code == 1 and "error: importing paths is not allowed" in err
+    data0, _ = session(client, drv, upload=[])
+    code, _out, err = serve(tmp_path / "m1", data0, write=False)
+    assert (code, err) == (1, "error: building paths is not allowed\n")
+    # an untrusted user may upload (require-sigs = false here) but not build input-addressed
+    code, _out, err = serve(tmp_path / "m2", data, trusted=False)
+    assert code == 1 and "error: you are not privileged to build input-addressed derivations" in err
+    data_r, _ = session(client, drv, settings=M.BuildSettings(build_repeat=1))
+    code, _out, err = serve(tmp_path / "m3", data_r)
+    assert (code, err) == (1, f"error: {REPEAT_REFUSED}\n")
+    assert not LocalStore(tmp_path / "m3").is_valid(read_derivation(LocalStore(client), drv).outputs["out"].path)
+
+
+def test_missing_input_is_misc_failure(tmp_path: Path, client: Path) -> None:
+    drv = instantiate(client, tmp_path, "chainN", n=1)
+    data, n = session(client, drv, upload=[])
+    code, out, err = serve(tmp_path / "m", data)
+    assert code == 0, err
+    r = reply(out, n)
+    assert r.status == M.BuildStatus.MISC_FAILURE and r.error_msg == f"path '{BUSYBOX}' is not valid"
+
+
+# -- builds -----------------------------------------------------------------------------------
+
+
+def test_reply_per_minor_and_log_newline(tmp_path: Path, client: Path) -> None:
+    drv = instantiate(client, tmp_path, "nonl")
+    out_path = read_derivation(LocalStore(client), drv).outputs["out"].path
+    for minor in (7, 5, 2):
+        data, n = session(client, drv, minor=minor)
+        code, out, err = serve(tmp_path / f"m{minor}", data)
+        assert code == 0, err
+        r = reply(out, n, minor)
+        assert r.status == M.BuildStatus.BUILT
+        # the log: whole lines, the last one given its newline
+        assert err == "first line\nno newline at the end\n"
+        if minor >= 6:
+            assert len(r.built_outputs) == 1 and r.built_outputs[0][0].endswith("!out")
+            assert out_path.rsplit("/", 1)[1] in r.built_outputs[0][1]
+        else:
+            assert r.built_outputs == ()
+        if minor >= 3:
+            assert r.times_built == 1 and 0 < r.start_time <= r.stop_time
+        assert LocalStore(tmp_path / f"m{minor}").is_valid(out_path)
+
+
+def test_build_paths(tmp_path: Path, client: Path) -> None:
+    ok = instantiate(client, tmp_path, "chainN", n=1)
+    bad = instantiate(client, tmp_path, "fail")
+    for drv, want in ((ok, 0), (bad, 100)):
+        data, n = session(client, drv, upload=[BUSYBOX, drv], build_paths=[f"{drv}!out"])
+        code, out, err = serve(tmp_path / "m", data)
+        assert code == 0, err
+        src = ByteSource(io.BytesIO(out).read, "reply")
+        src.skip(16 + 8 * n)
+        status = W.read_u64(src, "status")
+        assert status == want
+        if want:
+            msg = W.read_str(src, "message")
+            assert msg == (f"\x1b[31;1merror:\x1b[0m builder for '\x1b[35;1m{drv}\x1b[0m' failed with exit code 3")
+            assert "about to fail\nsecond line\n" in err
+
+
+def test_hangup_kills_the_build(tmp_path: Path, client: Path) -> None:
+    """A client that goes away mid-build: the builder is killed and the session ends."""
+    tag = f"-{os.getpid()}-{time.monotonic_ns()}"
+    drv = instantiate(client, tmp_path, "hang", tag=tag)
+    data, _n = session(client, drv)
+    conf = tmp_path / "nartool.conf"
+    conf.write_text(f"trusted-users = {UserIdentity.current().name}\n")
+    os.chmod(conf, 0o600)
+    p = subprocess.Popen(cli_argv("serve", "--write", "--store", tmp_path / "m"), stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env({"NARTOOL_CONFIG": str(conf)}))
+    assert p.stdin is not None and p.stderr is not None
+    p.stdin.write(data)
+    p.stdin.flush()
+    assert p.stderr.readline() == b"started\n"  # the builder runs
+
+    def builders() -> list[int]:
+        out = []
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit() and b"echo started; sleep 37" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    out.append(int(pid))
+            except OSError:
+                pass
+        return out
+
+    assert builders()
+    p.stdin.close()  # hang up
+    assert p.wait(20) == 1
+    rest = p.stderr.read().decode()
+    assert "the client closed the connection during the build" in rest
+    deadline = time.monotonic() + 10
+    while builders() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not builders(), "the builder outlived its session"
