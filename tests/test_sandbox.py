@@ -1,0 +1,666 @@
+"""The Linux build sandbox (nartool.build.sandbox), driven directly through its API with a static
+busybox as the builder, and compared with real Nix 2.8 (the fingerprint derivation).
+
+Every test that needs namespaces skips, with the reason, where the machine forbids them (fails
+under NARTOOL_REQUIRE_SANDBOX=1)."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from nartool.build import sandbox as sb
+from nartool.build import seccomp
+from nartool.build.sandbox import (
+    Bind,
+    SandboxSpec,
+    sandbox_unavailable_reason,
+    start_sandboxed,
+    start_unsandboxed,
+)
+from nartool.build.users import BuildUser, acquire_build_user
+from nartool.errors import BuildError, SandboxUnavailable
+
+from .conftest import IS_ROOT, NIX_STORE, require
+from .helpers import REPO
+from .probes.fingerprint_compare import BUSYBOX, BUSYBOX_BASE, busybox_tree, drain
+
+PROBES = Path(__file__).parent / "probes"
+PROBE_BASE = "0c7kc2q7dvl6k5x0b6s3zbbzf0f1m7dn-probes"
+PROBE_PATH = "/nix/store/" + PROBE_BASE
+OUT = "/nix/store/1mdf1wqvk3x1dcsm9wmiz9kbqg4i5xv2-out"
+
+_REASON = sandbox_unavailable_reason() if sys.platform == "linux" else "not Linux"
+
+
+def need_sandbox() -> None:
+    require("SANDBOX", _REASON is None, f"build sandbox unavailable here: {_REASON}")
+
+
+def need_root() -> None:
+    require("ROOT", IS_ROOT, "needs root (build users, mounts in the host namespace)")
+
+
+@dataclass
+class Env:
+    root: Path               # the store root: root/nix/store holds the paths
+    store: Path              # real store dir
+    build_dir: Path
+
+    def spec(self, script: str, **kw: object) -> SandboxSpec:
+        base = SandboxSpec(
+            builder=(BUSYBOX + "/bin/sh").encode(), args=[b"-c", script.encode()],
+            env=[(b"PATH", f"{BUSYBOX}/bin".encode()), (b"HOME", b"/homeless-shelter"), (b"out", OUT.encode())],
+            store_dir="/nix/store", real_store_dir=str(self.store), chroot_dir=str(self.store / "t.drv.chroot"),
+            build_dir=str(self.build_dir), inputs=[BUSYBOX], binds=[], outputs=[OUT], host_network=False,
+            build_user=None)
+        return replace(base, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    # under /tmp, searchable by everybody: unsandboxed builds as a build user run in it
+    tmp_path = Path(tempfile.mkdtemp(prefix="nartool-sandbox-test-"))
+    os.chmod(tmp_path, 0o755)
+    store = tmp_path / "nix" / "store"
+    store.mkdir(parents=True)
+    busybox_tree(store / BUSYBOX_BASE)
+    bd = tmp_path / "build"
+    bd.mkdir(mode=0o700)
+    yield Env(tmp_path, store, bd)
+    sb.cleanup_chroot(str(store / "t.drv.chroot"))
+    subprocess.run(["chmod", "-R", "u+w", str(tmp_path)], check=False)
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def run(spec: SandboxSpec, sandboxed: bool = True, timeout: float = 30) -> tuple[int, str, sb.Builder]:
+    b = start_sandboxed(spec) if sandboxed else start_unsandboxed(spec)
+    try:
+        log = drain(b.log_fd)
+        status = b.wait()
+    finally:
+        b.cleanup()
+    return status, log.decode(errors="replace"), b
+
+
+def probes_input(env: Env) -> str:
+    """Compile the static C probes into a store path of the test store."""
+    gcc = shutil.which("gcc")
+    require("SANDBOX", gcc is not None, "gcc is needed to compile the probes")
+    d = env.store / PROBE_BASE / "bin"
+    d.mkdir(parents=True)
+    for name in ("escape", "xattr"):
+        r = subprocess.run([gcc or "gcc", "-static", "-O2", "-o", str(d / name), str(PROBES / f"{name}.c")],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            require("SANDBOX", False, f"gcc -static failed (libc6-dev missing?): {r.stderr[-300:]}")
+    return PROBE_PATH
+
+
+# ---------------------------------------------------------------------------------------------
+# what the builder sees
+
+
+def test_builder_view(env: Env) -> None:
+    need_sandbox()
+    (env.root / "host-only").write_text("x")
+    script = r"""
+echo "pid=$$ ppid=$PPID"
+id
+hostname; cat /proc/sys/kernel/domainname
+pwd
+ls -1 /nix/store
+ls -1 /
+ls -1 /dev
+for f in /etc/*; do echo "== $f"; cat $f; done
+grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status
+cat /proc/self/personality
+ulimit -c
+ls -1 /proc/self/fd
+echo /proc/[0-9]*
+awk '{print $5}' /proc/self/mountinfo
+ip -o link | awk '{print $2}'
+[ -t 1 ] && echo stdout-tty
+readlink /proc/self/fd/0
+echo "args: $0"
+"""
+    status, log, _ = run(env.spec(script, args=[b"-c", script.encode(), b"first-arg"]))
+    assert status == 0, log
+    lines = log.splitlines()
+    assert "pid=1 ppid=0" in lines
+    assert lines[1].startswith("uid=1000(nixbld) gid=100(nixbld)")
+    assert lines[lines.index("pid=1 ppid=0") + 2:lines.index("pid=1 ppid=0") + 5] == ["localhost", "(none)", "/build"]
+    assert f"{BUSYBOX_BASE}" in lines and "t.drv.chroot" not in log   # closure only
+    assert lines[lines.index(BUSYBOX_BASE) + 1:][:6] == ["build", "dev", "etc", "nix", "proc", "tmp"]
+    assert [x for x in lines if x in {"fd", "full", "kvm", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin",
+                                   "stdout", "tty", "urandom", "zero"}] == \
+        ["fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom", "zero"]
+    i = lines.index("== /etc/group")
+    assert lines[i:i + 12] == [
+        "== /etc/group", "root:x:0:", "nixbld:!:100:", "nogroup:x:65534:",
+        "== /etc/hosts", "127.0.0.1 localhost", "::1 localhost",
+        "== /etc/passwd", "root:x:0:0:Nix build user:/build:/noshell",
+        "nixbld:x:1000:100:Nix build user:/build:/noshell", "nobody:x:65534:65534:Nobody:/:/noshell", "CapEff:\t0000000000000000"]
+    assert "NoNewPrivs:\t1" in lines and "Seccomp:\t2" in lines
+    assert "00040000" in lines          # ADDR_NO_RANDOMIZE
+    assert lines[lines.index("00040000") + 1] == "0"   # core dumps off
+    assert lines[lines.index("00040000") + 2:lines.index("00040000") + 6] == ["0", "1", "2", "3"]  # 3 = ls's dir
+    assert "/proc/1" in lines
+    mounts = lines[lines.index("/proc/1") + 1:lines.index("lo:")]
+    assert mounts == ["/", "/nix/store", BUSYBOX, "/build", "/dev/full", "/dev/null", "/dev/random", "/dev/tty",
+                      "/dev/urandom", "/dev/zero", "/proc", "/dev/shm", "/dev/pts"]
+    assert lines[lines.index("lo:") + 1] == "stdout-tty"   # only lo
+    assert lines[lines.index("stdout-tty") + 1] == "/dev/null"
+    assert "args: first-arg" in lines
+
+
+def test_environment_passed_exactly(env: Env) -> None:
+    need_sandbox()
+    e = [(b"Z", b"1"), (b"A", b"\xff\xfe bytes"), (b"M", b"")]
+    b = start_sandboxed(env.spec(f"{BUSYBOX}/bin/busybox cat /proc/1/environ; true", env=e))
+    raw = drain(b.log_fd)
+    b.wait()
+    b.cleanup()
+    assert raw == b"Z=1\0A=\xff\xfe bytes\0M=\0"
+
+
+# ---------------------------------------------------------------------------------------------
+# probes of build-testing.md §3
+
+
+def test_escape_probe(env: Env) -> None:
+    need_sandbox()
+    probe = probes_input(env)
+    host_only = env.root / "host-only-canary"
+    host_only.write_text("outside")
+    script = f"{probe}/bin/escape {host_only}; unshare -r {probe}/bin/escape {host_only}"
+    status, log, _ = run(env.spec(script, inputs=[BUSYBOX, probe]))
+    assert status == 0, log
+    assert log.splitlines() == ["chroot(esc): Operation not permitted", "contained"]
+
+
+def test_escape_probe_can_fail(tmp_path: Path, env: Env) -> None:
+    """Control: the same probe, as root in a bare chroot (no pivot_root), does escape."""
+    need_root()
+    probe = probes_input(env)
+    jail = tmp_path / "jail"
+    (jail / "bin").mkdir(parents=True)
+    shutil.copy(env.store / PROBE_BASE / "bin" / "escape", jail / "bin" / "escape")
+    canary = tmp_path / "host-only-canary"
+    canary.write_text("outside")
+    r = subprocess.run(["chroot", str(jail), "/bin/escape", str(canary)], capture_output=True, text=True)
+    assert r.stdout.startswith("ESCAPED"), (r.stdout, r.stderr, probe)
+
+
+def test_seccomp_chmod_and_xattr(env: Env) -> None:
+    need_sandbox()
+    probe = probes_input(env)
+    status, log, _ = run(env.spec(f"touch f && {probe}/bin/xattr f", inputs=[BUSYBOX, probe]))
+    assert status == 0, log
+    assert log.splitlines() == [
+        "setxattr: Operation not supported", "lsetxattr: Operation not supported", "fsetxattr: Operation not supported",
+        "chmod 4755: Operation not permitted", "fchmod 2755: Operation not permitted",
+        "fchmodat 6755: Operation not permitted", "fchmodat2 4755: Operation not permitted",
+        "chmod 0755: ok", "fchmodat 0700: ok"]
+
+
+def test_seccomp_off(env: Env) -> None:
+    need_sandbox()
+    status, log, _ = run(env.spec("grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status; touch f; chmod 4755 f && echo ok",
+                                  filter_syscalls=False))
+    assert log.splitlines() == ["NoNewPrivs:\t0", "Seccomp:\t0", "ok"]
+
+
+def test_seccomp_program_is_valid_bpf() -> None:
+    for machine in ("x86_64", "aarch64"):
+        p = seccomp.filter_program(machine)
+        assert len(p) % 8 == 0 and 0 < len(p) // 8 < 100
+    with pytest.raises(ValueError):
+        seccomp.filter_program("mips")
+
+
+class _Http:
+    def __init__(self, root: Path) -> None:
+        (root / "file").write_text("served from the host\n")
+        code = ("import http.server, functools, sys\n"
+                "h = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])\n"
+                "s = http.server.HTTPServer(('127.0.0.1', 0), h)\n"
+                "print(s.server_address[1], flush=True)\n"
+                "s.serve_forever()\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_network_fod_vs_ordinary(env: Env, tmp_path: Path) -> None:
+    need_sandbox()
+    www = tmp_path / "www"
+    www.mkdir()
+    srv = _Http(www)
+    try:
+        script = f"wget -q -O - http://127.0.0.1:{srv.port}/file 2>&1; pwd; ls -1 /nix/store; ls -1 /etc"
+        _, log, _ = run(env.spec(script, host_network=True))
+        lines = log.splitlines()
+        assert lines[0] == "served from the host", log
+        assert lines[1:3] == ["/build", BUSYBOX_BASE]       # still chrooted
+        etc = lines[3:]
+        assert "nsswitch.conf" in etc and "passwd" in etc and "group" in etc
+        for f in ("resolv.conf", "services", "hosts"):
+            assert (f in etc) == os.path.exists("/etc/" + f)
+        _, log, _ = run(env.spec(script, host_network=False))
+        assert "Connection refused" in log.splitlines()[0], log
+        assert "nsswitch.conf" not in log and "resolv.conf" not in log
+    finally:
+        srv.close()
+
+
+def test_binds_optional_missing_and_symlink(env: Env, tmp_path: Path) -> None:
+    need_sandbox()
+    d = tmp_path / "hostdir"
+    d.mkdir()
+    (d / "f").write_text("hello\n")
+    os.symlink(d, tmp_path / "link")
+    binds = [Bind("/opt/x", str(tmp_path / "link")), Bind("/opt/file", str(d / "f")),
+             Bind("/opt/missing", str(tmp_path / "nope"), optional=True), Bind("/proc", "/proc")]
+    status, log, _ = run(env.spec("cat /opt/x/f /opt/file; ls -1 /opt; [ -L /opt/x ] || echo dir", binds=binds))
+    assert status == 0, log
+    assert log.splitlines() == ["hello", "hello", "file", "x", "dir"]
+    with pytest.raises(BuildError) as ei:
+        run(env.spec("true", binds=[Bind("/opt/missing", str(tmp_path / "nope"))]))
+    msg = f"getting attributes of path '{tmp_path / 'nope'}': No such file or directory"
+    assert ei.value.setup_message == msg  # type: ignore[attr-defined]
+    assert "while setting up the build environment" in str(ei.value)
+    assert not os.path.lexists(env.store / "t.drv.chroot")
+
+
+def test_input_files_hard_linked_and_outputs_not_bound(env: Env) -> None:
+    need_sandbox()
+    f = env.store / "0000000000000000000000000000000a-file"
+    f.write_text("a file input\n")
+    out_base = OUT.rsplit("/", 1)[1]
+    (env.store / out_base).mkdir()    # an output already present in the store is not shown
+    spec = env.spec("cat /nix/store/*-file; ls -1 /nix/store; mkdir $out; echo built > $out/x",
+                    inputs=[BUSYBOX, "/nix/store/0000000000000000000000000000000a-file", OUT])
+    b = start_sandboxed(spec)
+    log = drain(b.log_fd).decode()
+    assert b.wait() == 0, log
+    assert log.splitlines() == ["a file input", "0000000000000000000000000000000a-file", BUSYBOX_BASE]
+    assert Path(b.output_location(OUT), "x").read_text() == "built\n"
+    assert b.output_location(OUT) == f"{env.store}/t.drv.chroot{OUT}"
+    b.cleanup()
+    b.cleanup()   # idempotent
+    assert not os.path.lexists(spec.chroot_dir)
+    assert f.read_text() == "a file input\n"
+
+
+def test_pre_build_hook(env: Env, tmp_path: Path) -> None:
+    need_sandbox()
+    d = tmp_path / "hooked"
+    d.mkdir()
+    (d / "msg").write_text("from the hook\n")
+    seen: list[list[str]] = []
+
+    def hook(chroot: str) -> list[Bind]:
+        seen.append(sorted(os.listdir(chroot)))
+        return [Bind("/hook", str(d))]
+    status, log, _ = run(env.spec("cat /hook/msg", pre_build_hook=hook))
+    assert status == 0 and log == "from the hook\n"
+    assert seen == [["etc", "nix", "tmp"]]
+
+
+def test_kvm_flag(env: Env) -> None:
+    need_sandbox()
+    _, log, _ = run(env.spec("ls -1 /dev", kvm=True))
+    assert ("kvm" in log.split()) == os.path.exists("/dev/kvm")
+
+
+# ---------------------------------------------------------------------------------------------
+# lifetime: kill, wait, cleanup, errors
+
+
+def test_kill_kills_the_whole_sandbox(env: Env) -> None:
+    need_sandbox()
+    b = start_sandboxed(env.spec("sleep 1000 & sleep 1000 & echo started; wait"))
+    deadline = time.time() + 10
+    buf = b""
+    while b"started" not in buf and time.time() < deadline:
+        try:
+            buf += os.read(b.log_fd, 100)
+        except BlockingIOError:
+            time.sleep(0.01)
+    children = _descendants(b.pid)
+    assert len(children) >= 2
+    t = time.time()
+    b.kill()
+    status = b.wait()
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert time.time() - t < 5
+    time.sleep(0.1)
+    assert [p for p in children if Path(f"/proc/{p}").exists() and _state(p) != "Z"] == []
+    b.cleanup()
+    assert not os.path.lexists(env.store / "t.drv.chroot")
+
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            if ppid == pid:
+                out.append(int(p))
+    return out
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_exit_status_and_log_eof(env: Env) -> None:
+    need_sandbox()
+    status, log, _ = run(env.spec("printf 'a\\nb'; exit 3"))
+    assert os.waitstatus_to_exitcode(status) == 3
+    assert log == "a\nb"   # raw pty: no \r\n translation
+
+
+def test_builder_missing_is_a_setup_error(env: Env) -> None:
+    need_sandbox()
+    with pytest.raises(BuildError) as ei:
+        start_sandboxed(env.spec("", builder=b"/nix/store/nonexistent/bin/sh"))
+    assert ei.value.setup_message == "executing '/nix/store/nonexistent/bin/sh': No such file or directory"  # type: ignore[attr-defined]
+    with pytest.raises(BuildError, match="not an absolute path"):
+        start_sandboxed(env.spec("", builder=b"sh"))
+
+
+def test_stale_chroot_is_replaced(env: Env) -> None:
+    need_sandbox()
+    stale = env.store / "t.drv.chroot"
+    (stale / "nix" / "store" / "junk").mkdir(parents=True)
+    (stale / "nix" / "store" / "junk" / "f").write_text("x")
+    os.chmod(stale / "nix" / "store" / "junk", 0o555)
+    status, log, _ = run(env.spec("ls /nix/store"))
+    assert log.split() == [BUSYBOX_BASE]
+
+
+def test_cleanup_never_deletes_through_a_bind_mount(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bind mount left under the chroot in the host's namespace (on purpose): cleanup unmounts
+    it, or, when that fails, leaves it in place -- the canary in the bound host dir survives."""
+    need_sandbox()
+    need_root()
+    host = tmp_path / "precious"
+    host.mkdir()
+    (host / "canary").write_text("alive")
+    for unmount_works in (True, False):
+        b = start_sandboxed(env.spec("true"))
+        drain(b.log_fd)
+        assert b.wait() == 0
+        target = Path(b.spec.chroot_dir) / "build-leftover"
+        target.mkdir()
+        subprocess.run(["mount", "--bind", str(host), str(target)], check=True)
+        try:
+            if not unmount_works:
+                monkeypatch.setattr(sb, "_umount_detach", lambda path: False)
+            b.cleanup()
+            assert (host / "canary").read_text() == "alive"
+            if unmount_works:
+                assert not os.path.lexists(b.spec.chroot_dir)
+            else:
+                assert (target / "canary").exists()        # left, still mounted
+                assert os.listdir(b.spec.chroot_dir) == ["build-leftover"]
+        finally:
+            monkeypatch.undo()
+            subprocess.run(["umount", str(target)], check=False, capture_output=True)
+        sb.cleanup_chroot(b.spec.chroot_dir)
+        if os.path.isdir(b.spec.chroot_dir):
+            os.rmdir(b.spec.chroot_dir)
+        assert (host / "canary").read_text() == "alive"
+
+
+# ---------------------------------------------------------------------------------------------
+# build users
+
+
+def _free_user(group: str = "nixbld") -> BuildUser:
+    bu = acquire_build_user(group)
+    assert bu is not None
+    return bu
+
+
+def test_build_users_locks(tmp_path: Path) -> None:
+    need_root()
+    require("ROOT", _has_group("nixbld"), "group nixbld needed")
+    state = str(tmp_path / "state")
+    a = acquire_build_user("nixbld", state)
+    b = acquire_build_user("nixbld", state)
+    assert a is not None and b is not None and a.uid != b.uid
+    assert a.gid == b.gid == grp.getgrnam("nixbld").gr_gid
+    assert a.lock_path == f"{state}/userpool/{a.uid}" and os.stat(a.lock_path).st_mode & 0o777 == 0o600
+    # another process (as Nix would) holds the lock of the next member: it is skipped
+    members = grp.getgrnam("nixbld").gr_mem
+    uids = [pwd.getpwnam(m).pw_uid for m in members]
+    nxt = next(u for u in uids if u not in (a.uid, b.uid))
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | "
+                               "os.O_CREAT, 0o600); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); "
+                               "sys.stdin.read()", f"{state}/userpool/{nxt}"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        c = acquire_build_user("nixbld", state)
+        assert c is not None and c.uid not in (a.uid, b.uid, nxt)
+        c.release()
+    finally:
+        holder.communicate("")
+    a.release()
+    d = acquire_build_user("nixbld", state)
+    assert d is not None and d.uid == a.uid
+    for u in (b, d):
+        u.release()
+
+
+def _has_group(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def test_build_users_errors(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="^the group 'no-such-group-x' specified in 'build-users-group' does not exist$"):
+        acquire_build_user("no-such-group-x", str(tmp_path))
+    empty = next((g.gr_name for g in grp.getgrall() if not g.gr_mem), None)
+    assert empty is not None
+    with pytest.raises(BuildError, match=f"^the build users group '{empty}' has no members$"):
+        acquire_build_user(empty, str(tmp_path))
+
+
+def test_build_user_sandbox_and_kill(env: Env) -> None:
+    need_sandbox()
+    need_root()
+    bu = _free_user()
+    try:
+        os.chown(env.build_dir, bu.uid, bu.gid)
+        status, log, _ = run(env.spec("id; cat /proc/self/uid_map /proc/self/gid_map; stat -c '%U %G' /nix/store /",
+                                      build_user=bu))
+        assert status == 0, log
+        # as Nix 2.8 run as root here: root drops its groups before the user namespace exists
+        assert log.split("\n")[0] == "uid=1000(nixbld) gid=100(nixbld)"
+        assert log.split()[2:8] == ["1000", str(bu.uid), "1", "100", str(bu.gid), "1"]
+        assert log.split("\n")[3:5] == ["nobody nixbld", "nobody nixbld"]
+        # a process of the build user that escaped the sandbox's process tree is killed before the next build
+        stray = subprocess.Popen(["setpriv", f"--reuid={bu.uid}", f"--regid={bu.gid}", "--clear-groups", "sleep", "100"])
+        time.sleep(0.2)
+        bu.kill()
+        assert stray.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        bu.release()
+
+
+def test_unsandboxed(env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    need_root()
+    bu = _free_user()
+    try:
+        os.chown(env.build_dir, bu.uid, bu.gid)
+        spec = env.spec("id -u; id -G; pwd; echo $$; ls -1 /proc/self/fd; [ -d /nix/store ] && echo host-fs",
+                        build_user=bu, builder=f"{env.store}/{BUSYBOX_BASE}/bin/sh".encode())
+        monkeypatch.setattr(sb, "HOMELESS_SHELTER", str(tmp_path / "no-such-dir"))
+        status, log, b = run(spec, sandboxed=False)
+        assert status == 0, log
+        lines = log.splitlines()
+        assert lines[0] == str(bu.uid)
+        assert sorted(lines[1].split()) == sorted({str(bu.gid), *map(str, bu.supplementary_gids)})
+        assert lines[2] == str(env.build_dir)
+        assert lines[3] == str(b.pid) and lines[4:] == ["0", "1", "2", "3", "host-fs"] or lines[4:8] == ["0", "1", "2", "3"]
+        assert b.output_location(OUT) == f"{env.store}{OUT[len('/nix/store'):]}"
+        monkeypatch.setattr(sb, "HOMELESS_SHELTER", str(tmp_path))
+        with pytest.raises(BuildError, match=f"^home directory '{tmp_path}' exists; please remove it to assure "
+                                             "purity of builds without sandboxing"):
+            start_unsandboxed(spec)
+    finally:
+        bu.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# where namespaces are refused
+
+
+_DENY_UNSHARE = r"""
+import ctypes, errno, os, struct, sys
+nrs = {"x86_64": (272, 56, 435), "aarch64": (97, 220, 435)}[os.uname().machine]   # unshare, clone, clone3
+ins = [struct.pack("=HBBI", 0x20, 0, 0, 0)]                                       # ld nr
+for nr in nrs:
+    ins.append(struct.pack("=HBBI", 0x15, 0, 1, nr))                              # jeq nr
+    ins.append(struct.pack("=HBBI", 0x06, 0, 0, 0x00050000 | errno.EPERM))        # ret errno
+ins.append(struct.pack("=HBBI", 0x06, 0, 0, 0x7FFF0000))                          # ret allow
+prog = b"".join(ins)
+buf = ctypes.create_string_buffer(prog, len(prog))
+class F(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+f = F(len(ins), ctypes.cast(buf, ctypes.c_void_p))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0
+assert libc.prctl(22, 2, ctypes.byref(f), 0, 0) == 0, ctypes.get_errno()
+os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+"""
+
+
+def test_unavailable_when_unshare_is_refused(env: Env) -> None:
+    """Under a seccomp filter refusing unshare/clone (as some container runtimes do), the reason
+    names the failing call, and start_sandboxed raises SandboxUnavailable."""
+    need_sandbox()
+    code = ("import json, sys\n"
+            "from nartool.build.sandbox import sandbox_unavailable_reason, start_sandboxed, SandboxSpec\n"
+            "from nartool.errors import SandboxUnavailable\n"
+            "r = sandbox_unavailable_reason()\n"
+            "spec = SandboxSpec(**json.loads(sys.argv[1]))\n"
+            "try:\n"
+            "    start_sandboxed(spec); e = None\n"
+            "except SandboxUnavailable as x:\n"
+            "    e = str(x)\n"
+            "print(json.dumps([r, e]))\n")
+    spec = env.spec("true")
+    d = {k: getattr(spec, k) for k in ("store_dir", "real_store_dir", "chroot_dir", "build_dir", "inputs",
+                                       "outputs", "host_network")}
+    d.update(builder=spec.builder.decode(), args=[], env=[], binds=[], build_user=None)
+    wrapper = (f"import json; d = json.loads({json.dumps(json.dumps(d))}); "
+               "d['builder'] = d['builder'].encode()\n")
+    r = subprocess.run([sys.executable, "-c", _DENY_UNSHARE, "-c", wrapper + code.replace(
+        "SandboxSpec(**json.loads(sys.argv[1]))", "SandboxSpec(**d)")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    reason, err = json.loads(r.stdout)
+    assert reason is not None and "Operation not permitted" in reason and "unshare(" in reason
+    assert err is not None and "Operation not permitted" in err
+    assert not os.path.lexists(spec.chroot_dir)
+
+
+def test_no_user_namespace_without_build_user(env: Env) -> None:
+    """With user namespaces unavailable and no build user: Nix's error."""
+    need_sandbox()
+    if IS_ROOT:
+        with pytest.raises(BuildError, match="^cannot perform a sandboxed build because user namespaces are not "
+                                             r"enabled; check /proc/sys/user/max_user_namespaces$"):
+            start_sandboxed(env.spec("true", no_user_namespace=True))
+        assert not os.path.lexists(env.store / "t.drv.chroot")
+    else:
+        with pytest.raises(SandboxUnavailable):
+            start_sandboxed(env.spec("true", no_user_namespace=True))
+
+
+def test_probe_reason_is_none_here() -> None:
+    need_sandbox()
+    assert sandbox_unavailable_reason() is None
+
+
+# ---------------------------------------------------------------------------------------------
+# fingerprint equality with Nix 2.8
+
+
+def _need_nix() -> None:
+    require("NIX", NIX_STORE is not None, "real Nix (nix-store) is not installed")
+
+
+def test_fingerprint_equals_nix_root_build_users(tmp_path: Path) -> None:
+    need_sandbox()
+    need_root()
+    _need_nix()
+    from .probes.fingerprint_compare import run as fp_run
+    os.chmod(tmp_path, 0o755)
+    res = fp_run(str(tmp_path))
+    assert res["status"] == 0, res["log"]
+    assert res["diffs"] == {}, json.dumps(res["diffs"], indent=1)
+    assert len(res["files"]) >= 25   # type: ignore[arg-type]
+    assert not res["chroot_left"]
+    subprocess.run(["chmod", "-R", "u+w", str(tmp_path)], check=False)
+
+
+def _unprivileged_python(user: str) -> str | None:
+    for py in (sys.executable, "/usr/bin/python3"):
+        r = subprocess.run(["runuser", "-u", user, "--", py, "-c", "import sys; sys.exit(sys.version_info < (3, 10))"],
+                           capture_output=True)
+        if r.returncode == 0:
+            return py
+    return None
+
+
+def test_fingerprint_equals_nix_unprivileged() -> None:
+    need_sandbox()
+    need_root()
+    _need_nix()
+    try:
+        pwd.getpwnam("nartuser")
+    except KeyError:
+        require("ROOT", False, "user 'nartuser' needed for the unprivileged fingerprint")
+    py = _unprivileged_python("nartuser")
+    require("ROOT", py is not None, "no Python >= 3.10 runnable by nartuser")
+    r = subprocess.run(["runuser", "-u", "nartuser", "--", py or "", str(PROBES / "fingerprint_compare.py")],
+                       capture_output=True, text=True, cwd="/tmp", timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res["status"] == 0, res["log"]
+    assert res["diffs"] == {}, json.dumps(res["diffs"], indent=1)
+    assert len(res["files"]) >= 25
