@@ -3,10 +3,11 @@
 (HTTP/1.1 keep-alive, ``Last-Modified`` / ``If-Modified-Since``), plus:
 
 * ``ETag`` (size and mtime of the file) and ``If-None-Match`` → ``304``;
+* ``Accept-Ranges: bytes`` and ``Range: bytes=N-`` (with ``If-Range``) → ``206``;
 * a request log: one JSON line per request (method, path, the conditional headers);
 * faults, read from ``DIR/.faults.json`` on every request: ``{"<path>": FAULT}`` with FAULT one
   of ``"500"`` (always), ``"500-once"`` (the first request only), ``"truncate"`` (announce the
-  full length, send half, close), ``"long-length"`` (announce one byte more than sent, close),
+  full length, send half, close), ``"truncate-once"`` (only the first time), ``"long-length"`` (announce one byte more than sent, close),
   ``"stall"`` (send the head, then nothing for 30 s), ``"garbage-status"`` (not HTTP);
 * ``PUT`` stores a file (atomically), so it is also a writable cache.
 """
@@ -36,7 +37,7 @@ class Handler(SimpleHTTPRequestHandler):
     def _log(self) -> None:
         entry = {"method": self.command, "path": self.path, "if-none-match": self.headers.get("If-None-Match"),
                  "if-modified-since": self.headers.get("If-Modified-Since"),
-                 "authorization": self.headers.get("Authorization")}
+                 "authorization": self.headers.get("Authorization"), "range": self.headers.get("Range")}
         with _lock, open(self.log_file, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -47,12 +48,12 @@ class Handler(SimpleHTTPRequestHandler):
         except FileNotFoundError:
             return None
         fault = faults.get(self.path.split("?", 1)[0])
-        if fault == "500-once":
+        if fault in ("500-once", "truncate-once"):
             with _lock:
                 if self.path in _once:
                     return None
                 _once.add(self.path)
-            return "500"
+            return fault.removesuffix("-once")
         return str(fault) if fault else None
 
     def _file(self) -> str:
@@ -95,7 +96,15 @@ class Handler(SimpleHTTPRequestHandler):
             return
         with open(path, "rb") as f:
             data = f.read()
-        self.send_response(200)
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes=") and rng.endswith("-") and self.headers.get("If-Range") in (None, etag):
+            start = int(rng[6:-1])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            data = data[start:]
+        else:
+            self.send_response(200)
+        self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", etag)
         self.send_header("Last-Modified", modified)
         self.send_header("Content-Type", "application/octet-stream")

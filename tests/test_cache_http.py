@@ -662,3 +662,18 @@ def test_silent_server_is_dead_after_its_attempts(tmp_path: Path, conf: dict[str
         for c in accepted:
             c.close()
         s.close()
+
+
+def test_cut_off_nar_download_resumes_with_range(static: Static, closure: Closure, tmp_path: Path,
+                                                 conf: dict[str, str]) -> None:
+    hp = closure.hash_part(closure.tree)
+    text = (static.cache / f"{hp}.narinfo").read_text()
+    url = next(line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("URL: "))
+    static.faults(**{url: "truncate-once"})
+    dst = tmp_path / "dst"
+    r = run_cli("--store", dst, "copy", "--from", static.url, closure.tree, env=conf)
+    assert r.returncode == 0, r.stderr
+    assert valid_paths(dst) == {closure.tree}
+    nar_reqs = [q for q in static.requests() if q["path"].endswith(url)]
+    assert len(nar_reqs) == 2 and nar_reqs[0]["range"] is None
+    assert nar_reqs[1]["range"] is not None and nar_reqs[1]["range"] != "bytes=0-"  # the rest only

@@ -17,7 +17,8 @@ connection within ``connect-timeout``, or accepts it but never answers — is ma
 every later request to it in this process fails at once with the same error, so a dead
 substituter costs its timeout only once. Redirects are followed (at most 10).
 ``Content-Encoding`` (gzip, xz, bzip2, zstd) is decoded, as Nix does; a body that ends before
-its ``Content-Length`` is an error, never a file.
+its ``Content-Length`` is an error, never a file — except that a NAR download cut off midway
+continues with a ``Range`` request when the server offers ``Accept-Ranges: bytes``.
 
 Authentication: Basic credentials from the URL's user info, else from the ``netrc-file``
 (Nix's setting; nartool's default ``/etc/nartool/netrc``) for the request's host — as Nix
@@ -189,35 +190,94 @@ class _Response:
         self.backend, self.origin, self.conn, self.resp, self.url = backend, origin, conn, resp, url
         self.status = resp.status
         self.length = resp.length
-        self.received = 0
+        self.received = 0  # body bytes delivered, over all resumed parts
+        self.part = 0  # body bytes of the current response
         self.finished = False
+        self.key: str | None = None  # set by enable_resume
+        self.total: int | None = None
+        self.etag: str | None = None
+        self.resumes = 0
 
     def header(self, name: str) -> str | None:
         v = self.resp.getheader(name)
         return None if v is None else v.strip()
 
+    def enable_resume(self, key: str) -> None:
+        """Let a download cut off midway continue with a ``Range`` request (as Nix does) when
+        the server offers ``Accept-Ranges: bytes`` for a plain body of known length."""
+        if (self.status == 200 and (self.header("Accept-Ranges") or "").lower() == "bytes"
+                and self.length is not None and (self.header("Content-Encoding") or "identity") == "identity"):
+            self.key = key
+            self.total = self.length
+            self.etag = self.header("ETag")
+
     def read(self, n: int) -> bytes:
-        if self.finished:
-            return b""
+        while True:
+            if self.finished:
+                return b""
+            err: HttpError | None
+            try:
+                data = self.resp.read(n)
+            except http.client.IncompleteRead as e:
+                self.abort()
+                err = HttpError("truncated response: the server closed the connection early", url=self.url,
+                                status=self.status, rule="truncated",
+                                expected=f"{self.received + len(e.partial) + (e.expected or 0)} bytes",
+                                got=f"{self.received + len(e.partial)} bytes")
+            except TimeoutError:
+                self.abort()
+                err = HttpError(f"download stalled: no data for {self.backend.read_timeout:g} s", url=self.url,
+                                status=self.status, rule="timeout")
+            except (OSError, http.client.HTTPException) as e:
+                self.abort()
+                err = HttpError(f"download failed: {e}", url=self.url, status=self.status, rule="connection")
+            else:
+                if data or n <= 0:
+                    self.received += len(data)
+                    self.part += len(data)
+                    return data
+                err = self._end()
+                if err is None:
+                    return b""
+            if not self._resume(err):
+                raise err
+
+    def _resume(self, err: HttpError) -> bool:
+        """After ``err`` cut the body off: ask for the rest (``Range``); whether that worked."""
+        if self.key is None or self.resumes + 1 >= self.backend.tries:
+            return False
+        self.resumes += 1
+        self.backend._backoff(self.resumes, self.url, err)
+        headers = {"Range": f"bytes={self.received}-"}
+        if self.etag:
+            headers["If-Range"] = self.etag
         try:
-            data = self.resp.read(n)
-        except http.client.IncompleteRead as e:
-            self.abort()
-            raise HttpError("truncated response: the server closed the connection early", url=self.url,
-                            status=self.status, rule="truncated",
-                            expected=f"{self.received + len(e.partial) + (e.expected or 0)} bytes",
-                            got=f"{self.received + len(e.partial)} bytes") from None
-        except TimeoutError:
-            self.abort()
-            raise HttpError(f"download stalled: no data for {self.backend.read_timeout:g} s", url=self.url,
-                            status=self.status, rule="timeout") from None
-        except (OSError, http.client.HTTPException) as e:
-            self.abort()
-            raise HttpError(f"download failed: {e}", url=self.url, status=self.status, rule="connection") from None
-        if not data and n > 0:
-            self._end()
-        self.received += len(data)
-        return data
+            r = self.backend._request("GET", self.key, headers=headers)
+        except (HttpError, CacheUnavailableError) as e:
+            log.warning("warning: cannot resume the download of '%s': %s", self.url, e)
+            return False
+        if r is None:
+            return False
+        skip = 0
+        if r.status == 206:
+            cr = (r.header("Content-Range") or "").replace("bytes ", "", 1)
+            first, total = cr.partition("-")[0], cr.rpartition("/")[2]
+            if first != str(self.received) or total != str(self.total):
+                r.abort()
+                log.warning("warning: cannot resume the download of '%s': unexpected Content-Range %r", self.url, cr)
+                return False
+        elif r.status == 200 and r.length == self.total and (self.etag is None or r.header("ETag") == self.etag):
+            skip = self.received  # the server ignored the range: drop what we have already
+        else:
+            r.abort()
+            return False
+        self.conn, self.resp, self.origin, self.part, self.finished = r.conn, r.resp, r.origin, 0, False
+        while skip:
+            b = self.resp.read(min(skip, _CHUNK))
+            if not b:
+                return self._resume(HttpError("truncated response while resuming", url=self.url, rule="truncated"))
+            skip -= len(b)
+        return True
 
     def read_all(self, limit: int) -> bytes:
         out = bytearray()
@@ -230,19 +290,22 @@ class _Response:
                 self.abort()
                 raise HttpError("response too large", url=self.url, rule="too-large", expected=f"at most {limit} bytes")
 
-    def _end(self) -> None:
+    def _end(self) -> HttpError | None:
+        """The current response's body ended: the error if it was short, else None (and the
+        connection goes back to the pool)."""
         if self.finished:
-            return
+            return None
         self.finished = True
         announced = self.resp.getheader("Content-Length")
-        if announced is not None and announced.strip().isdigit() and self.received != int(announced):
+        if announced is not None and announced.strip().isdigit() and self.part != int(announced):
             self.conn.close()
-            raise HttpError("truncated response: the body ended before its Content-Length", url=self.url,
-                            rule="truncated", expected=f"{announced.strip()} bytes", got=f"{self.received} bytes")
+            return HttpError("truncated response: the body ended before its Content-Length", url=self.url,
+                             rule="truncated", expected=f"{announced.strip()} bytes", got=f"{self.part} bytes")
         if self.resp.will_close:
             self.conn.close()
         else:
             self.backend._pool.give(self.origin, self.conn)
+        return None
 
     def drain(self) -> None:
         """Read and drop a (short) body so the connection can be reused; close it otherwise."""
@@ -383,6 +446,7 @@ class HttpBackend:
         resp = self._request("GET", key)
         if resp is None:
             return None
+        resp.enable_resume(key)
         return io.BufferedReader(_BodyReader(resp, _decoder(resp)), _CHUNK)
 
     def upsert_file(self, key: str, data: bytes | Iterable[bytes] | BinaryIO, *, mime: str) -> None:
