@@ -664,3 +664,79 @@ def test_fingerprint_equals_nix_unprivileged() -> None:
     assert res["status"] == 0, res["log"]
     assert res["diffs"] == {}, json.dumps(res["diffs"], indent=1)
     assert len(res["files"]) >= 25
+
+
+def test_cleanup_does_not_follow_planted_symlinks(env: Env, tmp_path: Path) -> None:
+    need_sandbox()
+    host = tmp_path / "precious"
+    host.mkdir()
+    (host / "canary").write_text("alive")
+    script = (f"ln -s {host} /nix/store/evil; ln -s {host} /tmp/evil; mkdir -p /tmp/d/e; ln -s {host}/canary /tmp/d/c; "
+              f"ln -s {host} /build/evil; chmod 0500 /tmp/d")
+    status, log, b = run(env.spec(script))
+    assert status == 0, log
+    assert not os.path.lexists(b.spec.chroot_dir)
+    assert (host / "canary").read_text() == "alive"
+
+
+def test_killing_the_caller_kills_the_build(env: Env) -> None:
+    """nartool killed with SIGKILL mid-build: the helper sees its control pipe close and kills
+    the builder (pid 1 of the namespace, hence everything in it)."""
+    need_sandbox()
+    spec = env.spec("sleep 1000 & sleep 1000")
+    d = {k: getattr(spec, k) for k in ("store_dir", "real_store_dir", "chroot_dir", "build_dir", "inputs",
+                                       "outputs", "host_network")}
+    code = ("import json, sys, time\n"
+            "from nartool.build.sandbox import SandboxSpec, start_sandboxed\n"
+            "d = json.loads(sys.argv[1])\n"
+            f"b = start_sandboxed(SandboxSpec(builder={spec.builder!r}, args={spec.args!r}, env=[], binds=[], "
+            "build_user=None, **d))\n"
+            "print(b.pid, flush=True)\n"
+            "time.sleep(1000)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, json.dumps(d)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.stdout is not None
+    pid = int(p.stdout.readline())
+    time.sleep(0.3)
+    assert _state(pid) not in ("gone", "Z")
+    p.kill()
+    p.wait()
+    deadline = time.time() + 10
+    while _state(pid) not in ("gone", "Z") and time.time() < deadline:
+        time.sleep(0.05)
+    assert _state(pid) in ("gone", "Z")
+    # the stale chroot is what the next build (or cleanup_chroot) removes
+    sb.cleanup_chroot(spec.chroot_dir)
+    assert not os.path.lexists(spec.chroot_dir)
+
+
+def test_concurrent_sandboxes_from_threads(env: Env) -> None:
+    """Builders started from several threads of one process at once (nartool's scheduler does)."""
+    need_sandbox()
+    import concurrent.futures
+
+    def one(i: int) -> tuple[int, str]:
+        bd = env.root / f"build{i}"
+        bd.mkdir(mode=0o700)
+        spec = env.spec(f"echo {i} $$; ls -1 /nix/store", chroot_dir=str(env.store / f"t{i}.drv.chroot"),
+                        build_dir=str(bd))
+        status, log, _ = run(spec)
+        return status, log
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(one, range(8)))
+    assert results == [(0, f"{i} 1\n{BUSYBOX_BASE}\n") for i in range(8)]
+    assert sorted(os.listdir(env.store)) == [BUSYBOX_BASE]
+
+
+def test_personality_linux32(env: Env) -> None:
+    need_sandbox()
+    _, log, _ = run(env.spec("cat /proc/self/personality; uname -m", personality=["linux32"]))
+    assert log.split()[0] == "00040008"
+    if os.uname().machine == "x86_64":
+        assert log.split()[1] == "i686"
+
+
+def test_nul_bytes_refused(env: Env) -> None:
+    with pytest.raises(BuildError, match="NUL byte"):
+        start_sandboxed(env.spec("true", env=[(b"A", b"x\0y")]))
+    assert not os.path.lexists(env.store / "t.drv.chroot")

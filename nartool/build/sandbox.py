@@ -146,72 +146,81 @@ def cleanup_chroot(path: str, mountinfo_files: tuple[str, ...] = ("/proc/self/mo
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(path)
         return []
-    _rmtree(real, st.st_dev, left)
+    if _rmtree(real, st.st_dev, left):
+        try:
+            os.rmdir(real)
+        except FileNotFoundError:
+            pass
     if left:
         log.warning("left mount points under %s in place: %s", path, ", ".join(sorted(left)))
     return sorted(left)
 
 
 def _rmtree(path: str, dev: int, skip: set[str]) -> bool:
-    """Remove ``path`` (a directory); False if something had to stay."""
+    """Empty the directory ``path`` (not removing it); False if something had to stay. Every
+    directory is opened relative to its parent's descriptor with O_NOFOLLOW, so a symlink
+    planted by a builder is removed, never followed."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return True
-    complete = True
     try:
-        if os.fstat(fd).st_dev != dev:
-            return False
-        try:
-            os.fchmod(fd, 0o700)
-        except OSError:
-            pass
-        for name in os.listdir(fd):
-            child = path + "/" + name
-            if child in skip or any(s.startswith(child + "/") for s in skip):
-                complete = False
-                if child not in skip and not _rmtree(child, dev, skip):
-                    continue
-                continue
-            try:
-                cst = os.lstat(name, dir_fd=fd)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(cst.st_mode):
-                if cst.st_dev != dev or not _rmtree(child, dev, skip):
-                    complete = False
-                    continue
-                try:
-                    os.rmdir(name, dir_fd=fd)
-                except OSError as e:
-                    if e.errno in (errno.EBUSY, errno.ENOTEMPTY):
-                        complete = False
-                    elif e.errno != errno.ENOENT:
-                        raise
-            else:
-                try:
-                    os.unlink(name, dir_fd=fd)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    if e.errno != errno.EBUSY:
-                        raise
-                    complete = False
+        return _empty_dir(fd, path, dev, skip)
     finally:
         os.close(fd)
-    if complete and path != "":
-        return True
+
+
+def _empty_dir(fd: int, path: str, dev: int, skip: set[str]) -> bool:
+    st = os.fstat(fd)
+    if st.st_dev != dev or path in skip:
+        return False
+    if st.st_mode & 0o700 != 0o700:
+        try:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
+        except OSError:
+            pass
+    complete = True
+    for name in os.listdir(fd):
+        child = path + "/" + name
+        if child in skip:
+            complete = False
+            continue
+        try:
+            cst = os.lstat(name, dir_fd=fd)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(cst.st_mode):
+            try:
+                os.unlink(name, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+            continue
+        if cst.st_dev != dev:
+            complete = False
+            continue
+        try:
+            cfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        except FileNotFoundError:
+            continue
+        try:
+            if not _empty_dir(cfd, child, dev, skip):
+                complete = False
+                continue
+        finally:
+            os.close(cfd)
+        try:
+            os.rmdir(name, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                raise
+            complete = False
     return complete
 
 
 def _remove_chroot(path: str, extra_mountinfo: tuple[str, ...] = ()) -> list[str]:
-    left = cleanup_chroot(path, ("/proc/self/mountinfo", *extra_mountinfo))
-    if not left and os.path.isdir(path):
-        try:
-            os.rmdir(path)
-        except OSError:
-            pass
-    return left
+    return cleanup_chroot(path, ("/proc/self/mountinfo", *extra_mountinfo))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +363,12 @@ class Builder:
         if self.spec.build_user is not None:
             self.spec.build_user.kill()
 
+    @property
+    def status_fd(self) -> int:
+        """Becomes readable when the builder has exited (for select/poll loops; then wait())."""
+        assert self._proc.stdout is not None
+        return self._proc.stdout.fileno()
+
     def poll(self) -> int | None:
         """The wait status if the builder has exited, else None (never blocks)."""
         if self._status is not None:
@@ -457,6 +472,13 @@ def _read_line(f: IO[bytes]) -> str:
 def _start(spec: SandboxSpec, mode: str) -> Builder:
     if not spec.builder.startswith(b"/"):
         raise BuildError(f"builder '{os.fsdecode(spec.builder)}' is not an absolute path", rule="builder-path")
+    for s in [spec.builder, *spec.args, *(k + b"=" + v for k, v in spec.env)]:
+        if b"\0" in s:
+            raise BuildError("a builder argument or environment variable contains a NUL byte", got=s,
+                             rule="nul-byte")
+    for k, _ in spec.env:
+        if not k or b"=" in k:
+            raise BuildError("invalid environment variable name", got=k, rule="env-name")
     sandboxed = mode == "sandbox"
     if spec.build_user is not None:
         spec.build_user.kill()
