@@ -520,3 +520,36 @@ def test_nar_already_in_the_bucket_is_not_uploaded_again(s3server: WeedS3, tmp_p
     fresh = open_store(uri)
     for p in closure:
         assert nar_sha(fresh, p) == nar_sha(src, p)
+
+
+def test_pull_downloads_nars_ahead(s3server: WeedS3, tmp_path: Path, aws: dict[str, str]) -> None:  # noqa: F811
+    src = LocalStore(tmp_path / "src")
+    paths = [src.add_text(f"p{i}", os.urandom(64 * 1024).hex()).path for i in range(8)]
+    top = src.add_text("top", " ".join(paths), paths).path
+    uri = s3server.store_uri("cache", unique("pull"), compression="none")
+    copy_paths(src, open_store(uri), [top])
+    cache = open_store(uri)
+    assert isinstance(cache, S3CacheStore)
+    lock = threading.Lock()
+    inflight = [0, 0]
+
+    def before(params: dict[str, Any], model: Any, context: dict[str, Any], **kw: Any) -> None:
+        context["nt_nar"] = "/nar/" in params.get("Key", "")
+        if context["nt_nar"]:
+            with lock:
+                inflight[0] += 1
+                inflight[1] = max(inflight)
+            time.sleep(0.1)
+
+    def after(context: dict[str, Any], **kw: Any) -> None:
+        if context.get("nt_nar"):
+            with lock:
+                inflight[0] -= 1
+
+    cache.backend.client.meta.events.register("provide-client-params.s3.GetObject", before)
+    cache.backend.client.meta.events.register("after-call.s3.GetObject", after)
+    dest = LocalStore(tmp_path / "dest")
+    copy_paths(cache, dest, [top])
+    assert inflight[1] >= 2, "NAR downloads never overlapped"
+    for p in [*paths, top]:
+        assert nar_sha(dest, p) == nar_sha(src, p)

@@ -33,13 +33,14 @@ import stat
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import NartoolError, StoreError
+from ..store.base import ConsumeFn
 from ..store.paths import DEFAULT_STORE_DIR
 from ..store.types import PathInfo
 from .backend import CacheUnavailableError, UploadData, check_key, iter_upload
@@ -297,6 +298,8 @@ class S3Backend:
         self._slots: threading.BoundedSemaphore | None = None
         self._failure: BaseException | None = None
         self._check_first: set[str] = set()  # NARs to look for before uploading
+        # downloads ahead (see prefetching()): futures by key, and what starts the next ones
+        self._prefetch: tuple[dict[str, Future[BinaryIO | None]], Callable[[], None]] | None = None
 
     # -- identity
 
@@ -438,12 +441,16 @@ class S3Backend:
         except bx.BotoCoreError as e:
             raise self._error(e, f"checking '{key}'", key) from None
 
-    def get_file(self, key: str, *, first_byte_only: bool = False) -> BinaryIO | None:
+    def get_file(self, key: str, *, first_byte_only: bool = False, prefetched: bool = True) -> BinaryIO | None:
         """A streaming reader of ``key``, decoded by its ``Content-Encoding`` (``narinfo-compression``
         and friends); None when absent — also for ``AccessDenied``, which S3 answers for a missing key
         when the bucket is not listable (as Nix does). Wrong credentials raise."""
         import botocore.exceptions as bx
 
+        if prefetched and not first_byte_only:
+            ahead = self._take_prefetched(key)
+            if ahead is not None:
+                return ahead.result()
         self._wait_pending(key)
         k = self._key(key)
         try:
@@ -798,6 +805,70 @@ class S3Backend:
         finally:
             _close(data)
 
+    # -- prefetched downloads
+
+    @contextmanager
+    def prefetching(self, keys: list[str], *, window: int = 4) -> Iterator[None]:
+        """Inside the block, the files ``keys`` are downloaded ahead, ``window`` at a time and in
+        this order, each into a temporary file; :meth:`get_file` of one of them waits for its
+        download and hands the file over (a failed download raises there). Meant for reading
+        NARs one after another (a pull): the next ones are on their way while one is checked."""
+        order = deque(dict.fromkeys(keys))
+        pool = ThreadPoolExecutor(max_workers=max(1, window), thread_name_prefix="s3-prefetch")
+        futures: dict[str, Future[BinaryIO | None]] = {}
+
+        def more() -> None:  # under self._lock
+            while order and len(futures) < window:
+                k = order.popleft()
+                futures[k] = pool.submit(self._download, k)
+
+        with self._lock:
+            self._prefetch = (futures, more)
+            more()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._prefetch = None
+                order.clear()
+                left = list(futures.values())
+                futures.clear()
+            for f in left:
+                f.cancel()
+            pool.shutdown(wait=True)
+            for f in left:
+                if not f.cancelled() and f.exception() is None:
+                    got = f.result()
+                    if got is not None:
+                        got.close()
+
+    def _download(self, key: str) -> BinaryIO | None:
+        f = self.get_file(key, prefetched=False)
+        if f is None:
+            return None
+        spool: BinaryIO = tempfile.SpooledTemporaryFile(max_size=MiB)  # type: ignore[assignment]  # noqa: SIM115
+        try:
+            with f:
+                while True:
+                    b = f.read(MiB)
+                    if not b:
+                        break
+                    spool.write(b)
+            spool.seek(0)
+        except BaseException:
+            spool.close()
+            raise
+        return spool
+
+    def _take_prefetched(self, key: str) -> Future[BinaryIO | None] | None:
+        with self._lock:
+            if self._prefetch is None:
+                return None
+            futures, more = self._prefetch
+            f = futures.pop(key, None)
+            more()
+        return f
+
     def close(self) -> None:
         self.flush(raise_errors=False)
         with self._lock:
@@ -927,6 +998,19 @@ class S3CacheStore(BinaryCacheStore):
         for r in self._fan_out(paths, super().query_path_infos):
             out.update(r)
         return out
+
+    def send_nars(self, infos: Sequence[PathInfo], consume: ConsumeFn, *,
+                  on_bytes: Callable[[int], None] | None = None,
+                  before_wait: Callable[[], None] | None = None) -> None:
+        """As every store does, with the next NAR files downloaded ahead (four at a time) while
+        one is checked and consumed."""
+        urls = []
+        for info in infos:
+            ni = self.narinfo(info.path)
+            if ni is not None:
+                urls.append(ni.url)
+        with self.backend.prefetching(urls):
+            super().send_nars(infos, consume, on_bytes=on_bytes, before_wait=before_wait)
 
     def all_paths(self) -> list[str]:
         """Every path with a narinfo at the top of the bucket (or prefix)."""
