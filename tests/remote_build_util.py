@@ -15,12 +15,14 @@ from nartool.remote import messages as M
 from nartool.remote import wire as W
 from nartool.store.local import LocalStore
 
+from .buildkit import BB as BUSYBOX
+from .buildkit import BUSYBOX as BUSYBOX_BIN
+from .buildkit import busybox_tree, static_busybox
 from .conftest import require
 from .helpers import nix_env
 
-BUSYBOX = "/nix/store/ap5lw0pk87zllpr8psdiqgxx50yqpp1h-busybox"
-BUSYBOX_BIN = "/bin/busybox"
 SYSTEM = "x86_64-linux"
+__all__ = ["BUSYBOX", "BUSYBOX_BIN", "busybox_tree"]
 
 #: derivations for the tests; ``what`` picks one; ``n`` is the length of ``chainN``
 EXPR = """{ busybox, what, n ? 2, tag ? "" }:
@@ -44,22 +46,12 @@ in { chain = top; inherit fail silent refs hang nonl; chainN = go (n - 1); }.${w
 
 
 def require_busybox() -> None:
-    require("NIX", os.access(BUSYBOX_BIN, os.X_OK) and shutil.which("nix-instantiate") is not None,
-            f"{BUSYBOX_BIN} (busybox-static) and nix-instantiate are needed for the remote-build tests")
-
-
-def busybox_tree(tmp: Path) -> Path:
-    """A directory ``busybox/bin/{busybox,sh}`` (added to a store it is :data:`BUSYBOX`)."""
-    d = tmp / "busybox-src" / "busybox"
-    if not d.exists():
-        (d / "bin").mkdir(parents=True)
-        shutil.copy(BUSYBOX_BIN, d / "bin" / "busybox")
-        (d / "bin" / "sh").symlink_to("busybox")
-    return d
+    require("NIX", BUSYBOX_BIN is not None and static_busybox() and shutil.which("nix-instantiate") is not None,
+            "a static busybox (busybox-static) and nix-instantiate are needed for the remote-build tests")
 
 
 def make_store(root: Path, tmp: Path, with_busybox: bool = True) -> Path:
-    """A store at ``root`` (made by nartool) holding busybox."""
+    """A store at ``root`` (made by nartool) holding busybox (``tests/buildkit.py``'s tree)."""
     st = LocalStore(root)
     try:
         if with_busybox:

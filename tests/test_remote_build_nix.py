@@ -39,7 +39,9 @@ class Machine:
         os.chmod(self.conf, 0o600)
         self.sshd = server
         self.key = server.add_key(f"{sys.executable} -m nartool serve --write --store {self.store}",
-                                  environment={"PYTHONPATH": str(REPO), "NARTOOL_CONFIG": str(self.conf),
+                                  environment={"PYTHONPATH": os.pathsep.join(
+                                      p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+                                      "NARTOOL_CONFIG": str(self.conf),
                                                "PATH": os.environ.get("PATH", "/usr/bin:/bin")})
         self.key.chmod(0o600)
 
@@ -100,9 +102,11 @@ def check_chain(client: Path, m: Machine, tmp: Path, r: subprocess.CompletedProc
     # identical outputs, valid on the machine (its own check) and in the client store
     assert hashes(m.store, list(want)) == want
     v = subprocess.run([sys.executable, "-m", "nartool", "--store", str(m.store), "store", "verify",
-                        "--check-contents", *want], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+                        "--check-contents"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert v.returncode == 0, v.stdout + v.stderr
+    v = subprocess.run(["nix-store", "--store", str(m.store), "--verify-path", *want], env=nix_env(),
+                       capture_output=True, text=True)
+    assert v.returncode == 0, v.stderr
     check_client(list(want))
     assert "building base" in r.stderr and "building top" in r.stderr
 

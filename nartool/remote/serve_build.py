@@ -347,8 +347,9 @@ def build_derivation(server: _Server) -> None:
         result = M.BuildResult(result.status, result.error_msg, result.times_built, result.is_non_deterministic,
                                result.start_time, result.stop_time, realisations(req.drv_path, basic, sd, built))
     elif result.status == M.BuildStatus.TIMED_OUT:
-        # as Nix 2.8 reports a timed-out build: not counted as built, no start time
-        result = M.BuildResult(result.status, nix_colours(result.error_msg), 0, False, 0, result.stop_time, ())
+        # as Nix 2.8 reports a timed-out build: not counted as built, a start time but no stop time
+        result = M.BuildResult(result.status, nix_colours(result.error_msg), 0, False,
+                               result.start_time or result.stop_time, 0, ())
     else:
         result = M.BuildResult(result.status, nix_colours(result.error_msg), result.times_built,
                                result.is_non_deterministic, result.start_time, result.stop_time, ())
