@@ -553,3 +553,16 @@ def test_pull_downloads_nars_ahead(s3server: WeedS3, tmp_path: Path, aws: dict[s
     assert inflight[1] >= 2, "NAR downloads never overlapped"
     for p in [*paths, top]:
         assert nar_sha(dest, p) == nar_sha(src, p)
+
+
+def test_without_boto3_a_clear_error(tmp_path: Path) -> None:
+    code = ("import sys; sys.modules['boto3'] = None; from nartool.cli.main import main; "
+            "main(['--store', 's3://bucket', 'store', 'query', '--references', "
+            "'/nix/store/00000000000000000000000000000000-x'])")
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=cli_env(aws_env(tmp_path), unset=(*UNSET, *AWS_VARS)), timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "need the Python package 'boto3'" in r.stderr and "pip install 'nartool[s3]'" in r.stderr
+    assert "Traceback" not in r.stderr
