@@ -623,13 +623,16 @@ def _need_nix() -> None:
     require("NIX", NIX_STORE is not None, "real Nix (nix-store) is not installed")
 
 
-def test_fingerprint_equals_nix_root_build_users(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fixed_output", [False, True], ids=["ordinary", "fixed-output"])
+def test_fingerprint_equals_nix_root_build_users(tmp_path: Path, fixed_output: bool) -> None:
+    """Everything the fingerprint builder observes is identical under Nix 2.8 and nartool (for a
+    fixed-output derivation: host network and DNS files, still chrooted)."""
     need_sandbox()
     need_root()
     _need_nix()
     from .probes.fingerprint_compare import run as fp_run
     os.chmod(tmp_path, 0o755)
-    res = fp_run(str(tmp_path))
+    res = fp_run(str(tmp_path), fixed_output=fixed_output)
     assert res["status"] == 0, res["log"]
     assert res["diffs"] == {}, json.dumps(res["diffs"], indent=1)
     assert len(res["files"]) >= 25   # type: ignore[arg-type]
@@ -646,7 +649,8 @@ def _unprivileged_python(user: str) -> str | None:
     return None
 
 
-def test_fingerprint_equals_nix_unprivileged() -> None:
+@pytest.mark.parametrize("fixed_output", [False, True], ids=["ordinary", "fixed-output"])
+def test_fingerprint_equals_nix_unprivileged(fixed_output: bool) -> None:
     need_sandbox()
     need_root()
     _need_nix()
@@ -656,7 +660,8 @@ def test_fingerprint_equals_nix_unprivileged() -> None:
         require("ROOT", False, "user 'nartuser' needed for the unprivileged fingerprint")
     py = _unprivileged_python("nartuser")
     require("ROOT", py is not None, "no Python >= 3.10 runnable by nartuser")
-    r = subprocess.run(["runuser", "-u", "nartuser", "--", py or "", str(PROBES / "fingerprint_compare.py")],
+    r = subprocess.run(["runuser", "-u", "nartuser", "--", py or "", str(PROBES / "fingerprint_compare.py"),
+                        *(["--fixed-output"] if fixed_output else [])],
                        capture_output=True, text=True, cwd="/tmp", timeout=300,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr[-3000:]

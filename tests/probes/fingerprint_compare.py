@@ -43,9 +43,15 @@ def busybox_tree(dest: str | os.PathLike[str], read_only: bool = True) -> None:
             os.chmod(p, 0o555)
 
 
-def nix_expr(script: str, name: str = "fp") -> str:
+#: a syntactically valid sha256 that no fingerprint output has
+DUMMY_HASH = "0" * 52
+
+
+def nix_expr(script: str, name: str = "fp", fixed_output: bool = False) -> str:
     quoted = json.dumps(script).replace("${", "\\${")
-    return (f'derivation {{ name = "{name}"; system = builtins.currentSystem; '
+    fod = (f'outputHashMode = "recursive"; outputHashAlgo = "sha256"; outputHash = "{DUMMY_HASH}"; '
+           if fixed_output else "")
+    return (f'derivation {{ name = "{name}"; system = builtins.currentSystem; {fod}'
             f'builder = "${{builtins.storePath {BUSYBOX}}}/bin/sh"; args = [ "-c" {quoted} ]; }}')
 
 
@@ -78,7 +84,22 @@ def drain(log_fd: int) -> bytes:
     return out
 
 
-def compare_dirs(a: Path, b: Path) -> dict[str, object]:
+def _normalise(name: str, data: bytes, rewrites: dict[bytes, bytes]) -> bytes:
+    for old, new in rewrites.items():
+        data = data.replace(old, new)
+    if name == "id-maps":
+        # the host side of the uid map names whichever build user was free: not part of the view
+        lines = data.split(b"\n")
+        f = lines[0].split()
+        if len(f) == 3:
+            lines[0] = b" ".join([f[0], b"HOST-UID", f[2]])
+        data = b"\n".join(lines)
+    return data
+
+
+def compare_dirs(a: Path, b: Path, rewrites: dict[bytes, bytes] | None = None) -> dict[str, object]:
+    """File-by-file comparison of Nix's fingerprint ``a`` with ours ``b``; ``rewrites`` are applied
+    to Nix's side (a fixed-output result that Nix moved to the path of its actual hash)."""
     fa = sorted(p.name for p in a.iterdir())
     fb = sorted(p.name for p in b.iterdir())
     diffs: dict[str, object] = {}
@@ -86,13 +107,14 @@ def compare_dirs(a: Path, b: Path) -> dict[str, object]:
         if name not in fa or name not in fb:
             diffs[name] = "only in " + ("ours" if name not in fa else "nix")
             continue
-        ta, tb = (a / name).read_bytes(), (b / name).read_bytes()
+        ta = _normalise(name, (a / name).read_bytes(), rewrites or {})
+        tb = _normalise(name, (b / name).read_bytes(), {})
         if ta != tb:
             diffs[name] = {"nix": ta.decode(errors="replace"), "ours": tb.decode(errors="replace")}
     return {"files": fa, "diffs": diffs}
 
 
-def run(work: str) -> dict[str, object]:
+def run(work: str, fixed_output: bool = False) -> dict[str, object]:
     """Both builds under ``work``; returns {"files": [...], "diffs": {...}, "nix_out": ..., ...}."""
     script = (HERE / "fingerprint.sh").read_text()
     src = Path(work) / "src" / "busybox"
@@ -100,14 +122,28 @@ def run(work: str) -> dict[str, object]:
     env = nix_env()
     nstore = f"{work}/nix"
     subprocess.run(["nix-store", "--store", nstore, "--add", str(src)], env=env, check=True, capture_output=True)
-    drv_path = subprocess.run(["nix-instantiate", "--store", nstore, "--expr", nix_expr(script)], env=env,
-                              check=True, capture_output=True, text=True).stdout.strip()
+    drv_path = subprocess.run(["nix-instantiate", "--store", nstore, "--expr", nix_expr(script, fixed_output=fixed_output)],
+                              env=env, check=True, capture_output=True, text=True).stdout.strip()
+    before = set(os.listdir(nstore + "/nix/store"))
+    rewrites: dict[bytes, bytes] = {}
     r = subprocess.run(["nix-store", "--store", nstore, "--option", "substituters", "", "-r", drv_path],
                        env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"nix-store -r failed: {r.stderr}")
-    out_path = r.stdout.strip()
     drv = parse_derivation(Path(nstore + drv_path).read_bytes())
+    out_path = drv.outputs["out"].path
+    if fixed_output:
+        # the dummy hash fails; Nix 2.8 registers the output under the path of its actual hash
+        if "hash mismatch in fixed-output derivation" not in r.stderr:
+            raise RuntimeError(f"nix-store -r: expected a hash mismatch: {r.stderr}")
+        new = [n for n in set(os.listdir(nstore + "/nix/store")) - before
+               if n.endswith("-fp") and os.path.isdir(f"{nstore}/nix/store/{n}")]
+        if len(new) != 1:
+            raise RuntimeError(f"cannot find Nix's fixed-output result among {new}")
+        nix_out = f"{nstore}/nix/store/{new[0]}"
+        rewrites = {new[0].encode(): out_path.rsplit("/", 1)[1].encode()}
+    else:
+        if r.returncode != 0:
+            raise RuntimeError(f"nix-store -r failed: {r.stderr}")
+        nix_out = nstore + r.stdout.strip()
 
     ours = f"{work}/ours"
     busybox_tree(f"{ours}/nix/store/{BUSYBOX_BASE}")
@@ -117,9 +153,9 @@ def run(work: str) -> dict[str, object]:
         os.chown(build_dir, bu.uid, bu.gid)
     spec = SandboxSpec(
         builder=drv.builder.encode(), args=[a.encode() for a in drv.args],
-        env=nix_env_order(drv.env, os.cpu_count() or 1), store_dir="/nix/store",
+        env=nix_env_order(drv.env, os.cpu_count() or 1, fixed_output), store_dir="/nix/store",
         real_store_dir=f"{ours}/nix/store", chroot_dir=f"{ours}/nix/store/{Path(drv_path).name}.chroot",
-        build_dir=build_dir, inputs=[BUSYBOX], binds=[], outputs=[out_path], host_network=False,
+        build_dir=build_dir, inputs=[BUSYBOX], binds=[], outputs=[out_path], host_network=fixed_output,
         build_user=bu, kvm=os.access("/dev/kvm", os.R_OK | os.W_OK))
     try:
         b = start_sandboxed(spec)
@@ -132,10 +168,10 @@ def run(work: str) -> dict[str, object]:
     finally:
         if bu is not None:
             bu.release()
-    res = {"status": status, "log": log.decode(errors="replace"), "nix_out": nstore + out_path,
+    res = {"status": status, "log": log.decode(errors="replace"), "nix_out": nix_out,
            "chroot_left": os.path.lexists(spec.chroot_dir)}
     if mine.is_dir():
-        res.update(compare_dirs(Path(nstore + out_path), mine))
+        res.update(compare_dirs(Path(nix_out), mine, rewrites))
     else:
         res["diffs"] = {"*": "no output from nartool's sandbox"}
     return res
@@ -144,7 +180,7 @@ def run(work: str) -> dict[str, object]:
 if __name__ == "__main__":
     work = tempfile.mkdtemp(prefix="nartool-fp-")
     try:
-        print(json.dumps(run(work)))
+        print(json.dumps(run(work, fixed_output="--fixed-output" in sys.argv[1:])))
     finally:
         subprocess.run(["chmod", "-R", "u+w", work], check=False)
         shutil.rmtree(work, ignore_errors=True)
