@@ -251,3 +251,68 @@ def test_over_sshd_with_key_column(tmp_path: Path, busybox_ok: None, sshd: Sshd)
     finally:
         del os.environ["NIX_SSHOPTS"]
         st.close()
+
+
+# -- nartool build (the CLI) ------------------------------------------------------------------
+
+
+def _cli_build(client: Path, builders: str, drv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    from .helpers import cli_argv, cli_env
+
+    return subprocess.run(cli_argv("--store", client, "build", "--option", "builders", builders, "--max-jobs", "0",
+                                   drv), env=cli_env(env), capture_output=True, text=True, timeout=300)
+
+
+def _forced_env() -> dict[str, str]:
+    from .helpers import REPO
+
+    e = {k: v for k, v in nix_env().items() if k.startswith(("NIX_", "XDG_"))}
+    e["PATH"] = os.environ.get("PATH", "/usr/bin:/bin")
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return e
+
+
+@pytest.mark.parametrize("machine_kind", ["nix-store", "nartool"])
+def test_cli_build_over_sshd(tmp_path: Path, busybox_ok: None, sshd: Sshd, machine_kind: str) -> None:  # noqa: F811
+    """``nartool build --option builders 'ssh://… SYSTEM KEY 1 1' --max-jobs 0`` on a machine behind a
+    real sshd whose forced command is Nix 2.8's ``nix-store --serve --write --store …`` or
+    ``nartool serve --write --store …``: the chain's outputs equal local Nix builds, the remote log
+    reaches stderr, a failing builder gives Nix's exit status and message. The machines list
+    comes from a file (``@FILE``)."""
+    import sys
+
+    client, remote = make_store(tmp_path / "client", tmp_path), tmp_path / "remote"
+    if machine_kind == "nix-store":
+        cmd = f"nix-store --serve --write --store {remote}"
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("the nartool machine reads trusted-users from its own file only as root")
+        conf = tmp_path / "machine.conf"
+        conf.write_text("trusted-users = root\n")
+        conf.chmod(0o600)
+        cmd = f"NARTOOL_CONFIG={conf} {sys.executable} -m nartool serve --write --store {remote}"
+    key = sshd.add_key(cmd, environment=_forced_env())
+    machines = tmp_path / "machines"
+    machines.write_text(f"# the build machine\nssh://{sshd.host} x86_64-linux {key} 1 1\n")
+    env = {"NIX_SSHOPTS": " ".join(a for a in sshd.ssh_args(key) if a not in ("-i", str(key)))}
+    top = instantiate(client, tmp_path, "chain")
+    r = _cli_build(client, f"@{machines}", top, env)
+    assert r.returncode == 0, r.stderr
+    want = _nix_builds(tmp_path, "chain")
+    out = r.stdout.strip()
+    assert out in want
+    st = LocalStore(client)
+    try:
+        assert {p: st.path_info(p).nar_hash.base16 for p in want} == want
+    finally:
+        st.close()
+    assert "building base\n" in r.stderr and "building top\n" in r.stderr
+    assert f"building '{top}' on 'ssh://{sshd.host}'..." in r.stderr
+    v = subprocess.run(["nix-store", "--store", str(remote), "--verify-path", *want], env=nix_env(),
+                       capture_output=True, text=True)
+    assert v.returncode == 0, v.stderr
+    fail = instantiate(client, tmp_path, "fail")
+    r = _cli_build(client, f"@{machines}", fail, env)
+    assert r.returncode == 100, r.stderr
+    assert "about to fail\nsecond line\n" in r.stderr
+    assert f"build of '{fail}' on 'ssh://{sshd.host}' failed: builder for '{fail}' failed with exit code 3" in r.stderr

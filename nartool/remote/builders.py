@@ -410,7 +410,7 @@ def _build_on(store: Any, machine: Machine, drv_path: str, drv: Derivation | Bas
     sink = _LineLog(log)
     remote = open_machine_store(machine, store.store_dir, stderr_to=sink)
     try:
-        log_.info("building '%s' on '%s'", drv_path, machine.uri)
+        log_.info("building '%s' on '%s'...", drv_path, machine.uri)
         if isinstance(drv, Derivation):
             inputs = _input_paths(store, drv)
             basic = BasicDerivation.from_derivation(drv, inputs, store.store_dir)
