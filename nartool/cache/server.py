@@ -422,6 +422,7 @@ class _Aliases:
         self.temporary = directory is None
         self.dir = directory or tempfile.mkdtemp(prefix="nartool-cache-serve-")
         os.makedirs(os.path.join(self.dir, "nar"), exist_ok=True)
+        _remove_stale_spools(self.dir)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(os.path.join(self.dir, "aliases.sqlite"), timeout=30.0, isolation_level=None,
                                    check_same_thread=False)
@@ -449,11 +450,33 @@ class _Aliases:
         f = self._file(key) if row[3] and os.path.isfile(self._file(key)) else None
         return str(row[0]), str(row[1]), str(row[2]), f
 
+    def drop(self, key: str) -> None:
+        """Forget a name whose path is gone or changed (its kept file too)."""
+        with self._lock:
+            self._db.execute("delete from Aliases where key = ?", (key,))
+        _unlink(self._file(key))
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
         if self.temporary:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _remove_stale_spools(directory: str, max_age: float = 86400) -> None:
+    """Spool directories a killed server left behind (untouched for a day)."""
+    now = time.time()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        p = os.path.join(directory, name)
+        try:
+            if name.startswith("spool-") and now - os.stat(p).st_mtime > max_age:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _unlink(path: str) -> None:
@@ -633,6 +656,7 @@ class _Handler(BaseHTTPRequestHandler):
         path, nar_hash, compression, kept = alias
         info = self.server.info_of(StorePath.parse(path, self.server.store.store_dir).hash_part)
         if info is None or info.nar_hash != Hash.parse(nar_hash):
+            self.server.aliases.drop(key)
             raise _Reply(404, "no such NAR")
         etag = f'"{info.nar_hash.nix32}-{compression}"'
         headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL_IMMUTABLE, "Content-Type": "application/x-nix-nar"}
