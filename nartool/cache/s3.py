@@ -74,7 +74,7 @@ UPLOAD_WORKERS = 4
 INSTALL_HINT = "pip install 'nartool[s3]' (or rerun install.sh --extras s3)"
 #: error codes that mean the credentials themselves are wrong (not a missing key)
 _AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken",
-               "AuthorizationHeaderMalformed", "InvalidSecurity", "TokenRefreshRequired",
+               "InvalidSecurity", "TokenRefreshRequired",
                "RequestTimeTooSkewed", "MissingSecurityHeader"}
 #: Content-Encoding values this backend writes and decodes (Nix's compression names)
 _ENCODINGS = ("xz", "bzip2", "gzip", "zstd")
@@ -289,6 +289,8 @@ class S3Backend:
         self._client: S3Client | None = None
         self._lock = threading.Lock()
         self._bucket_checked = False
+        self._unsigned = False  # no credentials were found
+        self._warned_unsigned = False
         # deferred uploads (see deferred()): the pools, futures by key and in submission order
         self._deferred = 0
         self._pool: ThreadPoolExecutor | None = None  # NARs and the rest
@@ -356,6 +358,7 @@ class S3Backend:
         }
         if creds is None:
             log.info("no AWS credentials found: requests to %s go unsigned", self.describe())
+            self._unsigned = True
             cfg["signature_version"] = botocore.UNSIGNED
         try:
             config = Config(**cfg)
@@ -388,8 +391,12 @@ class S3Backend:
                                "and secret (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, "
                                "?profile=)", rule="s3-credentials", got=code, path=where)
             if code in ("AccessDenied", "403", "Forbidden"):
-                return S3Error(f"S3 denied access while {what} ({code}: {msg})", rule="s3-access-denied",
+                hint = "; no AWS credentials were found, so the request was unsigned" if self._unsigned else ""
+                return S3Error(f"S3 denied access while {what} ({code}: {msg}){hint}", rule="s3-access-denied",
                                got=code, path=where)
+            if code in ("301", "PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"):
+                return S3Error(f"S3 error while {what} ({code}: {msg}); is region={self.settings.region} the "
+                               "bucket's region?", rule="s3-error", got=code, path=where)
             if code == "NoSuchBucket":
                 return S3Error(f"S3 bucket '{self.settings.bucket}' does not exist", rule="s3-no-bucket",
                                got=code, path=where)
@@ -461,6 +468,10 @@ class S3Backend:
             if code in ("404", "NoSuchKey", "NotFound"):
                 return None
             if code in ("AccessDenied", "403", "Forbidden"):
+                if self._unsigned and not self._warned_unsigned:
+                    self._warned_unsigned = True
+                    log.warning("%s denies access to requests without credentials (none were found): "
+                                "what it denies counts as absent", self.describe())
                 log.debug("%s: %s answered %s: treated as absent", self.describe(), k, code)
                 return None
             if code == "InvalidRange":  # an empty object asked for its first byte
@@ -529,7 +540,14 @@ class S3Backend:
         try:
             self.client.head_bucket(Bucket=s.bucket)
         except bx.ClientError as e:
-            if self._code(e) not in ("404", "NoSuchBucket", "NotFound"):
+            code = self._code(e)
+            if code in ("403", "Forbidden", "AccessDenied"):
+                # keys that may write objects but not list the bucket (or wrong ones, which the
+                # first upload reports with S3's reason): the bucket is taken to exist
+                log.debug("%s: HEAD of the bucket answered %s", self.describe(), code)
+                self._bucket_checked = True
+                return
+            if code not in ("404", "NoSuchBucket", "NotFound"):
                 raise self._error(e, "checking the bucket", "") from None
             try:
                 if s.region == "us-east-1":
