@@ -745,3 +745,84 @@ def test_nul_bytes_refused(env: Env) -> None:
     with pytest.raises(BuildError, match="NUL byte"):
         start_sandboxed(env.spec("true", env=[(b"A", b"x\0y")]))
     assert not os.path.lexists(env.store / "t.drv.chroot")
+
+
+_NO_USERNS = r"""
+import ctypes, os, sys
+py, code = sys.argv[1], sys.argv[2]
+libc = ctypes.CDLL(None, use_errno=True)
+r, w = os.pipe(); r2, w2 = os.pipe()
+pid = os.fork()
+if pid == 0:
+    if libc.unshare(0x10000000) != 0:         # CLONE_NEWUSER
+        os._exit(3)
+    os.write(w2, b"x"); os.read(r, 1)
+    with open("/proc/sys/user/max_user_namespaces", "w") as f:   # for this namespace and below
+        f.write("0")
+    os.setgroups([]); os.setgid(int(sys.argv[3])); os.setuid(int(sys.argv[3]))
+    os.execv(py, [py, "-c", code])
+os.read(r2, 1)
+for m in ("uid_map", "gid_map"):
+    with open(f"/proc/{pid}/{m}", "w") as f:
+        f.write("0 0 65536")
+os.write(w, b"x")
+_, st = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(st))
+"""
+
+
+def test_unavailable_when_user_namespaces_are_disabled(env: Env) -> None:
+    """A non-root user where max_user_namespaces is 0 (set for real, in a user namespace whose
+    limit applies to everything below it): the reason says so, and start_sandboxed raises
+    SandboxUnavailable (the kernel refuses the other namespaces without one)."""
+    need_sandbox()
+    need_root()
+    try:
+        user = pwd.getpwnam("nartuser")
+    except KeyError:
+        require("ROOT", False, "user 'nartuser' needed")
+        return
+    py = _unprivileged_python("nartuser")
+    require("ROOT", py is not None, "no Python >= 3.10 runnable by nartuser")
+    subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(env.root)], check=True)
+    spec = env.spec("true")
+    d = {k: getattr(spec, k) for k in ("store_dir", "real_store_dir", "chroot_dir", "build_dir", "inputs",
+                                       "outputs", "host_network")}
+    code = ("import json, os, sys\n"
+            "from nartool.build.sandbox import SandboxSpec, sandbox_unavailable_reason, start_sandboxed\n"
+            "from nartool.errors import SandboxUnavailable\n"
+            f"d = json.loads({json.dumps(json.dumps(d))})\n"
+            "r = sandbox_unavailable_reason()\n"
+            "try:\n"
+            f"    start_sandboxed(SandboxSpec(builder={spec.builder!r}, args=[], env=[], binds=[], build_user=None, **d))\n"
+            "    e = None\n"
+            "except SandboxUnavailable as x:\n"
+            "    e = str(x)\n"
+            "print(json.dumps([open('/proc/sys/user/max_user_namespaces').read().strip(), os.getuid(), r, e]))\n")
+    r = subprocess.run([sys.executable, "-c", _NO_USERNS, py or "", code, str(user.pw_uid)], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd="/")
+    assert r.returncode == 0, r.stderr
+    limit, uid, reason, err = json.loads(r.stdout)
+    assert (limit, uid) == ("0", user.pw_uid)
+    assert reason is not None and "max_user_namespaces" in reason
+    assert err is not None and "Operation not permitted" in err
+    assert not os.path.lexists(spec.chroot_dir)
+
+
+def test_build_user_without_user_namespace(env: Env) -> None:
+    """Root with a build user where user namespaces are not used: the builder runs as the build
+    user's real ids (also in /etc/passwd and /etc/group), as Nix does."""
+    need_sandbox()
+    need_root()
+    bu = _free_user()
+    try:
+        os.chown(env.build_dir, bu.uid, bu.gid)
+        status, log, _ = run(env.spec("id -u; id -g; id -G; grep nixbld /etc/passwd /etc/group; "
+                                      "echo $$; touch /nix/store/x && echo store-writable",
+                                      build_user=bu, no_user_namespace=True))
+        assert status == 0, log
+        assert log.splitlines() == [str(bu.uid), str(bu.gid), str(bu.gid),
+                                    f"/etc/passwd:nixbld:x:{bu.uid}:{bu.gid}:Nix build user:/build:/noshell",
+                                    f"/etc/group:nixbld:!:{bu.gid}:", "1", "store-writable"]
+    finally:
+        bu.release()
