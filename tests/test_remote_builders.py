@@ -316,3 +316,21 @@ def test_cli_build_over_sshd(tmp_path: Path, busybox_ok: None, sshd: Sshd, machi
     assert r.returncode == 100, r.stderr
     assert "about to fail\nsecond line\n" in r.stderr
     assert f"build of '{fail}' on 'ssh://{sshd.host}' failed: builder for '{fail}' failed with exit code 3" in r.stderr
+
+
+def test_machine_dying_mid_build_is_a_failed_build(tmp_path: Path, busybox_ok: None) -> None:
+    """The machine's process is killed while it builds: a failed result naming the machine (the
+    scheduler goes on), not an exception."""
+    client, remote = make_store(tmp_path / "client", tmp_path), tmp_path / "remote"
+    prog = tmp_path / "dies"
+    prog.write_text('#!/bin/sh\nexec timeout -s KILL 1 nix-store "$@"\n')
+    prog.chmod(0o755)
+    drv = instantiate(client, tmp_path, "silent")
+    st = LocalStore(client)
+    try:
+        uri = f"ssh://localhost?remote-program={prog}&remote-store={remote}"
+        r = try_remote_build(st, drv, read_derivation(st, drv), _opts(f"{uri} x86_64-linux"), log=lambda _b: None)
+        assert r is not None and r.status == BuildStatus.MISC_FAILURE
+        assert r.error_msg.startswith(f"build of '{drv}' on '{uri}' failed: ") and "closed the connection" in r.error_msg
+    finally:
+        st.close()

@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BuildError
+from ..errors import BuildError, NartoolError
 from ..store.derivation import BasicDerivation, Derivation, read_derivation
 from ..store.ops import closure, copy_paths
 from .messages import BuildDerivationRequest, BuildResult, BuildSettings, BuildStatus
@@ -422,9 +422,13 @@ def _build_on(store: Any, machine: Machine, drv_path: str, drv: Derivation | Bas
             remote.client  # noqa: B018 - connects
         except (RemoteError, OSError) as e:
             raise _ConnectFailed(str(e)) from None
-        _upload(store, remote, machine, inputs)
-        req = BuildDerivationRequest(drv_path, basic, build_settings(options))
-        result: BuildResult = remote.build_derivation(req)
+        try:
+            _upload(store, remote, machine, inputs)
+            req = BuildDerivationRequest(drv_path, basic, build_settings(options))
+            result: BuildResult = remote.build_derivation(req)
+        except (NartoolError, OSError) as e:
+            # the machine refused an upload, died or spoke nonsense: this build failed there
+            return BuildResult(BuildStatus.MISC_FAILURE, f"build of '{drv_path}' on '{machine.uri}' failed: {e}")
         if result.status not in (BuildStatus.BUILT, BuildStatus.ALREADY_VALID, BuildStatus.SUBSTITUTED,
                                  BuildStatus.RESOLVES_TO_ALREADY_VALID):
             msg = _ANSI.sub("", result.error_msg)
