@@ -12,7 +12,8 @@ or the pytest fixture ``s3server`` (one server per test module). Everything live
 directory: data, the identities file (``s3.json``), the log. Every port the server opens is
 chosen here and bound to 127.0.0.1, telemetry is off, and the process stopped is the real
 ``weed`` binary (started directly, not through a shim). Identities: ``admin`` (full access,
-:attr:`access_key` / :attr:`secret_key`), and ``anonymous`` with read access to the buckets in
+:attr:`access_key` / :attr:`secret_key`), ``writer`` (reading and writing objects of the buckets
+created on start, nothing else: :attr:`writer_key` / :attr:`writer_secret`), and ``anonymous`` with read access to the buckets in
 ``public_buckets`` (so plain HTTP clients such as Nix 2.8 read them). Buckets are created on
 start (``buckets``) or later by the admin (:meth:`create_bucket`).
 
@@ -91,6 +92,9 @@ class WeedS3:
 
     access_key = "NARTOOLTESTADMIN"
     secret_key = "nartool-test-secret-key-0123456789"
+    #: an identity that may only read and write objects of the buckets created on start
+    writer_key = "NARTOOLTESTWRITER"
+    writer_secret = "nartool-test-writer-secret-9876543210"
 
     def __init__(self, workdir: Path, *, buckets: Iterable[str] = (), public_buckets: Iterable[str] = (),
                  start_timeout: float = 30.0) -> None:
@@ -119,10 +123,10 @@ class WeedS3:
         query = "&".join(f"{k}={v}" for k, v in q.items())
         return f"s3://{bucket}{'/' + prefix if prefix else ''}?{query}"
 
-    def credentials_env(self, secret: str | None = None) -> dict[str, str]:
-        """Environment variables giving the admin's credentials (or a wrong ``secret``)."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key if secret is None else secret}
+    def credentials_env(self, secret: str | None = None, *, writer: bool = False) -> dict[str, str]:
+        """Environment variables giving the admin's credentials (or the writer's; or a wrong ``secret``)."""
+        key, right = (self.writer_key, self.writer_secret) if writer else (self.access_key, self.secret_key)
+        return {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": right if secret is None else secret}
 
     def client(self) -> S3Client:
         """A boto3 client with the admin's credentials (for checks from the test)."""
@@ -153,6 +157,10 @@ class WeedS3:
             {"name": "admin", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
              "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
         ]
+        if self.buckets:  # may read and write objects, not list buckets nor administer them
+            identities.append({"name": "writer", "credentials": [{"accessKey": self.writer_key,
+                                                                   "secretKey": self.writer_secret}],
+                               "actions": [f"{a}:{b}" for b in self.buckets for a in ("Read", "Write")]})
         if self.public:
             identities.append({"name": "anonymous", "actions": [f"Read:{b}" for b in self.public]})
         self.config_file.write_text(json.dumps({"identities": identities}, indent=1))

@@ -567,3 +567,20 @@ def test_without_boto3_a_clear_error(tmp_path: Path) -> None:
     assert r.returncode == 1, r.stderr
     assert "need the Python package 'boto3'" in r.stderr and "pip install 'nartool[s3]'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_keys_that_may_only_read_and_write_objects(s3server: WeedS3, tmp_path: Path) -> None:  # noqa: F811
+    store, top, closure = make_closure(tmp_path / "src", tmp_path)
+    prefix = unique("writer")
+    uri = s3server.store_uri("cache", prefix, compression="zstd")
+    env = {**aws_env(tmp_path), **s3server.credentials_env(writer=True)}
+    r = cli("--store", store.root, "copy", "--to", uri, top, env=env)
+    assert r.returncode == 0, r.stderr
+    assert len([k for k in keys(s3server, "cache", prefix + "/") if k.endswith(".narinfo")]) == len(closure)
+    r = cli("--store", tmp_path / "dest", "copy", "--no-check-sigs", "--from", uri, top, env=env)
+    assert r.returncode == 0, r.stderr
+    # but not another bucket
+    other = unique("notwriter")
+    s3server.create_bucket(other)
+    r = cli("--store", store.root, "copy", "--to", s3server.store_uri(other), top, env=env)
+    assert r.returncode == 1 and "S3 denied access" in r.stderr, r.stderr
