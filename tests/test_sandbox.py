@@ -733,12 +733,18 @@ def test_concurrent_sandboxes_from_threads(env: Env) -> None:
     assert sorted(os.listdir(env.store)) == [BUSYBOX_BASE]
 
 
-def test_personality_linux32(env: Env) -> None:
+def test_personality_from_platform(env: Env) -> None:
     need_sandbox()
-    _, log, _ = run(env.spec("cat /proc/self/personality; uname -m", personality=["linux32"]))
-    assert log.split()[0] == "00040008"
     if os.uname().machine == "x86_64":
-        assert log.split()[1] == "i686"
+        _, log, _ = run(env.spec("cat /proc/self/personality; uname -m", platform="i686-linux"))
+        assert log.split() == ["00040008", "i686"]
+        _, log, _ = run(env.spec("cat /proc/self/personality; uname -r", platform="i686-linux",
+                                 impersonate_linux_26=True))
+        assert log.split()[0] == "00060008" and log.split()[1].startswith("2.6.")
+    _, log, _ = run(env.spec("cat /proc/self/personality", platform="x86_64-linux"))
+    assert log.split() == ["00040000"]
+    _, log, _ = run(env.spec("cat /proc/self/personality", personality=["linux32"]))
+    assert log.split() == ["00040008"]
 
 
 def test_nul_bytes_refused(env: Env) -> None:

@@ -71,7 +71,12 @@ class SandboxSpec:
     dev_shm_size: str = "50%"
     filter_syscalls: bool = True
     pre_build_hook: Callable[[str], list[Bind]] | None = None
-    #: extra personality flags: "linux32" (i686/armv7l builds on 64-bit), "uname26"
+    #: the derivation's ``system``: an i686-linux build on x86_64, and armv6l/armv7l builds, get
+    #: the 32-bit personality, as in Nix
+    platform: str = ""
+    #: Nix's ``impersonate-linux-26`` (UNAME26 personality for i686/x86_64 builds)
+    impersonate_linux_26: bool = False
+    #: extra personality flags besides those derived from ``platform``: "linux32", "uname26"
     personality: list[str] = field(default_factory=list)
     #: for tests: do not try a user namespace (as when max_user_namespaces is 0)
     no_user_namespace: bool = False
@@ -402,8 +407,9 @@ class Builder:
                 self._proc.stdin.close()
         except OSError:
             pass
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
+        for f in (self._proc.stdout, self._proc.stderr):
+            if f is not None:
+                f.close()
         if self.spec.build_user is not None:
             self.spec.build_user.kill()
         return status
@@ -431,6 +437,16 @@ class Builder:
             self._cleaned = True
 
 
+def _personality(spec: SandboxSpec) -> list[str]:
+    flags = list(spec.personality)
+    if ((spec.platform == "i686-linux" and os.uname().machine == "x86_64")
+            or spec.platform in ("armv7l-linux", "armv6l-linux")) and "linux32" not in flags:
+        flags.append("linux32")
+    if spec.impersonate_linux_26 and spec.platform in ("i686-linux", "x86_64-linux") and "uname26" not in flags:
+        flags.append("uname26")
+    return flags
+
+
 def _plan(spec: SandboxSpec, mode: str, binds: dict[str, tuple[str, bool]], slave: int, err_w: int) -> bytes:
     prog = None
     if spec.filter_syscalls:
@@ -452,7 +468,7 @@ def _plan(spec: SandboxSpec, mode: str, binds: dict[str, tuple[str, bool]], slav
         "kvm": spec.kvm,
         "dev_shm_size": spec.dev_shm_size,
         "seccomp": prog,
-        "personality": spec.personality,
+        "personality": _personality(spec),
         "build_user": None if bu is None else {"uid": bu.uid, "gid": bu.gid,
                                                "supplementary_gids": bu.supplementary_gids},
         "builder": os.fsdecode(spec.builder),
@@ -491,9 +507,11 @@ def _start(spec: SandboxSpec, mode: str) -> Builder:
         master, slave = _open_pty(spec.build_user)
         err_r, err_w = os.pipe()
         plan = _plan(spec, mode, binds, slave, err_w)
+        # the helper's own stderr (only a crash of the helper itself writes there) is kept
+        # for the error message; its builder child replaces fd 2 with the pty at once
         proc = subprocess.Popen([sys.executable, "-I", "-S", HELPER, mode], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, pass_fds=(slave, err_w), close_fds=True, cwd="/",
-                                start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(slave, err_w),
+                                close_fds=True, cwd="/", start_new_session=True)
         os.close(slave)
         slave = -1
         os.close(err_w)
@@ -516,8 +534,10 @@ def _start(spec: SandboxSpec, mode: str) -> Builder:
             raise BuildError(line[len("error "):], rule="sandbox-start")
         if not line.startswith("pid "):
             proc.wait()
-            raise BuildError(f"the sandbox helper failed (exit status {proc.returncode}): {line!r}",
-                             rule="sandbox-start")
+            assert proc.stderr is not None
+            detail = proc.stderr.read().decode("utf-8", "replace").strip().splitlines()
+            raise BuildError(f"the sandbox helper failed (exit status {proc.returncode}): "
+                             f"{detail[-1] if detail else repr(line)}", rule="sandbox-start")
         pid = int(line.split()[1])
         msg = b""
         while True:
@@ -545,8 +565,9 @@ def _start(spec: SandboxSpec, mode: str) -> Builder:
                 except OSError:
                     pass
                 proc.wait()
-                if proc.stdout is not None:
-                    proc.stdout.close()
+                for f in (proc.stdout, proc.stderr):
+                    if f is not None:
+                        f.close()
             if sandboxed and os.path.lexists(spec.chroot_dir):
                 _remove_chroot(spec.chroot_dir)
 
