@@ -186,7 +186,7 @@ class _Build:
 
     @property
     def name(self) -> str:
-        outs = ",".join(sorted(self.drv.outputs))
+        outs = ",".join(sorted(self.wanted)) if self.wanted else "*"
         what = "from .drv file" if self.full else "from in-memory derivation"
         return f"building of '{self.drv_path}!{outs}' {what}"
 
@@ -532,7 +532,8 @@ class _Build:
 
 def build_derivation(store: LocalStore, drv_path: str, drv: Derivation | BasicDerivation, options: BuildOptions,
                      *, log: LogFn | None = None, full_derivation: bool = True, notice: NoticeFn | None = None,
-                     keep_colours: bool = False, cancel: CancelToken | None = None) -> BuildResult:
+                     keep_colours: bool = False, cancel: CancelToken | None = None,
+                     wanted: list[str] | None = None) -> BuildResult:
     """Build one derivation whose inputs are valid (see the module docstring); never raises for a
     failed build (the result says why), only for internal errors and interruptions
     (``KeyboardInterrupt``/:class:`Cancelled`, after the build was killed and cleaned up)."""
@@ -540,7 +541,7 @@ def build_derivation(store: LocalStore, drv_path: str, drv: Derivation | BasicDe
     if not d.name:
         d.name = drv_name_from_path(drv_path)
     store.temp_root(drv_path)
-    return _Build(store, drv_path, d, options, log, notice, full_derivation, keep_colours, cancel).run()
+    return _Build(store, drv_path, d, options, log, notice, full_derivation, keep_colours, cancel, wanted).run()
 
 
 # -- the scheduler --------------------------------------------------------------------------
@@ -551,6 +552,7 @@ class _Node:
     drv_path: str
     drv: Derivation
     deps: set[str] = field(default_factory=set)
+    wanted: list[str] | None = None
     result: BuildResult | None = None
 
 
@@ -580,8 +582,10 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
             if o not in drv.outputs:
                 raise BuildError(f"derivation '{p}' does not have wanted outputs '{o}'", path=p, rule="no-such-output")
         if p not in nodes:
-            nodes[p] = _Node(p, drv)
+            nodes[p] = _Node(p, drv, wanted=wanted)
             todo.append(p)
+        elif nodes[p].wanted is not None:
+            nodes[p].wanted = None if wanted is None else sorted(set(nodes[p].wanted or []) | set(wanted))
     while todo:
         p = todo.pop()
         n = nodes[p]
@@ -708,7 +712,7 @@ def _build_one(store: LocalStore, n: _Node, options: BuildOptions, log: LogFn | 
         if options.max_jobs == 0:
             return BuildResult(BuildStatus.MISC_FAILURE, NO_JOBS)
     return build_derivation(store, n.drv_path, n.drv, options, log=log, notice=notice, keep_colours=keep_colours,
-                            cancel=cancel)
+                            cancel=cancel, wanted=n.wanted)
 
 
 def exit_status(results: Iterable[BuildResult]) -> int:

@@ -45,8 +45,12 @@ class Output:
 
 
 def _drain(events: Iterable[Any]) -> None:
-    for _ in events:
-        pass
+    """Consume ``events`` and every file's chunks (which is what feeds :func:`tee_nar`'s sink)."""
+    for ev in events:
+        chunks = getattr(ev, "chunks", None)
+        if chunks is not None:
+            for _ in chunks:
+                pass
 
 
 def _fixed_hash(o: DerivationOutput, location: str, st: os.stat_result) -> Hash:

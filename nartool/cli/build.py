@@ -56,6 +56,8 @@ def build_cmd(ctx: click.Context, targets: tuple[str, ...], options: tuple[tuple
     paths = [store.follow(t.split("!", 1)[0]) + (("!" + t.split("!", 1)[1]) if "!" in t else "") for t in targets]
 
     def notice(msg: str) -> None:
+        if msg.startswith("error: "):
+            msg = msg.replace("\n", "\n       ")  # Nix indents an error's further lines under its text
         _stderr_write(msg.encode("utf-8", "surrogateescape") + b"\n")
 
     def on_failure(drv: str, r: Any) -> None:

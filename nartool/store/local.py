@@ -639,7 +639,20 @@ class LocalStore(BaseStore):
                     raise StoreError("path is already valid", path=info.path, rule="already-valid")
                 remove_at(self._store_fd, base)  # an unregistered leftover (its lock is ours)
                 try:
-                    rename_noreplace(os.fsencode(location), base, dst_dir_fd=self._store_fd)
+                    st = os.lstat(location)
+                    if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IWUSR:
+                        # a directory moved to another parent needs write access to itself ('..')
+                        fd = os.open(location, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                        try:
+                            os.fchmod(fd, stat.S_IMODE(st.st_mode) | stat.S_IWUSR)
+                            try:
+                                rename_noreplace(os.fsencode(location), base, dst_dir_fd=self._store_fd)
+                            finally:
+                                os.fchmod(fd, stat.S_IMODE(st.st_mode))
+                        finally:
+                            os.close(fd)
+                    else:
+                        rename_noreplace(os.fsencode(location), base, dst_dir_fd=self._store_fd)
                 except OSError as e:
                     raise StoreError(f"cannot move build output into the store: {e.strerror}", path=info.path,
                                      rule="io") from e

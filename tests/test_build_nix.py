@@ -1,0 +1,544 @@
+"""``nartool build`` against real Nix 2.8 on the same derivations (made by ``nix-instantiate`` in a
+Nix chroot store, copied into a nartool store): the same output paths and NAR hashes, the same
+error lines and exit statuses, the same stored logs; plus interruption, kill -9 and concurrency.
+Debian's static busybox is the only builder (tests/buildkit.py)."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nartool.build import read_log
+from nartool.store.local import LocalStore
+
+from .buildkit import (
+    BB,
+    copy_drv_closure,
+    instantiate,
+    nar_hash,
+    nartool_store,
+    nix_build,
+    nix_store_with_busybox,
+    static_busybox,
+)
+from .conftest import NIX_STORE, require
+from .helpers import REPO, cli_argv, cli_env, nix_env, run_cli
+
+
+def _sandbox_reason() -> str | None:
+    from nartool.build.sandbox import sandbox_unavailable_reason
+
+    return sandbox_unavailable_reason()
+
+
+@pytest.fixture(scope="module")
+def nixroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require("NIX", NIX_STORE is not None, "nix-store not found: install Debian's nix-bin for differential tests")
+    require("BUSYBOX", static_busybox(), "no static busybox (install busybox-static)")
+    reason = _sandbox_reason()
+    require("SANDBOX", reason is None, f"the build sandbox cannot run here: {reason}")
+    tmp = tmp_path_factory.mktemp("nixbuild")
+    root = tmp / "nix"
+    assert nix_store_with_busybox(root, tmp) == BB
+    return root
+
+
+@pytest.fixture
+def ours(tmp_path: Path) -> Iterator[LocalStore]:
+    st, bb = nartool_store(tmp_path / "store", tmp_path)
+    assert bb == BB
+    yield st
+    st.close()
+
+
+def _both(nixroot: Path, st: LocalStore, expr: str) -> str:
+    drv = instantiate(nixroot, expr)
+    copy_drv_closure(nixroot, st, drv)
+    return drv
+
+
+def _nartool_build(st: LocalStore, *args: str, env: dict[str, str] | None = None,
+                   timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    return run_cli("--store", st.root, "build", *args, env=env, timeout=timeout)
+
+
+def _errors(stderr: bytes) -> list[str]:
+    return [line for line in stderr.decode(errors="replace").splitlines() if line.startswith("error:")]
+
+
+def _outputs(st: LocalStore, drv: str) -> dict[str, str]:
+    with LocalStore(st.root) as s:
+        return s.query_derivation_outputs(drv)
+
+
+def _our_hash(st: LocalStore, path: str) -> str:
+    with LocalStore(st.root) as s:
+        info = s.query_path_info(path)
+        assert info is not None, path
+        return info.nar_hash.prefixed("base16")
+
+
+DET = """derivation { name = "det"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+  args = [ "-c" ''
+    set -e
+    B=${bb}/bin/busybox
+    $B mkdir -p $out/bin $out/share
+    echo hello > $out/share/greeting
+    printf '#!${bb}/bin/sh\\necho hi from det\\n' > $out/bin/hi
+    $B chmod +x $out/bin/hi
+    $B ln -s share/greeting $out/link
+    $B seq 1 10000 | $B sha256sum > $out/share/seq
+    echo built det
+  '' ]; }"""
+
+
+def test_deterministic_same_path_and_hash(nixroot: Path, ours: LocalStore) -> None:
+    drv = _both(nixroot, ours, DET)
+    r = nix_build(nixroot, drv)
+    assert r.returncode == 0, r.stderr
+    nix_out = r.stdout.decode().split()[-1]
+    mine = _nartool_build(ours, drv)
+    assert mine.returncode == 0, mine.stderr
+    assert mine.stdout.decode().split() == [nix_out]
+    assert _our_hash(ours, nix_out) == "sha256:" + _b16(nar_hash(nixroot, nix_out))
+    with LocalStore(ours.root) as s:
+        info = s.query_path_info(nix_out)
+        assert info is not None and info.deriver == drv and info.ultimate and info.references == {BB}
+        assert s.query_derivation_outputs(drv) == {"out": nix_out}
+    assert b"built det" in mine.stderr
+    # the stored log: where and as nix-store -l reads it
+    r = subprocess.run(["nix-store", "--store", ours.root, "-l", drv], capture_output=True, env=nix_env(), check=False)
+    assert r.returncode == 0 and r.stdout == b"built det\n"
+    assert run_cli("--store", ours.root, "store", "log", nix_out).stdout == b"built det\n"
+    # nothing left behind: no chroot, no build dir of ours
+    assert not [n for n in os.listdir(ours.real_store_dir) if n.endswith(".chroot")]
+    # a second build does nothing and prints the same path
+    again = _nartool_build(ours, drv)
+    assert again.returncode == 0 and again.stdout == mine.stdout and b"built det" not in again.stderr
+
+
+def _b16(h: str) -> str:
+    from nartool.hashes import Hash
+
+    return Hash.parse(h).base16
+
+
+CHAIN = """let
+  a = derivation { name = "step-a"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+        args = [ "-c" "${bb}/bin/busybox mkdir $out; echo one > $out/a; echo built a" ]; };
+  b = derivation { name = "step-b"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+        args = [ "-c" "${bb}/bin/busybox cat ${a}/a > $out; echo two >> $out; echo ${a} >> $out" ]; };
+in b"""
+
+
+def test_two_step_chain(nixroot: Path, ours: LocalStore) -> None:
+    drv = _both(nixroot, ours, CHAIN)
+    r = nix_build(nixroot, drv)
+    assert r.returncode == 0, r.stderr
+    nix_out = r.stdout.decode().split()[-1]
+    mine = _nartool_build(ours, "--max-jobs", "2", drv)
+    assert mine.returncode == 0, mine.stderr
+    assert mine.stdout.decode().split() == [nix_out]
+    assert _our_hash(ours, nix_out) == "sha256:" + _b16(nar_hash(nixroot, nix_out))
+    with LocalStore(ours.root) as s:
+        (dep,) = [p for p in s.query_references(nix_out)]
+        assert dep.endswith("-step-a") and s.is_valid(dep)
+    err = mine.stderr.decode()
+    assert err.index("step-a.drv'...") < err.index("step-b.drv'...")
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    payload = b"fixed output payload\n" * 100
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.payload)))
+        self.end_headers()
+        self.wfile.write(self.payload)
+
+    def log_message(self, *a: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server() -> Iterator[int]:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_fixed_output_fetch_from_loopback(nixroot: Path, ours: LocalStore, http_server: int) -> None:
+    import hashlib
+
+    h = hashlib.sha256(_Handler.payload).hexdigest()
+    expr = f"""derivation {{ name = "fetched-{http_server}"; system = builtins.currentSystem; builder = "${{bb}}/bin/sh";
+      outputHashAlgo = "sha256"; outputHashMode = "flat"; outputHash = "{h}";
+      args = [ "-c" "${{bb}}/bin/busybox wget -q -O $out http://127.0.0.1:{http_server}/file" ]; }}"""
+    drv = _both(nixroot, ours, expr)
+    r = nix_build(nixroot, drv)
+    assert r.returncode == 0, r.stderr
+    nix_out = r.stdout.decode().split()[-1]
+    mine = _nartool_build(ours, drv)
+    assert mine.returncode == 0, mine.stderr
+    assert mine.stdout.decode().split() == [nix_out]
+    with LocalStore(ours.root) as s:
+        info = s.query_path_info(nix_out)
+        assert info is not None and info.ca == f"fixed:sha256:{_nix32(h)}"
+    # an ordinary derivation cannot reach the host's loopback
+    expr2 = f"""derivation {{ name = "nofetch-{http_server}"; system = builtins.currentSystem; builder = "${{bb}}/bin/sh";
+      args = [ "-c" "${{bb}}/bin/busybox wget -q -O $out http://127.0.0.1:{http_server}/file" ]; }}"""
+    drv2 = _both(nixroot, ours, expr2)
+    n2 = nix_build(nixroot, drv2)
+    m2 = _nartool_build(ours, drv2)
+    assert n2.returncode == m2.returncode == 100
+    assert _errors(m2.stderr) == _errors(n2.stderr)
+
+
+def _nix32(hexdigest: str) -> str:
+    from nartool.hashes import nix32_encode
+
+    return nix32_encode(bytes.fromhex(hexdigest))
+
+
+def test_fixed_output_hash_mismatch(nixroot: Path, ours: LocalStore) -> None:
+    expr = """derivation { name = "wrong-hash"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+      outputHashAlgo = "sha256"; outputHashMode = "recursive";
+      outputHash = "0000000000000000000000000000000000000000000000000000";
+      args = [ "-c" "echo x > $out" ]; }"""
+    drv = _both(nixroot, ours, expr)
+    n = nix_build(nixroot, drv)
+    m = _nartool_build(ours, drv)
+    assert n.returncode == m.returncode == 102, (n.stderr, m.stderr)
+    nix_err = n.stderr.decode()
+    my_err = m.stderr.decode()
+    assert nix_err[nix_err.index("error: hash mismatch"):] == my_err[my_err.index("error: hash mismatch"):]
+    # unlike Nix, nothing of the rejected output is in the store
+    assert not [x for x in os.listdir(ours.real_store_dir) if "wrong-hash" in x and not x.endswith(".drv")]
+
+
+def test_failing_builder_and_exit_status(nixroot: Path, ours: LocalStore) -> None:
+    expr = """derivation { name = "fails"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+      args = [ "-c" "echo about to fail; exit 3" ]; }"""
+    drv = _both(nixroot, ours, expr)
+    n = nix_build(nixroot, drv)
+    m = _nartool_build(ours, drv)
+    assert n.returncode == m.returncode == 100
+    assert _errors(m.stderr) == _errors(n.stderr) == [f"error: builder for '{drv}' failed with exit code 3"]
+    assert b"about to fail" in m.stderr and m.stdout == b""
+    # its log is kept, as Nix keeps it
+    assert read_log(ours.state_dir, drv) == b"about to fail\n"
+    assert not _outputs(ours, drv) or not any(os.path.exists(ours.physical(p)) for p in _outputs(ours, drv).values())
+
+
+def test_dependency_failure(nixroot: Path, ours: LocalStore) -> None:
+    expr = """let a = derivation { name = "dep-fails"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+                args = [ "-c" "exit 1" ]; };
+      in derivation { name = "top"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+           args = [ "-c" "echo ${a} > $out" ]; }"""
+    drv = _both(nixroot, ours, expr)
+    n = nix_build(nixroot, drv)
+    m = _nartool_build(ours, drv)
+    assert n.returncode == m.returncode == 100
+    assert _errors(m.stderr) == _errors(n.stderr)
+
+
+def test_max_silent_time_and_timeout(nixroot: Path, ours: LocalStore) -> None:
+    expr = """derivation { name = "silent"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+      args = [ "-c" "echo started; ${bb}/bin/busybox sleep 30" ]; }"""
+    drv = _both(nixroot, ours, expr)
+    for opt in (("--option", "max-silent-time", "1"), ("--option", "timeout", "1")):
+        t = time.monotonic()
+        n = nix_build(nixroot, drv, *opt)
+        m = _nartool_build(ours, *opt, drv)
+        assert time.monotonic() - t < 15
+        assert n.returncode == m.returncode == 101, (n.stderr, m.stderr)
+        assert _errors(m.stderr) == _errors(n.stderr)
+    assert not [x for x in os.listdir(ours.real_store_dir) if x.endswith(".chroot")]
+
+
+def test_max_build_log_size(nixroot: Path, ours: LocalStore) -> None:
+    expr = """derivation { name = "chatty"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+      args = [ "-c" "${bb}/bin/busybox seq 1 100000; echo x > $out" ]; }"""
+    drv = _both(nixroot, ours, expr)
+    n = nix_build(nixroot, drv, "--option", "max-build-log-size", "1000")
+    m = _nartool_build(ours, "--option", "max-build-log-size", "1000", drv)
+    assert n.returncode == m.returncode == 1
+    assert _errors(m.stderr) == _errors(n.stderr)
+
+
+ESCAPES = r"""derivation { name = "escapes"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+  args = [ "-c" ''
+    printf 'L1 \033[3pnest-open\033[q end\n'
+    printf 'L2 \033[1;31mred\033[0m plain\n'
+    printf 'L3 \033[2Kerase \033[5Acursor \033]0;title\007osc\n'
+    printf 'L4 tab\there\n'
+    printf 'L5 abcdef\rXY\n'
+    printf 'L6 bell\007 \033(B charset \033M rev \033[a\033[b\033[s\n'
+    printf 'L7 no newline at the end'
+    echo > $out
+  '' ]; }"""
+
+
+def test_log_escapes(nixroot: Path, ours: LocalStore) -> None:
+    drv = _both(nixroot, ours, ESCAPES)
+    n = nix_build(nixroot, drv)
+    m = _nartool_build(ours, drv)
+    assert n.returncode == m.returncode == 0
+    nix_raw = subprocess.run(["nix-store", "--store", str(nixroot), "-l", drv], capture_output=True, env=nix_env(),
+                             check=True).stdout
+    assert read_log(ours.state_dir, drv) == nix_raw
+    assert b"\033[3p" in nix_raw and b"\r" in nix_raw
+
+    def lines(err: bytes) -> list[bytes]:
+        return [x for x in err.split(b"\n") if x.startswith((b"L", b"XY"))]
+
+    assert lines(m.stderr) == lines(n.stderr)
+    assert len(lines(m.stderr)) == 7 and b"XY abcdef" in lines(m.stderr)
+
+
+REFS = """let
+  det = derivation { name = "ref-det"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+          args = [ "-c" "${bb}/bin/busybox mkdir -p $out/bin; echo ${bb} > $out/bin/hi" ]; };
+  probe = n: attrs: derivation ({ name = "ref-" + n; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+          args = [ "-c" "echo ${det} > $out" ]; } // attrs);
+in probe "NAME" ATTRS"""
+
+
+@pytest.mark.parametrize(("name", "attrs", "ok"), [
+    ("dreq", "{ disallowedRequisites = [ bb ]; }", False),
+    ("dref", "{ disallowedReferences = [ bb ]; }", True),
+    ("aref", "{ allowedReferences = []; }", False),
+    ("areq", "{ allowedRequisites = [ det ]; }", False),
+    ("self", '{ disallowedRequisites = [ "out" ]; }', True),
+    ("bad", '{ allowedReferences = [ "dep" ]; }', False),
+    ("sa", '{ __structuredAttrs = true; outputChecks.out.allowedRequisites = [ "out" ]; }', False),
+    ("size", "{ __structuredAttrs = true; outputChecks.out.maxSize = 10; }", False),
+])
+def test_reference_checks(nixroot: Path, ours: LocalStore, name: str, attrs: str, ok: bool) -> None:
+    expr = REFS.replace("NAME", name).replace("ATTRS", attrs).replace("det = derivation", "det = derivation")
+    expr = expr.replace('args = [ "-c" "echo ${det} > $out" ]', 'args = [ "-c" "echo ${det} > $out" ]' if "__structured"
+                        not in attrs else 'args = [ "-c" "source $NIX_ATTRS_SH_FILE 2>/dev/null; '
+                        'echo ${det} > ${placeholder "out"}" ]')
+    drv = _both(nixroot, ours, expr)
+    copy_drv_closure(nixroot, ours, drv)
+    n = nix_build(nixroot, drv)
+    m = _nartool_build(ours, drv)
+    assert (n.returncode == 0) == ok, n.stderr
+    assert m.returncode == n.returncode, (m.stderr, n.stderr)
+    nix_err = n.stderr.decode()
+    my_err = m.stderr.decode()
+    if not ok:
+        i, j = nix_err.index("error:"), my_err.index("error:")
+        assert my_err[j:] == nix_err[i:]
+        # the rejected output is not in our store (Nix leaves it there, unregistered)
+        out = f"-ref-{name}"
+        assert not [x for x in os.listdir(ours.real_store_dir) if x.endswith(out)]
+
+
+NOCHROOT = """derivation { name = "nochroot-MODE"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+  __noChroot = true; args = [ "-c" "echo ok > $out" ]; }"""
+
+
+def test_no_chroot(nixroot: Path, ours: LocalStore) -> None:
+    drv = _both(nixroot, ours, NOCHROOT.replace("MODE", "true"))
+    n = nix_build(nixroot, drv, "--option", "sandbox", "true")
+    m = _nartool_build(ours, "--option", "sandbox", "true", drv)
+    assert n.returncode == m.returncode == 1
+    assert _errors(m.stderr) == _errors(n.stderr) == [
+        f"error: derivation '{drv}' has '__noChroot' set, but that's not allowed when 'sandbox' is 'true'"]
+    # relaxed, on a diverted store: sandboxed anyway, as Nix
+    drv = _both(nixroot, ours, NOCHROOT.replace("MODE", "relaxed").replace("echo ok", "${bb}/bin/busybox pwd"))
+    n = nix_build(nixroot, drv, "--option", "sandbox", "relaxed")
+    m = _nartool_build(ours, "--option", "sandbox", "relaxed", drv)
+    assert n.returncode == m.returncode == 0
+    out = m.stdout.decode().split()[-1]
+    assert Path(ours.physical(out)).read_text() == "/build\n"
+    assert _our_hash(ours, out) == "sha256:" + _b16(nar_hash(nixroot, out))
+
+
+def test_pre_build_hook(nixroot: Path, ours: LocalStore, tmp_path: Path) -> None:
+    shown = tmp_path / "shown"
+    shown.mkdir()
+    (shown / "file").write_text("from the hook\n")
+    record = tmp_path / "args"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\necho \"$#\" > {record}\necho extra-sandbox-paths\necho /hooked={shown}\necho\n")
+    hook.chmod(0o755)
+    expr = """derivation { name = "hooked"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+      args = [ "-c" "${bb}/bin/busybox cat /hooked/file > $out" ]; }"""
+    drv = _both(nixroot, ours, expr)
+    n = nix_build(nixroot, drv, "--option", "pre-build-hook", str(hook))
+    assert n.returncode == 0, n.stderr
+    assert record.read_text() == "2\n"
+    record.unlink()
+    m = _nartool_build(ours, "--option", "pre-build-hook", str(hook), drv)
+    assert m.returncode == 0, m.stderr
+    assert record.read_text() == "2\n"
+    out = m.stdout.decode().split()[-1]
+    assert Path(ours.physical(out)).read_text() == "from the hook\n"
+    # a hook speaking another language
+    hook.write_text("#!/bin/sh\necho hello\n")
+    drv2 = _both(nixroot, ours, expr.replace('"hooked"', '"hooked2"'))
+    n = nix_build(nixroot, drv2, "--option", "pre-build-hook", str(hook))
+    m = _nartool_build(ours, "--option", "pre-build-hook", str(hook), drv2)
+    assert n.returncode != 0 and m.returncode != 0
+    assert "unknown pre-build hook command 'hello'" in n.stderr.decode()
+    assert "unknown pre-build hook command 'hello'" in m.stderr.decode()
+
+
+def test_sandbox_paths_closure(nixroot: Path, ours: LocalStore) -> None:
+    """A store path in sandbox-paths brings its closure (here DET and busybox); on a chroot
+    store nartool takes them from that store (Nix 2.8 looks for them in the host's /nix/store)."""
+    det_drv = _both(nixroot, ours, DET)
+    m = _nartool_build(ours, det_drv)
+    assert m.returncode == 0, m.stderr
+    det = m.stdout.decode().split()[-1]
+    expr = """derivation { name = "sp-probe"; system = builtins.currentSystem; builder = "/bin/sh";
+      args = [ "-c" "echo $(/opt/hi) > $out; ls /nix/store >> $out" ]; }"""
+    drv = _both(nixroot, ours, expr)
+    m = _nartool_build(ours, "--option", "sandbox-paths", f"/bin/sh={BB}/bin/sh /opt/hi={det}/bin/hi", drv)
+    assert m.returncode == 0, m.stderr
+    out = m.stdout.decode().split()[-1]
+    lines = Path(ours.physical(out)).read_text().splitlines()
+    assert lines[0] == "hi from det"
+    assert sorted(lines[1:]) == sorted([BB.rsplit("/", 1)[1], det.rsplit("/", 1)[1], out.rsplit("/", 1)[1]])
+
+
+SLEEPER = """derivation { name = "sleeper-TAG"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+  args = [ "-c" "echo sleeping; ${bb}/bin/busybox sleep SECS; echo done > $out" ]; }"""
+
+
+def _wait_for(p: subprocess.Popen[bytes], marker: bytes, timeout: float = 20) -> bytes:
+    assert p.stderr is not None
+    buf = b""
+    deadline = time.monotonic() + timeout
+    os.set_blocking(p.stderr.fileno(), False)
+    while marker not in buf:
+        assert time.monotonic() < deadline, buf
+        chunk = p.stderr.read()
+        if chunk:
+            buf += chunk
+        else:
+            time.sleep(0.05)
+    return buf
+
+
+def _no_leftovers(st: LocalStore, drv: str) -> None:
+    names = os.listdir(st.real_store_dir)
+    assert not [n for n in names if n.endswith(".chroot")], names
+    with LocalStore(st.root) as s:
+        outs = s.query_derivation_outputs(drv)
+        for p in outs.values():
+            assert not s.is_valid(p)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_kills_and_cleans(nixroot: Path, ours: LocalStore, sig: int) -> None:
+    drv = _both(nixroot, ours, SLEEPER.replace("TAG", f"int{sig}").replace("SECS", "60"))
+    p = subprocess.Popen(cli_argv("--store", ours.root, "build", drv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=cli_env())
+    _wait_for(p, b"sleeping")
+    p.send_signal(sig)
+    assert p.wait(timeout=20) == 130
+    _no_leftovers(ours, drv)
+    out = _outputs(ours, drv)["out"]
+    assert not os.path.lexists(ours.physical(out))
+    # no process of the build is left (the sleeper was pid 1 of its namespace)
+    r = subprocess.run(["pgrep", "-f", "busybox sleep 60"], capture_output=True, check=False)
+    assert r.stdout.strip() == b"", r.stdout
+
+
+def test_kill_9_leaves_nothing_after_gc(nixroot: Path, ours: LocalStore) -> None:
+    drv = _both(nixroot, ours, SLEEPER.replace("TAG", "k9").replace("SECS", "3"))
+    p = subprocess.Popen(cli_argv("--store", ours.root, "build", drv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=cli_env())
+    _wait_for(p, b"sleeping")
+    p.kill()
+    p.wait()
+    time.sleep(4)  # the builder's own end
+    out = _outputs(ours, drv)["out"]
+    with LocalStore(ours.root) as s:
+        assert not s.is_valid(out)
+    ours.close()  # (its temporary roots would keep the derivation, and so its chroot, alive)
+    r = run_cli("--store", ours.root, "store", "gc")
+    assert r.returncode == 0, r.stderr
+    names = os.listdir(ours.real_store_dir)
+    assert not [n for n in names if n.endswith(".chroot") or n.endswith("-sleeper-k9")], names
+
+
+def test_concurrent_builds_build_once(nixroot: Path, ours: LocalStore) -> None:
+    drv = _both(nixroot, ours, SLEEPER.replace("TAG", "conc").replace("SECS", "2"))
+    ps = [subprocess.Popen(cli_argv("--store", ours.root, "build", drv), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env=cli_env()) for _ in range(2)]
+    res = [p.communicate(timeout=60) for p in ps]
+    assert [p.returncode for p in ps] == [0, 0], res
+    assert res[0][0] == res[1][0] != b""
+    assert sum(b"sleeping" in err for _, err in res) == 1, res
+
+
+def test_unprivileged_user_same_output(nixroot: Path) -> None:
+    """nartool run as the unprivileged user ``nartuser`` (sandbox through a user namespace)
+    builds DET to the path and NAR hash Nix (as root, with build users) gives it."""
+    try:
+        pwd.getpwnam("nartuser")
+    except KeyError:
+        require("ROOT", False, "user 'nartuser' needed for the unprivileged build")
+    require("ROOT", os.geteuid() == 0, "needs root to run as nartuser")
+    py = next((x for x in ("/usr/bin/python3", sys.executable) if subprocess.run(
+        ["runuser", "-u", "nartuser", "--", x, "-c", "import sys; sys.exit(sys.version_info < (3, 10))"],
+        capture_output=True, check=False).returncode == 0), None)
+    require("ROOT", py is not None, "no Python >= 3.10 runnable by nartuser")
+    drv = instantiate(nixroot, DET)
+    n = nix_build(nixroot, drv)
+    assert n.returncode == 0, n.stderr
+    nix_out = n.stdout.decode().split()[-1]
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="nartool-unpriv-"))  # (pytest's own tmp dirs are root's only)
+    try:
+        _unprivileged(nixroot, tmp_path, drv, nix_out, py or "")
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(tmp_path)], check=False)
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _unprivileged(nixroot: Path, tmp_path: Path, drv: str, nix_out: str, py: str) -> None:
+    work = tmp_path / "u"
+    work.mkdir()
+    st, _ = nartool_store(work / "store", work)
+    copy_drv_closure(nixroot, st, drv)
+    st.close()
+    shutil.chown(tmp_path, "nartuser")
+    subprocess.run(["chown", "-R", "nartuser:", str(work)], check=True)
+    script = ("import json, sys\nfrom nartool.build import BuildOptions, build_paths\n"
+              "from nartool.store.local import LocalStore\n"
+              f"st = LocalStore({str(work / 'store')!r})\n"
+              f"r = build_paths(st, [{drv!r}], BuildOptions(), log=sys.stderr.buffer.write)[0]\n"
+              f"out = st.query_derivation_outputs({drv!r})['out']\n"
+              "info = st.query_path_info(out)\n"
+              "print(json.dumps({'status': int(r.status), 'error': r.error_msg, 'out': out, "
+              "'hash': info.nar_hash.prefixed('base16') if info else None}))\n")
+    r = subprocess.run(["runuser", "-u", "nartuser", "--", py, "-c", script], capture_output=True, cwd="/tmp",
+                       env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}, timeout=120,
+                       check=False)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    import json
+
+    res = json.loads(r.stdout)
+    assert res["status"] == 0, res
+    assert res["out"] == nix_out
+    assert res["hash"] == "sha256:" + _b16(nar_hash(nixroot, nix_out))
