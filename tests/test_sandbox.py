@@ -832,3 +832,27 @@ def test_build_user_without_user_namespace(env: Env) -> None:
                                     f"/etc/group:nixbld:!:{bu.gid}:", "1", "store-writable"]
     finally:
         bu.release()
+
+
+def test_kill_unsandboxed_kills_the_process_group(env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(sb, "HOMELESS_SHELTER", str(tmp_path / "no-such-dir"))
+    spec = env.spec("sleep 1000 & sleep 1000 & echo started; wait",
+                    builder=f"{env.store}/{BUSYBOX_BASE}/bin/sh".encode())
+    b = start_unsandboxed(spec)
+    deadline = time.time() + 10
+    buf = b""
+    while b"started" not in buf and time.time() < deadline:
+        try:
+            buf += os.read(b.log_fd, 100)
+        except BlockingIOError:
+            time.sleep(0.01)
+    children = _descendants(b.pid)
+    assert len(children) >= 2
+    b.kill()
+    status = b.wait()
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    deadline = time.time() + 5
+    while [p for p in children if _state(p) not in ("gone", "Z")] and time.time() < deadline:
+        time.sleep(0.05)
+    assert [p for p in children if _state(p) not in ("gone", "Z")] == []
+    b.cleanup()

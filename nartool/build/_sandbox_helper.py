@@ -378,8 +378,11 @@ def child_main(plan: dict, err_fd: int) -> None:  # type: ignore[type-arg]
         os._exit(1)
 
 
-def monitor(child: int, report: int) -> None:
-    """Wait for the builder; kill it when the control pipe closes or says ``kill``."""
+def monitor(child: int, report: int, group: bool) -> None:
+    """Wait for the builder; kill it when the control pipe closes or says ``kill``: pid 1 of the
+    namespace (which takes the whole PID namespace along), or the builder's process group when
+    unsandboxed. The builder is our unreaped child until then, so its pid (and process group)
+    cannot have been reused by another process."""
     pidfd = os.pidfd_open(child)
     buf = b""
     control_open = True
@@ -392,8 +395,11 @@ def monitor(child: int, report: int) -> None:
             if not data or b"kill" in buf:
                 control_open = bool(data)
                 try:
-                    os.kill(child, signal.SIGKILL)
-                except ProcessLookupError:
+                    if group:
+                        os.killpg(child, signal.SIGKILL)
+                    else:
+                        os.kill(child, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
                     pass
                 buf = b""
         if pidfd in r:
@@ -468,7 +474,7 @@ def start(mode: str) -> None:
     os.close(err_fd)
     os.close(plan["pty_fd"])
     write_line(report, f"pid {pid}")
-    monitor(pid, report)
+    monitor(pid, report, group=mode != "sandbox")
 
 
 def kill_user(uid: int) -> None:

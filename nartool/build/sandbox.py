@@ -348,17 +348,11 @@ class Builder:
         self._cleaned = False
 
     def kill(self) -> None:
-        """SIGKILL the whole build: pid 1 of the namespace (its death kills every process of the
-        PID namespace), the process group when unsandboxed, and every process of the build user."""
+        """SIGKILL the whole build: the helper (the builder's parent, so the pid cannot have been
+        reused) kills pid 1 of the namespace, whose death takes every process of the PID namespace
+        along, or the process group when unsandboxed; then every process of the build user."""
         if self._status is not None:
             return
-        try:
-            if self.sandboxed:
-                os.kill(self.pid, 9)
-            else:
-                os.killpg(self.pid, 9)
-        except (ProcessLookupError, PermissionError):
-            pass
         try:
             assert self._proc.stdin is not None
             self._proc.stdin.write(b"kill\n")
@@ -393,14 +387,9 @@ class Builder:
                 status = int(line.split()[1])
         rc = self._proc.wait()
         if status is None:
-            # the helper itself died: make sure nothing of the build survives it
-            try:
-                os.kill(self.pid, 9)
-            except (ProcessLookupError, PermissionError):
-                pass
-            status = (rc & 0x7F) if rc < 0 else (rc << 8)
-            if rc < 0:
-                status = -rc
+            # the helper itself died (its builder has a parent-death signal and died with it):
+            # report the helper's own end
+            status = -rc if rc < 0 else (rc & 0xFF) << 8
         self._status = status
         try:
             if self._proc.stdin is not None:
