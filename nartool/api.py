@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import BinaryIO
@@ -20,7 +19,6 @@ from .fs.source import Exclude, NameCodec, dump_nar
 from .hashes import Hash
 from .nar import listing
 from .nar.events import Event
-from .nar.hashing import hash_chunks
 from .nar.limits import DEFAULT_LIMITS, Limits
 from .nar.reader import NarReader
 from .nar.source import ReadFn
@@ -101,18 +99,9 @@ def hash_path(
     limits: Limits = DEFAULT_LIMITS,
 ) -> Hash:
     """The hash of the NAR serialisation of ``path`` (what ``nix-hash --type ALGO`` computes)."""
-    try:
-        is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        is_dir = False  # dump_nar reports it
-    if not is_dir:
-        # one file: reading and hashing in turn beats handing 1 MiB pieces between threads
-        # (256 KiB reads stay in the L2 cache between the copy and the hash: ~3 % faster than 1 MiB)
-        chunks = dump_nar(path, names=names, exclude=exclude, limits=limits, read_chunk=1 << 18)
-        return hash_chunks(chunks, algo, threaded=False)[0]
-    chunks = dump_nar(path, names=names, exclude=exclude, limits=limits,
-                      flush_size=4 << 20, small_file=1 << 20, read_chunk=4 << 20)
-    return hash_chunks(chunks, algo)[0]
+    from .fs.source import hash_nar
+
+    return hash_nar(path, algo, names=names, exclude=exclude, limits=limits)[0]
 
 
 def _open(src: NarInput | bytes, stack: ExitStack) -> ReadFn | BinaryIO:

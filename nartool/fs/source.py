@@ -24,13 +24,16 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from ..errors import FsError, NarError
 from ..nar import format as F
 from ..nar.events import END, Directory, Event, File, Symlink
 from ..nar.limits import DEFAULT_LIMITS, Limits
 from ..nar.writer import FLUSH_SIZE, write_nar
+
+if TYPE_CHECKING:
+    from ..hashes import Hash
 
 #: files up to this size are read in one go and copied into the output buffer; larger ones
 #: are passed on in ``READ_CHUNK`` pieces without copying
@@ -103,6 +106,50 @@ def _chunks(fd: int, size: int, path: bytes, read_chunk: int = READ_CHUNK) -> It
             raise _size_changed(path, size, size - left)
         left -= len(data)
         yield data
+
+
+class OpenFile:
+    """A regular file a dump hands over instead of reading it (``dump_nar(hand_off=True)``):
+    the NAR goes on with exactly ``size`` bytes of the descriptor ``fd`` (from its start), which
+    the consumer reads (e.g. with :func:`read_open_file`) and then closes with :meth:`close`.
+    One dropped unread is closed when collected."""
+
+    __slots__ = ("fd", "size", "path")
+
+    def __init__(self, fd: int, size: int, path: bytes) -> None:
+        self.fd = fd
+        self.size = size
+        self.path = path
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def read_open_file(f: OpenFile, consume: Callable[[memoryview], object], buf: bytearray) -> int:
+    """Pass the ``f.size`` bytes of ``f`` to ``consume`` in pieces read into ``buf`` (reused:
+    ``consume`` must not keep the views), then close ``f``; returns ``f.size``. Raises
+    :class:`FsError` if the file has fewer bytes or cannot be read."""
+    view = memoryview(buf)
+    n = len(buf)
+    left = f.size
+    readv = os.readv
+    try:
+        while left:
+            k = readv(f.fd, [view[:n] if left >= n else view[:left]])
+            if not k:
+                raise _size_changed(f.path, f.size, f.size - left)
+            consume(view[:k])
+            left -= k
+    except OSError as e:
+        raise _io_error(e, f.path) from e
+    finally:
+        f.close()
+    return f.size
 
 
 def _regular_fstat(fd: int, path: bytes) -> os.stat_result:
@@ -261,13 +308,46 @@ def dump_nar(
     must append ``size`` bytes of the open file ``fd`` to the output, after the chunks yielded
     so far (see :class:`nartool.fs.osutil.FdOutput`, which copies them inside the kernel).
 
+    :func:`dump_nar_handing_off` yields those files as open :class:`OpenFile` objects instead.
+
     Equal to ``write_nar(dump_events(path, ...))`` with the same checks (name and target
     limits, depth, files changing size), in about two thirds of the time.
     """
+    return cast(Iterator[bytes | bytearray | memoryview],
+                _dump_nar(path, names, exclude, limits, flush_size, small_file, read_chunk, copy_file, False))
+
+
+def dump_nar_handing_off(
+    path: str | bytes | os.PathLike[str],
+    *,
+    names: NameCodec | None = None,
+    exclude: Exclude | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    flush_size: int = FLUSH_SIZE,
+    small_file: int = SMALL_FILE,
+) -> Iterator[bytes | bytearray | memoryview | OpenFile]:
+    """As :func:`dump_nar`, but the files above ``small_file`` bytes are yielded as
+    :class:`OpenFile` objects, unread: the consumer reads and closes them, possibly in another
+    thread than the dump's (this is how :func:`hash_nar` spreads reading and hashing over two
+    threads)."""
+    return _dump_nar(path, names, exclude, limits, flush_size, small_file, READ_CHUNK, None, True)
+
+
+def _dump_nar(
+    path: str | bytes | os.PathLike[str],
+    names: NameCodec | None,
+    exclude: Exclude | None,
+    limits: Limits,
+    flush_size: int,
+    small_file: int,
+    read_chunk: int,
+    copy_file: Callable[[int, int, bytes], None] | None,
+    hand_off: bool,
+) -> Iterator[bytes | bytearray | memoryview | OpenFile]:
     root = os.fsencode(path)
     kind = _root_kind(root)
     if kind == _REG:
-        yield from _dump_file_root(root, small_file, read_chunk, copy_file)
+        yield from _dump_file_root(root, small_file, read_chunk, copy_file, hand_off)
         return
     if kind != _DIR:
         yield from write_nar(dump_events(root, names=names, exclude=exclude), limits=limits, flush_size=flush_size)
@@ -322,12 +402,16 @@ def dump_nar(
                             else:
                                 yield out
                                 out = bytearray()
-                                if copy_file is not None:
+                                if hand_off:
+                                    handed, fd = OpenFile(fd, size, dpath + b"/" + disk), -1
+                                    yield handed
+                                elif copy_file is not None:
                                     copy_file(fd, size, dpath + b"/" + disk)
                                 else:
                                     yield from _chunks(fd, size, dpath + b"/" + disk, read_chunk)
                         finally:
-                            _close(fd)
+                            if fd >= 0:
+                                _close(fd)
                         out += PAD[-size & 7]
                         out += CLOSE2
                     elif kind == _LNK:
@@ -371,7 +455,8 @@ def dump_nar(
 
 
 def _dump_file_root(root: bytes, small_file: int, read_chunk: int,
-                    copy_file: Callable[[int, int, bytes], None] | None) -> Iterator[bytes | bytearray]:
+                    copy_file: Callable[[int, int, bytes], None] | None,
+                    hand_off: bool = False) -> Iterator[bytes | bytearray | OpenFile]:
     try:
         fd = _open_at(root, None)
         try:
@@ -383,12 +468,16 @@ def _dump_file_root(root: bytes, small_file: int, read_chunk: int,
                 yield head + _read_exact(fd, size, root) + F.PAD[-size & 7] + F.CLOSE
                 return
             yield head
-            if copy_file is not None:
+            if hand_off:
+                handed, fd = OpenFile(fd, size, root), -1
+                yield handed
+            elif copy_file is not None:
                 copy_file(fd, size, root)
             else:
                 yield from _chunks(fd, size, root, read_chunk)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
     except OSError as e:
         raise _io_error(e, root) from e
     yield F.PAD[-size & 7] + F.CLOSE
@@ -467,3 +556,109 @@ def _excluded(pairs: Iterator[tuple[bytes, bytes]], kind_of: Callable[[bytes, in
                 raise _io_error(e, dpath + b"/" + disk) from e
         if not exclude(crel, is_dir):
             yield logical, disk, k
+
+
+#: pieces in which handed-off files are read for hashing (they stay in the L2 cache between
+#: the copy out of the page cache and SHA-256)
+HASH_PIECE = 1 << 18
+#: files at least this big are read ahead by a thread of their own while the hash runs
+THREADED_READ = 8 << 20
+_READ_AHEAD = 8
+
+
+def hash_nar(
+    path: str | bytes | os.PathLike[str],
+    algo: str = "sha256",
+    *,
+    names: NameCodec | None = None,
+    exclude: Exclude | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> tuple[Hash, int]:
+    """``(hash, nar_size)`` of the NAR of ``path`` (what ``nix-hash --type ALGO`` computes),
+    with the checks of :func:`dump_nar`.
+
+    Work is spread over two threads: for a tree, the walk (listing, opening, ``fstat``, reading
+    small files, building the NAR framing) runs in a producer thread while this thread reads
+    the files above :data:`SMALL_FILE` into a reused buffer and hashes everything; a big file
+    is read ahead by a thread of its own while this one hashes. Reads and SHA-256 release the
+    GIL, so they overlap. Memory stays bounded (a few MiB of queued chunks and buffers)."""
+    import hashlib
+
+    from ..hashes import Hash
+    from ..pipeline import pipelined
+
+    root = os.fsencode(path)
+    try:
+        is_dir = stat.S_ISDIR(os.lstat(root).st_mode)
+    except OSError:
+        is_dir = False  # the dump reports it
+    h = hashlib.new(algo)
+    update = h.update
+    total = 0
+    buf = bytearray(HASH_PIECE)
+    items: Iterator[bytes | bytearray | memoryview | OpenFile] = dump_nar_handing_off(
+        root, names=names, exclude=exclude, limits=limits, flush_size=1 << 20)
+    if is_dir:
+        items = pipelined(items, depth=32)
+    for item in items:
+        if item.__class__ is OpenFile:
+            assert isinstance(item, OpenFile)
+            total += (read_open_file_ahead(item, update) if item.size >= THREADED_READ
+                      else read_open_file(item, update, buf))
+        else:
+            update(item)  # type: ignore[arg-type]
+            total += len(item)  # type: ignore[arg-type]
+    return Hash(algo, h.digest()), total
+
+
+def read_open_file_ahead(f: OpenFile, consume: Callable[[memoryview], object], piece: int = HASH_PIECE,
+                         ahead: int = _READ_AHEAD) -> int:
+    """As :func:`read_open_file`, with the reads done by a thread of their own, up to ``ahead``
+    pieces of ``piece`` bytes in advance, so that reading overlaps ``consume`` (which should
+    release the GIL, as hashing does)."""
+    import queue
+    import threading
+
+    free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+    full: queue.SimpleQueue[tuple[bytearray, int] | BaseException] = queue.SimpleQueue()
+    for _ in range(ahead):
+        free.put(bytearray(piece))
+    size, fd = f.size, f.fd
+
+    def read() -> None:
+        readv = os.readv
+        left = size
+        try:
+            while left:
+                b = free.get()
+                if b is None:
+                    return
+                k = readv(fd, [memoryview(b)[: piece if left >= piece else left]])
+                full.put((b, k))
+                if not k:
+                    return
+                left -= k
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            full.put(e)
+
+    t = threading.Thread(target=read, name="nartool-read-ahead", daemon=True)
+    t.start()
+    left = size
+    try:
+        while left:
+            got = full.get()
+            if isinstance(got, BaseException):
+                if isinstance(got, OSError):
+                    raise _io_error(got, f.path) from got
+                raise got
+            b, k = got
+            if not k:
+                raise _size_changed(f.path, size, size - left)
+            consume(memoryview(b)[:k])
+            left -= k
+            free.put(b)
+    finally:
+        free.put(None)  # a reader waiting for a buffer stops; one reading finishes its piece
+        t.join()
+        f.close()
+    return size
