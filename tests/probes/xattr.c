@@ -11,6 +11,19 @@
 
 static void report(const char *what, long rc) { printf("%s: %s\n", what, rc == 0 ? "ok" : strerror(errno)); }
 
+#ifdef __x86_64__
+/* chmod through the i386 ABI (int 0x80, syscall 15): the path must lie below 4 GiB, which it
+   does in a static non-PIE binary's data segment */
+static char i386_path[4096];
+static long chmod_i386(const char *f, long mode) {
+    long rc;
+    strncpy(i386_path, f, sizeof i386_path - 1);
+    __asm__ volatile ("int $0x80" : "=a"(rc) : "a"(15L), "b"((long)(unsigned long)i386_path), "c"(mode) : "memory");
+    if (rc < 0) { errno = (int)-rc; return -1; }
+    return rc;
+}
+#endif
+
 int main(int argc, char **argv) {
     if (argc != 2) { fprintf(stderr, "usage: xattr FILE\n"); return 2; }
     const char *f = argv[1];
@@ -28,5 +41,11 @@ int main(int argc, char **argv) {
 #endif
     report("chmod 0755", syscall(SYS_chmod, f, 0755));
     report("fchmodat 0700", syscall(SYS_fchmodat, AT_FDCWD, f, 0700));
+#ifdef __x86_64__
+    report("i386 chmod 4755", chmod_i386(f, 04755));
+    report("x32 chmod 4755", syscall(0x40000000 | SYS_chmod, f, 04755));
+    report("i386 chmod 0755", chmod_i386(f, 0755));
+    report("x32 chmod 0755", syscall(0x40000000 | SYS_chmod, f, 0755));
+#endif
     return 0;
 }
