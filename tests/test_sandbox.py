@@ -863,3 +863,24 @@ def test_kill_unsandboxed_kills_the_process_group(env: Env, monkeypatch: pytest.
         time.sleep(0.05)
     assert [p for p in children if _state(p) not in ("gone", "Z")] == []
     b.cleanup()
+
+
+def test_helper_killed_takes_the_builder_along(env: Env) -> None:
+    """Even the helper itself dying (SIGKILL) ends the build: the builder has a parent-death
+    signal, re-armed after its uid change."""
+    need_sandbox()
+    bu = _free_user() if IS_ROOT else None     # a real uid change (root's 1000 would still be root outside)
+    if bu is not None:
+        os.chown(env.build_dir, bu.uid, bu.gid)
+    b = start_sandboxed(env.spec("sleep 1000", build_user=bu))
+    time.sleep(0.3)
+    assert _state(b.pid) not in ("gone", "Z")
+    os.kill(b._proc.pid, signal.SIGKILL)
+    deadline = time.time() + 5
+    while _state(b.pid) not in ("gone", "Z") and time.time() < deadline:
+        time.sleep(0.05)
+    assert _state(b.pid) in ("gone", "Z")
+    assert b.wait() == signal.SIGKILL     # the helper's own end is reported
+    b.cleanup()
+    if bu is not None:
+        bu.release()

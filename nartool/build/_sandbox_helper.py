@@ -252,6 +252,9 @@ def finish_and_exec(plan: dict, err_fd: int, set_user: bool) -> None:  # type: i
             raise sys_error("setuid failed", e.errno or 0) from None
         if os.getuid() != bu["uid"] or os.geteuid() != bu["uid"]:
             raise sys_error("setuid failed", errno.EPERM)
+    # a change of credentials clears the parent-death signal: arm it again for the builder
+    _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                ctypes.c_ulong(0))
     builder = os.fsencode(plan["builder"])
     args = [os.path.basename(builder)] + [os.fsencode(a) for a in plan["args"]]
     env = {os.fsencode(k): os.fsencode(v) for k, v in plan["env"]}
