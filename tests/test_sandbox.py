@@ -302,14 +302,18 @@ def test_input_files_hard_linked_and_outputs_not_bound(env: Env) -> None:
     need_sandbox()
     f = env.store / "0000000000000000000000000000000a-file"
     f.write_text("a file input\n")
+    os.symlink("0000000000000000000000000000000a-file", env.store / "0000000000000000000000000000000b-link")
     out_base = OUT.rsplit("/", 1)[1]
     (env.store / out_base).mkdir()    # an output already present in the store is not shown
-    spec = env.spec("cat /nix/store/*-file; ls -1 /nix/store; mkdir $out; echo built > $out/x",
-                    inputs=[BUSYBOX, "/nix/store/0000000000000000000000000000000a-file", OUT])
+    spec = env.spec("cat /nix/store/*-file; ls -1 /nix/store; readlink /nix/store/*-link; mkdir $out; echo built > $out/x",
+                    inputs=[BUSYBOX, "/nix/store/0000000000000000000000000000000a-file",
+                            "/nix/store/0000000000000000000000000000000b-link", OUT])
     b = start_sandboxed(spec)
     log = drain(b.log_fd).decode()
     assert b.wait() == 0, log
-    assert log.splitlines() == ["a file input", "0000000000000000000000000000000a-file", BUSYBOX_BASE]
+    assert log.splitlines() == ["a file input", "0000000000000000000000000000000a-file",
+                                "0000000000000000000000000000000b-link", BUSYBOX_BASE,
+                                "0000000000000000000000000000000a-file"]
     assert Path(b.output_location(OUT), "x").read_text() == "built\n"
     assert b.output_location(OUT) == f"{env.store}/t.drv.chroot{OUT}"
     b.cleanup()

@@ -234,7 +234,7 @@ def _remove_chroot(path: str, extra_mountinfo: tuple[str, ...] = ()) -> list[str
 
 def _link_or_copy(src: str, dst: str) -> None:
     try:
-        os.link(src, dst)
+        os.link(src, dst, follow_symlinks=False)   # a symlink input is linked as the symlink itself
     except OSError as e:
         if e.errno not in (errno.EMLINK, errno.EPERM, errno.EXDEV):
             raise
