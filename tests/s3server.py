@@ -86,6 +86,15 @@ def _free_ports(n: int, *, with_grpc_offset: int = 0) -> list[int]:
     return ports
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the test process dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class WeedS3:
     """``weed mini`` on 127.0.0.1, started on ``__enter__`` (or :meth:`start`) and stopped on
     ``__exit__`` (or :meth:`stop`)."""
@@ -203,7 +212,8 @@ class WeedS3:
             argv = self._argv(binary)
             with open(self.log_file, "wb") as log:
                 self.proc = subprocess.Popen(argv, cwd=self.dir, env=env, stdin=subprocess.DEVNULL,
-                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                             preexec_fn=_die_with_parent)
             if self._wait_ready():
                 return self
             code = self.proc.poll()
