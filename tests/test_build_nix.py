@@ -542,3 +542,64 @@ def _unprivileged(nixroot: Path, tmp_path: Path, drv: str, nix_out: str, py: str
     assert res["status"] == 0, res
     assert res["out"] == nix_out
     assert res["hash"] == "sha256:" + _b16(nar_hash(nixroot, nix_out))
+
+
+ENVPROBE = r"""let dep = derivation { name = "env-dep"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+                 args = [ "-c" "echo ${bb} > $out" ]; };
+in derivation { name = "envprobe"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+  big = "passed as a file"; passAsFile = [ "big" ]; PATH = "/overridden"; NIX_BUILD_TOP = "/not-this";
+  exportReferencesGraph = [ "graph" dep ];
+  args = [ "-c" ''
+    B=${bb}/bin/busybox
+    $B mkdir $out
+    $B env | $B sort > $out/env
+    $B cat $bigPath > $out/big
+    $B cat graph > $out/graph
+    $B ls -a /build | $B sort > $out/build-dir
+  '' ]; }"""
+
+STRUCTURED = r"""let dep = derivation { name = "sa-dep"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+                 args = [ "-c" "echo ${bb} > $out" ]; };
+in derivation { name = "structured"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+  __structuredAttrs = true; str = "it's"; num = 42; flt = 1.5; yes = true; no = false; nul = null;
+  list = [ 1 "two" true ]; obj = { a = 1; b = "x"; }; nested = { a = [ 1 ]; }; "not-a-name" = 1;
+  exportReferencesGraph.graph = [ dep ];
+  args = [ "-c" ''
+    B=${bb}/bin/busybox
+    out=$($B sed -n "s/^declare -A outputs=(\['out'\]='\([^']*\)' )$/\1/p" /build/.attrs.sh)
+    $B mkdir $out
+    $B env | $B sort > $out/env
+    $B cat /build/.attrs.sh > $out/attrs.sh
+    $B cat /build/.attrs.json > $out/attrs.json
+  '' ]; }"""
+
+
+@pytest.mark.parametrize("expr", [ENVPROBE, STRUCTURED], ids=["passAsFile-exportReferencesGraph", "structured"])
+def test_environment_and_build_files(nixroot: Path, ours: LocalStore, expr: str) -> None:
+    drv = _both(nixroot, ours, expr)
+    n = nix_build(nixroot, drv)
+    assert n.returncode == 0, n.stderr
+    out = n.stdout.decode().split()[-1]
+    m = _nartool_build(ours, drv)
+    assert m.returncode == 0, m.stderr
+    for f in sorted(os.listdir(f"{nixroot}{out}")):
+        assert Path(ours.physical(out), f).read_bytes() == Path(f"{nixroot}{out}", f).read_bytes(), f
+    assert _our_hash(ours, out) == "sha256:" + _b16(nar_hash(nixroot, out))
+
+
+def test_fixed_output_impure_env_vars(nixroot: Path, ours: LocalStore) -> None:
+    import hashlib
+
+    value = "proxy.example:3128"
+    h = hashlib.sha256((value + "\n").encode()).hexdigest()
+    expr = f"""derivation {{ name = "impure-env"; system = builtins.currentSystem; builder = "${{bb}}/bin/sh";
+      outputHashAlgo = "sha256"; outputHashMode = "flat"; outputHash = "{h}"; impureEnvVars = [ "MY_PROXY" ];
+      args = [ "-c" "echo $MY_PROXY > $out; echo NIX_OUTPUT_CHECKED=$NIX_OUTPUT_CHECKED" ]; }}"""
+    drv = _both(nixroot, ours, expr)
+    n = subprocess.run(["nix-store", "--store", str(nixroot), "--option", "substituters", "", "-r", drv],
+                       capture_output=True, env={**nix_env(), "MY_PROXY": value}, check=False)
+    assert n.returncode == 0, n.stderr
+    m = _nartool_build(ours, drv, env={"MY_PROXY": value})
+    assert m.returncode == 0, m.stderr
+    assert m.stdout == n.stdout
+    assert b"NIX_OUTPUT_CHECKED=1" in m.stderr and b"NIX_OUTPUT_CHECKED=1" in n.stderr
