@@ -121,9 +121,10 @@ def run_nartool_client(client: Path, expr: Path, n: int, tag: str, builders: str
                                      max_build_log_size=0, system="x86_64-linux", system_features=())
         t = time.perf_counter()
         for q in order:
-            r = try_remote_build(st, q, read_derivation(st, q), opts)
+            lines: list[bytes] = []
+            r = try_remote_build(st, q, read_derivation(st, q), opts, log=lines.append)
             if r is None or r.status not in (0, 2):
-                sys.exit(f"remote build of {q} failed: {r}")
+                sys.exit(f"remote build of {q} failed: {r}\nlog:\n" + b"".join(lines[-20:]).decode(errors="replace"))
         return time.perf_counter() - t
     finally:
         st.close()
