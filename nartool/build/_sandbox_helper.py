@@ -447,7 +447,7 @@ def start(mode: str) -> None:
             flags &= ~CLONE_NEWUSER
             err = unshare(flags)
         if err in (errno.EPERM, errno.EINVAL):
-            write_line(report, f"unavailable unshare({flags:#x}): {os.strerror(err)}")
+            write_line(report, f"unavailable unshare({namespace_names(flags)} namespaces): {os.strerror(err)}")
             os._exit(1)
         if err:
             write_line(report, f"error cloning builder process: {os.strerror(err)}")
@@ -493,6 +493,12 @@ def kill_user(uid: int) -> None:
         break
 
 
+def namespace_names(flags: int) -> str:
+    return ", ".join(n for n, f in (("user", CLONE_NEWUSER), ("mount", CLONE_NEWNS), ("PID", CLONE_NEWPID),
+                                    ("IPC", CLONE_NEWIPC), ("UTS", CLONE_NEWUTS), ("network", CLONE_NEWNET))
+                     if flags & f)
+
+
 def probe() -> None:
     """Create every namespace a sandbox uses in a child; print ``ok`` or why it failed."""
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET
@@ -508,10 +514,7 @@ def probe() -> None:
             return
     err = unshare(flags)
     if err:
-        names = [n for n, f in (("user", CLONE_NEWUSER), ("mount", CLONE_NEWNS), ("PID", CLONE_NEWPID),
-                                ("IPC", CLONE_NEWIPC), ("UTS", CLONE_NEWUTS), ("network", CLONE_NEWNET))
-                 if flags & f]
-        print(f"unshare({', '.join(names)} namespaces) failed: {os.strerror(err)}")
+        print(f"unshare({namespace_names(flags)} namespaces) failed: {os.strerror(err)}")
         return
     print("ok")
 
