@@ -527,3 +527,27 @@ def test_client_revalidates_against_cache_serve(served: CacheServer, closure: Cl
     assert b.get_bytes(key) == first
     assert seen == ["ok", "not-modified"]
     b.close()
+
+
+def test_serves_any_store_a_file_cache(tmp_path: Path, closure: Closure, conf: dict[str, str]) -> None:
+    """cache serve in front of another kind of store (a file:// binary cache): narinfos and
+    NARs come through it (one request at a time for stores not shared between threads)."""
+    from nartool.store.ops import copy_paths
+    from nartool.store.uri import open_store
+
+    with LocalStore(closure.root) as src, open_store(f"file://{tmp_path}/fc?compression=xz") as fc:
+        copy_paths(src, fc, [closure.top])
+    store = open_store(f"file://{tmp_path}/fc")
+    srv = CacheServer(store, ("127.0.0.1", 0), ServeOptions())
+    assert srv.store_lock is not None
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    try:
+        dst = tmp_path / "dst"
+        with LocalStore(dst) as d, open_store(srv.url) as remote:
+            copy_paths(remote, d, [closure.top])
+        assert valid_paths(dst) == set(closure.paths)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        store.close()
