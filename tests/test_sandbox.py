@@ -603,7 +603,7 @@ def test_unavailable_when_unshare_is_refused(env: Env) -> None:
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
     reason, err = json.loads(r.stdout)
-    assert reason is not None and "Operation not permitted" in reason and "unshare(user, mount, PID" in reason
+    assert reason is not None and "Operation not permitted" in reason and "mount, PID, IPC, UTS, network namespaces" in reason
     assert err is not None and "Operation not permitted" in err and "mount, PID, IPC, UTS, network namespaces" in err
     assert not os.path.lexists(spec.chroot_dir)
 
