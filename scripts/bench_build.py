@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Benchmark: ``nartool build`` against ``nix-store --realise`` (Nix 2.8) on the same derivations,
+in the same run, alternating, each build into a fresh store.
+
+* trivial: one derivation (``echo hi > $out``);
+* chain: 50 derivations, each referring to the previous one (so built one after the other).
+
+Both tools get a chroot store (``--store DIR``, so both sandbox every build) holding Debian's
+static busybox; the derivations come from ``nix-instantiate`` and are copied into nartool's
+store. Prints median and range (seconds) per case and tool, and the per-build overhead of the
+chain (total / 50).
+
+    python scripts/bench_build.py [--rounds N] [--chain N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.buildkit import copy_drv_closure, nartool_store, nix_store_with_busybox  # noqa: E402
+from tests.helpers import cli_argv, cli_env, nix_env  # noqa: E402
+
+TRIVIAL = """derivation { name = "trivial-TAG"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+  args = [ "-c" "echo hi > $out" ]; }"""
+
+CHAIN = """let
+  step = n: prev: derivation { name = "chain-TAG-${toString n}"; system = builtins.currentSystem;
+    builder = "${bb}/bin/sh"; args = [ "-c" "echo ${prev} > $out" ]; };
+  go = n: if n == 0 then "none" else step n (go (n - 1));
+in go COUNT"""
+
+
+def instantiate(root: Path, expr: str) -> str:
+    full = "let bb = builtins.storePath /nix/store/ap5lw0pk87zllpr8psdiqgxx50yqpp1h-busybox; in " + expr
+    r = subprocess.run(["nix-instantiate", "--store", str(root), "--expr", full], capture_output=True, check=True,
+                       env=nix_env())
+    return r.stdout.decode().strip()
+
+
+def one(tool: str, expr: str, work: Path) -> float:
+    """Prepare fresh stores and time one build of ``expr`` with ``tool``."""
+    nixroot = work / "nix"
+    nix_store_with_busybox(nixroot, work)
+    drv = instantiate(nixroot, expr)
+    if tool == "nix":
+        argv = ["nix-store", "--store", str(nixroot), "--option", "substituters", "", "--realise", drv]
+        env = nix_env()
+    else:
+        st, _ = nartool_store(work / "ours", work)
+        copy_drv_closure(nixroot, st, drv)
+        st.close()
+        argv = cli_argv("--store", str(work / "ours"), "build", drv)
+        env = cli_env()
+    t = time.perf_counter()
+    r = subprocess.run(argv, capture_output=True, env=env, check=False)
+    dt = time.perf_counter() - t
+    if r.returncode != 0:
+        raise SystemExit(f"{tool} failed: {r.stderr.decode()[-2000:]}")
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--chain", type=int, default=50)
+    a = ap.parse_args()
+    cases = {"trivial": TRIVIAL, f"chain of {a.chain}": CHAIN.replace("COUNT", str(a.chain))}
+    times: dict[tuple[str, str], list[float]] = {}
+    for r in range(a.rounds):
+        for case, expr in cases.items():
+            for tool in (("nix", "nartool") if r % 2 == 0 else ("nartool", "nix")):
+                work = Path(tempfile.mkdtemp(prefix="bench-build-"))
+                try:
+                    times.setdefault((case, tool), []).append(one(tool, expr.replace("TAG", f"{r}"), work))
+                finally:
+                    subprocess.run(["chmod", "-R", "u+w", str(work)], check=False)
+                    shutil.rmtree(work, ignore_errors=True)
+    print(f"{'case':<14} {'tool':<8} {'median s':>9} {'min':>7} {'max':>7}   (rounds: {a.rounds}, alternating)")
+    for (case, tool), ts in times.items():
+        print(f"{case:<14} {tool:<8} {statistics.median(ts):9.3f} {min(ts):7.3f} {max(ts):7.3f}")
+    for tool in ("nix", "nartool"):
+        ts = times[(f"chain of {a.chain}", tool)]
+        print(f"per build in the chain, {tool}: {statistics.median(ts) / a.chain * 1000:.1f} ms")
+    print(f"(machine: {os.cpu_count()} CPUs; both tools sandbox every build in a chroot store)")
+
+
+if __name__ == "__main__":
+    main()
