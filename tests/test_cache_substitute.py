@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nartool.cache.store import BinaryCacheStore
-from nartool.cache.substitute import Substituters, substitute_paths
+from nartool.cache.substitute import Substituters, forget_dead_substituters, substitute_paths
 from nartool.config import Config
 from nartool.store import ops
 from nartool.store.local import LocalStore
@@ -115,6 +115,7 @@ def test_dead_substituter_costs_once(closure: tuple[Path, dict[str, str]], tmp_p
     root, paths = closure
     good = push(root, tmp_path / "c", "compression=zstd&secret-key={key}", [paths["ia"]])
     dead = "ssh://localhost?remote-program=/bin/false"
+    forget_dead_substituters()
     subs = Substituters.open([dead, good], store_dir="/nix/store")
     try:
         t0 = time.monotonic()
@@ -159,3 +160,33 @@ def test_cli_copy_closure_from_uses_substitutes(closure: tuple[Path, dict[str, s
         assert dst.query_valid_paths(paths.values()) == set(paths.values())
         assert dst.path_info(paths["mid"]).sigs and dst.path_info(paths["tree"]).sigs  # from the cache
         assert not dst.path_info(paths["ia"]).sigs  # over the connection
+
+
+def test_dead_http_substituter_costs_its_timeout_once(closure: tuple[Path, dict[str, str]], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A web cache on a port nobody listens on, listed first: the first lookup pays for it (its
+    connection attempts), every later one — even from a new substitute_paths call — skips it at once."""
+    import socket
+
+    forget_dead_substituters()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root, paths = closure
+    good = push(root, tmp_path / "c", "compression=zstd&secret-key={key}", [paths["ia"]])
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    cfg = Config.from_text(f"substituters = http://127.0.0.1:{port} {good}\ntrusted-public-keys = {pub_key()}\n"
+                           "connect-timeout = 2\ndownload-attempts = 2\n")
+    with LocalStore(tmp_path / "dst") as dst:
+        t0 = time.monotonic()
+        assert paths["tree"] in substitute_paths(dst, [paths["tree"]], cfg)
+        first = time.monotonic() - t0
+        later = []
+        for p in (paths["mid"], paths["top"], paths["ia"]):
+            t0 = time.monotonic()
+            assert p in substitute_paths(dst, [p], cfg)
+            later.append(time.monotonic() - t0)
+    assert first < 20, first  # the HTTP backend's attempts with back-off (download-attempts)
+    assert max(later) < 1.5, (first, later)
+    forget_dead_substituters()

@@ -16,6 +16,7 @@ one is tried. Nothing is registered that was not completely fetched and checked.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -48,35 +49,65 @@ def is_trusted_substituter(store: BaseStore) -> bool:
     return isinstance(store, BinaryCacheStore) and store.trusted
 
 
+#: substituter URIs found unreachable in this process: skipped by every later call
+_DEAD: set[str] = set()
+_DEAD_LOCK = threading.Lock()
+
+
+def forget_dead_substituters() -> None:
+    """Try every substituter again (they are remembered as dead for the process's lifetime)."""
+    with _DEAD_LOCK:
+        _DEAD.clear()
+
+
 @dataclass
 class Substituters:
-    """Opened substituters in priority order, remembering the dead ones for its lifetime."""
+    """Opened substituters in priority order, remembering the dead ones (for the process)."""
 
     stores: list[BaseStore]
     dead: set[int] = field(default_factory=set)
+    names: dict[int, str] = field(default_factory=dict)  # id(store) -> the URI it was opened from
 
     @classmethod
-    def open(cls, uris: Iterable[str], *, store_dir: str) -> Substituters:
-        """Open ``uris`` and order them; a URI that cannot be opened is warned about and skipped."""
+    def open(cls, uris: Iterable[str], *, store_dir: str, config: Config | None = None) -> Substituters:
+        """Open ``uris`` and order them; a URI that cannot be opened is warned about and
+        skipped, one found dead earlier in this process is skipped silently. ``config`` goes to
+        the openers (``open_store(…, config=)``) for their timeouts and credentials."""
         from ..store.uri import open_store
 
         opened: list[BaseStore] = []
+        names: dict[int, str] = {}
         for uri in uris:
+            with _DEAD_LOCK:
+                if uri in _DEAD:
+                    continue
             try:
-                opened.append(open_store(uri, store_dir=store_dir))
+                st = open_store(uri, store_dir=store_dir, **({"config": config} if config is not None else {}))
             except NartoolError as e:
                 log.warning("warning: substituter '%s' is unusable: %s", uri, e)
-        return cls(cls.order(opened))
+                continue
+            opened.append(st)
+            names[id(st)] = uri
+        subs = cls(opened, names=names)
+        subs.stores = subs._ordered()
+        for st in opened:
+            if st not in subs.stores:  # dropped while ordering: unusable
+                st.close()
+        return subs
 
     @staticmethod
     def order(stores: Sequence[BaseStore]) -> list[BaseStore]:
+        """``stores`` by priority (stable); unreachable or unusable ones left out."""
+        return Substituters(list(stores))._ordered()
+
+    def _ordered(self) -> list[BaseStore]:
         keyed = []
-        for i, s in enumerate(stores):
+        for i, s in enumerate(self.stores):
             try:
                 pr = priority_of(s)
             except CacheUnavailableError as e:
-                log.warning("warning: substituter '%s' is unreachable: %s", s.uri, e.message)
-                pr = 1 << 30
+                self.kill(s, e.message)
+                continue
             except StoreError as e:  # e.g. a StoreDir mismatch: Nix warns and skips it
                 log.warning("warning: substituter '%s' is unusable: %s", s.uri, e)
                 continue
@@ -89,6 +120,8 @@ class Substituters:
     def kill(self, store: BaseStore, why: object) -> None:
         if id(store) not in self.dead:
             self.dead.add(id(store))
+            with _DEAD_LOCK:
+                _DEAD.add(self.names.get(id(store), store.uri))
             log.warning("warning: substituter '%s' is unreachable, skipping it: %s", store.uri, why)
 
     def close(self) -> None:
@@ -120,7 +153,7 @@ def substitute_paths(store: BaseStore, paths: Iterable[str], config: Config | No
         subs = substituters
     else:
         subs = Substituters.open(config.substituters if substituters is None else substituters,
-                                 store_dir=store.store_dir)
+                                 store_dir=store.store_dir, config=config)
     keys = dict(config.trusted_keys()) if trusted_keys is None else trusted_keys
     sigs_needed = config.require_sigs if require_sigs is None else require_sigs
     check_locally = store.checks_signatures_locally
@@ -173,4 +206,4 @@ def substitute_paths(store: BaseStore, paths: Iterable[str], config: Config | No
             subs.close()
 
 
-__all__ = ["substitute_paths", "Substituters", "priority_of"]
+__all__ = ["substitute_paths", "Substituters", "priority_of", "forget_dead_substituters"]
