@@ -55,6 +55,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,6 +75,8 @@ CACHE_CONTROL_IMMUTABLE = "public, max-age=31536000, immutable"
 CACHE_CONTROL_MISSING = "no-store"
 #: the most an uploaded narinfo or nix-cache-info may hold
 MAX_SMALL_UPLOAD = 16 << 20
+#: rendered, signed narinfos remembered (by everything they are made from)
+NARINFO_MEMO = 8192
 #: spooled NARs whose narinfo never came are dropped after this many seconds
 SPOOL_MAX_AGE = 3600
 #: where a local store's upload aliases and kept uploaded NARs live (in its state directory)
@@ -143,6 +146,8 @@ class CacheServer(ThreadingHTTPServer):
         from ..store.local import LocalStore
 
         self.store_lock: threading.Lock | None = None if isinstance(store, LocalStore) else threading.Lock()
+        self._narinfos: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+        self._narinfos_lock = threading.Lock()
         self._uploads: dict[str, _Upload] = {}
         self._uploads_lock = threading.Lock()
         alias_dir = os.path.join(store.state_dir, ALIASES_DIR) if isinstance(store, LocalStore) else None
@@ -271,6 +276,22 @@ class CacheServer(ThreadingHTTPServer):
         return f"nar/{hp}-{info.nar_hash.nix32}.nar{ext}", self.options.compression
 
     def narinfo_bytes(self, info: Any) -> bytes:
+        """The narinfo of ``info`` (rendered and signed once per distinct info: signatures are
+        deterministic, so remembering them changes nothing but the time)."""
+        key = (info.path, info.nar_hash.digest, info.nar_size, info.references, info.deriver, info.sigs, info.ca)
+        with self._narinfos_lock:
+            body = self._narinfos.get(key)
+            if body is not None:
+                self._narinfos.move_to_end(key)
+                return body
+        body = self._render_narinfo(info)
+        with self._narinfos_lock:
+            self._narinfos[key] = body
+            if len(self._narinfos) > NARINFO_MEMO:
+                self._narinfos.popitem(last=False)
+        return body
+
+    def _render_narinfo(self, info: Any) -> bytes:
         from .narinfo import NarInfo
 
         url, compression = self.nar_url(info)
