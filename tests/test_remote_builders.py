@@ -256,11 +256,11 @@ def test_over_sshd_with_key_column(tmp_path: Path, busybox_ok: None, sshd: Sshd)
 # -- nartool build (the CLI) ------------------------------------------------------------------
 
 
-def _cli_build(client: Path, builders: str, drv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _cli_build(client: Path, builders: str, drv: str, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
     from .helpers import cli_argv, cli_env
 
     return subprocess.run(cli_argv("--store", client, "build", "--option", "builders", builders, "--max-jobs", "0",
-                                   drv), env=cli_env(env), capture_output=True, text=True, timeout=300)
+                                   *extra, drv), env=cli_env(env), capture_output=True, text=True, timeout=300)
 
 
 def _forced_env() -> dict[str, str]:
@@ -316,6 +316,13 @@ def test_cli_build_over_sshd(tmp_path: Path, busybox_ok: None, sshd: Sshd, machi
     assert r.returncode == 100, r.stderr
     assert "about to fail\nsecond line\n" in r.stderr
     assert f"build of '{fail}' on 'ssh://{sshd.host}' failed: builder for '{fail}' failed with exit code 3" in r.stderr
+    # the client's max-silent-time travels in the build settings; the machine enforces it
+    silent = instantiate(client, tmp_path, "silent")
+    r = _cli_build(client, f"@{machines}", silent, env, "--max-silent-time", "1")
+    assert r.returncode == 101, r.stderr
+    assert "going quiet\n" in r.stderr
+    assert (f"failed: building of '{silent}!out' from in-memory derivation timed out after 1 seconds of silence"
+            in r.stderr), r.stderr
 
 
 def test_machine_dying_mid_build_is_a_failed_build(tmp_path: Path, busybox_ok: None) -> None:
