@@ -603,3 +603,91 @@ def test_fixed_output_impure_env_vars(nixroot: Path, ours: LocalStore) -> None:
     assert m.returncode == 0, m.stderr
     assert m.stdout == n.stdout
     assert b"NIX_OUTPUT_CHECKED=1" in m.stderr and b"NIX_OUTPUT_CHECKED=1" in n.stderr
+
+
+def _with_pty_stderr(argv: list[str], env: dict[str, str]) -> tuple[int, bytes, bytes]:
+    """Run ``argv`` with stderr a terminal; returns (status, stdout, what the terminal got)."""
+    import pty
+    import select as sel
+
+    master, slave = pty.openpty()
+    import termios
+    import tty
+
+    tty.setraw(slave)  # no \n -> \r\n translation: the bytes as written
+    attrs = termios.tcgetattr(slave)
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    got = b""
+    while True:
+        r, _, _ = sel.select([master], [], [], 60)
+        if not r:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    out = p.stdout.read() if p.stdout else b""
+    os.close(master)
+    return p.wait(), out, got
+
+
+def test_log_escapes_on_a_terminal(nixroot: Path, ours: LocalStore) -> None:
+    drv = _both(nixroot, ours, ESCAPES.replace('"escapes"', '"escapes-tty"'))
+    ns, _, nerr = _with_pty_stderr(["nix-store", "--store", str(nixroot), "--option", "substituters", "",
+                                    "--realise", drv], nix_env())
+    ms, _, merr = _with_pty_stderr(cli_argv("--store", ours.root, "build", drv), cli_env())
+    assert ns == ms == 0
+
+    def lines(err: bytes) -> list[bytes]:
+        return [x.rstrip(b"\r") for x in err.split(b"\n") if x.startswith((b"L", b"XY"))]
+
+    assert lines(merr) == lines(nerr)
+    assert b"L2 \x1b[1;31mred\x1b[0m plain" in lines(merr)
+
+
+@pytest.mark.parametrize("attrs", ['system = "aarch64-linux";',
+                                   'system = builtins.currentSystem; requiredSystemFeatures = [ "kvm" "gpu" ];'])
+def test_platform_check(nixroot: Path, ours: LocalStore, attrs: str) -> None:
+    expr = f"""derivation {{ name = "elsewhere"; {attrs} builder = "${{bb}}/bin/sh"; args = [ "-c" "echo > $out" ]; }}"""
+    drv = _both(nixroot, ours, expr)
+    n = nix_build(nixroot, drv)
+    m = _nartool_build(ours, drv)
+    assert n.returncode == m.returncode == 1
+    assert _errors(m.stderr) == _errors(n.stderr)
+    assert "is required to build" in _errors(m.stderr)[0]
+
+
+def test_json_and_output_selection(nixroot: Path, ours: LocalStore) -> None:
+    import json
+
+    expr = """derivation { name = "multi"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+      outputs = [ "out" "dev" ]; args = [ "-c" "echo lib > $out; echo $out > $dev" ]; }"""
+    drv = _both(nixroot, ours, expr)
+    m = _nartool_build(ours, "--json", drv + "!dev")
+    assert m.returncode == 0, m.stderr
+    res = json.loads(m.stdout)
+    outs = _outputs(ours, drv)
+    assert res == [{"drvPath": drv, "outputs": {"dev": outs["dev"]}, "status": "BUILT"}]
+    with LocalStore(ours.root) as s:  # both outputs built and registered
+        assert s.query_references(outs["dev"]) == {outs["out"]} and s.query_references(outs["out"]) == set()
+    n = nix_build(nixroot, drv)
+    assert n.returncode == 0
+    for o in outs.values():
+        assert _our_hash(ours, o) == "sha256:" + _b16(nar_hash(nixroot, o))
+
+
+def test_output_cycle(nixroot: Path, ours: LocalStore) -> None:
+    expr = """derivation { name = "cyclic"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+      outputs = [ "out" "dev" ]; args = [ "-c" "echo $dev > $out; echo $out > $dev" ]; }"""
+    drv = _both(nixroot, ours, expr)
+    n = nix_build(nixroot, drv)
+    m = _nartool_build(ours, drv)
+    assert n.returncode == m.returncode == 1
+    assert _errors(m.stderr) == _errors(n.stderr)
+    assert "cycle detected" in _errors(m.stderr)[0]
+    assert not [x for x in os.listdir(ours.real_store_dir) if x.endswith(("-cyclic", "-cyclic-dev"))]
