@@ -454,11 +454,11 @@ class S3Backend:
         when the bucket is not listable (as Nix does). Wrong credentials raise."""
         import botocore.exceptions as bx
 
-        if prefetched and not first_byte_only:
-            ahead = self._take_prefetched(key)
+        if not first_byte_only:  # (a one-byte GET is how _exists_now asks, maybe from that very upload)
+            ahead = self._take_prefetched(key) if prefetched else None
             if ahead is not None:
                 return ahead.result()
-        self._wait_pending(key)
+            self._wait_pending(key)
         k = self._key(key)
         try:
             extra: dict[str, str] = {"Range": "bytes=0-0"} if first_byte_only else {}
