@@ -23,17 +23,13 @@ Modes:
 
 import ctypes
 import errno
-import fcntl
-import json
+import marshal
 import os
 import resource
 import select
 import signal
-import socket
 import stat as statmod
-import struct
 import sys
-import termios
 from typing import Any
 
 CLONE_NEWNS = 0x00020000
@@ -151,19 +147,6 @@ def do_bind(source: str, target: str, optional: bool = False) -> None:
     mount(source, target, "", MS_BIND | MS_REC, None, f"bind mount from '{source}' to '{target}' failed")
 
 
-def cfmakeraw(fd: int) -> None:
-    a = termios.tcgetattr(fd)
-    a[0] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP | termios.INLCR
-              | termios.IGNCR | termios.ICRNL | termios.IXON)
-    a[1] &= ~termios.OPOST
-    a[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
-    a[2] &= ~(termios.CSIZE | termios.PARENB)
-    a[2] |= termios.CS8
-    a[6][termios.VMIN] = 1
-    a[6][termios.VTIME] = 0
-    termios.tcsetattr(fd, termios.TCSANOW, a)
-
-
 def install_seccomp(program: bytes) -> None:
     call(_libc.prctl, "unable to set 'no new privileges'", PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1),
          ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
@@ -179,15 +162,16 @@ def install_seccomp(program: bytes) -> None:
 
 
 def loopback_up() -> None:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 0)
+    fd = _libc.socket(2, 2, 0)   # AF_INET, SOCK_DGRAM
+    if fd == -1:
+        raise sys_error("cannot open IP socket", ctypes.get_errno())
     try:
-        ifr = struct.pack("16sH22x", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING)
-        try:
-            fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, ifr)
-        except OSError as e:
-            raise sys_error("cannot set loopback interface flags", e.errno or 0) from None
+        ifr = ctypes.create_string_buffer(40)                       # struct ifreq
+        ifr.raw = b"lo".ljust(16, b"\0") + (IFF_UP | IFF_LOOPBACK | IFF_RUNNING).to_bytes(2, sys.byteorder) + bytes(22)
+        if _libc.ioctl(ctypes.c_int(fd), ctypes.c_ulong(SIOCSIFFLAGS), ifr) == -1:
+            raise sys_error("cannot set loopback interface flags", ctypes.get_errno())
     finally:
-        s.close()
+        os.close(fd)
 
 
 def close_most_fds(keep: set) -> None:  # type: ignore[type-arg]
@@ -255,13 +239,13 @@ def finish_and_exec(plan: dict, err_fd: int, set_user: bool) -> None:  # type: i
     # a change of credentials clears the parent-death signal: arm it again for the builder
     _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0),
                 ctypes.c_ulong(0))
-    builder = os.fsencode(plan["builder"])
-    args = [os.path.basename(builder)] + [os.fsencode(a) for a in plan["args"]]
-    env = {os.fsencode(k): os.fsencode(v) for k, v in plan["env"]}
+    builder = plan["builder"]
+    args = [os.path.basename(builder), *plan["args"]]
+    env = dict(plan["env"])
     try:
         os.execve(builder, args, env)
     except OSError as e:
-        raise sys_error(f"executing '{plan['builder']}'", e.errno or 0) from None
+        raise sys_error(f"executing '{os.fsdecode(builder)}'", e.errno or 0) from None
 
 
 def run_child(plan: dict, err_fd: int) -> None:  # type: ignore[type-arg]
@@ -279,10 +263,8 @@ def run_child(plan: dict, err_fd: int) -> None:  # type: ignore[type-arg]
     chroot = plan["chroot"]
     if plan["private_network"]:
         loopback_up()
-    try:
-        socket.sethostname("localhost")
-    except OSError as e:
-        raise sys_error("cannot set host name", e.errno or 0) from None
+    hn = b"localhost\0"
+    call(_libc.sethostname, "cannot set host name", hn, ctypes.c_size_t(len(hn)))
     dn = b"(none)\0"
     call(_libc.setdomainname, "cannot set domain name", dn, ctypes.c_size_t(len(dn)))
     mount(None, "/", None, MS_PRIVATE | MS_REC, None, "unable to make '/' private")
@@ -414,15 +396,19 @@ def monitor(child: int, report: int, group: bool) -> None:
             os._exit(0)
 
 
-def start(mode: str) -> None:
-    os.umask(0o022)
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = os.read(0, 1)
+def read_exact(fd: int, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
         if not chunk:
             os._exit(2)
-        line += chunk
-    plan = json.loads(line)
+        data += chunk
+    return data
+
+
+def start(mode: str) -> None:
+    os.umask(0o022)
+    plan = marshal.loads(read_exact(0, int.from_bytes(read_exact(0, 8), "little")))
     report = 1
     err_fd = plan["err_fd"]
     if mode == "sandbox":

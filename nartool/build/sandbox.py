@@ -21,8 +21,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import json
 import logging
+import marshal
 import os
 import stat
 import subprocess
@@ -452,7 +452,7 @@ def _plan(spec: SandboxSpec, mode: str, binds: dict[str, tuple[str, bool]], slav
         "store_dir": spec.store_dir,
         "build_dir": spec.build_dir,
         "cwd": spec.sandbox_build_dir if mode == "sandbox" else spec.build_dir,
-        "binds": sorted([t, s, o] for t, (s, o) in binds.items()),
+        "binds": sorted((t, s, o) for t, (s, o) in binds.items()),
         "private_network": not spec.host_network,
         "kvm": spec.kvm,
         "dev_shm_size": spec.dev_shm_size,
@@ -460,14 +460,16 @@ def _plan(spec: SandboxSpec, mode: str, binds: dict[str, tuple[str, bool]], slav
         "personality": _personality(spec),
         "build_user": None if bu is None else {"uid": bu.uid, "gid": bu.gid,
                                                "supplementary_gids": bu.supplementary_gids},
-        "builder": os.fsdecode(spec.builder),
-        "args": [os.fsdecode(a) for a in spec.args],
-        "env": [[os.fsdecode(k), os.fsdecode(v)] for k, v in spec.env],
+        "builder": bytes(spec.builder),
+        "args": [bytes(a) for a in spec.args],
+        "env": [(bytes(k), bytes(v)) for k, v in spec.env],
         "pty_fd": slave,
         "err_fd": err_w,
         "no_userns": spec.no_user_namespace,
     }
-    return json.dumps(plan).encode() + b"\n"
+    # marshal: the helper is the same interpreter, and unmarshalling needs no imports there
+    data = marshal.dumps(plan)
+    return len(data).to_bytes(8, "little") + data
 
 
 def _read_line(f: IO[bytes]) -> str:
