@@ -80,7 +80,7 @@ def test_later_lines_replace_and_extra_appends() -> None:
 
 
 @pytest.mark.parametrize(("text", "line", "rule"), [
-    ("substituters = https://cache.nixos.org", 1, "unknown-setting"),
+    ("trusted-substituters = https://cache.nixos.org", 1, "unknown-setting"),
     ("# ok\n\ntrusted-users = root\nTrusted-Users = root\n", 4, "unknown-setting"),
     ("extra-require-sigs = true", 1, "unknown-setting"),
     ("include /etc/other.conf", 1, "unsupported-include"),

@@ -494,7 +494,7 @@ def test_store_uris(tmp_path: Path) -> None:
     m = open_store("memory://")
     assert isinstance(m, MemoryStore) and m.uri == "memory://"
     with pytest.raises(StoreError) as ei:
-        open_store("s3://bucket")
+        open_store("nosuch://bucket")
     assert ei.value.rule == "unknown-store-type" and "ssh://" in str(ei.value)
     from nartool.store import uri as U
 
