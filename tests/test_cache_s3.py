@@ -34,7 +34,7 @@ from nartool.store.ops import copy_paths
 from nartool.store.uri import open_store
 
 from .helpers import UNSET, cli_argv, cli_env, run_cli
-from .s3server import REGION, WeedS3, s3server  # noqa: F401  (the fixture)
+from .s3server import REGION, WeedS3, s3server, weed_binary  # noqa: F401  (the fixture)
 
 MiB = 1 << 20
 AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
@@ -168,6 +168,16 @@ def test_unknown_parameter_warns_like_nix(caplog: pytest.LogCaptureFixture) -> N
 
 
 # -- against the server -------------------------------------------------------------------------
+
+
+def test_the_server_is_the_real_weed_on_loopback(s3server: WeedS3) -> None:  # noqa: F811
+    assert s3server.proc is not None
+    binary = weed_binary()
+    assert binary is not None
+    if os.path.exists(f"/proc/{s3server.proc.pid}/exe"):  # the pid we stop is the binary itself
+        assert os.path.realpath(f"/proc/{s3server.proc.pid}/exe") == os.path.realpath(binary)
+    argv = s3server.proc.args
+    assert isinstance(argv, list) and "-master.telemetry=false" in argv and "-ip.bind=127.0.0.1" in argv
 
 
 def test_round_trip_through_the_cli(s3server: WeedS3, tmp_path: Path) -> None:  # noqa: F811
