@@ -7,7 +7,8 @@ and calling ``unshare``/``setuid`` from it could hang in glibc's at-fork/setxid 
 Modes:
 
 ``sandbox``/``plain``
-    stdin is the control pipe: one JSON line (the prepared plan, see ``nartool.build.sandbox``),
+    stdin is the control pipe: the prepared plan (``nartool.build.sandbox``; 8-byte little-endian
+    length, then a ``marshal`` blob: same interpreter, no imports needed to read it),
     then ``go`` lines; EOF on it kills the builder. stdout is the report pipe: lines
     ``unshared <0|1>`` (sandbox: namespaces made; the parent writes the id maps and /etc/passwd,
     then sends ``go``), ``pid <host pid>``, and at the end ``status <wait status>``; or one
