@@ -64,14 +64,17 @@ class _Log(io.StringIO):
 
 @pytest.mark.parametrize("scenario", [s["scenario"] for s in MANIFEST["scenarios"]])
 def test_replay_against_nartool_serve(tmp_path: Path, scenario: str) -> None:
-    """Each scenario's sessions in order, against one fresh nartool store."""
+    """Each scenario's sessions in order, against one fresh nartool store (after the sessions of
+    the scenario whose machine it continues)."""
     nar = busybox_nar(tmp_path)
-    sc = next(s for s in MANIFEST["scenarios"] if s["scenario"] == scenario)
+    by_name = {s["scenario"]: s for s in MANIFEST["scenarios"]}
+    sc = by_name[scenario]
+    sessions = ([] if sc["machine"] == scenario else by_name[sc["machine"]]["sessions"]) + sc["sessions"]
     user = UserIdentity.current()
     config = Config.from_text(f"trusted-users = {user.name}\n")
     st = LocalStore(tmp_path / "machine")
     try:
-        for session in sc["sessions"]:
+        for session in sessions:
             out, err = io.BytesIO(), _Log()
             code = serve_command(st, io.BytesIO(session_bytes(session, nar)), out, write=True, config=config,
                                  user=user, log=err)

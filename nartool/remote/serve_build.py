@@ -344,7 +344,10 @@ def build_derivation(server: _Server) -> None:
             continue
     for p in built.values():
         store.temp_root(p)
-    if result.status in _SUCCESS:
+    if result.status == M.BuildStatus.ALREADY_VALID:
+        # as Nix 2.8: nothing was built, no times; the outputs are still listed
+        result = M.BuildResult(result.status, "", 0, False, 0, 0, realisations(req.drv_path, basic, sd, built))
+    elif result.status in _SUCCESS:
         result = M.BuildResult(result.status, result.error_msg, result.times_built, result.is_non_deterministic,
                                result.start_time, result.stop_time, realisations(req.drv_path, basic, sd, built))
     elif result.status == M.BuildStatus.TIMED_OUT:
