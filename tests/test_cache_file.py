@@ -94,7 +94,8 @@ def test_identical_to_golden_files_made_by_nix(closure: tuple[Path, dict[str, st
 
 @pytest.mark.parametrize("params", ["compression=xz&write-nar-listing=1&secret-key={key}", "compression=zstd",
                                     "compression=bzip2&write-nar-listing=1", "compression=none&secret-key={key}",
-                                    "compression=zstd&compression-level=9", "compression=xz&compression-level=2"])
+                                    "compression=zstd&compression-level=9", "compression=xz&compression-level=2",
+                                    "compression=bzip2&compression-level=3"])
 def test_identical_to_nix_live(closure: tuple[Path, dict[str, str]], tmp_path: Path, params: str) -> None:
     root, paths = closure
     nix_push(root, tmp_path / "nix", params, [paths["ia"]])
@@ -102,6 +103,23 @@ def test_identical_to_nix_live(closure: tuple[Path, dict[str, str]], tmp_path: P
     assert tree_files(tmp_path / "nt") == tree_files(tmp_path / "nix")
     assert sorted(p.name for p in (tmp_path / "nt").rglob("*") if p.is_dir()) == \
         sorted(p.name for p in (tmp_path / "nix").rglob("*") if p.is_dir())
+
+
+def test_existing_signatures_kept_and_merged_as_nix(closure: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """A path already signed in the store: both tools write its signatures plus the new one, sorted."""
+    from nartool.store.signing import SecretKey, sign_path_info
+
+    root, paths = closure
+    store = tmp_path / "store"
+    shutil.copytree(root, store, symlinks=True)
+    other = SecretKey.generate("aaa-other-1")
+    with LocalStore(store) as st:
+        st.add_signatures(paths["ia"], [sign_path_info(st.path_info(paths["ia"]), other)])
+    nix_push(store, tmp_path / "nix", "compression=zstd&secret-key={key}", [paths["ia"]])
+    nartool_push(store, tmp_path / "nt", "compression=zstd&secret-key={key}", [paths["ia"]])
+    assert tree_files(tmp_path / "nt") == tree_files(tmp_path / "nix")
+    ni = NarInfo.parse((tmp_path / "nt" / f"{paths['ia'][11:43]}.narinfo").read_bytes())
+    assert [s.split(":")[0] for s in sorted(ni.sigs)] == ["aaa-other-1", "nartool-test-cache-1"]
 
 
 def test_gzip_differs_from_nix_only_in_the_header_time(closure: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
