@@ -11,8 +11,10 @@ sets sorted by base name; ``QueryPathInfos`` records with ``narHash`` (``sha256:
 consumes exactly ``narSize`` bytes even when the path is already valid; ``lock=1`` in
 ``QueryValidPaths`` (with ``--write``) makes every requested path a temp root. Differences:
 
-* Builds (commands 6 and 8) are refused: ``building is not supported yet by nartool serve``
-  (still ``building paths is not allowed`` without ``--write``, before reading the request).
+* Builds (commands 6 and 8, ``--write`` only; ``building paths is not allowed`` otherwise, before
+  reading the request) run on :mod:`nartool.build` with the client's build settings; see
+  :mod:`nartool.remote.serve_build` for the replies, the log and the access rules (an
+  input-addressed ``BuildDerivation`` needs a user in ``trusted-users``).
 * Trust. Nix's serve imports without any signature check. nartool decides per user: a user not
   in ``trusted-users`` may import a path only when it carries a valid signature by a key in
   ``trusted-public-keys`` or is content-addressed (``require-sigs = false`` lifts this), like
