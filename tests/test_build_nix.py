@@ -691,3 +691,16 @@ def test_output_cycle(nixroot: Path, ours: LocalStore) -> None:
     assert _errors(m.stderr) == _errors(n.stderr)
     assert "cycle detected" in _errors(m.stderr)[0]
     assert not [x for x in os.listdir(ours.real_store_dir) if x.endswith(("-cyclic", "-cyclic-dev"))]
+
+
+@pytest.mark.parametrize("opts", [("--option", "build-users-group", "no-such-group"), ("--max-jobs", "0")],
+                         ids=["no-such-group", "max-jobs-0"])
+def test_setting_errors_as_nix(nixroot: Path, ours: LocalStore, opts: tuple[str, ...]) -> None:
+    require("ROOT", os.geteuid() == 0 or opts[0] == "--max-jobs", "build users are used only as root")
+    expr = f"""derivation {{ name = "opt-{opts[-1]}"; system = builtins.currentSystem; builder = "${{bb}}/bin/sh";
+      args = [ "-c" "echo > $out" ]; }}"""
+    drv = _both(nixroot, ours, expr)
+    n = nix_build(nixroot, drv, *opts)
+    m = _nartool_build(ours, *opts, drv)
+    assert n.returncode == m.returncode == 1, (n.stderr, m.stderr)
+    assert _errors(m.stderr) == _errors(n.stderr)

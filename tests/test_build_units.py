@@ -308,7 +308,8 @@ def test_scheduler_max_jobs_zero_without_builders(fake: tuple[LocalStore, dict[s
     st, paths, events, _ = fake
     res = goal_mod.build_paths(st, [paths["e"]], BuildOptions(max_jobs=0))
     assert res[0].status == BuildStatus.MISC_FAILURE and res[0].error_msg == (
-        "unable to start any build; either increase '--max-jobs' or enable remote builds")
+        "unable to start any build; either increase '--max-jobs' or enable remote builds."
+        "\nhttps://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html")
     assert events == []
 
 

@@ -698,7 +698,10 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
     return [nodes[p].result or BuildResult(BuildStatus.MISC_FAILURE, "not built") for p, _ in parsed]
 
 
-NO_JOBS = "unable to start any build; either increase '--max-jobs' or enable remote builds"
+_DOCS_URL = "\nhttps://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html"
+#: Nix 2.8's messages when ``max-jobs`` is 0 and no remote machine (or none that fits) is there
+NO_JOBS = "unable to start any build; either increase '--max-jobs' or enable remote builds." + _DOCS_URL
+NO_MACHINE = "unable to start any build; remote machines may not have all required system features." + _DOCS_URL
 
 
 def _build_one(store: LocalStore, n: _Node, options: BuildOptions, log: LogFn | None, notice: NoticeFn | None,
@@ -710,7 +713,7 @@ def _build_one(store: LocalStore, n: _Node, options: BuildOptions, log: LogFn | 
         if res is not None:
             return res
         if options.max_jobs == 0:
-            return BuildResult(BuildStatus.MISC_FAILURE, NO_JOBS)
+            return BuildResult(BuildStatus.MISC_FAILURE, NO_MACHINE)
     return build_derivation(store, n.drv_path, n.drv, options, log=log, notice=notice, keep_colours=keep_colours,
                             cancel=cancel, wanted=n.wanted)
 
