@@ -81,13 +81,10 @@ def _dump_to(path: PathLike, out: BinaryIO, compress: str, names: NameCodec | No
             total += len(c)
         return total
     # a real descriptor: big files' contents go from file to output inside the kernel
-    from .fs.osutil import FdOutput
+    from .fs.source import dump_to_fd
 
     out.flush()
-    sink = FdOutput(fd)
-    for c in dump_nar(path, names=names, exclude=exclude, limits=limits, copy_file=sink.copy_from):
-        sink.write(c)
-    return sink.total
+    return dump_to_fd(path, fd, names=names, exclude=exclude, limits=limits)
 
 
 def hash_path(

@@ -19,6 +19,7 @@ from nartool.fs.source import (
     OpenFile,
     dump_nar,
     dump_nar_handing_off,
+    dump_to_fd,
     hash_nar,
     read_open_file,
     read_open_file_ahead,
@@ -165,3 +166,42 @@ def test_hash_agrees_with_nix(tree: Path, monkeypatch: pytest.MonkeyPatch) -> No
         want = subprocess.run(["nix-hash", "--type", "sha256", str(p)], capture_output=True, text=True, check=True,
                               env=nix_env()).stdout.strip()
         assert nartool.hash_path(p).base16 == want
+
+
+@pytest.mark.parametrize("dest", ["file", "pipe"])
+def test_dump_to_fd_writes_the_nar(tree: Path, tmp_path: Path, dest: str) -> None:
+    want = nar_bytes(tree)
+    before = open_fds()
+    if dest == "file":
+        out = tmp_path / "out.nar"
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            assert dump_to_fd(tree, fd) == len(want)
+        finally:
+            os.close(fd)
+        assert out.read_bytes() == want
+    else:
+        reader = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert reader.stdin is not None and reader.stdout is not None
+        import threading
+
+        got: list[bytes] = []
+        t = threading.Thread(target=lambda: got.append(reader.stdout.read()))  # type: ignore[union-attr]
+        t.start()
+        assert dump_to_fd(tree, reader.stdin.fileno()) == len(want)
+        reader.stdin.close()
+        t.join()
+        reader.wait()
+        reader.stdout.close()
+        assert got[0] == want
+    assert open_fds() == before
+
+
+def test_dump_to_fd_errors_leave_no_descriptor(tmp_path: Path) -> None:
+    t = make_tree(tmp_path / "t")
+    os.mkfifo(t / "a" / "b" / "zz-fifo")
+    before = open_fds()
+    with open(tmp_path / "out", "wb") as f, pytest.raises(FsError) as e:
+        dump_to_fd(t, f.fileno())
+    assert e.value.rule == "unsupported-type"
+    assert open_fds() == before

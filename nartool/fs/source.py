@@ -662,3 +662,45 @@ def read_open_file_ahead(f: OpenFile, consume: Callable[[memoryview], object], p
         t.join()
         f.close()
     return size
+
+
+def dump_to_fd(
+    path: str | bytes | os.PathLike[str],
+    fd: int,
+    *,
+    names: NameCodec | None = None,
+    exclude: Exclude | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> int:
+    """Write the NAR of ``path`` to the descriptor ``fd``; returns the bytes written.
+
+    The contents of files above :data:`SMALL_FILE` go from file to output inside the kernel where
+    the platform allows (see :class:`nartool.fs.osutil.FdOutput`). For a tree, the walk runs in
+    a producer thread while this one writes (writes, ``sendfile`` and ``copy_file_range`` release
+    the GIL), handed the big files open (:func:`dump_nar_handing_off`)."""
+    from ..pipeline import pipelined
+    from .osutil import FdOutput
+
+    sink = FdOutput(fd)
+    root = os.fsencode(path)
+    try:
+        is_dir = stat.S_ISDIR(os.lstat(root).st_mode)
+    except OSError:
+        is_dir = False  # the dump reports it
+    if not is_dir:
+        for c in dump_nar(root, names=names, exclude=exclude, limits=limits, copy_file=sink.copy_from):
+            sink.write(c)
+        return sink.total
+    write, copy_from = sink.write, sink.copy_from
+    for item in pipelined(dump_nar_handing_off(root, names=names, exclude=exclude, limits=limits), depth=32):
+        if item.__class__ is OpenFile:
+            assert isinstance(item, OpenFile)
+            try:
+                copy_from(item.fd, item.size, item.path)
+            except OSError as e:
+                raise _io_error(e, item.path) from e
+            finally:
+                item.close()
+        else:
+            write(item)  # type: ignore[arg-type]
+    return sink.total
