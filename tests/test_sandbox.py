@@ -897,3 +897,34 @@ def test_helper_killed_takes_the_builder_along(env: Env) -> None:
     b.cleanup()
     if bu is not None:
         bu.release()
+
+
+def test_mounts_do_not_propagate_from_a_shared_host_mount(env: Env) -> None:
+    """The store sits on a shared mount (as under systemd) and no user namespace cuts
+    propagation: making '/' private inside the sandbox is what keeps its mounts out of the host."""
+    need_sandbox()
+    need_root()
+    root = str(env.root)
+    subprocess.run(["mount", "--bind", root, root], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", root], check=True)
+        bu = _free_user()
+        try:
+            os.chown(env.build_dir, bu.uid, bu.gid)
+            b = start_sandboxed(env.spec("echo started; sleep 1000", build_user=bu, no_user_namespace=True))
+            buf = b""
+            deadline = time.time() + 10
+            while b"started" not in buf and time.time() < deadline:
+                try:
+                    buf += os.read(b.log_fd, 100)
+                except BlockingIOError:
+                    time.sleep(0.01)
+            leaked = sb._mount_points_under(b.spec.chroot_dir)
+            b.kill()
+            b.wait()
+            b.cleanup()
+            assert leaked == []
+        finally:
+            bu.release()
+    finally:
+        subprocess.run(["umount", "-l", root], check=False)
