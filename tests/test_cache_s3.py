@@ -594,3 +594,37 @@ def test_keys_that_may_only_read_and_write_objects(s3server: WeedS3, tmp_path: P
     s3server.create_bucket(other)
     r = cli("--store", store.root, "copy", "--to", s3server.store_uri(other), top, env=env)
     assert r.returncode == 1 and "S3 denied access" in r.stderr, r.stderr
+
+
+def test_current_nix_substitutes_from_the_bucket(s3server: WeedS3, tmp_path: Path) -> None:  # noqa: F811
+    """Nix 2.26 (``NARTOOL_MODERN_NIX``; Debian's build has no S3 either) reads the bucket over HTTP."""
+    from nartool.store.signing import SecretKey
+
+    from .conftest import require
+    from .helpers import nix_env
+
+    modern = os.environ.get("NARTOOL_MODERN_NIX")
+    require("MODERN_NIX", bool(modern), "NARTOOL_MODERN_NIX is not set (a command running current Nix)")
+    assert modern is not None
+    key = SecretKey.generate("s3-test-2")
+    key_file = tmp_path / "cache.sec"
+    key_file.write_text(key.to_text())
+    store, top, closure = make_closure(tmp_path / "src", tmp_path)
+    prefix = unique("nix226")
+    uri = s3server.store_uri("pub", prefix, compression="zstd", **{"secret-key": str(key_file),
+                                                                    "narinfo-compression": "gzip"})
+    r = cli("--store", store.root, "copy", "--to", uri, top, env=aws_env(tmp_path, s3server))
+    assert r.returncode == 0, r.stderr
+    nix_root = tmp_path / "nixstore"  # under /tmp, which current Nix's chroot shares
+    r2 = subprocess.run([*modern.split(), "nix-store", "--store", str(nix_root), "-r", top,
+                         "--option", "substituters", f"{s3server.url}/pub/{prefix}",
+                         "--option", "trusted-public-keys", key.public_key().to_text()],
+                        capture_output=True, text=True, env={**nix_env(), "XDG_CACHE_HOME": str(tmp_path / "xc")},
+                        timeout=300)
+    assert r2.returncode == 0, r2.stderr
+    r3 = subprocess.run([*modern.split(), "nix-store", "--store", str(nix_root), "--verify", "--check-contents"],
+                        capture_output=True, text=True, env=nix_env(), timeout=300)
+    assert r3.returncode == 0 and "corrupt" not in r3.stderr, r3.stderr
+    r4 = subprocess.run([*modern.split(), "nix-store", "--store", str(nix_root), "-qR", top],
+                        capture_output=True, text=True, env=nix_env(), timeout=300)
+    assert sorted(r4.stdout.split()) == sorted(closure)
