@@ -125,11 +125,22 @@ def _remove_tree(path: str) -> None:
         log.warning("cannot remove '%s': %s", path, e.strerror)
 
 
+#: hashes modulo of input derivations, by .drv path (a .drv never changes), shared by all builds
+_HASH_CACHE: dict[str, Any] = {}
+_HASH_CACHE_LOCK = threading.Lock()
+
+
 def _realisations(store: LocalStore, drv_path: str, drv: Derivation, paths: dict[str, str],
                   full: bool) -> tuple[tuple[str, str], ...]:
     try:
         resolve = store_resolver(store) if full else (lambda p: read_derivation(store, p))
-        hashes = hash_derivation_modulo(drv, resolve, store_dir=store.store_dir).hashes
+        with _HASH_CACHE_LOCK:
+            if len(_HASH_CACHE) > 100_000:
+                _HASH_CACHE.clear()
+            cache = dict(_HASH_CACHE)
+        hashes = hash_derivation_modulo(drv, resolve, store_dir=store.store_dir, cache=cache).hashes
+        with _HASH_CACHE_LOCK:
+            _HASH_CACHE.update(cache)
     except NartoolError:
         return ()
     out = []
