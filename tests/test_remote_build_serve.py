@@ -24,6 +24,7 @@ from nartool.store.local import LocalStore
 
 from .helpers import cli_argv, cli_env
 from .remote_build_util import BUSYBOX, instantiate, make_store, require_busybox
+from .sshd import Sshd, make_sshd, sshd  # noqa: F401
 
 
 @pytest.fixture
@@ -155,6 +156,18 @@ def test_build_paths(tmp_path: Path, client: Path) -> None:
             assert "about to fail\nsecond line\n" in err
 
 
+def _builders() -> list[int]:
+    """Pids of running 'hang' builders (the sandboxed builder is visible from the host)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and b"echo started; sleep 37" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(int(pid))
+        except OSError:
+            pass
+    return out
+
+
 def test_hangup_kills_the_build(tmp_path: Path, client: Path) -> None:
     """A client that goes away mid-build: the builder is killed and the session ends."""
     tag = f"-{os.getpid()}-{time.monotonic_ns()}"
@@ -170,22 +183,44 @@ def test_hangup_kills_the_build(tmp_path: Path, client: Path) -> None:
     p.stdin.flush()
     assert p.stderr.readline() == b"started\n"  # the builder runs
 
-    def builders() -> list[int]:
-        out = []
-        for pid in os.listdir("/proc"):
-            try:
-                if pid.isdigit() and b"echo started; sleep 37" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    out.append(int(pid))
-            except OSError:
-                pass
-        return out
-
-    assert builders()
+    assert _builders()
     p.stdin.close()  # hang up
     assert p.wait(20) == 1
     rest = p.stderr.read().decode()
     assert "the client closed the connection during the build" in rest
     deadline = time.monotonic() + 10
-    while builders() and time.monotonic() < deadline:
+    while _builders() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not builders(), "the builder outlived its session"
+    assert not _builders(), "the builder outlived its session"
+
+
+def test_ssh_client_killed_mid_build(tmp_path: Path, client: Path, sshd: Sshd) -> None:  # noqa: F811
+    """As Nix's client ends a session — SIGKILL to its ssh — while the machine builds, through a
+    real sshd: the forced-command server notices the hang-up and the builder is killed."""
+    import sys
+
+    from .helpers import REPO
+
+    tag = f"-ssh-{os.getpid()}-{time.monotonic_ns()}"
+    drv = instantiate(client, tmp_path, "hang", tag=tag)
+    data, _n = session(client, drv)
+    conf = tmp_path / "nartool.conf"
+    conf.write_text(f"trusted-users = {UserIdentity.current().name}\n")
+    os.chmod(conf, 0o600)
+    key = sshd.add_key(f"{sys.executable} -m nartool serve --write --store {tmp_path / 'm'}",
+                       environment={"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
+                                                                  if p),
+                                    "NARTOOL_CONFIG": str(conf)})
+    p = subprocess.Popen(sshd.ssh_command(key), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    assert p.stdin is not None and p.stderr is not None
+    p.stdin.write(data)
+    p.stdin.flush()
+    assert p.stderr.readline() == b"started\n"
+    assert _builders()
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 15
+    while _builders() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _builders(), "the builder outlived its ssh session"
