@@ -38,10 +38,13 @@ let
   go = i: if i == 0 then step 0 null else step i (go (i - 1));
   fail = mk "rb-fail" "echo about to fail; echo second line; exit 3";
   silent = mk "rb-silent" "echo going quiet; sleep 5; echo never > $out";
+  fod = derivation { name = "rb-fod"; system = builtins.currentSystem; builder = sh; args = [ "-c" "echo hi > $out" ];
+                     outputHashMode = "flat"; outputHashAlgo = "sha256";
+                     outputHash = "98ea6e4f216f2fb4b69fff9b3a44842c38686ca685f3f55dc48c5d3fb1107be4"; };
   nonl = mk "rb-nonl" "echo first line; printf 'no newline at the end'; echo x > $out";
   hang = mk "rb-hang${tag}" "echo started; sleep 37; echo done > $out";
   refs = mk "rb-refs" "mkdir $out; echo ${base} > $out/ref; ln -s ${bb}/bin/sh $out/sh; printf 'no newline at the end'";
-in { chain = top; inherit fail silent refs hang nonl; chainN = go (n - 1); }.${what}
+in { chain = top; inherit fail silent refs hang nonl fod; chainN = go (n - 1); }.${what}
 """
 
 

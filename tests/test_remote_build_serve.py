@@ -224,3 +224,37 @@ def test_ssh_client_killed_mid_build(tmp_path: Path, client: Path, sshd: Sshd) -
     while _builders() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _builders(), "the builder outlived its ssh session"
+
+
+def test_untrusted_user_builds_fixed_output_only_at_its_path(tmp_path: Path, client: Path) -> None:
+    """An untrusted user (uploads: content-addressed busybox passes the import rules) may build a
+    fixed-output derivation — but only with the output path its hash and name give."""
+    import dataclasses
+
+    drv = instantiate(client, tmp_path, "fod")
+    data, n = session(client, drv)
+    code, out, err = serve(tmp_path / "m1", data, trusted=False)
+    assert code == 0, err
+    r = reply(out, n)
+    assert r.status == M.BuildStatus.BUILT, r.error_msg
+    # the same request with another output path
+    st = LocalStore(client)
+    try:
+        d = read_derivation(st, drv)
+        basic = BasicDerivation.from_derivation(d, _input_paths(st, d))
+    finally:
+        st.close()
+    evil = f"/nix/store/{'a' * 32}-glibc"
+    basic = dataclasses.replace(basic, outputs=[(n_, evil, a, h) for n_, _p, a, h in basic.outputs],
+                                env=[(k, evil if k == "out" else v) for k, v in basic.env])
+    buf = io.BytesIO()
+    w = W.Writer(buf)
+    w.u64(W.SERVE_MAGIC_1).u64(0x207).u64(W.CMD_BUILD_DERIVATION)
+    M.BuildDerivationRequest(drv, basic).write(w, 7)
+    w.flush()
+    code, _out, err = serve(tmp_path / "m1", buf.getvalue(), trusted=False)
+    assert code == 1 and f"has output 'out' at '{evil}', but its hash and name give" in err
+    assert not LocalStore(tmp_path / "m1").is_valid(evil)
+    # a trusted user is not checked (as with Nix's server)
+    code, out, err = serve(tmp_path / "m1", buf.getvalue())
+    assert code == 0, err

@@ -32,8 +32,9 @@ Access (Nix's daemon rules as the model, ``docs/remote-builds.md``): building ne
 ``BuildDerivation`` of an input-addressed derivation — which lets the client choose any output
 path, so it amounts to full control of the store — needs a user in ``trusted-users``, as the
 Nix daemon requires (``you are not privileged to build input-addressed derivations``).
-``BuildPaths`` builds derivations already in the store, whose outputs follow from the ``.drv``
-itself, and is open to every allowed user. The uploads a build needs follow the import rules of
+A fixed-output derivation from an untrusted user must carry the output path its hash and name
+give. ``BuildPaths`` builds derivations already in the store, whose outputs follow from the
+``.drv`` itself, and is open to every allowed user. The uploads a build needs follow the import rules of
 :mod:`nartool.remote.serve` (unsigned paths only from trusted users or with ``require-sigs =
 false``).
 """
@@ -51,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import NartoolError
 from ..store.derivation import (
+    FIXED,
     INPUT_ADDRESSED,
     BasicDerivation,
     Derivation,
@@ -309,9 +311,18 @@ def build_derivation(server: _Server) -> None:
             W.check_store_path(p, sd, "inputSrcs")
     except NartoolError as e:
         raise ServeExit(f"invalid derivation '{req.drv_path}': {e}") from None
-    if kind == INPUT_ADDRESSED and not server.policy.trusted:
-        raise ServeExit(f"you are not privileged to build input-addressed derivations (user "
-                        f"'{server.policy.user}' is not in 'trusted-users' on this machine)")
+    if not server.policy.trusted:
+        if kind == INPUT_ADDRESSED:
+            raise ServeExit(f"you are not privileged to build input-addressed derivations (user "
+                            f"'{server.policy.user}' is not in 'trusted-users' on this machine)")
+        if kind == FIXED:
+            # the output path must be the one its hash and name give, or an untrusted user could
+            # put content of their choosing at any path
+            for name, path, _a, _h in basic.outputs:
+                want = drv.output_path(name, sd)
+                if path != want:
+                    raise ServeExit(f"fixed-output derivation '{req.drv_path}' has output '{name}' at '{path}', "
+                                    f"but its hash and name give '{want}'")
     missing = sorted(set(basic.input_srcs) - store.query_valid_paths(basic.input_srcs))
     if missing:
         result = M.BuildResult(M.BuildStatus.MISC_FAILURE, f"path '{missing[0]}' is not valid")
