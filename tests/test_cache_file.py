@@ -568,3 +568,25 @@ def test_batches_publish_at_the_end_with_narinfos_last(closure: tuple[Path, dict
         raise RuntimeError("interrupted")
     assert len(list((tmp_path / "e").glob("*.narinfo"))) == 2  # complete ones kept
     assert cache_store(tmp_path / "e").query_valid_paths(order) == set(order[:2])
+
+
+def test_refused_nar_leaves_nothing(closure: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    root, paths = closure
+    with LocalStore(root) as src:
+        info = src.path_info(paths["tree"])
+        nar = b"".join(src.nar_chunks(paths["tree"]))
+    c = cache_store(tmp_path / "c", "compression=xz")
+    for bad, rule in ((replace(info, nar_size=info.nar_size + 8), "size-mismatch"),
+                      (replace(info, nar_hash=Hash("sha256", bytes(32)), ca=None), "hash-mismatch"),
+                      (replace(info, nar_hash=Hash("sha256", bytes(32))), "ca-mismatch")):
+        with pytest.raises(StoreError) as ei:
+            c.add_nar(bad, nar)
+        assert ei.value.rule == rule
+    with pytest.raises(StoreError):
+        c.add_nar(info, nar[:-8])  # truncated
+    assert not list((tmp_path / "c").rglob("*.narinfo")) and not [p for p in (tmp_path / "c").rglob(".*")]
+    assert not list((tmp_path / "c" / "nar").iterdir())
+    c.add_nar(info, nar)
+    assert len(list((tmp_path / "c" / "nar").iterdir())) == 1

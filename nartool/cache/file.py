@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ class FileBackend:
         self._pending: list[tuple[str, str, str]] | None = None
         self._pending_finals: set[str] = set()
         self._depth = 0
+        self._temps: dict[int, str] = {}  # id(file) -> name of the temporaries handed out
 
     def describe(self) -> str:
         return "file://" + self.root
@@ -104,6 +106,46 @@ class FileBackend:
                 raise StoreError(f"cannot write to the cache: {e.strerror}", path=path, rule="io-error") from None
             raise
 
+
+    def temporary(self, subdir: str) -> BinaryIO:
+        """A new hidden temporary file in ``subdir`` (created if needed), for :meth:`adopt_file`
+        or :meth:`drop_temporary`."""
+        d = os.path.join(self.root, *check_key(subdir).split("/"))
+        try:
+            os.makedirs(d, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=".nartool-", suffix=".tmp", dir=d)
+        except OSError as e:
+            raise StoreError(f"cannot write to the cache: {e.strerror}", path=d, rule="io-error") from None
+        os.fchmod(fd, 0o644)
+        f = os.fdopen(fd, "w+b")
+        self._temps[id(f)] = name
+        return f
+
+    def adopt_file(self, key: str, f: BinaryIO) -> None:
+        """Make the temporary ``f`` (from :meth:`temporary`, on the same filesystem) the file
+        ``key``: renamed into place, never copied (synced as :meth:`upsert_file` does)."""
+        path = self._path(key)
+        tmp = self._temps[id(f)]
+        f.flush()
+        with self._lock:
+            if self._pending is not None:
+                self._pending.append((tmp, path, key))
+                self._pending_finals.add(path)
+                self._temps.pop(id(f))
+                return
+        try:
+            fsync(f.fileno())
+            os.rename(tmp, path)
+        except OSError as e:
+            raise StoreError(f"cannot write to the cache: {e.strerror}", path=path, rule="io-error") from None
+        self._temps.pop(id(f))
+
+    def drop_temporary(self, f: BinaryIO) -> None:
+        """Close ``f``; remove it unless it was adopted."""
+        f.close()
+        name = self._temps.pop(id(f), None)
+        if name is not None:
+            _unlink(name)
 
     @contextmanager
     def deferred(self, *, keep_on_error: bool = True) -> Iterator[None]:

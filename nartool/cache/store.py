@@ -531,7 +531,8 @@ class BinaryCacheStore(BaseStore):
         nar_size = file_size = 0
         comp = None if p.compression == "none" else compressobj(p.compression, p.compression_level,
                                                                  p.parallel_compression)
-        with tempfile.TemporaryFile(prefix="nartool-nar-") as tmp:
+        tmp = self._nar_spool()
+        try:
             for chunk in write_nar(events):
                 nh.update(chunk)
                 nar_size += len(chunk)
@@ -562,9 +563,9 @@ class BinaryCacheStore(BaseStore):
             if listing is not None:
                 self.backend.upsert_file(hash_part + ".ls", listing.render(), mime=MIME_LISTING)
             if not self.backend.file_exists(url):
-                tmp.flush()
-                tmp.seek(0)
-                self.backend.upsert_file(url, tmp, mime=MIME_NAR)
+                self._upload_nar(url, tmp)
+        finally:
+            self._drop_spool(tmp)
         ni = NarInfo.from_path_info(info, url=url, compression=p.compression, file_hash=file_hash.prefixed("nix32"),
                                     file_size=file_size)
         if self._secret is not None:
@@ -574,6 +575,18 @@ class BinaryCacheStore(BaseStore):
             self._narinfos[info.path] = ni
             self._absent.discard(info.path)
         return ni.to_path_info()
+
+    def _nar_spool(self) -> BinaryIO:
+        """Where :meth:`add_nar` writes a compressed NAR before uploading it."""
+        return tempfile.TemporaryFile(prefix="nartool-nar-")
+
+    def _upload_nar(self, url: str, tmp: BinaryIO) -> None:
+        tmp.flush()
+        tmp.seek(0)
+        self.backend.upsert_file(url, tmp, mime=MIME_NAR)
+
+    def _drop_spool(self, tmp: BinaryIO) -> None:
+        tmp.close()
 
     def add_signatures(self, path: str, sigs: Iterable[str]) -> None:
         ni = self.narinfo(path)
@@ -697,6 +710,7 @@ class FileCacheStore(BinaryCacheStore):
         except BaseException:
             if not keep_on_error:  # nothing of the block was published
                 self.forget(set(self._narinfos) - before)
+                self._cache_info_written = False
             raise
 
     def commit_pending(self) -> int:
@@ -704,6 +718,26 @@ class FileCacheStore(BinaryCacheStore):
 
         assert isinstance(self.backend, FileBackend)
         return sum(1 for k in self.backend.flush() if k.endswith(".narinfo"))
+
+    def _nar_spool(self) -> BinaryIO:
+        """A hidden temporary in the cache's ``nar/`` (same filesystem: it is renamed into place,
+        never copied)."""
+        from .file import FileBackend
+
+        assert isinstance(self.backend, FileBackend)
+        return self.backend.temporary("nar")
+
+    def _upload_nar(self, url: str, tmp: BinaryIO) -> None:
+        from .file import FileBackend
+
+        assert isinstance(self.backend, FileBackend)
+        self.backend.adopt_file(url, tmp)
+
+    def _drop_spool(self, tmp: BinaryIO) -> None:
+        from .file import FileBackend
+
+        assert isinstance(self.backend, FileBackend)
+        self.backend.drop_temporary(tmp)
 
     def _init_for_writing(self) -> None:
         if not self._cache_info_written:
