@@ -397,7 +397,15 @@ def test_pre_build_hook(nixroot: Path, ours: LocalStore, tmp_path: Path) -> None
     m = _nartool_build(ours, "--option", "pre-build-hook", str(hook), drv2)
     assert n.returncode != 0 and m.returncode != 0
     assert "unknown pre-build hook command 'hello'" in n.stderr.decode()
-    assert "unknown pre-build hook command 'hello'" in m.stderr.decode()
+    assert _errors(m.stderr) == _errors(n.stderr)
+    # a failing hook
+    hook.write_text("#!/bin/sh\nexit 4\n")
+    drv3 = _both(nixroot, ours, expr.replace('"hooked"', '"hooked3"'))
+    n = nix_build(nixroot, drv3, "--option", "pre-build-hook", str(hook))
+    m = _nartool_build(ours, "--option", "pre-build-hook", str(hook), drv3)
+    assert n.returncode == m.returncode == 1
+    assert _errors(m.stderr) == _errors(n.stderr)
+    assert not [x for x in os.listdir(ours.real_store_dir) if x.endswith(".chroot")]
 
 
 def test_sandbox_paths_closure(nixroot: Path, ours: LocalStore) -> None:
@@ -704,3 +712,20 @@ def test_setting_errors_as_nix(nixroot: Path, ours: LocalStore, opts: tuple[str,
     m = _nartool_build(ours, *opts, drv)
     assert n.returncode == m.returncode == 1, (n.stderr, m.stderr)
     assert _errors(m.stderr) == _errors(n.stderr)
+
+
+def test_log_settings(nixroot: Path, ours: LocalStore) -> None:
+    expr = """derivation { name = "logset-NAME"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+      args = [ "-c" "echo line; echo > $out" ]; }"""
+    plain = _both(nixroot, ours, expr.replace("NAME", "plain"))
+    m = _nartool_build(ours, "--option", "compress-build-log", "false", plain)
+    assert m.returncode == 0, m.stderr
+    base = plain.rsplit("/", 1)[1]
+    assert Path(ours.root, "nix/var/log/nix/drvs", base[:2], base[2:]).read_bytes() == b"line\n"
+    r = subprocess.run(["nix-store", "--store", ours.root, "-l", plain], capture_output=True, env=nix_env(), check=False)
+    assert r.stdout == b"line\n"
+    none = _both(nixroot, ours, expr.replace("NAME", "none"))
+    m = _nartool_build(ours, "--option", "keep-build-log", "false", none)
+    assert m.returncode == 0 and b"line" in m.stderr
+    r2 = run_cli("--store", ours.root, "store", "log", none)
+    assert r2.returncode == 1 and b"is not available" in r2.stderr
