@@ -258,3 +258,30 @@ def test_untrusted_user_builds_fixed_output_only_at_its_path(tmp_path: Path, cli
     # a trusted user is not checked (as with Nix's server)
     code, out, err = serve(tmp_path / "m1", buf.getvalue())
     assert code == 0, err
+
+
+def test_build_paths_refuses_a_derivation_with_wrong_outputs(tmp_path: Path, client: Path) -> None:
+    """A ``.drv`` is a content-addressed text path, so an untrusted user may upload one; one whose
+    output path is not what its contents give (here: a 'glibc' path with content of the
+    uploader's choice) is refused by BuildPaths, and nothing is built."""
+    from nartool.store.derivation import Derivation, DerivationOutput
+
+    evil = f"/nix/store/{'a' * 32}-glibc"
+    sh = f"{BUSYBOX}/bin/sh"
+    d = Derivation(outputs={"out": DerivationOutput(evil)}, input_srcs=[BUSYBOX], platform="x86_64-linux",
+                   builder=sh, args=["-c", "echo pwned > $out"],
+                   env={"out": evil, "name": "glibc", "system": "x86_64-linux", "builder": sh}, name="glibc")
+    st = LocalStore(client)
+    try:
+        drv = st.add_text("glibc.drv", d.unparse(), d.references()).path
+    finally:
+        st.close()
+    data, n = session(client, drv, upload=[BUSYBOX, drv], build_paths=[f"{drv}!out"])
+    code, out, err = serve(tmp_path / "m", data, trusted=False)
+    assert code == 0, err
+    src = ByteSource(io.BytesIO(out).read, "reply")
+    src.skip(16 + 8 * n)
+    assert W.read_u64(src, "status") == 1
+    msg = W.read_str(src, "message")
+    assert msg.startswith(f"\x1b[31;1merror:\x1b[0m derivation '{drv}' cannot be built here: ") and "incorrect output" in msg
+    assert not LocalStore(tmp_path / "m").is_valid(evil)

@@ -372,6 +372,29 @@ def build_derivation(server: _Server) -> None:
     server.w.flush()
 
 
+def _bogus_derivation(store: LocalStore, drv_paths: list[str]) -> str | None:
+    """Why one of the derivations that building ``drv_paths`` involves may not be built: one
+    whose output paths are not those its contents give (Nix never lets such a ``.drv`` into its
+    store; without this check an uploaded one could place any content at any path)."""
+    from ..store.derivation import DerivationError, check_outputs, store_resolver
+
+    resolve = store_resolver(store)
+    seen: set[str] = set()
+    todo = list(drv_paths)
+    while todo:
+        p = todo.pop()
+        if p in seen or not store.is_valid(p):
+            continue  # (an invalid one is reported by the scheduler)
+        seen.add(p)
+        try:
+            d = resolve(p)
+            check_outputs(d, resolve, store.store_dir)
+        except DerivationError as e:
+            return f"derivation '{p}' cannot be built here: {e}"
+        todo.extend(d.input_drvs)
+    return None
+
+
 def build_paths(server: _Server) -> None:
     """``BuildPaths`` (6): ``list<str>`` of ``PATH`` or ``DRV!OUT,…``, the build settings."""
     from .serve import ServeExit
@@ -395,6 +418,10 @@ def build_paths(server: _Server) -> None:
         store.temp_root(t.split("!", 1)[0])
     if not drvs:
         server.w.u64(0).flush()
+        return
+    bad = _bogus_derivation(store, [t.split("!", 1)[0] for t in drvs])
+    if bad:
+        server.w.u64(1).str_(nix_error_text(bad)).flush()
         return
     options = _options(server, settings)
     from ..build import build_paths as run_builds
