@@ -643,19 +643,29 @@ def _need_nix() -> None:
     require("NIX", NIX_STORE is not None, "real Nix (nix-store) is not installed")
 
 
-@pytest.mark.parametrize("fixed_output", [False, True], ids=["ordinary", "fixed-output"])
-def test_fingerprint_equals_nix_root_build_users(tmp_path: Path, fixed_output: bool) -> None:
-    """Everything the fingerprint builder observes is identical under Nix 2.8 and nartool (for a
-    fixed-output derivation: host network and DNS files, still chrooted)."""
+_ROOT_CASES = {
+    "build-users": {},
+    "build-users-fixed-output": {"fixed_output": True},
+    "build-users-sandbox-paths": {"sandbox_paths": True},
+    "no-build-users": {"build_users": False},
+    "no-build-users-fixed-output": {"build_users": False, "fixed_output": True},
+}
+
+
+@pytest.mark.parametrize("case", list(_ROOT_CASES))
+def test_fingerprint_equals_nix_as_root(tmp_path: Path, case: str) -> None:
+    """Everything the fingerprint builder observes is identical under Nix 2.8 and nartool: with
+    build users and without (root mapped to 1000), for a fixed-output derivation (host network and
+    DNS files, still chrooted) and with host paths from sandbox-paths."""
     need_sandbox()
     need_root()
     _need_nix()
     from .probes.fingerprint_compare import run as fp_run
     os.chmod(tmp_path, 0o755)
-    res = fp_run(str(tmp_path), fixed_output=fixed_output)
+    res = fp_run(str(tmp_path), **_ROOT_CASES[case])
     assert res["status"] == 0, res["log"]
     assert res["diffs"] == {}, json.dumps(res["diffs"], indent=1)
-    assert len(res["files"]) >= 25   # type: ignore[arg-type]
+    assert len(res["files"]) >= 28 and "complete" in res["files"]   # type: ignore[operator]
     assert not res["chroot_left"]
     subprocess.run(["chmod", "-R", "u+w", str(tmp_path)], check=False)
 
@@ -669,8 +679,9 @@ def _unprivileged_python(user: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("fixed_output", [False, True], ids=["ordinary", "fixed-output"])
-def test_fingerprint_equals_nix_unprivileged(fixed_output: bool) -> None:
+@pytest.mark.parametrize("flags", [[], ["--fixed-output"], ["--sandbox-paths"]],
+                         ids=["ordinary", "fixed-output", "sandbox-paths"])
+def test_fingerprint_equals_nix_unprivileged(flags: list[str]) -> None:
     need_sandbox()
     need_root()
     _need_nix()
@@ -680,15 +691,14 @@ def test_fingerprint_equals_nix_unprivileged(fixed_output: bool) -> None:
         require("ROOT", False, "user 'nartuser' needed for the unprivileged fingerprint")
     py = _unprivileged_python("nartuser")
     require("ROOT", py is not None, "no Python >= 3.10 runnable by nartuser")
-    r = subprocess.run(["runuser", "-u", "nartuser", "--", py or "", str(PROBES / "fingerprint_compare.py"),
-                        *(["--fixed-output"] if fixed_output else [])],
+    r = subprocess.run(["runuser", "-u", "nartuser", "--", py or "", str(PROBES / "fingerprint_compare.py"), *flags],
                        capture_output=True, text=True, cwd="/tmp", timeout=300,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     assert res["status"] == 0, res["log"]
     assert res["diffs"] == {}, json.dumps(res["diffs"], indent=1)
-    assert len(res["files"]) >= 25
+    assert len(res["files"]) >= 28 and "complete" in res["files"]
 
 
 def test_cleanup_does_not_follow_planted_symlinks(env: Env, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ REPO = HERE.parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from nartool.build.sandbox import SandboxSpec, start_sandboxed  # noqa: E402
+from nartool.build.sandbox import Bind, SandboxSpec, start_sandboxed  # noqa: E402
 from nartool.build.users import acquire_build_user  # noqa: E402
 from nartool.store.derivation import parse_derivation  # noqa: E402
 from tests.helpers import nix_env  # noqa: E402
@@ -114,8 +114,26 @@ def compare_dirs(a: Path, b: Path, rewrites: dict[bytes, bytes] | None = None) -
     return {"files": fa, "diffs": diffs}
 
 
-def run(work: str, fixed_output: bool = False) -> dict[str, object]:
-    """Both builds under ``work``; returns {"files": [...], "diffs": {...}, "nix_out": ..., ...}."""
+def host_binds(work: str) -> tuple[str, list[Bind]]:
+    """Host paths for ``sandbox-paths``: a directory, a file, a symlink to the directory (followed),
+    a missing optional entry. Returns Nix's option value and the same entries parsed."""
+    h = Path(work) / "host"
+    (h / "dir").mkdir(parents=True)
+    (h / "dir" / "f").write_text("in a bound directory\n")
+    (h / "file").write_text("a bound file\n")
+    os.symlink("dir", h / "link")
+    for p in (work, h, h / "dir"):
+        os.chmod(p, 0o755)
+    entries = [("/opt/dir", f"{h}/dir", False), ("/opt/file", f"{h}/file", False), ("/opt/link", f"{h}/link", False),
+               ("/opt/missing", f"{h}/nope", True), ("/srv/x/y", f"{h}/dir", False)]
+    option = " ".join(f"{t}={s}" + ("?" if o else "") for t, s, o in entries)
+    return option, [Bind(t, s, o) for t, s, o in entries]
+
+
+def run(work: str, fixed_output: bool = False, build_users: bool = True, sandbox_paths: bool = False) -> dict[str, object]:
+    """Both builds under ``work``; returns {"files": [...], "diffs": {...}, "nix_out": ..., ...}.
+    ``build_users``: as root, with ``build-users-group = nixbld`` (else empty: root maps to 1000);
+    ``sandbox_paths``: host paths bound in (see :func:`host_binds`)."""
     script = (HERE / "fingerprint.sh").read_text()
     src = Path(work) / "src" / "busybox"
     busybox_tree(src, read_only=False)
@@ -126,8 +144,14 @@ def run(work: str, fixed_output: bool = False) -> dict[str, object]:
                               env=env, check=True, capture_output=True, text=True).stdout.strip()
     before = set(os.listdir(nstore + "/nix/store"))
     rewrites: dict[bytes, bytes] = {}
-    r = subprocess.run(["nix-store", "--store", nstore, "--option", "substituters", "", "-r", drv_path],
-                       env=env, capture_output=True, text=True)
+    opts = ["--option", "substituters", ""]
+    if not build_users:
+        opts += ["--option", "build-users-group", ""]
+    binds: list[Bind] = []
+    if sandbox_paths:
+        value, binds = host_binds(work)
+        opts += ["--option", "sandbox-paths", value]
+    r = subprocess.run(["nix-store", "--store", nstore, *opts, "-r", drv_path], env=env, capture_output=True, text=True)
     drv = parse_derivation(Path(nstore + drv_path).read_bytes())
     out_path = drv.outputs["out"].path
     if fixed_output:
@@ -147,7 +171,7 @@ def run(work: str, fixed_output: bool = False) -> dict[str, object]:
 
     ours = f"{work}/ours"
     busybox_tree(f"{ours}/nix/store/{BUSYBOX_BASE}")
-    bu = acquire_build_user("nixbld") if os.getuid() == 0 else None
+    bu = acquire_build_user("nixbld") if os.getuid() == 0 and build_users else None
     build_dir = tempfile.mkdtemp(prefix="nix-build-fp.drv-", dir=work)
     if bu is not None:
         os.chown(build_dir, bu.uid, bu.gid)
@@ -155,7 +179,7 @@ def run(work: str, fixed_output: bool = False) -> dict[str, object]:
         builder=drv.builder.encode(), args=[a.encode() for a in drv.args],
         env=nix_env_order(drv.env, os.cpu_count() or 1, fixed_output), store_dir="/nix/store",
         real_store_dir=f"{ours}/nix/store", chroot_dir=f"{ours}/nix/store/{Path(drv_path).name}.chroot",
-        build_dir=build_dir, inputs=[BUSYBOX], binds=[], outputs=[out_path], host_network=fixed_output,
+        build_dir=build_dir, inputs=[BUSYBOX], binds=binds, outputs=[out_path], host_network=fixed_output,
         build_user=bu, kvm=os.access("/dev/kvm", os.R_OK | os.W_OK))
     try:
         b = start_sandboxed(spec)
@@ -180,7 +204,8 @@ def run(work: str, fixed_output: bool = False) -> dict[str, object]:
 if __name__ == "__main__":
     work = tempfile.mkdtemp(prefix="nartool-fp-")
     try:
-        print(json.dumps(run(work, fixed_output="--fixed-output" in sys.argv[1:])))
+        print(json.dumps(run(work, fixed_output="--fixed-output" in sys.argv[1:],
+                             sandbox_paths="--sandbox-paths" in sys.argv[1:])))
     finally:
         subprocess.run(["chmod", "-R", "u+w", work], check=False)
         shutil.rmtree(work, ignore_errors=True)
