@@ -320,3 +320,22 @@ def test_scheduler_rejects_bad_targets(fake: tuple[LocalStore, dict[str, str], l
         goal_mod.build_paths(st, [paths["e"] + "!dev"], BuildOptions())
     with pytest.raises(NartoolError, match="is not a derivation"):
         goal_mod.build_paths(st, ["/nix/store/3bm8vwsq22cxmwz21vifir6ldp798x8d-x"], BuildOptions())
+
+
+def test_sandbox_unavailable_on_a_diverted_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel refuses the namespaces, a diverted store (every test store) cannot fall back
+    to an unsandboxed build: the build fails naming the cause, nothing is left behind."""
+    from nartool.build import sandbox as sbx
+    from nartool.errors import SandboxUnavailable
+
+    def refuse(spec: object) -> object:
+        raise SandboxUnavailable("cannot create the build sandbox: unshare(user, mount): Operation not permitted")
+
+    monkeypatch.setattr(sbx, "start_sandboxed", refuse)
+    monkeypatch.setattr(sbx, "start_unsandboxed", lambda spec: pytest.fail("no fallback on a diverted store"))
+    st = LocalStore(tmp_path / "s")
+    paths = _graph(st)
+    res = goal_mod.build_paths(st, [paths["a"]], BuildOptions(sandbox_fallback=True, build_users_group=""))
+    assert res[0].status == BuildStatus.MISC_FAILURE and "Operation not permitted" in res[0].error_msg
+    assert not [n for n in os.listdir(st.real_store_dir) if n.endswith(".chroot")]
+    assert not [n for n in os.listdir(os.environ.get("TMPDIR") or "/tmp") if n.startswith("nix-build-a.drv-")]
