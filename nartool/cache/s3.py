@@ -237,7 +237,8 @@ def _upload_source(data: UploadData) -> tuple[Callable[[int], bytes], int | None
             if c is None:
                 break
             buf.extend(c)
-        out = bytes(buf[:n])
+        with memoryview(buf) as view:
+            out = bytes(view[:n])
         del buf[:n]
         return out
 
@@ -245,10 +246,14 @@ def _upload_source(data: UploadData) -> tuple[Callable[[int], bytes], int | None
 
 
 def _read_exactly(read: Callable[[int], bytes], n: int) -> bytes:
-    parts: list[bytes] = []
-    got = 0
+    """Up to ``n`` bytes (fewer only at the end); one read when it gives them all (no copy)."""
+    first = read(n)
+    if len(first) >= n or not first:
+        return first
+    parts = [first]
+    got = len(first)
     while got < n:
-        b = read(min(n - got, MiB))
+        b = read(n - got)
         if not b:
             break
         parts.append(b)
