@@ -938,3 +938,18 @@ def test_mounts_do_not_propagate_from_a_shared_host_mount(env: Env) -> None:
             bu.release()
     finally:
         subprocess.run(["umount", "-l", root], check=False)
+
+
+def test_paths_that_would_leave_the_sandbox_are_refused(env: Env, tmp_path: Path) -> None:
+    need_sandbox()
+    for kw in ({"binds": [Bind("/../../../escaped", str(tmp_path))]}, {"binds": [Bind("relative", str(tmp_path))]},
+               {"sandbox_build_dir": "/build/../.."}, {"inputs": [BUSYBOX, "/nix/store/../../etc"]},
+               {"inputs": [BUSYBOX, "/nix/store/x/y"]}, {"pre_build_hook": lambda c: [Bind("/a/../../..", "/")]}):
+        with pytest.raises(BuildError) as ei:
+            start_sandboxed(env.spec("true", **kw))
+        assert ei.value.rule in ("sandbox-path", "input-path")
+        assert not os.path.lexists(env.store / "t.drv.chroot")
+    assert sorted(os.listdir(env.store)) == [BUSYBOX_BASE]
+    with pytest.raises(BuildError, match="No such file or directory") as ei:
+        start_sandboxed(env.spec("true", inputs=[BUSYBOX, "/nix/store/00000000000000000000000000000000-gone"]))
+    assert ei.value.rule == "chroot-setup"

@@ -262,8 +262,32 @@ def _userns_enabled() -> bool:
         return False
 
 
+def _check_target(target: str, what: str) -> str:
+    """A path inside the sandbox must be absolute and stay inside it (no '..' component)."""
+    if not target.startswith("/") or target == "/" or ".." in target.split("/") or "\0" in target:
+        raise BuildError(f"{what} '{target}' is not an absolute path inside the sandbox", path=target,
+                         rule="sandbox-path")
+    return target
+
+
 def _prepare_chroot(spec: SandboxSpec, userns_expected: bool) -> dict[str, tuple[str, bool]]:
+    try:
+        return _prepare_chroot_inner(spec, userns_expected)
+    except OSError as e:
+        name = e.filename if isinstance(e.filename, str) else spec.chroot_dir
+        raise BuildError(f"setting up the chroot '{spec.chroot_dir}': {name}: {e.strerror}", path=name,
+                         rule="chroot-setup") from None
+
+
+def _prepare_chroot_inner(spec: SandboxSpec, userns_expected: bool) -> dict[str, tuple[str, bool]]:
     chroot = spec.chroot_dir
+    _check_target(spec.sandbox_build_dir, "sandbox-build-dir")
+    for b in spec.binds:
+        _check_target(b.target, "sandbox path")
+    for p in [*spec.inputs, *spec.outputs]:
+        base = p[len(spec.store_dir) + 1:] if p.startswith(spec.store_dir + "/") else ""
+        if not base or "/" in base or base in (".", ".."):
+            raise BuildError(f"'{p}' is not a store path in '{spec.store_dir}'", path=p, rule="input-path")
     if os.path.lexists(chroot):
         left = _remove_chroot(chroot)
         if left or os.path.lexists(chroot):
@@ -292,8 +316,6 @@ def _prepare_chroot(spec: SandboxSpec, userns_expected: bool) -> dict[str, tuple
         binds[b.target] = (b.source, b.optional)
     binds[spec.sandbox_build_dir] = (spec.build_dir, False)
     for p in spec.inputs:
-        if not p.startswith(spec.store_dir + "/"):
-            raise BuildError(f"input '{p}' is not in the store '{spec.store_dir}'", path=p, rule="input-path")
         real = spec.real_store_dir + p[len(spec.store_dir):]
         if stat.S_ISDIR(os.lstat(real).st_mode):
             binds[p] = (real, False)
@@ -303,7 +325,7 @@ def _prepare_chroot(spec: SandboxSpec, userns_expected: bool) -> dict[str, tuple
         binds.pop(o, None)
     if spec.pre_build_hook is not None:
         for b in spec.pre_build_hook(chroot):
-            binds[b.target] = (b.source, b.optional)
+            binds[_check_target(b.target, "pre-build hook path")] = (b.source, b.optional)
     return binds
 
 
