@@ -10,7 +10,7 @@ static busybox; the derivations come from ``nix-instantiate`` and are copied int
 store. Prints median and range (seconds) per case and tool, and the per-build overhead of the
 chain (total / 50).
 
-    python scripts/bench_build.py [--rounds N] [--chain N]
+    python scripts/bench_build.py [--rounds N] [--chain N] [--no-build-users]
 """
 
 from __future__ import annotations
@@ -48,19 +48,22 @@ def instantiate(root: Path, expr: str) -> str:
     return r.stdout.decode().strip()
 
 
+EXTRA: list[str] = []
+
+
 def one(tool: str, expr: str, work: Path) -> float:
     """Prepare fresh stores and time one build of ``expr`` with ``tool``."""
     nixroot = work / "nix"
     nix_store_with_busybox(nixroot, work)
     drv = instantiate(nixroot, expr)
     if tool == "nix":
-        argv = ["nix-store", "--store", str(nixroot), "--option", "substituters", "", "--realise", drv]
+        argv = ["nix-store", "--store", str(nixroot), "--option", "substituters", "", *EXTRA, "--realise", drv]
         env = nix_env()
     else:
         st, _ = nartool_store(work / "ours", work)
         copy_drv_closure(nixroot, st, drv)
         st.close()
-        argv = cli_argv("--store", str(work / "ours"), "build", drv)
+        argv = cli_argv("--store", str(work / "ours"), "build", *EXTRA, drv)
         env = cli_env()
     t = time.perf_counter()
     r = subprocess.run(argv, capture_output=True, env=env, check=False)
@@ -74,7 +77,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--chain", type=int, default=50)
+    ap.add_argument("--no-build-users", action="store_true",
+                    help="both tools without build users (--option build-users-group ''), as root")
     a = ap.parse_args()
+    if a.no_build_users:
+        EXTRA.extend(["--option", "build-users-group", ""])
     cases = {"trivial": TRIVIAL, f"chain of {a.chain}": CHAIN.replace("COUNT", str(a.chain))}
     times: dict[tuple[str, str], list[float]] = {}
     for r in range(a.rounds):
