@@ -277,8 +277,8 @@ def test_cli_build_over_sshd(tmp_path: Path, busybox_ok: None, sshd: Sshd, machi
     """``nartool build --option builders 'ssh://… SYSTEM KEY 1 1' --max-jobs 0`` on a machine behind a
     real sshd whose forced command is Nix 2.8's ``nix-store --serve --write --store …`` or
     ``nartool serve --write --store …``: the chain's outputs equal local Nix builds, the remote log
-    reaches stderr, a failing builder gives Nix's exit status and message. The machines list
-    comes from a file (``@FILE``)."""
+    reaches stderr, a failing builder gives Nix's exit status and message, a silent one times out
+    with the client's max-silent-time."""
     import sys
 
     client, remote = make_store(tmp_path / "client", tmp_path), tmp_path / "remote"
@@ -295,8 +295,10 @@ def test_cli_build_over_sshd(tmp_path: Path, busybox_ok: None, sshd: Sshd, machi
     machines = tmp_path / "machines"
     machines.write_text(f"# the build machine\nssh://{sshd.host} x86_64-linux {key} 1 1\n")
     env = {"NIX_SSHOPTS": " ".join(a for a in sshd.ssh_args(key) if a not in ("-i", str(key)))}
+    # the machines list literally (towards Nix) or from a file (towards nartool)
+    spec = machines.read_text().splitlines()[1] if machine_kind == "nix-store" else f"@{machines}"
     top = instantiate(client, tmp_path, "chain")
-    r = _cli_build(client, f"@{machines}", top, env)
+    r = _cli_build(client, spec, top, env)
     assert r.returncode == 0, r.stderr
     want = _nix_builds(tmp_path, "chain")
     out = r.stdout.strip()
@@ -312,13 +314,13 @@ def test_cli_build_over_sshd(tmp_path: Path, busybox_ok: None, sshd: Sshd, machi
                        capture_output=True, text=True)
     assert v.returncode == 0, v.stderr
     fail = instantiate(client, tmp_path, "fail")
-    r = _cli_build(client, f"@{machines}", fail, env)
+    r = _cli_build(client, spec, fail, env)
     assert r.returncode == 100, r.stderr
     assert "about to fail\nsecond line\n" in r.stderr
     assert f"build of '{fail}' on 'ssh://{sshd.host}' failed: builder for '{fail}' failed with exit code 3" in r.stderr
     # the client's max-silent-time travels in the build settings; the machine enforces it
     silent = instantiate(client, tmp_path, "silent")
-    r = _cli_build(client, f"@{machines}", silent, env, "--max-silent-time", "1")
+    r = _cli_build(client, spec, silent, env, "--max-silent-time", "1")
     assert r.returncode == 101, r.stderr
     assert "going quiet\n" in r.stderr
     assert (f"failed: building of '{silent}!out' from in-memory derivation timed out after 1 seconds of silence"
