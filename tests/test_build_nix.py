@@ -498,9 +498,14 @@ def test_concurrent_builds_build_once(nixroot: Path, ours: LocalStore) -> None:
     assert sum(b"sleeping" in err for _, err in res) == 1, res
 
 
-def test_unprivileged_user_same_output(nixroot: Path) -> None:
+def test_unprivileged_user_same_output(nixroot: Path, http_server: int) -> None:
     """nartool run as the unprivileged user ``nartuser`` (sandbox through a user namespace)
-    builds DET to the path and NAR hash Nix (as root, with build users) gives it."""
+    builds the deterministic derivation, the two-step chain and a fixed-output fetch from the
+    host's loopback to the paths and NAR hashes Nix (as root, with build users) gives them."""
+    import hashlib
+    import json
+    import tempfile
+
     try:
         pwd.getpwnam("nartuser")
     except KeyError:
@@ -510,46 +515,47 @@ def test_unprivileged_user_same_output(nixroot: Path) -> None:
         ["runuser", "-u", "nartuser", "--", x, "-c", "import sys; sys.exit(sys.version_info < (3, 10))"],
         capture_output=True, check=False).returncode == 0), None)
     require("ROOT", py is not None, "no Python >= 3.10 runnable by nartuser")
-    drv = instantiate(nixroot, DET)
-    n = nix_build(nixroot, drv)
-    assert n.returncode == 0, n.stderr
-    nix_out = n.stdout.decode().split()[-1]
-    import tempfile
-
+    h = hashlib.sha256(_Handler.payload).hexdigest()
+    fod = f"""derivation {{ name = "fetched-u{http_server}"; system = builtins.currentSystem; builder = "${{bb}}/bin/sh";
+      outputHashAlgo = "sha256"; outputHashMode = "flat"; outputHash = "{h}";
+      args = [ "-c" "${{bb}}/bin/busybox wget -q -O $out http://127.0.0.1:{http_server}/file" ]; }}"""
+    drvs = [instantiate(nixroot, e) for e in (DET, CHAIN.replace("step-", "ustep-"), fod)]
+    want = {}
+    for drv in drvs:
+        n = nix_build(nixroot, drv)
+        assert n.returncode == 0, n.stderr
+        out = n.stdout.decode().split()[-1]
+        want[drv] = {"out": out, "hash": "sha256:" + _b16(nar_hash(nixroot, out)), "status": 0, "error": ""}
     tmp_path = Path(tempfile.mkdtemp(prefix="nartool-unpriv-"))  # (pytest's own tmp dirs are root's only)
     try:
-        _unprivileged(nixroot, tmp_path, drv, nix_out, py or "")
+        work = tmp_path / "u"
+        work.mkdir()
+        st, _ = nartool_store(work / "store", work)
+        for drv in drvs:
+            copy_drv_closure(nixroot, st, drv)
+        st.close()
+        shutil.chown(tmp_path, "nartuser")
+        subprocess.run(["chown", "-R", "nartuser:", str(work)], check=True)
+        script = ("import json, sys\nfrom nartool.build import BuildOptions, build_paths\n"
+                  "from nartool.store.local import LocalStore\n"
+                  f"st = LocalStore({str(work / 'store')!r})\n"
+                  f"drvs = {drvs!r}\n"
+                  "rs = build_paths(st, drvs, BuildOptions(), log=sys.stderr.buffer.write)\n"
+                  "res = {}\n"
+                  "for d, r in zip(drvs, rs):\n"
+                  "    out = st.query_derivation_outputs(d)['out']\n"
+                  "    info = st.query_path_info(out)\n"
+                  "    res[d] = {'status': int(r.status), 'error': r.error_msg, 'out': out,\n"
+                  "              'hash': info.nar_hash.prefixed('base16') if info else None}\n"
+                  "print(json.dumps(res))\n")
+        r = subprocess.run(["runuser", "-u", "nartuser", "--", py or "", "-c", script], capture_output=True,
+                           cwd="/tmp", env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)},
+                           timeout=180, check=False)
+        assert r.returncode == 0, r.stderr.decode()[-3000:]
+        assert json.loads(r.stdout) == want
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(tmp_path)], check=False)
         shutil.rmtree(tmp_path, ignore_errors=True)
-
-
-def _unprivileged(nixroot: Path, tmp_path: Path, drv: str, nix_out: str, py: str) -> None:
-    work = tmp_path / "u"
-    work.mkdir()
-    st, _ = nartool_store(work / "store", work)
-    copy_drv_closure(nixroot, st, drv)
-    st.close()
-    shutil.chown(tmp_path, "nartuser")
-    subprocess.run(["chown", "-R", "nartuser:", str(work)], check=True)
-    script = ("import json, sys\nfrom nartool.build import BuildOptions, build_paths\n"
-              "from nartool.store.local import LocalStore\n"
-              f"st = LocalStore({str(work / 'store')!r})\n"
-              f"r = build_paths(st, [{drv!r}], BuildOptions(), log=sys.stderr.buffer.write)[0]\n"
-              f"out = st.query_derivation_outputs({drv!r})['out']\n"
-              "info = st.query_path_info(out)\n"
-              "print(json.dumps({'status': int(r.status), 'error': r.error_msg, 'out': out, "
-              "'hash': info.nar_hash.prefixed('base16') if info else None}))\n")
-    r = subprocess.run(["runuser", "-u", "nartuser", "--", py, "-c", script], capture_output=True, cwd="/tmp",
-                       env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}, timeout=120,
-                       check=False)
-    assert r.returncode == 0, r.stderr.decode()[-3000:]
-    import json
-
-    res = json.loads(r.stdout)
-    assert res["status"] == 0, res
-    assert res["out"] == nix_out
-    assert res["hash"] == "sha256:" + _b16(nar_hash(nixroot, nix_out))
 
 
 ENVPROBE = r"""let dep = derivation { name = "env-dep"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
