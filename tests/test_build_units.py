@@ -106,11 +106,15 @@ def test_settings_names_aliases_defaults() -> None:
     ("max-jobs", "many", "should be 'auto' or an integer"),
     ("timeout", "-1", "non-negative integer"),
     ("sandbox-fallback", "perhaps", "Boolean"),
-    ("no-such-setting", "1", "unknown setting"),
 ])
 def test_settings_errors(name: str, value: str, msg: str) -> None:
     with pytest.raises(NartoolError, match=msg):
         BuildOptions.from_config(Config(), {name: value})
+
+
+def test_unknown_option_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    o = BuildOptions.from_config(Config(), {"no-such-setting": "1", "max-jobs": "3"})
+    assert o.max_jobs == 3 and "unknown setting 'no-such-setting'" in caplog.text
 
 
 def test_sandbox_paths_parsing() -> None:

@@ -3,12 +3,16 @@ plus ``--option NAME VALUE`` overrides, with Nix 2.8's names and defaults (``doc
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Config
+from ..errors import NartoolError
+
+log = logging.getLogger(__name__)
 
 #: Nix's default ``system-features`` (``kvm`` is added when ``/dev/kvm`` is usable)
 DEFAULT_SYSTEM_FEATURES = ("benchmark", "big-parallel", "nixos-test")
@@ -96,10 +100,15 @@ class BuildOptions:
         cfg = Config.load() if config is None else config
         for name, value in (overrides or {}).items():
             if "\n" in value or "#" in value:
-                from ..errors import NartoolError
-
                 raise NartoolError("invalid value for --option", got=f"{name} {value}", rule="bad-option")
-            cfg = Config.from_text(f"{name} = {value}", "--option", base=cfg)
+            try:
+                cfg = Config.from_text(f"{name} = {value}", "--option", base=cfg)
+            except NartoolError as e:
+                if e.rule == "unknown-setting":  # as Nix: a warning, the rest goes on
+                    log.warning("warning: unknown setting '%s'", name)
+                    continue
+                raise NartoolError(f"--option {name}: {e.message.replace(' on line 1', '')}", rule=e.rule,
+                                   expected=e.expected, got=e.got) from None
         opts = cls(
             sandbox=cfg.sandbox, sandbox_fallback=cfg.sandbox_fallback, max_jobs=cfg.max_jobs,
             cores=cfg.cores if cfg.cores is not None else os.cpu_count() or 1,
