@@ -25,7 +25,7 @@ SCRIPT = (Path(__file__).parent / "probes" / "fingerprint.sh").read_text()
 
 def _need() -> None:
     require("NIX", NIX_STORE is not None, "nix-store not found: install Debian's nix-bin for differential tests")
-    require("BUSYBOX", static_busybox(), "no static busybox (install busybox-static)")
+    require("SANDBOX", static_busybox(), "no static busybox (install busybox-static)")
     from nartool.build.sandbox import sandbox_unavailable_reason
 
     reason = sandbox_unavailable_reason()

@@ -45,7 +45,7 @@ def _sandbox_reason() -> str | None:
 @pytest.fixture(scope="module")
 def nixroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     require("NIX", NIX_STORE is not None, "nix-store not found: install Debian's nix-bin for differential tests")
-    require("BUSYBOX", static_busybox(), "no static busybox (install busybox-static)")
+    require("SANDBOX", static_busybox(), "no static busybox (install busybox-static)")
     reason = _sandbox_reason()
     require("SANDBOX", reason is None, f"the build sandbox cannot run here: {reason}")
     tmp = tmp_path_factory.mktemp("nixbuild")
