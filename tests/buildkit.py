@@ -38,11 +38,13 @@ def busybox_tree(tmp: Path) -> Path:
 
 
 def static_busybox() -> bool:
-    """Whether the machine's busybox is static (a dynamic one cannot run in the sandbox)."""
+    """Whether the machine's busybox is static (a dynamic one cannot run in the sandbox): an ELF
+    file without a program interpreter (its path sits near the start of a dynamic binary)."""
     if BUSYBOX is None:
         return False
-    r = subprocess.run(["file", "-L", BUSYBOX], capture_output=True, text=True, check=False)
-    return r.returncode != 0 or "dynamically linked" not in r.stdout
+    with open(BUSYBOX, "rb") as f:
+        head = f.read(4096)
+    return head.startswith(b"\x7fELF") and b"/ld-linux" not in head and b"/ld-musl" not in head
 
 
 def nartool_store(root: Path, tmp: Path) -> tuple[LocalStore, str]:
