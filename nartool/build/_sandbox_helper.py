@@ -369,12 +369,23 @@ def monitor(child: int, report: int, group: bool) -> None:
     namespace (which takes the whole PID namespace along), or the builder's process group when
     unsandboxed. The builder is our unreaped child until then, so its pid (and process group)
     cannot have been reused by another process."""
-    pidfd = os.pidfd_open(child)
+    try:
+        pidfd = os.pidfd_open(child)
+    except (AttributeError, OSError):   # kernels before 5.3: poll instead
+        pidfd = -1
     buf = b""
     control_open = True
     while True:
-        fds = [pidfd] + ([0] if control_open else [])
-        r, _, _ = select.select(fds, [], [])
+        fds = ([pidfd] if pidfd >= 0 else []) + ([0] if control_open else [])
+        r, _, _ = select.select(fds, [], [], None if pidfd >= 0 else 0.05)
+        if pidfd < 0:
+            done, status = os.waitpid(child, os.WNOHANG)
+            if done:
+                try:
+                    write_line(report, f"status {status}")
+                except OSError:
+                    pass
+                os._exit(0)
         if 0 in r:
             data = os.read(0, 4096)
             buf += data
