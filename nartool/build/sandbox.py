@@ -399,7 +399,8 @@ class Builder:
         return self.wait()
 
     def wait(self) -> int:
-        """Wait for the builder; return its wait status."""
+        """Wait for the builder; return its wait status. Drain ``log_fd`` first (or from another
+        thread): a builder blocked on a full pty never exits."""
         if self._status is not None:
             return self._status
         status: int | None = None
