@@ -683,3 +683,31 @@ def test_multipart_of_a_stream_or_file_in_bounded_memory(s3server: WeedS3, aws: 
                 break
             h2.update(c)
     assert h1.digest() == h2.digest()
+
+
+def test_interrupted_push_leaves_no_incomplete_upload(s3server: WeedS3, tmp_path: Path,  # noqa: F811
+                                                      aws: dict[str, str]) -> None:
+    import signal
+
+    store, top, closure = make_closure(tmp_path / "src", tmp_path, big=64 * MiB)
+    big = max(closure, key=lambda p: store.path_info(p).nar_size)
+    prefix = unique("intr")
+    uri = s3server.store_uri("cache", prefix, compression="none", **{"multipart-upload": "true"})
+    env = cli_env(aws_env(tmp_path, s3server), unset=(*UNSET, *AWS_VARS))
+    proc = subprocess.Popen(cli_argv("--debug", "--store", store.root, "copy", "--to", uri, top), env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # interrupt once the big NAR's multipart upload has begun
+        seen.append(line)
+        if "multipart upload of" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert any("multipart upload of" in line for line in seen), "".join(seen) + rest
+    assert proc.returncode != 0
+    assert s3server.client().list_multipart_uploads(Bucket="cache", Prefix=prefix).get("Uploads", []) == []
+    have = keys(s3server, "cache", prefix + "/")
+    assert f"{prefix}/{Path(big).name[:32]}.narinfo" not in have
+    assert f"{prefix}/{Path(top).name[:32]}.narinfo" not in have

@@ -86,6 +86,13 @@ class S3Error(StoreError):
     ``missing-boto3``; ``got`` is S3's error code."""
 
 
+class _Cancelled(S3Error):
+    """An upload stopped because the copy was interrupted."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, rule="cancelled")
+
+
 class Boto3MissingError(NartoolError):
     """An ``s3://`` store was opened but ``boto3`` is not importable."""
 
@@ -305,6 +312,7 @@ class S3Backend:
         self._slots: threading.BoundedSemaphore | None = None
         self._failure: BaseException | None = None
         self._check_first: set[str] = set()  # NARs to look for before uploading
+        self._cancel = threading.Event()  # set on an interrupt: uploads stop (multipart ones abort)
         # downloads ahead (see prefetching()): futures by key, and what starts the next ones
         self._prefetch: tuple[dict[str, Future[BinaryIO | None]], Callable[[], None]] | None = None
 
@@ -649,6 +657,8 @@ class S3Backend:
             number = 0
             total = 0
             while True:
+                if self._cancel.is_set():
+                    raise _Cancelled(f"multipart upload of {k} cancelled")
                 number += 1
                 want = part_size_at(first, number, size is not None)
                 body, n = _read_part(read, want)
@@ -727,15 +737,25 @@ class S3Backend:
                 self._meta_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-narinfo")
                 self._slots = threading.BoundedSemaphore(4 * self.upload_workers)
         try:
-            yield
-        except BaseException:
-            self.flush(raise_errors=False)
-            raise
-        else:
-            self.flush()
+            try:
+                yield
+            except BaseException as e:
+                if not isinstance(e, Exception):  # interrupted (Ctrl-C, SIGTERM): stop, do not finish
+                    self._cancel.set()
+                self.flush(raise_errors=False)
+                raise
+            try:
+                self.flush()
+            except BaseException as e:
+                if not isinstance(e, Exception):  # interrupted while waiting for the uploads
+                    self._cancel.set()
+                    self.flush(raise_errors=False)
+                raise
         finally:
             with self._lock:
                 self._deferred -= 1
+                if self._deferred == 0:
+                    self._cancel.clear()
                 pools = (self._pool, self._meta_pool) if self._deferred == 0 else (None, None)
                 if self._deferred == 0:
                     self._pool = self._meta_pool = None
@@ -747,11 +767,13 @@ class S3Backend:
         """Wait for every deferred upload; raise the first failure (and forget it)."""
         with self._lock:
             futures, self._submitted = self._submitted, []
-        for f in futures:
+        for i, f in enumerate(futures):
             try:
-                f.result()
-            except BaseException:
-                pass
+                f.exception()  # waits; the failure itself is in self._failure
+            except BaseException:  # interrupted while waiting: the rest still to be waited for
+                with self._lock:
+                    self._submitted[:0] = futures[i:]
+                raise
         with self._lock:
             for k in [k for k, f in self._pending.items() if f.done()]:
                 del self._pending[k]
@@ -809,6 +831,8 @@ class S3Backend:
 
     def _run_deferred(self, key: str, data: UploadData, mime: str, deps: list[Future[None]]) -> None:
         try:
+            if self._cancel.is_set():
+                raise _Cancelled(f"upload of {key} cancelled")
             for f in deps:  # a narinfo: only once its NAR, listing and references are there
                 if f.exception() is not None:
                     raise S3Error("not uploaded: an upload it must follow failed", rule="s3-error",
