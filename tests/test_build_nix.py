@@ -735,3 +735,19 @@ def test_log_settings(nixroot: Path, ours: LocalStore) -> None:
     assert m.returncode == 0 and b"line" in m.stderr
     r2 = run_cli("--store", ours.root, "store", "log", none)
     assert r2.returncode == 1 and b"is not available" in r2.stderr
+
+
+def test_keep_going_several_failures(nixroot: Path, ours: LocalStore) -> None:
+    mk = """derivation {{ name = "kg-{0}"; system = builtins.currentSystem; builder = "${{bb}}/bin/sh";
+      args = [ "-c" "{1}" ]; }}"""
+    bad1 = _both(nixroot, ours, mk.format("bad1", "exit 2"))
+    bad2 = _both(nixroot, ours, mk.format("bad2", "exit 3"))
+    good = _both(nixroot, ours, mk.format("good", "echo > $out"))
+    n = subprocess.run(
+        ["nix-store", "--store", str(nixroot), "--option", "substituters", "", "--keep-going", "--realise",
+         bad1, good, bad2], capture_output=True, env=nix_env(), check=False)
+    m = _nartool_build(ours, "--keep-going", bad1, good, bad2)
+    assert n.returncode == m.returncode == 100
+    assert _errors(m.stderr) == _errors(n.stderr)
+    with LocalStore(ours.root) as s:
+        assert s.is_valid(s.query_derivation_outputs(good)["out"])

@@ -85,10 +85,10 @@ def build_cmd(ctx: click.Context, targets: tuple[str, ...], options: tuple[tuple
         if len(failed) == 1:
             notice(f"error: {failed[0][1].error_msg}")
         else:
-            for _, r in failed[:-1]:
-                if r.status != BuildStatus.DEPENDENCY_FAILED:
-                    notice(f"error: {r.error_msg}")
-            notice("error: build of " + ", ".join(f"'{t}'" for t, _ in failed) + " failed")
+            # as Nix: every failed target's error, the first one's last, then the summary (sorted)
+            for _, r in failed[1:] + failed[:1]:
+                notice(f"error: {r.error_msg}")
+            notice("error: build of " + ", ".join(f"'{t}'" for t in sorted({t for t, _ in failed})) + " failed")
         ctx.exit(exit_status(every.values()))
 
 
