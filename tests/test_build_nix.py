@@ -751,3 +751,17 @@ def test_keep_going_several_failures(nixroot: Path, ours: LocalStore) -> None:
     assert _errors(m.stderr) == _errors(n.stderr)
     with LocalStore(ours.root) as s:
         assert s.is_valid(s.query_derivation_outputs(good)["out"])
+
+
+def test_first_failure_stops_the_rest(nixroot: Path, ours: LocalStore) -> None:
+    mk = """derivation {{ name = "stop-{0}"; system = builtins.currentSystem; builder = "${{bb}}/bin/sh";
+      args = [ "-c" "{1}" ]; }}"""
+    bad = _both(nixroot, ours, mk.format("bad", "exit 2"))
+    later = _both(nixroot, ours, mk.format("later", "echo > $out"))
+    n = subprocess.run(["nix-store", "--store", str(nixroot), "--option", "substituters", "", "--realise",
+                        bad, later], capture_output=True, env=nix_env(), check=False)
+    m = _nartool_build(ours, bad, later)
+    assert n.returncode == m.returncode == 100
+    assert _errors(m.stderr) == _errors(n.stderr)
+    with LocalStore(ours.root) as s:  # never started, as in Nix
+        assert not s.is_valid(s.query_derivation_outputs(later)["out"])

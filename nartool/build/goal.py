@@ -673,17 +673,22 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
                         if p in running:
                             continue
                         bad = [d for d in nodes[p].deps if d in needed and ok(d) is False]
-                        if bad or (failed_any and not options.keep_going):
-                            n_bad = max(len(bad), 1)
+                        if bad:
                             nodes[p].result = BuildResult(
                                 BuildStatus.DEPENDENCY_FAILED,
-                                f"{n_bad} dependencies of derivation '{p}' failed to build")
-                            pending.discard(p)
-                            changed = True
+                                f"{len(bad)} dependencies of derivation '{p}' failed to build")
+                        elif failed_any and not options.keep_going:
+                            # never started: another build failed (Nix gives no message for these)
+                            nodes[p].result = BuildResult(BuildStatus.MISC_FAILURE, "")
+                        else:
+                            continue
+                        pending.discard(p)
+                        changed = True
                 if not pending and not running:
                     break
-                ready = [p for p in sorted(pending) if p not in running
-                         and all(ok(d) for d in nodes[p].deps if d in needed)]
+                # in Nix's order of goals: by derivation name, then path
+                ready = [p for p in sorted(pending, key=lambda x: (x.rsplit("/", 1)[-1][33:], x))
+                         if p not in running and all(ok(d) for d in nodes[p].deps if d in needed)]
                 if max_jobs == 0 and not options.builders:
                     for p in ready:
                         nodes[p].result = BuildResult(BuildStatus.MISC_FAILURE, NO_JOBS)

@@ -82,12 +82,13 @@ def build_cmd(ctx: click.Context, targets: tuple[str, ...], options: tuple[tuple
     if as_json:
         echo_json(out)
     if failed:
-        if len(failed) == 1:
+        if len(failed) == 1 and failed[0][1].error_msg:
             notice(f"error: {failed[0][1].error_msg}")
         else:
             # as Nix: every failed target's error, the first one's last, then the summary (sorted)
             for _, r in failed[1:] + failed[:1]:
-                notice(f"error: {r.error_msg}")
+                if r.error_msg:  # (not for a target that was never started)
+                    notice(f"error: {r.error_msg}")
             notice("error: build of " + ", ".join(f"'{t}'" for t in sorted({t for t, _ in failed})) + " failed")
         ctx.exit(exit_status(every.values()))
 
