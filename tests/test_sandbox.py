@@ -953,3 +953,45 @@ def test_paths_that_would_leave_the_sandbox_are_refused(env: Env, tmp_path: Path
     with pytest.raises(BuildError, match="No such file or directory") as ei:
         start_sandboxed(env.spec("true", inputs=[BUSYBOX, "/nix/store/00000000000000000000000000000000-gone"]))
     assert ei.value.rule == "chroot-setup"
+
+
+def test_userpool_shared_with_real_nix(tmp_path: Path) -> None:
+    """With every build user but one locked by nartool, real Nix 2.8 (as root, chroot store)
+    builds as another: both use the same <state>/userpool locks (Nix 2.8 takes them from its
+    global state dir, /nix/var/nix, even for a chroot store)."""
+    need_sandbox()
+    need_root()
+    _need_nix()
+    from .helpers import nix_env
+    from .probes.fingerprint_compare import nix_expr
+
+    held: list[BuildUser] = []
+    try:
+        while True:
+            u = acquire_build_user("nixbld")
+            if u is None:
+                break
+            held.append(u)
+        require("ROOT", len(held) >= 2, "needs at least two free build users")
+        free = held.pop()
+        free.release()
+        os.chmod(tmp_path, 0o755)
+        src = tmp_path / "src" / "busybox"
+        busybox_tree(src, read_only=False)
+        st = str(tmp_path / "nix")
+        env = nix_env()
+        subprocess.run(["nix-store", "--store", st, "--add", str(src)], env=env, check=True, capture_output=True)
+        drv = subprocess.run(["nix-instantiate", "--store", st, "--expr",
+                              nix_expr("read a b c < /proc/self/uid_map; echo $b > $out", name="who")],
+                             env=env, check=True, capture_output=True, text=True).stdout.strip()
+        r = subprocess.run(["nix-store", "--store", st, "--option", "substituters", "", "-r", drv], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        # (other processes on the machine may take and release build users meanwhile: the property
+        # is that Nix never builds as a uid nartool holds)
+        nix_uid = int(Path(st + r.stdout.strip()).read_text())
+        assert nix_uid not in {u.uid for u in held}, (nix_uid, [u.uid for u in held])
+    finally:
+        for u in held:
+            u.release()
+        subprocess.run(["chmod", "-R", "u+w", str(tmp_path)], check=False)
