@@ -748,6 +748,7 @@ def test_keep_going_several_failures(nixroot: Path, ours: LocalStore) -> None:
          bad1, good, bad2], capture_output=True, env=nix_env(), check=False)
     m = _nartool_build(ours, "--keep-going", bad1, good, bad2)
     assert n.returncode == m.returncode == 100
+    assert n.stdout == m.stdout == b""
     assert _errors(m.stderr) == _errors(n.stderr)
     with LocalStore(ours.root) as s:
         assert s.is_valid(s.query_derivation_outputs(good)["out"])

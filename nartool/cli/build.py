@@ -76,7 +76,7 @@ def build_cmd(ctx: click.Context, targets: tuple[str, ...], options: tuple[tuple
         ok = r.status in SUCCESS
         out.append({"drvPath": drv_path, "outputs": outs if ok else {}, "status": BuildStatus(r.status).name,
                     **({"error": r.error_msg} if not ok else {})})
-        if ok and not as_json:
+        if ok and not as_json and not failed:  # (as nix-store -r: no paths at all after a failure)
             for _, p in sorted(outs.items()):
                 click.echo(p)
     if as_json:
