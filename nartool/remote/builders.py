@@ -405,41 +405,45 @@ class _ConnectFailed(Exception):
 
 def _build_on(store: Any, machine: Machine, drv_path: str, drv: Derivation | BasicDerivation, options: Any,
               log: Callable[[bytes], None] | None) -> BuildResult:
-    from .client import RemoteError
 
     sink = _LineLog(log)
     remote = open_machine_store(machine, store.store_dir, stderr_to=sink)
+
+    def failed(why: str, status: int = BuildStatus.MISC_FAILURE, r: BuildResult | None = None) -> BuildResult:
+        msg = f"build of '{drv_path}' on '{machine.uri}' failed: {why}"
+        if r is None:
+            return BuildResult(status, msg)
+        return BuildResult(status, msg, r.times_built, r.is_non_deterministic, r.start_time, r.stop_time, ())
+
     try:
-        log_.info("building '%s' on '%s'...", drv_path, machine.uri)
-        if isinstance(drv, Derivation):
-            inputs = _input_paths(store, drv)
-            basic = BasicDerivation.from_derivation(drv, inputs, store.store_dir)
-        else:
-            basic, inputs = drv, closure(store, drv.input_srcs)
         try:
             # the session starts with the copy's validity query (no round trip of its own): a
             # machine that cannot be reached is skipped
             remote.client  # noqa: B018 - connects
-        except (RemoteError, OSError) as e:
+        except (NartoolError, OSError) as e:
             raise _ConnectFailed(str(e)) from None
+        log_.info("building '%s' on '%s'...", drv_path, machine.uri)
         try:
+            if isinstance(drv, Derivation):
+                inputs = _input_paths(store, drv)
+                basic = BasicDerivation.from_derivation(drv, inputs, store.store_dir)
+            else:
+                basic, inputs = drv, closure(store, drv.input_srcs)
             _upload(store, remote, machine, inputs)
             req = BuildDerivationRequest(drv_path, basic, build_settings(options))
             result: BuildResult = remote.build_derivation(req)
+            if result.status not in (BuildStatus.BUILT, BuildStatus.ALREADY_VALID, BuildStatus.SUBSTITUTED,
+                                     BuildStatus.RESOLVES_TO_ALREADY_VALID):
+                return failed(_ANSI.sub("", result.error_msg), result.status, result)
+            outs = [o[1] for o in basic.outputs if o[1]]
+            missing = [p for p in outs if not store.is_valid(p)]
+            if missing:
+                copy_paths(remote, store, missing, direction="from")
+            return result
         except (NartoolError, OSError) as e:
-            # the machine refused an upload, died or spoke nonsense: this build failed there
-            return BuildResult(BuildStatus.MISC_FAILURE, f"build of '{drv_path}' on '{machine.uri}' failed: {e}")
-        if result.status not in (BuildStatus.BUILT, BuildStatus.ALREADY_VALID, BuildStatus.SUBSTITUTED,
-                                 BuildStatus.RESOLVES_TO_ALREADY_VALID):
-            msg = _ANSI.sub("", result.error_msg)
-            return BuildResult(result.status, f"build of '{drv_path}' on '{machine.uri}' failed: {msg}",
-                               result.times_built, result.is_non_deterministic, result.start_time,
-                               result.stop_time, ())
-        outs = [o[1] for o in basic.outputs if o[1]]
-        missing = [p for p in outs if not store.is_valid(p)]
-        if missing:
-            copy_paths(remote, store, missing, direction="from")
-        return result
+            # the inputs could not be prepared, the machine refused an upload, died, spoke
+            # nonsense or its outputs did not come back intact: this build failed there
+            return failed(str(e))
     finally:
         remote.close()  # the remote's last log lines are passed on before this returns
         sink.finish()
