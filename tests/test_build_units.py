@@ -69,6 +69,13 @@ def test_line_assembly() -> None:
     assert got == [b" chunkscross", b"x"]
 
 
+def test_long_lines_are_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nartool.build import logs
+
+    monkeypatch.setattr(logs, "MAX_LINE", 5)
+    assert list(iter_lines(b"abcdefghij\rXY\nshort\n")) == [b"XYcde", b"short"]
+
+
 def test_raw_log_roundtrip(tmp_path: Path) -> None:
     state = str(tmp_path / "nix" / "var" / "nix")
     drv = "/nix/store/0jwy4pln7syrbpf4f11c4g4y75k301cj-hello.drv"

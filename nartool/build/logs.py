@@ -76,8 +76,13 @@ def read_log(state_dir: str, drv_path: str) -> bytes:
     raise StoreError(f"build log of '{drv_path}' is not available", path=drv_path, rule="no-log")
 
 
+#: a displayed line is cut after this many bytes (the raw log keeps everything)
+MAX_LINE = 1 << 20
+
+
 class LineAssembler:
-    """Bytes in, complete lines out (without their ``\\n``), as Nix assembles builder output."""
+    """Bytes in, complete lines out (without their ``\\n``), as Nix assembles builder output
+    (lines longer than :data:`MAX_LINE` are cut, unlike Nix, to bound memory)."""
 
     def __init__(self, emit: Callable[[bytes], None]) -> None:
         self.emit = emit
@@ -93,9 +98,9 @@ class LineAssembler:
             while j < n and data[j] not in (10, 13):
                 j += 1
             if j > i:
-                chunk = data[i:j]
+                chunk = data[i:j][:max(0, MAX_LINE - pos)]  # (bounded memory: a longer line is cut)
                 line[pos:pos + len(chunk)] = chunk
-                pos += len(chunk)
+                pos += j - i
             if j < n:
                 if data[j] == 10:
                     self.emit(bytes(line))
