@@ -159,12 +159,13 @@ class _Builder:
         try:
             if self.lock_root and not self.stack:
                 self._lock(fd)
-            copy_to = getattr(ev.chunks, "copy_to", None)
+            chunks = ev.chunks
+            copy_to = None if chunks.__class__ is tuple else getattr(chunks, "copy_to", None)
             if copy_to is not None:  # straight from the NAR's file where the kernel can
                 written = copy_to(fd)
             else:
                 written = 0
-                for chunk in ev.chunks:
+                for chunk in chunks:
                     write_all(fd, chunk)
                     written += len(chunk)
             if written != ev.size:

@@ -141,6 +141,9 @@ class NarReader:
         close, close2, entry_open, node = F.TOK_CLOSE, F.CLOSE2, F.ENTRY_OPEN, F.TOK_NODE
         max_depth, max_name = lim.max_depth, lim.max_name
         window, consume_to = src.window, src.consume_to  # (bound once: the per-entry path is hot)
+        offset_at, start = src.offset_at, self.start
+        hdr_reg, hdr_exe, PAD = F.HDR_REGULAR, F.HDR_EXECUTABLE, F.PAD
+        len_reg, len_exe = len(hdr_reg), len(hdr_exe)
         self._expect(F.TOK_MAGIC)
         # one [last entry name, path] per open directory
         stack: list[list[bytes]] = []
@@ -211,7 +214,28 @@ class NarReader:
                         else:
                             top[0] = name
                             path = dpath + b"/" + name if dpath else name
-                            break
+                            # fast: a whole small regular file and the end of its entry, `( type
+                            # regular [executable ""] contents SIZE DATA PAD ) )`, in the buffer
+                            j = nend + 16
+                            if buf.startswith(hdr_reg, j):
+                                j += len_reg
+                                exe = False
+                            elif buf.startswith(hdr_exe, j):
+                                j += len_exe
+                                exe = True
+                            else:
+                                break
+                            size = int.from_bytes(buf[j : j + 8], "little")
+                            dstart = j + 8
+                            dend = dstart + size
+                            pend = dend + (-size & 7)
+                            if size > SMALL_CONTENTS or len(stack) >= max_depth or not \
+                                    buf.startswith(close2, pend) or buf[dend:pend] != PAD[pend - dend]:
+                                break  # (also when not all in the buffer: the slow path reads on)
+                            consume_to(pend + 32)
+                            yield File(name, exe, size, (buf[dstart:dend],) if size else (),
+                                       offset_at(dstart) - start)
+                            continue
                     consume_to(pos + 48)
                     tag = b"entry"
                 elif buf.startswith(close, pos):
