@@ -350,3 +350,15 @@ def test_sandbox_unavailable_on_a_diverted_store(tmp_path: Path, monkeypatch: py
     assert res[0].status == BuildStatus.MISC_FAILURE and "Operation not permitted" in res[0].error_msg
     assert not [n for n in os.listdir(st.real_store_dir) if n.endswith(".chroot")]
     assert not [n for n in os.listdir(os.environ.get("TMPDIR") or "/tmp") if n.startswith("nix-build-a.drv-")]
+
+
+def test_crafted_paths_are_refused(tmp_path: Path) -> None:
+    st = LocalStore(tmp_path / "s")
+    d = Derivation(outputs={"out": DerivationOutput("/nix/store/../../../etc/x")}, platform="x86_64-linux",
+                   builder="/bin/sh", name="x")
+    r = goal_mod.build_derivation(st, "/nix/store/3bm8vwsq22cxmwz21vifir6ldp798x8d-x.drv", d, BuildOptions())
+    assert r.status == BuildStatus.MISC_FAILURE and "invalid output path" in r.error_msg
+    d.outputs["out"].path = "/nix/store/3bm8vwsq22cxmwz21vifir6ldp798x8d-x"
+    r = goal_mod.build_derivation(st, "/nix/store/../x.drv", d, BuildOptions())
+    assert r.status == BuildStatus.MISC_FAILURE
+    assert os.listdir(st.real_store_dir) == []

@@ -265,7 +265,19 @@ class _Build:
             kind = drv.type()
         except NartoolError as e:
             raise _fail(BuildStatus.MISC_FAILURE, str(e)) from None
-        outputs = drv.output_paths(sd)
+        try:
+            if store.parse_path(self.drv_path).full(sd) != self.drv_path or not self.drv_path.endswith(".drv"):
+                raise BuildError("not a derivation's store path", path=self.drv_path, rule="bad-drv-path")
+        except NartoolError as e:
+            raise _fail(BuildStatus.MISC_FAILURE, str(e)) from None
+        try:
+            outputs = drv.output_paths(sd)
+            for p in outputs.values():  # (never let a crafted path lead outside the store)
+                if store.parse_path(p).full(sd) != p:
+                    raise BuildError("not a canonical store path", path=p, rule="bad-output-path")
+        except NartoolError as e:
+            raise _fail(BuildStatus.MISC_FAILURE, f"derivation '{self.drv_path}' has an invalid output path: "
+                        f"{e}") from None
         if set(outputs) != set(drv.outputs):
             raise _fail(BuildStatus.MISC_FAILURE, f"derivation '{self.drv_path}' has outputs whose paths are not "
                         "known before the build (content-addressed derivations are not supported)")
