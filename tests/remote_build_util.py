@@ -102,6 +102,7 @@ def recorder(tmp: Path, program: str, name: str = "recorder") -> tuple[Path, Pat
 class Command:
     number: int
     detail: object = None
+    flag: int = 0  # QueryValidPaths: the substitute flag
 
 
 def parse_c2s(data: bytes, store_dir: str = "/nix/store") -> list[Command]:
@@ -124,8 +125,8 @@ def parse_c2s(data: bytes, store_dir: str = "/nix/store") -> list[Command]:
         cmd = W.read_u32(src, "command")
         if cmd == W.CMD_QUERY_VALID_PATHS:
             W.read_u64(src, "lock")
-            W.read_u64(src, "substitute")
-            out.append(Command(cmd, W.read_path_set(src, store_dir, "paths")))
+            substitute = W.read_u64(src, "substitute")
+            out.append(Command(cmd, W.read_path_set(src, store_dir, "paths"), substitute))
         elif cmd == W.CMD_ADD_TO_STORE_NAR:
             h = M.AddToStoreNarHeader.read(src, store_dir)
             src.skip(h.nar_size)

@@ -343,3 +343,33 @@ def test_machine_dying_mid_build_is_a_failed_build(tmp_path: Path, busybox_ok: N
         assert r.error_msg.startswith(f"build of '{drv}' on '{uri}' failed: ") and "closed the connection" in r.error_msg
     finally:
         st.close()
+
+
+def test_builders_use_substitutes(tmp_path: Path, busybox_ok: None) -> None:
+    """With builders-use-substitutes the validity query asks the machine (a real nix-store
+    --serve --write whose substituter is a file:// binary cache holding busybox) to substitute:
+    busybox is not uploaded, the machine fetches it itself."""
+    client, remote, cache = make_store(tmp_path / "client", tmp_path), tmp_path / "remote", tmp_path / "cache"
+    subprocess.run(["nix", "copy", "--store", str(client), "--to", f"file://{cache}", BUSYBOX], env=nix_env(),
+                   check=True, capture_output=True)
+    machine = tmp_path / "nix-store-with-cache"
+    machine.write_text("#!/bin/sh\n"
+                       f"export NIX_CONFIG='substituters = file://{cache}\nrequire-sigs = false'\n"
+                       'exec nix-store "$@"\n')
+    machine.chmod(0o755)
+    prog, sessions = recorder(tmp_path, str(machine))
+    drv = instantiate(client, tmp_path, "chainN", n=1)
+    st = LocalStore(client)
+    try:
+        uri = f"ssh://localhost?remote-program={prog}&remote-store={remote}"
+        r = try_remote_build(st, drv, read_derivation(st, drv), _opts(f"{uri} x86_64-linux",
+                                                                       builders_use_substitutes=True))
+        assert r is not None and r.status == BuildStatus.BUILT, r
+    finally:
+        st.close()
+    cmds = parse_c2s((sessions / "session-1.c2s").read_bytes())
+    assert cmds[0].number == W.CMD_QUERY_VALID_PATHS and cmds[0].flag == 1
+    assert W.CMD_ADD_TO_STORE_NAR not in [c.number for c in cmds]
+    v = subprocess.run(["nix-store", "--store", str(remote), "--verify-path", BUSYBOX], env=nix_env(),
+                       capture_output=True, text=True)
+    assert v.returncode == 0, v.stderr

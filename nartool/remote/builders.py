@@ -408,6 +408,8 @@ def _build_on(store: Any, machine: Machine, drv_path: str, drv: Derivation | Bas
 
     sink = _LineLog(log)
     remote = open_machine_store(machine, store.store_dir, stderr_to=sink)
+    # builders-use-substitutes: the machine first tries its own substituters for missing inputs
+    remote.substitute = bool(_opt(options, "builders_use_substitutes", False))
 
     def failed(why: str, status: int = BuildStatus.MISC_FAILURE, r: BuildResult | None = None) -> BuildResult:
         msg = f"build of '{drv_path}' on '{machine.uri}' failed: {why}"

@@ -58,6 +58,9 @@ class SSHStore(BaseStore):
         self.probe_ext = probe_ext
         self._client: ServeClient | None = None
         self._owned = True
+        #: validity queries ask the remote to substitute missing paths first (its own
+        #: substituters; Nix's ``builders-use-substitutes``)
+        self.substitute = False
         #: infos already queried (a valid path's info never changes): reading its NAR then
         #: needs no second QueryPathInfos
         self._known: dict[str, PathInfo] = {}
@@ -155,7 +158,7 @@ class SSHStore(BaseStore):
 
         def go(c: ServeClient) -> set[str]:
             probe = self.probe_ext and not c._ext_probed
-            return c.query_valid_paths(ps, probe_ext=probe)
+            return c.query_valid_paths(ps, probe_ext=probe, substitute=self.substitute)
 
         out = self._run(go)
         assert isinstance(out, set)
