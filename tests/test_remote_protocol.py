@@ -237,11 +237,12 @@ def test_read_only_refusals(body: bytes, message: str) -> None:
     assert not st.infos
 
 
-@pytest.mark.parametrize("cmd", [6, 8])
-def test_builds_not_supported_yet(cmd: int) -> None:
-    code, out, err = serve_bytes(mem(), hello() + u64(cmd) + u64(0), write=True)
+def test_builds_need_a_local_store() -> None:
+    """Builds run in a local store (the build commands themselves: tests/test_remote_build_*.py)."""
+    drv = "/nix/store/" + "0" * 32 + "-x.drv"
+    code, out, err = serve_bytes(mem(), hello() + u64(6) + strs([drv]) + u64(0) * 6, write=True)
     assert (code, out) == (1, HANDSHAKE_REPLY)
-    assert err.strip() == "error: building is not supported yet by nartool serve"
+    assert err.startswith("error: cannot build in ") and err.strip().endswith("only a local store can build")
 
 
 def test_eof_at_command_boundary_is_success() -> None:
