@@ -24,7 +24,7 @@ def _open_store(ctx: click.Context, store: str | None) -> Any:
 
 
 @click.command()
-@click.option("--write", is_flag=True, help="Allow imports (AddToStoreNar, ImportPaths); builds are not supported yet.")
+@click.option("--write", is_flag=True, help="Allow imports (AddToStoreNar, ImportPaths) and builds (BuildDerivation, BuildPaths; see docs/remote-builds.md).")
 @click.option("--store", "store", metavar="ROOT", help="Store root (overrides the global --store; as Nix's --store DIR).")
 @click.option("--compress", type=click.Choice(["zstd"]), default=None,
               help="Offer a zstd-compressed session (only nartool clients take it up).")
