@@ -599,6 +599,10 @@ class S3Backend:
             read, size = _upload_source(data)
             threshold = self.multipart_threshold
             if size is not None and size <= threshold:
+                if size > _SPOOL_OVER and _whole_file(data):  # botocore streams it (no copy)
+                    self.client.put_object(Bucket=self.settings.bucket, Key=k, Body=data,  # type: ignore[arg-type]
+                                           ContentLength=size, ContentType=mime)
+                    return
                 self._put(k, read, size, mime)
                 return
             if size is None:  # unknown: read up to the threshold to decide
@@ -922,6 +926,17 @@ class S3Backend:
             c, self._client = self._client, None
         if c is not None:
             c.close()
+
+
+def _whole_file(data: UploadData) -> bool:
+    """Whether ``data`` is a regular file positioned at its start (botocore may rewind it to retry)."""
+    fileno = getattr(data, "fileno", None)
+    if fileno is None:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fileno()).st_mode) and data.tell() == 0  # type: ignore[union-attr]
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
 
 
 def _take_over(data: UploadData) -> UploadData:
