@@ -40,7 +40,6 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 
-MS_RDONLY = 1
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
@@ -65,13 +64,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 class SetupError(Exception):
     pass
-
-
-def _check(res: int, what: str) -> int:
-    if res == -1:
-        e = ctypes.get_errno()
-        raise SetupError(f"{what}: {os.strerror(e)}", e)
-    return res
 
 
 def sys_error(what: str, e: int) -> SetupError:
