@@ -766,3 +766,68 @@ def test_first_failure_stops_the_rest(nixroot: Path, ours: LocalStore) -> None:
     assert _errors(m.stderr) == _errors(n.stderr)
     with LocalStore(ours.root) as s:  # never started, as in Nix
         assert not s.is_valid(s.query_derivation_outputs(later)["out"])
+
+
+UNSANDBOXED_SCRIPT = r"""
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from tests.buildkit import BB, nartool_store, write_drv
+from nartool.build import BuildOptions, build_paths
+work = Path(sys.argv[2])
+st, _ = nartool_store(Path("/"), work)
+assert st.real_store_dir == "/nix/store"
+probe = ('B=' + BB + '/bin/busybox; $B mkdir $out; echo "$TMPDIR" > $out/tmpdir; $B id -u > $out/uid; '
+         'echo "$HOME $NIX_BUILD_TOP" > $out/env; $B ls /nix/store | $B wc -l > $out/store-entries')
+res = {}
+for mode in ("false", "relaxed-nochroot"):
+    env = {"__noChroot": "1"} if mode == "relaxed-nochroot" else {}
+    drv = write_drv(st, "unsb-" + mode, probe, env=env)
+    opts = BuildOptions(sandbox="relaxed" if mode.startswith("relaxed") else mode)
+    r = build_paths(st, [drv], opts, log=sys.stderr.buffer.write)[0]
+    out = st.query_derivation_outputs(drv)["out"]
+    files = {p.name: p.read_text() for p in Path(out).iterdir()} if st.is_valid(out) else None
+    res[mode] = {"status": int(r.status), "error": r.error_msg, "files": files,
+                 "owner": os.stat(out).st_uid if files else None}
+print(json.dumps(res))
+"""
+
+
+def test_unsandboxed_builds_in_a_private_mount_namespace(tmp_path: Path) -> None:
+    """``sandbox = false`` and ``relaxed`` + ``__noChroot`` need a store whose real directory is
+    /nix/store: the test gets one by mounting a temporary directory on /nix in a mount namespace of
+    its own."""
+    require("ROOT", os.geteuid() == 0, "needs root (a private mount namespace with /nix replaced)")
+    require("SANDBOX", static_busybox(), "no static busybox (install busybox-static)")
+    if shutil.which("unshare") is None:
+        require("SANDBOX", False, "unshare(1) not found")
+    nixdir = tmp_path / "nix"
+    nixdir.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    script = tmp_path / "probe.py"
+    script.write_text(UNSANDBOXED_SCRIPT)
+    # the build users' lock files stay the host's (a Nix or nartool outside must never share a uid
+    # with this build): /nix/var/nix/userpool is carried over into the replaced /nix
+    os.makedirs("/nix/var/nix/userpool", exist_ok=True)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                        f"mount --bind /nix/var/nix/userpool {pool} && mount --bind {nixdir} /nix && "
+                        f"mkdir -p /nix/var/nix/userpool && mount --bind {pool} /nix/var/nix/userpool && "
+                        f"exec {sys.executable} {script} {REPO} {work}"],
+                       capture_output=True, timeout=120, env={**cli_env(), "NIX_STATE_DIR": "/nix/var/nix"},
+                       check=False)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    import json
+
+    res = json.loads(r.stdout)
+    for mode in ("false", "relaxed-nochroot"):
+        got = res[mode]
+        assert got["status"] == 0, got
+        f = got["files"]
+        assert f["tmpdir"].startswith(f"/tmp/nix-build-unsb-{mode}.drv-"), f
+        assert f["env"] == f"/homeless-shelter {f['tmpdir'].strip()}\n"
+        assert f["uid"].strip() != "0" and f["uid"].strip() != "1000"  # a build user, not root, no namespace
+        assert int(f["store-entries"]) >= 3  # the whole store is visible
+        assert got["owner"] == 0  # canonicalised to the store's owner

@@ -393,6 +393,11 @@ class _Build:
         if not sandboxed:
             for p in outputs.values():
                 remove_at(None, os.fsencode(store.physical(p)))  # an unregistered leftover: ours (locked)
+            if self.build_user is not None:
+                # as Nix's store does as root with a build group: root:<group> 1775, so that build
+                # users can create their outputs but not touch each other's entries
+                os.chown(store.real_store_dir, 0, self.build_user.gid)
+                os.chmod(store.real_store_dir, 0o1775)
         # start
         try:
             if sandboxed:
