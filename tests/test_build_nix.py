@@ -831,3 +831,29 @@ def test_unsandboxed_builds_in_a_private_mount_namespace(tmp_path: Path) -> None
         assert f["uid"].strip() != "0" and f["uid"].strip() != "1000"  # a build user, not root, no namespace
         assert int(f["store-entries"]) >= 3  # the whole store is visible
         assert got["owner"] == 0  # canonicalised to the store's owner
+
+
+def test_structured_log_lines(nixroot: Path, ours: LocalStore) -> None:
+    expr = r"""derivation { name = "atnix"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+      args = [ "-c" ''
+        echo 'before'
+        echo '@nix {"action":"msg","level":0,"msg":"shown from json"}'
+        echo '@nix {"action":"msg","level":5,"msg":"too verbose"}'
+        echo '@nix {"action":"start","id":7,"level":3,"type":0,"text":"an activity"}'
+        echo '@nix {"action":"stop","id":7}'
+        echo 'after'
+        echo > $out
+      '' ]; }"""
+    drv = _both(nixroot, ours, expr)
+    n = nix_build(nixroot, drv)
+    m = _nartool_build(ours, drv)
+    assert n.returncode == m.returncode == 0
+
+    def body(err: bytes) -> list[bytes]:
+        lines = err.split(b"\n")
+        i = lines.index(b"before")
+        return lines[i:lines.index(b"after") + 1]
+
+    assert body(m.stderr) == body(n.stderr)
+    assert read_log(ours.state_dir, drv) == subprocess.run(
+        ["nix-store", "--store", str(nixroot), "-l", drv], capture_output=True, env=nix_env(), check=True).stdout
