@@ -195,6 +195,7 @@ def common_child_init(plan: dict) -> None:  # type: ignore[type-arg]
 
 
 def finish_and_exec(plan: dict, err_fd: int, set_user: bool) -> None:  # type: ignore[type-arg]
+    """The last steps before execve (Nix's order); returns only by raising SetupError."""
     try:
         os.chdir(plan["cwd"])
     except OSError as e:
@@ -238,7 +239,12 @@ def finish_and_exec(plan: dict, err_fd: int, set_user: bool) -> None:  # type: i
     try:
         os.execve(builder, args, env)
     except OSError as e:
-        raise sys_error(f"executing '{os.fsdecode(builder)}'", e.errno or 0) from None
+        # as in Nix 2.8, past this point a failure is the builder's own: exit code 1, the reason
+        # in the log (Nix writes it there as a binary error frame; this is the readable text)
+        os.close(err_fd)
+        msg = f"executing '{os.fsdecode(builder)}': {os.strerror(e.errno or 0)}\n"
+        os.write(2, msg.encode("utf-8", "surrogateescape"))
+        os._exit(1)
 
 
 def run_child(plan: dict, err_fd: int) -> None:  # type: ignore[type-arg]
