@@ -168,11 +168,15 @@ def _builders() -> list[int]:
     return out
 
 
-def test_hangup_kills_the_build(tmp_path: Path, client: Path) -> None:
+@pytest.mark.parametrize("command", ["BuildDerivation", "BuildPaths"])
+def test_hangup_kills_the_build(tmp_path: Path, client: Path, command: str) -> None:
     """A client that goes away mid-build: the builder is killed and the session ends."""
     tag = f"-{os.getpid()}-{time.monotonic_ns()}"
     drv = instantiate(client, tmp_path, "hang", tag=tag)
-    data, _n = session(client, drv)
+    if command == "BuildPaths":
+        data, _n = session(client, drv, upload=[BUSYBOX, drv], build_paths=[drv])
+    else:
+        data, _n = session(client, drv)
     conf = tmp_path / "nartool.conf"
     conf.write_text(f"trusted-users = {UserIdentity.current().name}\n")
     os.chmod(conf, 0o600)

@@ -41,10 +41,10 @@ false``).
 
 from __future__ import annotations
 
-import _thread
 import json
 import re
 import select
+import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -106,7 +106,9 @@ class HangupMonitor:
                 if self.on_hangup is not None:
                     self.on_hangup()
                 elif self._interrupt:
-                    _thread.interrupt_main()
+                    # a real SIGINT (not just the flag interrupt_main sets): it also breaks the
+                    # main thread out of a blocking wait
+                    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
                 return
 
     def __enter__(self) -> HangupMonitor:
