@@ -291,7 +291,7 @@ class _Server:
 
     def query_valid_paths(self) -> None:
         lock = W.read_flag(self.src, "lock")
-        W.read_flag(self.src, "substitute")  # we have no substituters: nothing to try
+        substitute = W.read_flag(self.src, "substitute")
         paths = self._path_set("paths")
         sentinel = ext_path(self.store_dir, EXT_SENTINEL_NAME)
         ext = sentinel in paths
@@ -299,6 +299,12 @@ class _Server:
         if lock and self.policy.write:
             for p in real:
                 self.store.temp_root(p)
+        if substitute and self.policy.write and self.config is not None and self.config.substituters:
+            # as nix-store --serve: missing paths are first fetched from this side's substituters
+            # (nix-copy-closure -s, builders-use-substitutes); signatures are this side's policy
+            from ..cache.substitute import substitute_paths
+
+            substitute_paths(self.store, real, self.config)
         valid = set(self.store.query_valid_paths(real))
         if ext:
             w = int(self.policy.write)
