@@ -161,9 +161,10 @@ class NixLog:
 @click.option("--xz", "xz", is_flag=True,
               help="As nix-copy-closure 2.8: warns that it is not implemented and falls back to --gzip.")
 @click.option("-s", "--use-substitutes", is_flag=True,
-              help="With --from: first fetch what the local store lacks from the configured `substituters` "
-                   "(binary caches, in priority order, signatures checked); only the rest comes over the "
-                   "connection. With --to the remote decides (accepted, no effect on a nartool remote).")
+              help="Let the receiving side first fetch what it lacks from its `substituters` (binary caches, "
+                   "in priority order, signatures checked by it); only the rest is sent over the connection. "
+                   "With --from that is the local store; with --to the remote (nix-store --serve, or nartool "
+                   "serve with substituters in its system configuration).")
 @click.option("-v", "--verbose", count=True,
               help="More output (repeatable): -v also prints the summary line when stderr is not a terminal.")
 @click.option("--ssh-opt", "ssh_opts", multiple=True, metavar="OPT", help="Extra ssh argument (repeatable).")
@@ -231,6 +232,7 @@ def copy_closure_cmd(ctx: click.Context, to_host: str | None, from_host: str | N
             remote = SSHStore.from_client(client, probe_ext=False)
             substitute_paths(local, remote.closure(store_paths, include_outputs=include_outputs))
         result = copy_closure(local, client, store_paths, direction, include_outputs=include_outputs,
+                              substitute=use_substitutes and direction == "to",
                               dry_run=dry_run, progress=_ProgressLine() if show else None,
                               on_start=log.start if log else None, on_path=log.path if log else None)
     finally:

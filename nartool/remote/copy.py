@@ -34,13 +34,16 @@ from .store import SSHStore
 def copy_closure(local: Store, client: ServeClient, paths: Iterable[str], direction: str = "to", *,
                  include_outputs: bool = False, dry_run: bool = False, progress: ProgressFn | None = None,
                  check_trust: bool = True, on_start: Callable[[list[PathInfo]], None] | None = None,
-                 on_path: Callable[[str], None] | None = None) -> CopyResult:
+                 on_path: Callable[[str], None] | None = None, substitute: bool = False) -> CopyResult:
     """Copy the closure of ``paths`` to (``direction="to"``) or from (``"from"``) the remote.
     Signatures are not checked on the receiving local side (as ``nix-copy-closure``); a nartool
-    server applies its own trust rules, asked before anything is sent unless not ``check_trust``."""
+    server applies its own trust rules, asked before anything is sent unless not ``check_trust``.
+    ``substitute`` (``nix-copy-closure -s`` towards the remote): its validity query asks the remote
+    to fetch missing paths from its own substituters first."""
     if direction not in ("to", "from"):
         raise ValueError("direction must be 'to' or 'from'")
     remote = SSHStore.from_client(client, probe_ext=check_trust)
+    remote.substitute = substitute  # "to": the remote first fetches what it lacks from its substituters
     if direction == "to":
         return copy_paths(local, remote, paths, include_outputs=include_outputs, dry_run=dry_run,
                           progress=progress, direction="to", on_start=on_start, on_path=on_path)
