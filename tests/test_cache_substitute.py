@@ -190,3 +190,32 @@ def test_dead_http_substituter_costs_its_timeout_once(closure: tuple[Path, dict[
     assert first < 20, first  # the HTTP backend's attempts with back-off (download-attempts)
     assert max(later) < 1.5, (first, later)
     forget_dead_substituters()
+
+
+def test_cli_copy_closure_to_asks_the_remote_to_substitute(closure: tuple[Path, dict[str, str]],
+                                                            tmp_path: Path) -> None:
+    """``copy-closure -s --to``: the validity query carries the substitute flag and a nartool
+    server with substituters in its configuration fetches what it can from them first."""
+    root, paths = closure
+    c = push(root, tmp_path / "c", "compression=zstd&secret-key={key}", [paths["mid"]])
+    conf = tmp_path / "serve.conf"
+    conf.write_text(f"substituters = {c}\ntrusted-public-keys = {pub_key()}\ntrusted-users = root\n")
+    conf.chmod(0o644)
+    serve = tmp_path / "nartool-serve"
+    serve.write_text(f"#!/bin/sh\nexport PYTHONPATH={REPO} NARTOOL_CONFIG={conf}\n"
+                     f'exec {sys.executable} -m nartool serve "$@"\n')
+    serve.chmod(0o755)
+    remote = tmp_path / "remote"
+    host = f"localhost?remote-program={serve}&remote-store={remote}"
+    r = run_cli("--store", root, "copy-closure", "-s", "--to", host, paths["ia"], text=True)
+    assert r.returncode == 0, r.stderr
+    with LocalStore(remote) as dst:
+        assert dst.query_valid_paths(paths.values()) == set(paths.values())
+        assert dst.path_info(paths["mid"]).sigs and dst.path_info(paths["tree"]).sigs  # from the cache
+        assert not dst.path_info(paths["ia"]).sigs  # over the connection
+    # without -s everything comes over the connection
+    host2 = f"localhost?remote-program={serve}&remote-store={tmp_path / 'remote2'}"
+    r = run_cli("--store", root, "copy-closure", "--to", host2, paths["ia"], text=True)
+    assert r.returncode == 0, r.stderr
+    with LocalStore(tmp_path / "remote2") as dst:
+        assert not dst.path_info(paths["mid"]).sigs
