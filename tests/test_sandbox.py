@@ -293,8 +293,10 @@ def test_binds_optional_missing_and_symlink(env: Env, tmp_path: Path) -> None:
     with pytest.raises(BuildError) as ei:
         run(env.spec("true", binds=[Bind("/opt/missing", str(tmp_path / "nope"))]))
     msg = f"getting attributes of path '{tmp_path / 'nope'}': No such file or directory"
-    assert ei.value.setup_message == msg  # type: ignore[attr-defined]
-    assert "while setting up the build environment" in str(ei.value)
+    # Nix 2.8's words: "error: <msg>", the context only with --show-trace
+    assert ei.value.message == ei.value.setup_message == msg  # type: ignore[attr-defined]
+    assert ei.value.trace == ["while setting up the build environment"]  # type: ignore[attr-defined]
+    assert ei.value.rule == "sandbox-setup"
     assert not os.path.lexists(env.store / "t.drv.chroot")
 
 

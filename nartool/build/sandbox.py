@@ -83,8 +83,11 @@ class SandboxSpec:
 
 
 def _setup_error(msg: str) -> BuildError:
-    e = BuildError(f"{msg} ({SETUP_CONTEXT})", rule="sandbox-setup")
+    """A failure of the builder child before execve: the message is Nix's own text (what Nix 2.8
+    prints after ``error:``); ``trace`` holds the context Nix shows only with --show-trace."""
+    e = BuildError(msg, rule="sandbox-setup")
     e.setup_message = msg  # type: ignore[attr-defined]
+    e.trace = [SETUP_CONTEXT]  # type: ignore[attr-defined]
     return e
 
 
