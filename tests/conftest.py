@@ -1,6 +1,6 @@
 """Shared fixtures. Tests needing real Nix, FUSE, sshd or root skip with a stated reason when
 the capability is missing (e.g. as a normal user: /dev/fuse not accessible, serve's trust only
-for root) — unless NARTOOL_REQUIRE_<NIX|FUSE|SSH|ROOT>=1 (.ci/run sets them), which turns that
+for root) — unless NARTOOL_REQUIRE_<NIX|FUSE|SSH|ROOT|S3|SANDBOX>=1 (.ci/run sets them), which turns that
 skip into a failure so CI cannot pass without running them.
 
 As a normal user the suite also: raises the soft limit on open files to the hard limit (the
