@@ -999,3 +999,17 @@ def test_userpool_shared_with_real_nix(tmp_path: Path) -> None:
         for u in held:
             u.release()
         subprocess.run(["chmod", "-R", "u+w", str(tmp_path)], check=False)
+
+
+def test_host_dev_bound_whole(env: Env) -> None:
+    """`/dev` in sandbox-paths: the host's /dev is bound instead of the minimal one (no nodes or
+    symlinks are created, devpts is not mounted), and nothing changes on the host's /dev."""
+    need_sandbox()
+    before = sorted(os.listdir("/dev"))
+    status, log, _ = run(env.spec("ls -1 /dev | wc -l; [ -e /dev/null ] && echo null; touch /dev/shm/x && echo shm-ok",
+                                  binds=[Bind("/dev", "/dev")]))
+    assert status == 0, log
+    lines = log.splitlines()
+    assert int(lines[0]) >= len(before) - 5 and lines[1:] == ["null", "shm-ok"]
+    assert not os.path.exists("/dev/shm/x")    # a private tmpfs over the bound /dev/shm
+    assert set(before) <= set(os.listdir("/dev"))
