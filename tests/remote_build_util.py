@@ -41,10 +41,11 @@ let
   fod = derivation { name = "rb-fod"; system = builtins.currentSystem; builder = sh; args = [ "-c" "echo hi > $out" ];
                      outputHashMode = "flat"; outputHashAlgo = "sha256";
                      outputHash = "98ea6e4f216f2fb4b69fff9b3a44842c38686ca685f3f55dc48c5d3fb1107be4"; };
+  esc = mk "rb-esc" "printf 'plain\\\\n\\\\033[31mred\\\\033[0m text\\\\n\\\\033]0;title\\\\007after osc\\\\ntab\\\\there\\\\ncarriage\\\\rreturn\\\\n\\\\033[3pq\\\\033[s\\\\033[q\\\\nlast without newline'; echo x > $out";
   nonl = mk "rb-nonl" "echo first line; printf 'no newline at the end'; echo x > $out";
   hang = mk "rb-hang${tag}" "echo started; sleep 37; echo done > $out";
   refs = mk "rb-refs" "mkdir $out; echo ${base} > $out/ref; ln -s ${bb}/bin/sh $out/sh; printf 'no newline at the end'";
-in { chain = top; inherit fail silent refs hang nonl fod; chainN = go (n - 1); }.${what}
+in { chain = top; inherit fail silent refs hang nonl fod esc; chainN = go (n - 1); }.${what}
 """
 
 

@@ -373,3 +373,37 @@ def test_builders_use_substitutes(tmp_path: Path, busybox_ok: None) -> None:
     v = subprocess.run(["nix-store", "--store", str(remote), "--verify-path", BUSYBOX], env=nix_env(),
                        capture_output=True, text=True)
     assert v.returncode == 0, v.stderr
+
+
+def test_log_stream_equals_nix_store_serve(tmp_path: Path, busybox_ok: None) -> None:
+    """The same builder output (colours, an OSC title, tabs, a carriage return, unknown escapes, a
+    last line without newline) streamed by nix-store --serve and by nartool serve: the lines the
+    client receives are identical."""
+    import sys
+
+    from .helpers import REPO
+
+    if os.geteuid() != 0:
+        pytest.skip("the nartool machine reads trusted-users from its own file only as root")
+    client = make_store(tmp_path / "client", tmp_path)
+    drv = instantiate(client, tmp_path, "esc")
+    conf = tmp_path / "machine.conf"
+    conf.write_text("trusted-users = root\n")
+    conf.chmod(0o600)
+    serve = tmp_path / "nartool-serve"
+    serve.write_text(f"#!/bin/sh\nexport PYTHONPATH={REPO} NARTOOL_CONFIG={conf}\n"
+                     f'exec {sys.executable} -m nartool serve "$@"\n')
+    serve.chmod(0o755)
+    logs = {}
+    for prog in ("nix-store", str(serve)):
+        st = LocalStore(client)
+        try:
+            uri = f"ssh://localhost?remote-program={prog}&remote-store={tmp_path / ('m-' + os.path.basename(prog))}"
+            log: list[bytes] = []
+            r = try_remote_build(st, drv, read_derivation(st, drv), _opts(f"{uri} x86_64-linux"), log=log.append)
+            assert r is not None and r.status in (BuildStatus.BUILT, BuildStatus.ALREADY_VALID), r
+            logs[prog] = log
+        finally:
+            st.close()
+    assert logs["nix-store"] == logs[str(serve)]
+    assert logs["nix-store"][0] == b"plain\n" and logs["nix-store"][-1] == b"last without newline\n"
