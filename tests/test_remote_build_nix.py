@@ -184,3 +184,28 @@ def test_modern_nix_sees_failure_and_timeout(tmp_path: Path, machine: Machine) -
     r = nix_build(argv0, client, machine, tmp_path, "silent", "--max-silent-time", "1")
     assert r.returncode != 0
     assert "timed out after 1 seconds of silence" in r.stderr, r.stderr
+
+
+def test_nix28_output_with_references(tmp_path: Path, machine: Machine) -> None:
+    """An output referring to an input and to busybox (a file naming one, a symlink into the
+    other): built on the nartool machine, its metadata in the client store — NAR hash and size,
+    references, deriver — equals a local Nix 2.8 build's."""
+    import json
+
+    client = make_store(tmp_path / "client", tmp_path)
+    r = nix_build([], client, machine, tmp_path, "refs")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.strip()
+    ref = make_store(tmp_path / "ref-refs", tmp_path)
+    drv = instantiate(ref, tmp_path, "refs")
+    subprocess.run(["nix-store", "--store", str(ref), "--option", "substituters", "", "-r", drv], env=nix_env(),
+                   check=True, capture_output=True)
+
+    def info(store: Path) -> dict[str, object]:
+        j = json.loads(subprocess.run(["nix", "--store", str(store), "path-info", "--json", out], env=nix_env(),
+                                      check=True, capture_output=True, text=True).stdout)[0]
+        return {k: j.get(k) for k in ("path", "narHash", "narSize", "references", "deriver")}
+
+    got, want = info(client), info(ref)
+    assert got == want
+    assert BUSYBOX in got["references"]  # type: ignore[operator]
