@@ -375,10 +375,12 @@ def test_builders_use_substitutes(tmp_path: Path, busybox_ok: None) -> None:
     assert v.returncode == 0, v.stderr
 
 
-def test_log_stream_equals_nix_store_serve(tmp_path: Path, busybox_ok: None) -> None:
-    """The same builder output (colours, an OSC title, tabs, a carriage return, unknown escapes, a
-    last line without newline) streamed by nix-store --serve and by nartool serve: the lines the
-    client receives are identical."""
+@pytest.mark.parametrize("what", ["esc", "fod"])
+def test_same_as_nix_store_serve(tmp_path: Path, busybox_ok: None, what: str) -> None:
+    """The same derivation built by nix-store --serve and by nartool serve: the log lines the client
+    receives are identical (``esc``: colours, an OSC title, tabs, a carriage return, unknown
+    escapes, a last line without newline) and so are the realisations in the result (``fod``: a
+    fixed-output derivation, whose id hashes ``fixed:out:…``)."""
     import sys
 
     from .helpers import REPO
@@ -386,7 +388,7 @@ def test_log_stream_equals_nix_store_serve(tmp_path: Path, busybox_ok: None) -> 
     if os.geteuid() != 0:
         pytest.skip("the nartool machine reads trusted-users from its own file only as root")
     client = make_store(tmp_path / "client", tmp_path)
-    drv = instantiate(client, tmp_path, "esc")
+    drv = instantiate(client, tmp_path, what)
     conf = tmp_path / "machine.conf"
     conf.write_text("trusted-users = root\n")
     conf.chmod(0o600)
@@ -394,7 +396,8 @@ def test_log_stream_equals_nix_store_serve(tmp_path: Path, busybox_ok: None) -> 
     serve.write_text(f"#!/bin/sh\nexport PYTHONPATH={REPO} NARTOOL_CONFIG={conf}\n"
                      f'exec {sys.executable} -m nartool serve "$@"\n')
     serve.chmod(0o755)
-    logs = {}
+    logs: dict[str, list[bytes]] = {}
+    outputs: dict[str, object] = {}
     for prog in ("nix-store", str(serve)):
         st = LocalStore(client)
         try:
@@ -403,7 +406,10 @@ def test_log_stream_equals_nix_store_serve(tmp_path: Path, busybox_ok: None) -> 
             r = try_remote_build(st, drv, read_derivation(st, drv), _opts(f"{uri} x86_64-linux"), log=log.append)
             assert r is not None and r.status in (BuildStatus.BUILT, BuildStatus.ALREADY_VALID), r
             logs[prog] = log
+            outputs[prog] = r.built_outputs
         finally:
             st.close()
     assert logs["nix-store"] == logs[str(serve)]
-    assert logs["nix-store"][0] == b"plain\n" and logs["nix-store"][-1] == b"last without newline\n"
+    assert outputs["nix-store"] == outputs[str(serve)] and outputs["nix-store"]
+    if what == "esc":
+        assert logs["nix-store"][0] == b"plain\n" and logs["nix-store"][-1] == b"last without newline\n"
