@@ -208,6 +208,8 @@ class _Build:
         except _Failure as f:
             return BuildResult(f.status, f.message, 1 if f.status not in (BuildStatus.MISC_FAILURE,) else 0,
                                False, start, int(time.time()))
+        except BuildError as e:  # e.g. malformed structured attributes: the build cannot start
+            return BuildResult(BuildStatus.MISC_FAILURE, e.message, 0, False, start, int(time.time()))
         finally:
             self._cleanup()
 
@@ -348,16 +350,20 @@ class _Build:
         self.build_dir = _make_build_dir(self.drv_path.rsplit("/", 1)[-1][33:])
         if self.build_user is not None:
             os.chown(self.build_dir, self.build_user.uid, self.build_user.gid)
-        top = opts.sandbox_build_dir if sandboxed else self.build_dir
-        try:
-            benv = make_environment(
-                drv, store_dir=sd, build_top=top, host_build_top=self.build_dir, cores=opts.cores,
-                fixed_output=fixed, input_paths=input_paths, outputs=outputs,
-                closure=lambda ps: set(store.closure(list(ps))), references=store.query_references,
-                derivation_outputs=lambda p: store.query_derivation_outputs(p).values(),
-                path_info_json=_path_info_json(store))
-        except NartoolError as e:
-            raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
+        build_dir = self.build_dir
+
+        def environment(top: str) -> Any:
+            try:
+                return make_environment(
+                    drv, store_dir=sd, build_top=top, host_build_top=build_dir, cores=opts.cores,
+                    fixed_output=fixed, input_paths=input_paths, outputs=outputs,
+                    closure=lambda ps: set(store.closure(list(ps))), references=store.query_references,
+                    derivation_outputs=lambda p: store.query_derivation_outputs(p).values(),
+                    path_info_json=_path_info_json(store))
+            except NartoolError as e:
+                raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
+
+        benv = environment(opts.sandbox_build_dir if sandboxed else self.build_dir)
         for fn, data in benv.files.items():
             p = os.path.join(self.build_dir, fn)
             with open(p, "wb") as f:
@@ -404,9 +410,13 @@ class _Build:
                 try:
                     self.builder = sbx.start_sandboxed(spec)
                 except SandboxUnavailable as e:
-                    if not opts.sandbox_fallback or diverted:
+                    if not opts.sandbox_fallback or diverted or valid_outs:
                         raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
+                    # as Nix: the same build without the sandbox, its directories the host's
                     sandboxed = False
+                    for p in outputs.values():
+                        remove_at(None, os.fsencode(store.physical(p)))
+                    spec.env = environment(self.build_dir).env
                     self.builder = sbx.start_unsandboxed(spec)
             else:
                 self.builder = sbx.start_unsandboxed(spec)
