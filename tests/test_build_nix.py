@@ -857,3 +857,20 @@ def test_structured_log_lines(nixroot: Path, ours: LocalStore) -> None:
     assert body(m.stderr) == body(n.stderr)
     assert read_log(ours.state_dir, drv) == subprocess.run(
         ["nix-store", "--store", str(nixroot), "-l", drv], capture_output=True, env=nix_env(), check=True).stdout
+
+
+def test_gc_during_a_build(nixroot: Path, ours: LocalStore) -> None:
+    """A collection while a build runs deletes nothing the build uses (its inputs, its chroot, its
+    outputs-to-be are temporary roots of the building process)."""
+    drv = _both(nixroot, ours, SLEEPER.replace("TAG", "gc").replace("SECS", "2"))
+    ours.close()  # (only the building process keeps anything alive)
+    p = subprocess.Popen(cli_argv("--store", ours.root, "build", drv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=cli_env())
+    _wait_for(p, b"sleeping")
+    g = run_cli("--store", ours.root, "store", "gc")
+    assert g.returncode == 0, g.stderr
+    assert p.wait(timeout=60) == 0, p.stderr.read() if p.stderr else b""
+    with LocalStore(ours.root) as s:
+        out = s.query_derivation_outputs(drv)["out"]
+        assert s.is_valid(out) and s.is_valid(BB) and s.is_valid(drv)
+        assert Path(s.physical(out)).read_text() == "done\n"
