@@ -289,3 +289,23 @@ def test_build_paths_refuses_a_derivation_with_wrong_outputs(tmp_path: Path, cli
     msg = W.read_str(src, "message")
     assert msg.startswith(f"\x1b[31;1merror:\x1b[0m derivation '{drv}' cannot be built here: ") and "incorrect output" in msg
     assert not LocalStore(tmp_path / "m").is_valid(evil)
+
+
+def test_inputs_and_outputs_are_temp_roots_of_the_session(tmp_path: Path, client: Path) -> None:
+    """While the session's process lives, the uploaded inputs and the built outputs are in its
+    temporary-roots file (``<state>/temproots/<pid>``, which a garbage collector honours)."""
+    drv = instantiate(client, tmp_path, "nonl")
+    out_path = read_derivation(LocalStore(client), drv).outputs["out"].path
+    data, n = session(client, drv)
+    user = UserIdentity.current()
+    st = LocalStore(tmp_path / "m")
+    try:
+        out, err = io.BytesIO(), io.StringIO()
+        code = serve_command(st, io.BytesIO(data), out, write=True, user=user,
+                             config=Config.from_text(f"trusted-users = {user.name}\n"), log=err)
+        assert code == 0, err.getvalue()
+        assert reply(out.getvalue(), n).status == M.BuildStatus.BUILT
+        roots = (tmp_path / "m" / "nix" / "var" / "nix" / "temproots" / str(os.getpid())).read_bytes().split(b"\0")
+        assert out_path.encode() in roots and BUSYBOX.encode() in roots
+    finally:
+        st.close()
