@@ -514,7 +514,10 @@ class _Build:
         started = last = time.monotonic()
         size = 0
         failure: _Failure | None = None
-        watch = [fd] + ([self.cancel.fd] if self.cancel is not None else [])
+        poller = select.poll()  # (not select(): descriptors may be above FD_SETSIZE)
+        poller.register(fd, select.POLLIN)
+        if self.cancel is not None:
+            poller.register(self.cancel.fd, select.POLLIN)
         try:
             while True:
                 now = time.monotonic()
@@ -524,10 +527,7 @@ class _Build:
                 if opts.timeout:
                     deadlines.append(started + opts.timeout)
                 wait = max(0.0, min(deadlines) - now) if deadlines else None
-                try:
-                    ready, _, _ = select.select(watch, [], [], wait)
-                except InterruptedError:
-                    continue
+                ready = [f for f, _ in poller.poll(None if wait is None else int(wait * 1000) + 1)]
                 if self.cancel is not None and self.cancel.fd in ready:
                     raise Cancelled()
                 if fd in ready:
