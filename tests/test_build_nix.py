@@ -874,3 +874,15 @@ def test_gc_during_a_build(nixroot: Path, ours: LocalStore) -> None:
         out = s.query_derivation_outputs(drv)["out"]
         assert s.is_valid(out) and s.is_valid(BB) and s.is_valid(drv)
         assert Path(s.physical(out)).read_text() == "done\n"
+
+
+def test_max_jobs_runs_builds_in_parallel(nixroot: Path, ours: LocalStore) -> None:
+    mk = """derivation {{ name = "par-{0}"; system = builtins.currentSystem; builder = "${{bb}}/bin/sh";
+      args = [ "-c" "B=${{bb}}/bin/busybox; $B date +%s > $out; $B sleep 2.5; $B date +%s >> $out" ]; }}"""
+    drvs = [_both(nixroot, ours, mk.format(x)) for x in ("one", "two")]
+    m = _nartool_build(ours, "-j", "2", *drvs)
+    assert m.returncode == 0, m.stderr
+    spans = [[float(x) for x in Path(ours.physical(p)).read_text().split()] for p in m.stdout.decode().split()]
+    assert len(spans) == 2
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 - 1 and b0 < a1 - 1, spans  # the two builds overlapped (whole seconds: by more than 1 s)
