@@ -327,12 +327,14 @@ in probe "NAME" ATTRS"""
     ("bad", '{ allowedReferences = [ "dep" ]; }', False),
     ("sa", '{ __structuredAttrs = true; outputChecks.out.allowedRequisites = [ "out" ]; }', False),
     ("size", "{ __structuredAttrs = true; outputChecks.out.maxSize = 10; }", False),
+    ("csize", "{ __structuredAttrs = true; outputChecks.out.maxClosureSize = 1000; }", False),
+    ("csize-ok", "{ __structuredAttrs = true; outputChecks.out.maxClosureSize = 100000000; }", True),
+    ("sa-dref", '{ __structuredAttrs = true; outputChecks.out.disallowedReferences = [ det ]; }', False),
 ])
 def test_reference_checks(nixroot: Path, ours: LocalStore, name: str, attrs: str, ok: bool) -> None:
     expr = REFS.replace("NAME", name).replace("ATTRS", attrs).replace("det = derivation", "det = derivation")
     expr = expr.replace('args = [ "-c" "echo ${det} > $out" ]', 'args = [ "-c" "echo ${det} > $out" ]' if "__structured"
-                        not in attrs else 'args = [ "-c" "source $NIX_ATTRS_SH_FILE 2>/dev/null; '
-                        'echo ${det} > ${placeholder "out"}" ]')
+                        not in attrs else 'args = [ "-c" "echo ${det} > ${placeholder "out"}" ]')
     drv = _both(nixroot, ours, expr)
     copy_drv_closure(nixroot, ours, drv)
     n = nix_build(nixroot, drv)
@@ -561,7 +563,8 @@ def test_unprivileged_user_same_output(nixroot: Path, http_server: int) -> None:
 ENVPROBE = r"""let dep = derivation { name = "env-dep"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
                  args = [ "-c" "echo ${bb} > $out" ]; };
 in derivation { name = "envprobe"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
-  big = "passed as a file"; passAsFile = [ "big" ]; PATH = "/overridden"; NIX_BUILD_TOP = "/not-this";
+  big = "passed as a file to ${placeholder "out"}"; passAsFile = [ "big" ]; PATH = "/overridden";
+  NIX_BUILD_TOP = "/not-this"; ph = "${placeholder "out"}/bin"; ${placeholder "out"} = "a key";
   exportReferencesGraph = [ "graph" dep ];
   args = [ "-c" ''
     B=${bb}/bin/busybox
@@ -570,7 +573,7 @@ in derivation { name = "envprobe"; system = builtins.currentSystem; builder = "$
     $B cat $bigPath > $out/big
     $B cat graph > $out/graph
     $B ls -a /build | $B sort > $out/build-dir
-  '' ]; }"""
+  '' "${placeholder "out"}" ]; }"""
 
 STRUCTURED = r"""let dep = derivation { name = "sa-dep"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
                  args = [ "-c" "echo ${bb} > $out" ]; };
@@ -886,3 +889,20 @@ def test_max_jobs_runs_builds_in_parallel(nixroot: Path, ours: LocalStore) -> No
     assert len(spans) == 2
     (a0, a1), (b0, b1) = spans
     assert a0 < b1 - 1 and b0 < a1 - 1, spans  # the two builds overlapped (whole seconds: by more than 1 s)
+
+
+def test_fixed_output_flat_must_not_be_executable(nixroot: Path, ours: LocalStore) -> None:
+    import hashlib
+
+    h = hashlib.sha256(b"x\n").hexdigest()
+    expr = f"""derivation {{ name = "flat-exec"; system = builtins.currentSystem; builder = "${{bb}}/bin/sh";
+      outputHashAlgo = "sha256"; outputHashMode = "flat"; outputHash = "{h}";
+      args = [ "-c" "echo x > $out; ${{bb}}/bin/busybox chmod +x $out" ]; }}"""
+    drv = _both(nixroot, ours, expr)
+    n = nix_build(nixroot, drv)
+    m = _nartool_build(ours, drv)
+    assert n.returncode == m.returncode == 1
+    nix_err = _errors(n.stderr)
+    assert len(nix_err) == 1 and "should be a non-executable regular file" in nix_err[0]
+    # the same text, the chroot's path being that of each store
+    assert _errors(m.stderr) == [nix_err[0].replace(str(nixroot), ours.root)]

@@ -32,6 +32,22 @@ def _b(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
 
+def rewrite_strings(s: str, rewrites: Mapping[str, str]) -> str:
+    """Nix's ``rewriteStrings``: every occurrence of each key replaced by its value, keys in order."""
+    for old, new in sorted(rewrites.items()):
+        if old != new and old:
+            s = s.replace(old, new)
+    return s
+
+
+def output_rewrites(outputs: Mapping[str, str]) -> dict[str, str]:
+    """Each output's placeholder (``hashPlaceholder``) → its path, as Nix rewrites the builder's
+    arguments, environment and files."""
+    from ..store.derivation import hash_placeholder
+
+    return {hash_placeholder(name): path for name, path in outputs.items()}
+
+
 @dataclass
 class BuildEnv:
     """What :func:`make_environment` decided: the environment (sorted by name, as bytes) and the
@@ -174,6 +190,7 @@ def make_environment(drv: Derivation, *, store_dir: str, build_top: str, host_bu
     by name; ``closure``/``references``/``derivation_outputs`` query the store."""
     env: dict[str, str] = {}
     files: dict[str, bytes] = {}
+    rw = output_rewrites(outputs)
     env["PATH"] = "/path-not-set"
     env["HOME"] = HOMELESS_SHELTER
     env["NIX_STORE"] = store_dir
@@ -184,7 +201,7 @@ def make_environment(drv: Derivation, *, store_dir: str, build_top: str, host_bu
         for k, v in drv.env.items():
             if k in pass_as_file:
                 fn = pass_as_file_name(k)
-                files[fn] = _b(v)
+                files[fn] = _b(rewrite_strings(v, rw))
                 env[k + "Path"] = build_top + "/" + fn
             else:
                 env[k] = v
@@ -216,8 +233,9 @@ def make_environment(drv: Derivation, *, store_dir: str, build_top: str, host_bu
                          if r.startswith(store_dir + "/")]
                 attrs[name] = path_info_json(
                     sorted(export_references_closure(roots, input_paths, closure, derivation_outputs)))
-        files[".attrs.sh"] = _b(structured_attrs_shell(attrs))
-        files[".attrs.json"] = _b(json.dumps(attrs, separators=(",", ":"), ensure_ascii=False, sort_keys=True))
+        files[".attrs.sh"] = _b(rewrite_strings(structured_attrs_shell(attrs), rw))
+        files[".attrs.json"] = _b(rewrite_strings(
+            json.dumps(attrs, separators=(",", ":"), ensure_ascii=False, sort_keys=True), rw))
         # Nix 2.8 names the files by their host path (fixed in 2.15): kept, for identical builds
         env["NIX_ATTRS_SH_FILE"] = host_build_top + "/.attrs.sh"
         env["NIX_ATTRS_JSON_FILE"] = host_build_top + "/.attrs.json"
@@ -228,4 +246,6 @@ def make_environment(drv: Derivation, *, store_dir: str, build_top: str, host_bu
             env[name] = environ.get(name, "")
     env["NIX_LOG_FD"] = "2"
     env["TERM"] = "xterm-256color"
-    return BuildEnv(sorted((_b(k), _b(v)) for k, v in env.items()), files)
+    # (the output placeholders are replaced in "NAME=VALUE" as a whole, as Nix does)
+    pairs = [rewrite_strings(f"{k}={v}", rw).partition("=") for k, v in env.items()]
+    return BuildEnv(sorted((_b(k), _b(v)) for k, _, v in pairs), files)

@@ -43,7 +43,7 @@ from ..store.derivation import (
 )
 from ..store.local import LocalStore
 from ..store.locks import PathLock
-from .env import get_bool_attr, get_strings_attr, make_environment
+from .env import get_bool_attr, get_strings_attr, make_environment, output_rewrites, rewrite_strings
 from .logs import LineAssembler, RawLog, filter_escapes, log_path
 from .options import BuildOptions, parse_sandbox_paths
 from .outputs import HashMismatch, Output, OutputRejected, check_outputs, examine_outputs, register_outputs
@@ -389,7 +389,8 @@ class _Build:
         hook = self._hook if (opts.pre_build_hook and sandboxed and self.full) else None
         spec = sbx.SandboxSpec(
             builder=drv.builder.encode("utf-8", "surrogateescape"),
-            args=[a.encode("utf-8", "surrogateescape") for a in drv.args], env=benv.env, store_dir=sd,
+            args=[rewrite_strings(a, output_rewrites(outputs)).encode("utf-8", "surrogateescape") for a in drv.args],
+            env=benv.env, store_dir=sd,
             real_store_dir=store.real_store_dir,
             chroot_dir=store.real_store_dir + "/" + self.drv_path.rsplit("/", 1)[-1] + ".chroot",
             build_dir=self.build_dir, inputs=inputs, binds=binds, outputs=sorted(outputs.values()),
