@@ -311,6 +311,10 @@ class Config:
     filter_syscalls: bool = setting(
         "filter-syscalls", BOOL, True, trust=True,
         doc="Refuse setuid/setgid modes and extended attributes to builders (seccomp).")
+    allowed_impure_host_deps: tuple[str, ...] = setting(
+        "allowed-impure-host-deps", STRINGS, (), trust=True,
+        doc="Host path prefixes a derivation may ask for with ``__impureHostDeps`` (shown in its sandbox, "
+            "optional).")
     sandbox_build_dir: str = setting(
         "sandbox-build-dir", STRING, "/build", trust=True,
         doc="Where the build directory appears in the sandbox.")
