@@ -906,3 +906,23 @@ def test_fixed_output_flat_must_not_be_executable(nixroot: Path, ours: LocalStor
     assert len(nix_err) == 1 and "should be a non-executable regular file" in nix_err[0]
     # the same text, the chroot's path being that of each store
     assert _errors(m.stderr) == [nix_err[0].replace(str(nixroot), ours.root)]
+
+
+def test_impure_host_deps(nixroot: Path, ours: LocalStore, tmp_path: Path) -> None:
+    host = tmp_path / "impure"
+    host.mkdir()
+    (host / "f").write_text("impure\n")
+    expr = f"""derivation {{ name = "impure-deps"; system = builtins.currentSystem; builder = "${{bb}}/bin/sh";
+      __impureHostDeps = [ "{host}" "{tmp_path}/missing" ];
+      args = [ "-c" "${{bb}}/bin/busybox cat {host}/f > $out" ]; }}"""
+    drv = _both(nixroot, ours, expr)
+    n = nix_build(nixroot, drv)
+    m = _nartool_build(ours, drv)
+    assert n.returncode == m.returncode == 1
+    assert _errors(m.stderr) == _errors(n.stderr)
+    opt = ("--option", "allowed-impure-host-deps", str(tmp_path))
+    n = nix_build(nixroot, drv, *opt)
+    m = _nartool_build(ours, *opt, drv)
+    assert n.returncode == m.returncode == 0, (n.stderr, m.stderr)
+    assert m.stdout == n.stdout
+    assert Path(ours.physical(m.stdout.decode().split()[-1])).read_text() == "impure\n"

@@ -385,6 +385,15 @@ class _Build:
                     continue  # shown as an input path
                 src = store.real_store_dir + src[len(sd):]
             binds.append(sbx.Bind(sp.target, src, sp.optional))
+        if sandboxed:
+            # __impureHostDeps: host paths under allowed-impure-host-deps, optional (as Nix)
+            allowed = [os.path.normpath(a) for a in opts.allowed_impure_host_deps]
+            for i in get_strings_attr(drv, "__impureHostDeps") or []:
+                c = os.path.normpath(i) if i.startswith("/") else i
+                if not any(c == a or c.startswith(a.rstrip("/") + "/") for a in allowed):
+                    raise _fail(BuildStatus.MISC_FAILURE, f"derivation '{self.drv_path}' requested impure path "
+                                f"'{i}', but it was not in allowed-impure-host-deps")
+                binds.append(sbx.Bind(i, i, True))
         inputs = sorted((input_paths | extra_inputs) - set(outputs.values()))
         hook = self._hook if (opts.pre_build_hook and sandboxed and self.full) else None
         spec = sbx.SandboxSpec(

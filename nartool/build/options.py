@@ -74,6 +74,7 @@ class BuildOptions:
     max_build_log_size: int = 0                 # max-build-log-size
     keep_going: bool = False                    # --keep-going
     sandbox_paths: list[str] = field(default_factory=list)   # sandbox-paths (+ extra-sandbox-paths)
+    allowed_impure_host_deps: list[str] = field(default_factory=list)  # allowed-impure-host-deps
     pre_build_hook: str | None = None           # pre-build-hook
     build_users_group: str | None = None        # build-users-group (None: nixbld as root, else empty)
     system_features: tuple[str, ...] = field(default_factory=default_system_features)
@@ -114,6 +115,7 @@ class BuildOptions:
             cores=cfg.cores if cfg.cores is not None else os.cpu_count() or 1,
             max_silent_time=cfg.max_silent_time, timeout=cfg.timeout, max_build_log_size=cfg.max_build_log_size,
             sandbox_paths=list(cfg.sandbox_paths), pre_build_hook=cfg.pre_build_hook or None,
+            allowed_impure_host_deps=list(cfg.allowed_impure_host_deps),
             build_users_group=cfg.build_users_group,
             system_features=tuple(cfg.system_features) if cfg.system_features is not None
             else default_system_features(),
