@@ -421,7 +421,7 @@ class _Build:
                     self.builder = sbx.start_sandboxed(spec)
                 except SandboxUnavailable as e:
                     if not opts.sandbox_fallback or diverted or valid_outs:
-                        raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
+                        raise _fail(BuildStatus.MISC_FAILURE, f"unable to start build process ({e.message})") from None
                     # as Nix: the same build without the sandbox, its directories the host's
                     sandboxed = False
                     for p in outputs.values():
