@@ -33,7 +33,7 @@ def _stderr_write(data: bytes) -> None:
 def build_cmd(ctx: click.Context, targets: tuple[str, ...], options: tuple[tuple[str, str], ...], keep_going: bool,
               max_jobs: str | None, cores: str | None, max_silent_time: str | None, timeout: str | None,
               as_json: bool) -> None:
-    """Build derivations (``.drv`` store paths, or ``DRV!OUT,…`` for some outputs) and print
+    """Build derivations (.drv store paths, or DRV!OUT,… for some outputs) and print
     their output paths. Input derivations are built first; valid outputs are not rebuilt. The
     build log goes to stderr; a failed build exits with Nix's status (100 build failure, 101
     timeout, 102 hash mismatch, 1 otherwise)."""
@@ -98,7 +98,7 @@ def build_cmd(ctx: click.Context, targets: tuple[str, ...], options: tuple[tuple
 @click.pass_context
 def store_log(ctx: click.Context, path: str) -> None:
     """Print the stored build log of a derivation, or of the derivation that built PATH (as
-    ``nix-store -l``)."""
+    nix-store -l)."""
     from ..build import read_log
     from ..errors import StoreError
     from ..store.local import LocalStore
