@@ -926,3 +926,19 @@ def test_impure_host_deps(nixroot: Path, ours: LocalStore, tmp_path: Path) -> No
     assert n.returncode == m.returncode == 0, (n.stderr, m.stderr)
     assert m.stdout == n.stdout
     assert Path(ours.physical(m.stdout.decode().split()[-1])).read_text() == "impure\n"
+
+
+def test_fixed_output_with_references_is_refused(nixroot: Path, ours: LocalStore) -> None:
+    import hashlib
+
+    body = (BB + "\n").encode()
+    h = hashlib.sha256(body).hexdigest()
+    expr = f"""derivation {{ name = "fod-refs"; system = builtins.currentSystem; builder = "${{bb}}/bin/sh";
+      outputHashAlgo = "sha256"; outputHashMode = "flat"; outputHash = "{h}";
+      args = [ "-c" "echo ${{bb}} > $out" ]; }}"""
+    drv = _both(nixroot, ours, expr)
+    m = _nartool_build(ours, drv)
+    assert m.returncode == 1
+    assert _errors(m.stderr) == [f"error: the output '{_outputs(ours, drv)['out']}' of fixed-output derivation "
+                                 f"'{drv}' refers to store paths, which a fixed output cannot: {BB}"]
+    assert not [x for x in os.listdir(ours.real_store_dir) if x.endswith("-fod-refs")]

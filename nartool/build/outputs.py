@@ -114,11 +114,13 @@ def examine_outputs(store: LocalStore, drv_path: str, drv: Derivation, outputs: 
         d = drv.outputs[o.name]
         if d.kind == "fixed":
             assert o.info is not None
-            if o.info.references - {o.path}:
-                pass  # recorded as they are; the path below includes no references
-            if o.path in o.info.references:
-                raise OutputRejected(f"fixed-output derivation output '{o.path}' refers to itself", path=o.path,
-                                     rule="fixed-self-reference")
+            if o.info.references:
+                # its content address would name another path (one computed with references): Nix
+                # 2.8 would register it there and leave the declared output invalid; refused here
+                raise OutputRejected(f"the output '{o.path}' of fixed-output derivation '{drv_path}' refers to "
+                                     "store paths, which a fixed output cannot: "
+                                     + ", ".join(sorted(o.info.references)), path=o.path,
+                                     rule="fixed-output-references")
             wanted = d.fixed_hash()
             got = _fixed_hash(d, o.location, stats[o.name])
             method = "r:" if d.method == "recursive" else ""
