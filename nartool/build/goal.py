@@ -245,8 +245,7 @@ class _Build:
                 lk.acquire(wait=False)
             except StoreError:
                 if self.notice is not None:
-                    self.notice("waiting for lock on " + ", ".join(f"'{self.store.store_dir}/{os.path.basename(x)}'"
-                                                                  for x in lock_paths))
+                    self.notice("waiting for lock on " + ", ".join(f"'{x}'" for x in lock_paths))  # (real paths, as Nix)
                 self._wait_lock(lk)
         return all(self.store.is_valid(p) for p in outputs.values())
 
