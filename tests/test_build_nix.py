@@ -491,13 +491,16 @@ def test_kill_9_leaves_nothing_after_gc(nixroot: Path, ours: LocalStore) -> None
 
 
 def test_concurrent_builds_build_once(nixroot: Path, ours: LocalStore) -> None:
-    drv = _both(nixroot, ours, SLEEPER.replace("TAG", "conc").replace("SECS", "2"))
+    drv = _both(nixroot, ours, SLEEPER.replace("TAG", "conc").replace("SECS", "3"))
     ps = [subprocess.Popen(cli_argv("--store", ours.root, "build", drv), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, env=cli_env()) for _ in range(2)]
     res = [p.communicate(timeout=60) for p in ps]
     assert [p.returncode for p in ps] == [0, 0], res
     assert res[0][0] == res[1][0] != b""
     assert sum(b"sleeping" in err for _, err in res) == 1, res
+    (waiter,) = [err for _, err in res if b"sleeping" not in err]
+    out = res[0][0].decode().strip()
+    assert f"waiting for lock on '{ours.physical(out)}'".encode() in waiter, waiter
 
 
 def test_unprivileged_user_same_output(nixroot: Path, http_server: int) -> None:
