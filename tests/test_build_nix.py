@@ -945,3 +945,11 @@ def test_fixed_output_with_references_is_refused(nixroot: Path, ours: LocalStore
     assert _errors(m.stderr) == [f"error: the output '{_outputs(ours, drv)['out']}' of fixed-output derivation "
                                  f"'{drv}' refers to store paths, which a fixed output cannot: {BB}"]
     assert not [x for x in os.listdir(ours.real_store_dir) if x.endswith("-fod-refs")]
+
+
+def test_missing_derivation(nixroot: Path, ours: LocalStore) -> None:
+    drv = instantiate(nixroot, DET.replace('"det"', '"never-copied"'))
+    n = nix_build(nixroot.parent / "empty-nix", drv)
+    m = _nartool_build(ours, drv)
+    assert n.returncode == m.returncode == 1
+    assert m.stderr.decode().splitlines() == n.stderr.decode().splitlines()

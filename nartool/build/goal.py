@@ -621,9 +621,15 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
     nodes: dict[str, _Node] = {}
     todo: list[str] = []
     parsed = [_parse_target(t) for t in targets]
-    for p, wanted in parsed:
+    for p, _ in parsed:
         if not p.endswith(".drv"):
             raise BuildError(f"'{p}' is not a derivation", path=p, rule="not-a-derivation")
+    missing = [p for p, _ in parsed if not store.is_valid(p)]
+    if missing:  # as Nix
+        if notice is not None:
+            notice("don't know how to build these paths:" + "".join(f"\n  {p}" for p in sorted(set(missing))))
+        raise BuildError(f"cannot build missing derivation '{missing[0]}'", rule="missing-derivation")
+    for p, wanted in parsed:
         drv = read_derivation(store, p)
         for o in wanted or []:
             if o not in drv.outputs:
