@@ -148,7 +148,13 @@ def test_settings_table_drives_parsing_and_docs() -> None:
     # every field but the bookkeeping one is a setting, with the field's default
     assert {f.name for f in dataclasses.fields(Config)} - {st.field for st in table.values()} == {"sources"}
     for st in table.values():
-        assert getattr(Config(), st.field) == st.default and st.doc and st.trust
+        assert getattr(Config(), st.field) == st.default and st.doc and isinstance(st.trust, bool)
+    # who may connect, which keys and substituters are trusted and how builds run: trust settings
+    # (serve reads them from the system file only); client-side tuning is not
+    trust = {"allowed-users", "trusted-users", "trusted-public-keys", "secret-key-files", "require-sigs",
+             "substituters", "sandbox", "sandbox-paths", "build-users-group", "pre-build-hook", "builders"}
+    assert {n for n, st in table.items() if st.trust} >= trust
+    assert not table["connect-timeout"].trust and not table["narinfo-cache-negative-ttl"].trust
     doc = settings_doc()
     assert config.__doc__ is not None and doc in config.__doc__ and "{settings}" not in config.__doc__
     for name in table:
@@ -196,10 +202,13 @@ def test_a_new_setting_is_one_field(tmp_path: Path) -> None:
     assert s.fancy is True and s.trusted_users == ("root",) and s.allowed_users == ("*",)
     assert s.sources == (str(system), str(user))
     assert len(warnings) == 1 and "ignoring trusted-users, extra-allowed-users in" in warnings[0]
-    # the built-in table has only trust settings: a user's file is not read at all
+    # the built-in table: a user's file gives e.g. connect-timeout, never trusted-users
     warnings.clear()
-    assert Config.load_for_serve({"NARTOOL_CONFIG": str(user)}, euid=me + 1, root_uid=me, system=system,
-                                 warn=warnings.append).sources == (str(system),)
+    user.write_text("connect-timeout = 7\ntrusted-users = *\n")
+    c = Config.load_for_serve({"NARTOOL_CONFIG": str(user)}, euid=me + 1, root_uid=me, system=system,
+                              warn=warnings.append)
+    assert c.sources == (str(system), str(user)) and c.connect_timeout == 7 and c.trusted_users == ("root",)
+    assert len(warnings) == 1 and "ignoring trusted-users in" in warnings[0]
 
 
 def test_serve_config_warnings_are_logged(tmp_path: Path, capfd: pytest.CaptureFixture[str],
@@ -218,7 +227,7 @@ def test_serve_config_warnings_are_logged(tmp_path: Path, capfd: pytest.CaptureF
                                   system=tmp_path / "absent.conf")
     assert c.trusted_users == ("root",)
     assert [(r.name, r.levelname) for r in caplog.records] == [("nartool.config", "WARNING")]
-    assert caplog.records[0].getMessage().startswith(f"warning: ignoring '{user}' for serve")
+    assert caplog.records[0].getMessage().startswith(f"warning: ignoring trusted-users in '{user}' for serve")
     assert capfd.readouterr().err == ""
 
 
