@@ -27,15 +27,12 @@ from ..nar import format as F
 from ..nar.events import Directory, EndDirectory, Event, File, Symlink
 from ..nar.source import write_all
 from .canonical import DIR_MODE, TIMES_NS, file_mode
-from .osutil import LINUX, pid_alive, remove_at, rename_noreplace, temp_name, temp_owner, temp_prefix
 from .osutil import fsync as fsync_fd
+from .osutil import pid_alive, remove_at, rename_noreplace, temp_name, temp_owner, temp_prefix
 from .source import DirNamer, NameCodec
 from .xattrs import strip_fd
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# errors of copy_file_range/sendfile that mean "not between these two files": use the next way
-_COPY_FALLBACK = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF,
-                  errno.EPERM)
 _O_NEWFILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -59,7 +56,6 @@ class _Builder:
         on_file: Callable[[bytes, int], None] | None = None,
         lock_root: bool = False,
         shown_root: bytes | None = None,
-        offload: bool = False,
     ) -> None:
         self.parent_fd = parent_fd
         self.root_name = name
@@ -77,10 +73,6 @@ class _Builder:
         # :meth:`unlock`, so that no stale-temporary clean-up takes it for abandoned
         self.lock_root = lock_root
         self.lock_fd = -1
-        # with ``offload`` (plain restores only: no canonical metadata, fsync or on_file), the
-        # files of at least OFFLOAD_MIN bytes inside the tree are finished by a _Writer thread
-        self.offload = offload and not canonical and not fsync and on_file is None
-        self.writer: _Writer | None = None
 
     def _lock(self, fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -168,20 +160,6 @@ class _Builder:
             if self.lock_root and not self.stack:
                 self._lock(fd)
             chunks = ev.chunks
-            if self.offload and ev.size >= OFFLOAD_MIN and self.stack:
-                if chunks.__class__ is tuple:
-                    loc: tuple[int, int] | None = (-1, 0) if sum(map(len, chunks)) == ev.size else None
-                else:
-                    detach = getattr(chunks, "detach", None)
-                    loc = detach() if detach is not None else None
-                if loc is not None:
-                    w = self.writer
-                    if w is None:
-                        w = self.writer = _Writer(self.umask)
-                    handed, fd = fd, -1
-                    w.submit(handed, chunks if loc[0] < 0 else None, loc[0], loc[1], ev.size,  # type: ignore[arg-type]
-                             ev.executable, rel)
-                    return
             copy_to = None if chunks.__class__ is tuple else getattr(chunks, "copy_to", None)
             if copy_to is not None:  # straight from the NAR's file where the kernel can
                 written = copy_to(fd)
@@ -203,8 +181,7 @@ class _Builder:
             if self.fsync:
                 fsync_fd(fd)
         finally:
-            if fd >= 0:
-                os.close(fd)
+            os.close(fd)
         if self.on_file is not None:
             self.on_file(rel, written)
 
@@ -230,20 +207,13 @@ def restore_events(
         raise FsError(f"cannot open destination's parent: {e.strerror}", path=parent or b".", rule="io") from e
     remove_stale_temps(pfd, base)
     tmp = temp_name(base)
-    b = _Builder(pfd, tmp, names=names, canonical=canonical, fsync=fsync, lock_root=True, shown_root=dest_b,
-                 offload=True)
+    b = _Builder(pfd, tmp, names=names, canonical=canonical, fsync=fsync, lock_root=True, shown_root=dest_b)
     try:
         try:
             for ev in events:
                 b.feed(ev)
             if not b.done:
                 raise NarError("event stream ended before the root node did", rule="truncated")
-            if b.writer is not None:
-                b.writer.finish()
-        except BaseException:
-            if b.writer is not None:
-                b.writer.abort()
-            raise
         finally:
             b.close_all()
         try:
@@ -307,116 +277,3 @@ def _remove_unlocked(dir_fd: int, name: bytes) -> None:
         remove_at(dir_fd, name)
     finally:
         os.close(fd)
-
-
-#: files of at least this size inside a tree are finished (written or copied out of the NAR's
-#: file, made executable, closed) by a writer thread while the reader goes on parsing
-OFFLOAD_MIN = 16 << 10
-_OFFLOAD_DEPTH = 64
-
-
-class _Writer:
-    """A thread that finishes files for a :class:`_Builder`: writes their contents (held in
-    memory, or copied with explicit offsets from the NAR's own file, which the reader meanwhile
-    skips), sets the execute bits, closes them. Those system calls release the GIL, so they run
-    on another core while the reader parses. At most ``_OFFLOAD_DEPTH`` files wait (bounded
-    memory and descriptors); the first error is raised in the builder's thread."""
-
-    def __init__(self, umask: int) -> None:
-        import queue
-        import threading
-
-        self.exe_mode = (0o666 & ~umask) | 0o111
-        self.q: queue.Queue[tuple[int, tuple[bytes, ...] | None, int, int, int, bool, bytes] | None] = \
-            queue.Queue(_OFFLOAD_DEPTH)
-        self.errors: list[BaseException] = []
-        self.how = 0  # the way copy_range last succeeded
-        self.t = threading.Thread(target=self._run, name="nartool-writer", daemon=True)
-        self.t.start()
-
-    def submit(self, fd: int, data: tuple[bytes, ...] | None, src_fd: int, offset: int, size: int,
-               executable: bool, rel: bytes) -> None:
-        if self.errors:
-            os.close(fd)
-            raise self.errors[0]
-        self.q.put((fd, data, src_fd, offset, size, executable, rel))
-
-    def _run(self) -> None:
-        q = self.q
-        while True:
-            job = q.get()
-            if job is None:
-                return
-            fd, data, src_fd, offset, size, executable, rel = job
-            try:
-                if self.errors:
-                    continue
-                if data is not None:
-                    for chunk in data:
-                        write_all(fd, chunk)
-                else:
-                    self.how = copy_range(src_fd, fd, offset, size, rel, self.how)
-                if executable:
-                    os.fchmod(fd, self.exe_mode)
-            except OSError as e:
-                self.errors.append(FsError(f"cannot create: {e.strerror}", path=rel, rule="io"))
-            except BaseException as e:  # noqa: BLE001 - handed to the builder's thread
-                self.errors.append(e)
-            finally:
-                os.close(fd)
-
-    def finish(self) -> None:
-        """Wait until every submitted file is finished; raise the first error."""
-        self.q.put(None)
-        self.t.join()
-        if self.errors:
-            raise self.errors[0]
-
-    def abort(self) -> None:
-        """Stop: files not yet finished are closed unwritten (the restore is failing)."""
-        import queue
-
-        self.errors.append(NarError("restore abandoned", rule="aborted"))
-        while True:
-            try:
-                self.q.put(None, timeout=0.05)
-                break
-            except queue.Full:
-                try:  # make room, closing what we take out
-                    job = self.q.get_nowait()
-                except queue.Empty:
-                    continue
-                if job is not None:
-                    os.close(job[0])
-        self.t.join()
-
-
-def copy_range(src_fd: int, dst_fd: int, offset: int, size: int, rel: bytes, how: int = 0) -> int:
-    """Append ``size`` bytes of the file ``src_fd`` from ``offset`` to ``dst_fd``, leaving
-    ``src_fd``'s position alone: ``how`` 0: ``copy_file_range``, else 1: ``sendfile`` (Linux),
-    else 2: ``pread`` and ``write``; returns the way that worked, for the next call.
-    :class:`NarError` (truncated) if the file ends first."""
-    done = 0
-    if not LINUX:
-        how = 2
-    while done < size:
-        want = min(size - done, 1 << 30)
-        try:
-            if how == 0:
-                n = os.copy_file_range(src_fd, dst_fd, want, offset + done)
-            elif how == 1:
-                n = os.sendfile(dst_fd, src_fd, offset + done, want)
-            else:
-                data = os.pread(src_fd, min(want, 1 << 20), offset + done)
-                write_all(dst_fd, data)
-                n = len(data)
-        except OSError as e:
-            if how == 2 or e.errno not in _COPY_FALLBACK:
-                raise
-            how += 1  # refused between these two files (nothing was written): step down
-            continue
-        if n == 0:
-            raise NarError("unexpected end of NAR", expected=f"{size - done} more bytes", got="end of input",
-                           rule="truncated", path=rel)
-        done += n
-    return how

@@ -561,9 +561,6 @@ def _excluded(pairs: Iterator[tuple[bytes, bytes]], kind_of: Callable[[bytes, in
 #: pieces in which handed-off files are read for hashing (they stay in the L2 cache between
 #: the copy out of the page cache and SHA-256)
 HASH_PIECE = 1 << 18
-#: files at least this big are read ahead by a thread of their own while the hash runs
-THREADED_READ = 8 << 20
-_READ_AHEAD = 8
 
 
 def hash_nar(
@@ -577,91 +574,27 @@ def hash_nar(
     """``(hash, nar_size)`` of the NAR of ``path`` (what ``nix-hash --type ALGO`` computes),
     with the checks of :func:`dump_nar`.
 
-    Work is spread over two threads: for a tree, the walk (listing, opening, ``fstat``, reading
-    small files, building the NAR framing) runs in a producer thread while this thread reads
-    the files above :data:`SMALL_FILE` into a reused buffer and hashes everything; a big file
-    is read ahead by a thread of its own while this one hashes. Reads and SHA-256 release the
-    GIL, so they overlap. Memory stays bounded (a few MiB of queued chunks and buffers)."""
+    One thread: the walk hands the files above :data:`SMALL_FILE` over open
+    (:func:`dump_nar_handing_off`) and they are read into one reused buffer of
+    :data:`HASH_PIECE` bytes and hashed piece by piece (no allocation per read, the piece still
+    in the cache when hashed). A producer thread was measured slower here: the walk takes the GIL
+    back after each of its many short system calls, so the hashing thread mostly waits for it."""
     import hashlib
 
     from ..hashes import Hash
-    from ..pipeline import pipelined
 
-    root = os.fsencode(path)
-    try:
-        is_dir = stat.S_ISDIR(os.lstat(root).st_mode)
-    except OSError:
-        is_dir = False  # the dump reports it
     h = hashlib.new(algo)
     update = h.update
     total = 0
     buf = bytearray(HASH_PIECE)
-    items: Iterator[bytes | bytearray | memoryview | OpenFile] = dump_nar_handing_off(
-        root, names=names, exclude=exclude, limits=limits, flush_size=1 << 20)
-    if is_dir:
-        items = pipelined(items, depth=32)
-    for item in items:
+    for item in dump_nar_handing_off(path, names=names, exclude=exclude, limits=limits):
         if item.__class__ is OpenFile:
             assert isinstance(item, OpenFile)
-            total += (read_open_file_ahead(item, update) if item.size >= THREADED_READ
-                      else read_open_file(item, update, buf))
+            total += read_open_file(item, update, buf)
         else:
             update(item)  # type: ignore[arg-type]
             total += len(item)  # type: ignore[arg-type]
     return Hash(algo, h.digest()), total
-
-
-def read_open_file_ahead(f: OpenFile, consume: Callable[[memoryview], object], piece: int = HASH_PIECE,
-                         ahead: int = _READ_AHEAD) -> int:
-    """As :func:`read_open_file`, with the reads done by a thread of their own, up to ``ahead``
-    pieces of ``piece`` bytes in advance, so that reading overlaps ``consume`` (which should
-    release the GIL, as hashing does)."""
-    import queue
-    import threading
-
-    free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
-    full: queue.SimpleQueue[tuple[bytearray, int] | BaseException] = queue.SimpleQueue()
-    for _ in range(ahead):
-        free.put(bytearray(piece))
-    size, fd = f.size, f.fd
-
-    def read() -> None:
-        readv = os.readv
-        left = size
-        try:
-            while left:
-                b = free.get()
-                if b is None:
-                    return
-                k = readv(fd, [memoryview(b)[: piece if left >= piece else left]])
-                full.put((b, k))
-                if not k:
-                    return
-                left -= k
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            full.put(e)
-
-    t = threading.Thread(target=read, name="nartool-read-ahead", daemon=True)
-    t.start()
-    left = size
-    try:
-        while left:
-            got = full.get()
-            if isinstance(got, BaseException):
-                if isinstance(got, OSError):
-                    raise _io_error(got, f.path) from got
-                raise got
-            b, k = got
-            if not k:
-                raise _size_changed(f.path, size, size - left)
-            consume(memoryview(b)[:k])
-            left -= k
-            free.put(b)
-    finally:
-        free.put(None)  # a reader waiting for a buffer stops; one reading finishes its piece
-        t.join()
-        f.close()
-    return size
 
 
 def dump_to_fd(

@@ -353,23 +353,6 @@ class _Contents:
         self._padding()
         return done
 
-    def detach(self) -> tuple[int, int] | None:
-        """For a NAR read from a plain file: skip the contents (checking their padding) and
-        return ``(descriptor, file offset)`` of them, for a consumer that copies them out of the
-        file with explicit offsets (see :meth:`ByteSource.file_location`); None (and nothing
-        consumed) for other inputs."""
-        if self._started:
-            raise RuntimeError("file contents can be iterated only once")
-        src = self.reader.src
-        loc = src.file_location()
-        if loc is None:
-            return None
-        self._started = True
-        src.skip(self.remaining)
-        self.remaining = 0
-        self._padding()
-        return loc
-
     def _padding(self) -> None:
         pad = (-self.size) & 7
         if pad:

@@ -31,7 +31,7 @@ class ByteSource:
     ``error_class`` is raised for truncation (a subclass of it when it is ``NarError``).
     """
 
-    __slots__ = ("_read", "_buf", "_pos", "_base", "_file", "_eof", "what", "_fd", "_origin", "_untapped", "_seek_fd")
+    __slots__ = ("_read", "_buf", "_pos", "_base", "_file", "_eof", "what", "_fd", "_origin", "_untapped")
 
     def __init__(self, src: ReadFn | BinaryIO | ByteSource, what: str = "input") -> None:
         if isinstance(src, ByteSource):
@@ -50,17 +50,14 @@ class ByteSource:
         self.what = what
         # a plain, seekable file: big contents can be copied inside the kernel (copy_to)
         self._fd = -1
-        self._seek_fd = -1  # a plain file: see file_location
         self._origin = 0
-        if self._file is not None:
+        if self._file is not None and _kernel_copy():
             try:
                 if self._file.seekable():
                     self._origin = self._file.tell()
-                    self._seek_fd = self._file.fileno()
-            except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-                self._seek_fd = -1
-            if _kernel_copy():
-                self._fd = self._seek_fd
+                    self._fd = self._file.fileno()
+            except (AttributeError, OSError, ValueError):
+                self._fd = -1
 
     # -- public contract for other modules (wire framing, NAR reader, export reader) ---------
     #
@@ -269,14 +266,6 @@ class ByteSource:
             assert self._file is not None
             self._file.seek(self._origin + self._base)  # reads go on after what was copied
         return done
-
-    def file_location(self) -> tuple[int, int] | None:
-        """``(descriptor, file offset)`` of the next unconsumed byte when the input is a plain
-        seekable file with a descriptor, else None. The bytes there may be read with explicit
-        offsets (``pread``, ``copy_file_range``), which leave this source's position alone."""
-        if self._seek_fd < 0:
-            return None
-        return self._seek_fd, self._origin + self._base + self._pos
 
     def skip(self, n: int) -> None:
         """Consume ``n`` bytes, seeking when the underlying file allows it."""
