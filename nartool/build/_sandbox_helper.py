@@ -10,13 +10,17 @@ Modes:
     stdin is the control pipe: the prepared plan (``nartool.build.sandbox``; 8-byte little-endian
     length, then a ``marshal`` blob: same interpreter, no imports needed to read it),
     then ``go`` lines; EOF on it kills the builder. stdout is the report pipe: lines
-    ``unshared <0|1>`` (sandbox: namespaces made; the parent writes the id maps and /etc/passwd,
+    ``helper <own pid>``, ``unshared <0|1>`` (sandbox: namespaces made; the parent writes the id maps and /etc/passwd,
     then sends ``go``), ``pid <host pid>``, and at the end ``status <wait status>``; or one
     ``unavailable <reason>`` / ``error <message>`` line. A setup failure of the builder child
     is written to the error pipe (close-on-exec, so the builder never sees it).
 
 ``kill-user UID``
     kill every process of UID (switches to it, ``kill(-1, SIGKILL)`` until none is left).
+
+``zygote``
+    a long-lived server on a socket (fd 0) that forks one child per build running the mode
+    above, and kills build users' processes; see :func:`zygote`.
 
 ``probe``
     try to create the namespaces a sandbox needs in a child and print ``ok`` or the reason.
@@ -416,11 +420,13 @@ def read_exact(fd: int, n: int) -> bytes:
     return data
 
 
-def start(mode: str) -> None:
+def start(mode: str, plan: "dict | None" = None) -> None:  # type: ignore[type-arg]
     os.umask(0o022)
-    plan = marshal.loads(read_exact(0, int.from_bytes(read_exact(0, 8), "little")))
+    if plan is None:
+        plan = marshal.loads(read_exact(0, int.from_bytes(read_exact(0, 8), "little")))
     report = 1
     err_fd = plan["err_fd"]
+    write_line(report, f"helper {os.getpid()}")
     if mode == "sandbox":
         if os.getuid() == 0:
             try:
@@ -489,6 +495,123 @@ def kill_user(uid: int) -> None:
         break
 
 
+def recv_exact(sock: Any, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            os._exit(0)
+        data += chunk
+    return data
+
+
+def zygote() -> None:
+    """Serve requests on the stream socket at fd 0 until EOF (its owner, a nartool process, is
+    gone). Each request is a 9-byte header (kind, 8-byte little-endian length) carrying
+    descriptors (SCM_RIGHTS), then the body.
+
+    ``B`` (build): body = the marshalled plan; descriptors = control (read end), report (write
+    end), the helper's stderr, the pty slave, the error pipe. A child is forked (the zygote is
+    single-threaded, so this is safe) that takes control/report/stderr as fds 0/1/2 and runs the
+    ``sandbox``/``plain`` mode above with the plan; the zygote keeps no copy of any descriptor.
+    No reply: the report pipe speaks for the child (EOF at once when the fork failed).
+
+    ``K`` (kill user): body = the uid in decimal; a child switches to it and sends
+    ``kill(-1, SIGKILL)``; the reply is one line, ``ok`` or ``error <reason>``."""
+    import array
+    import socket
+
+    sock = socket.socket(fileno=0)
+    # children are reaped by the kernel; each child sets SIGCHLD back to the default at once
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    os.umask(0o022)
+    fd_size = array.array("i").itemsize
+    while True:
+        try:
+            head, anc, _, _ = sock.recvmsg(9, socket.CMSG_SPACE(8 * fd_size))
+        except OSError:
+            os._exit(0)
+        if not head:
+            os._exit(0)
+        fds: list = []  # type: ignore[type-arg]
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(data[:len(data) - len(data) % fd_size])
+                fds.extend(a)
+        if len(head) < 9:
+            head += recv_exact(sock, 9 - len(head))
+        body = recv_exact(sock, int.from_bytes(head[1:9], "little"))
+        if head[:1] == b"B" and len(fds) == 5:
+            mode_plan = marshal.loads(body)
+            try:
+                pid = os.fork()
+            except OSError as e:
+                pid = -1
+                try:
+                    write_line(fds[1], f"error unable to fork the build helper: {os.strerror(e.errno or 0)}")
+                except OSError:
+                    pass
+            if pid == 0:
+                try:
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    os.setsid()
+                    sock.close()
+                    for i, fd in enumerate(fds[:3]):
+                        os.dup2(fd, i)
+                    for fd in fds[:3]:
+                        if fd > 2:
+                            os.close(fd)
+                    mode_plan["plan"]["pty_fd"] = fds[3]
+                    mode_plan["plan"]["err_fd"] = fds[4]
+                    start(mode_plan["mode"], mode_plan["plan"])
+                except BaseException:  # noqa: BLE001 - the parent reads it from the stderr pipe
+                    import traceback
+                    traceback.print_exc()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(3)
+            for fd in fds:
+                os.close(fd)
+        elif head[:1] == b"K":
+            for fd in fds:
+                os.close(fd)
+            sock.sendall((kill_user_forked(int(body)) + "\n").encode("utf-8", "replace"))
+        else:
+            for fd in fds:
+                os.close(fd)
+            os._exit(4)
+
+
+def kill_user_forked(uid: int) -> str:
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as e:
+        os.close(r)
+        os.close(w)
+        return f"error fork: {os.strerror(e.errno or 0)}"
+    if pid == 0:
+        code = 0
+        try:
+            os.close(r)
+            kill_user(uid)
+        except OSError as e:
+            os.write(w, f"error setting uid: {e.strerror}".encode())
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    msg = b""
+    while True:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        msg += chunk
+    os.close(r)
+    return msg.decode("utf-8", "replace") or "ok"
+
+
 def namespace_names(flags: int) -> str:
     return ", ".join(n for n, f in (("user", CLONE_NEWUSER), ("mount", CLONE_NEWNS), ("PID", CLONE_NEWPID),
                                     ("IPC", CLONE_NEWIPC), ("UTS", CLONE_NEWUTS), ("network", CLONE_NEWNET))
@@ -525,6 +648,8 @@ def main() -> None:
         except OSError as e:
             sys.stderr.write(f"setting uid: {e.strerror}\n")
             sys.exit(1)
+    elif mode == "zygote":
+        zygote()
     elif mode == "probe":
         probe()
     else:

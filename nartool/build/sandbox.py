@@ -24,6 +24,8 @@ import fcntl
 import logging
 import marshal
 import os
+import select
+import signal
 import stat
 import subprocess
 import sys
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from ..errors import BuildError, SandboxUnavailable
-from . import seccomp
+from . import seccomp, zygote
 from .users import BuildUser
 
 log = logging.getLogger(__name__)
@@ -359,12 +361,15 @@ def _open_pty(bu: BuildUser | None) -> tuple[int, int]:
 
 class Builder:
     """A running builder. ``pid`` is its host pid (pid 1 of its PID namespace when sandboxed);
-    ``log_fd`` the non-blocking master side of its pty (EIO or EOF once every writer is gone)."""
+    ``log_fd`` the non-blocking master side of its pty (EIO or EOF once every writer is gone);
+    ``helper_pid`` the pid of the helper process that is the builder's parent."""
 
-    def __init__(self, spec: SandboxSpec, proc: subprocess.Popen[bytes], pid: int, log_fd: int,
-                 sandboxed: bool, user_namespace: bool) -> None:
+    def __init__(self, spec: SandboxSpec, control: int, report: IO[bytes], helper_pid: int, pid: int,
+                 log_fd: int, sandboxed: bool, user_namespace: bool) -> None:
         self.spec = spec
-        self._proc = proc
+        self._control = control
+        self._report = report
+        self.helper_pid = helper_pid
         self.pid = pid
         self.log_fd = log_fd
         self.sandboxed = sandboxed
@@ -378,26 +383,26 @@ class Builder:
         along, or the process group when unsandboxed; then every process of the build user."""
         if self._status is not None:
             return
-        try:
-            assert self._proc.stdin is not None
-            self._proc.stdin.write(b"kill\n")
-            self._proc.stdin.flush()
-        except (BrokenPipeError, ValueError, OSError):
-            pass
+        if self._control >= 0:
+            try:
+                os.write(self._control, b"kill\n")
+            except OSError:
+                pass
         if self.spec.build_user is not None:
             self.spec.build_user.kill()
 
     @property
     def status_fd(self) -> int:
         """Becomes readable when the builder has exited (for select/poll loops; then wait())."""
-        assert self._proc.stdout is not None
-        return self._proc.stdout.fileno()
+        return self._report.fileno()
 
     def poll(self) -> int | None:
         """The wait status if the builder has exited, else None (never blocks)."""
         if self._status is not None:
             return self._status
-        if self._proc.poll() is None:
+        p = select.poll()
+        p.register(self._report.fileno(), select.POLLIN)
+        if not p.poll(0):
             return None
         return self.wait()
 
@@ -407,24 +412,17 @@ class Builder:
         if self._status is not None:
             return self._status
         status: int | None = None
-        assert self._proc.stdout is not None
-        for line in self._proc.stdout:
+        for line in self._report:
             if line.startswith(b"status "):
                 status = int(line.split()[1])
-        rc = self._proc.wait()
         if status is None:
-            # the helper itself died (its builder has a parent-death signal and died with it):
-            # report the helper's own end
-            status = -rc if rc < 0 else (rc & 0xFF) << 8
+            # the helper itself died (its builder has a parent-death signal and died with it)
+            status = signal.SIGKILL
         self._status = status
-        try:
-            if self._proc.stdin is not None:
-                self._proc.stdin.close()
-        except OSError:
-            pass
-        for f in (self._proc.stdout, self._proc.stderr):
-            if f is not None:
-                f.close()
+        self._report.close()
+        if self._control >= 0:
+            os.close(self._control)
+            self._control = -1
         if self.spec.build_user is not None:
             self.spec.build_user.kill()
         return status
@@ -494,8 +492,7 @@ def _plan(spec: SandboxSpec, mode: str, binds: dict[str, tuple[str, bool]], slav
         "no_userns": spec.no_user_namespace,
     }
     # marshal: the helper is the same interpreter, and unmarshalling needs no imports there
-    data = marshal.dumps(plan)
-    return len(data).to_bytes(8, "little") + data
+    return marshal.dumps({"mode": mode, "plan": plan})
 
 
 def _read_line(f: IO[bytes]) -> str:
@@ -517,54 +514,53 @@ def _start(spec: SandboxSpec, mode: str) -> Builder:
         spec.build_user.kill()
     userns_expected = _userns_enabled() and not spec.no_user_namespace
     master = slave = err_r = err_w = -1
-    proc: subprocess.Popen[bytes] | None = None
+    ctl_r = ctl_w = rep_w = se_r = se_w = -1
+    report: IO[bytes] | None = None
     ok = False
     try:
         binds = _prepare_chroot(spec, userns_expected) if sandboxed else {}
         master, slave = _open_pty(spec.build_user)
         err_r, err_w = os.pipe()
         plan = _plan(spec, mode, binds, slave, err_w)
+        ctl_r, ctl_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        report = open(rep_r, "rb")  # noqa: SIM115 - closed by Builder.wait or below
+        se_r, se_w = os.pipe()
         # the helper's own stderr (only a crash of the helper itself writes there) is kept
         # for the error message; its builder child replaces fd 2 with the pty at once
-        proc = subprocess.Popen([sys.executable, "-I", "-S", HELPER, mode], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(slave, err_w),
-                                close_fds=True, cwd="/", start_new_session=True)
-        os.close(slave)
-        slave = -1
-        os.close(err_w)
-        err_w = -1
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(plan)
-        proc.stdin.flush()
+        zygote.start_build(plan, [ctl_r, rep_w, se_w, slave, err_w])
+        for fd in (ctl_r, rep_w, se_w, slave, err_w):
+            os.close(fd)
+        ctl_r = rep_w = se_w = slave = err_w = -1
         userns = False
-        line = _read_line(proc.stdout)
+        helper_pid = -1
+        line = _read_line(report)
+        if line.startswith("helper "):
+            helper_pid = int(line.split()[1])
+            line = _read_line(report)
         if sandboxed and line.startswith("unshared "):
             userns = line.split()[1] == "1"
-            _after_unshare(spec, proc.pid, userns)
-            proc.stdin.write(b"go\n")
-            proc.stdin.flush()
-            line = _read_line(proc.stdout)
+            _after_unshare(spec, helper_pid, userns)
+            os.write(ctl_w, b"go\n")
+            line = _read_line(report)
         if line.startswith("unavailable "):
             raise SandboxUnavailable(f"cannot create the build sandbox: {line[len('unavailable '):]}",
                                      rule="sandbox-unavailable")
         if line.startswith("error "):
             raise BuildError(line[len("error "):], rule="sandbox-start")
         if not line.startswith("pid "):
-            proc.wait()
-            assert proc.stderr is not None
-            detail = proc.stderr.read().decode("utf-8", "replace").strip().splitlines()
-            raise BuildError(f"the sandbox helper failed (exit status {proc.returncode}): "
-                             f"{detail[-1] if detail else repr(line)}", rule="sandbox-start")
+            report.read()
+            detail = _read_all(se_r).decode("utf-8", "replace").strip().splitlines()
+            raise BuildError(f"the sandbox helper failed: {detail[-1] if detail else repr(line)}",
+                             rule="sandbox-start")
+        os.close(se_r)
+        se_r = -1
         pid = int(line.split()[1])
-        msg = b""
-        while True:
-            chunk = os.read(err_r, 65536)
-            if not chunk:
-                break
-            msg += chunk
+        msg = _read_all(err_r)
         os.close(err_r)
         err_r = -1
-        builder = Builder(spec, proc, pid, master, sandboxed, userns)
+        builder = Builder(spec, ctl_w, report, helper_pid, pid, master, sandboxed, userns)
+        ctl_w = -1
         if msg:
             builder.wait()
             raise _setup_error(msg.decode("utf-8", "surrogateescape"))
@@ -572,21 +568,25 @@ def _start(spec: SandboxSpec, mode: str) -> Builder:
         return builder
     finally:
         if not ok:
-            for fd in (slave, err_r, err_w, master):
+            for fd in (slave, err_r, err_w, master, ctl_r, ctl_w, rep_w, se_r, se_w):
                 if fd >= 0:
                     os.close(fd)
-            if proc is not None:
-                try:
-                    if proc.stdin is not None:
-                        proc.stdin.close()
-                except OSError:
-                    pass
-                proc.wait()
-                for f in (proc.stdout, proc.stderr):
-                    if f is not None:
-                        f.close()
+            if report is not None and not report.closed:
+                # EOF on the control pipe (closed above) makes the helper kill its builder; its
+                # report pipe reaches EOF when it is gone
+                report.read()
+                report.close()
             if sandboxed and os.path.lexists(spec.chroot_dir):
                 _remove_chroot(spec.chroot_dir)
+
+
+def _read_all(fd: int) -> bytes:
+    msg = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return msg
+        msg += chunk
 
 
 def _after_unshare(spec: SandboxSpec, pid: int, userns: bool) -> None:

@@ -14,13 +14,9 @@ import fcntl
 import grp
 import os
 import pwd
-import subprocess
-import sys
 from dataclasses import dataclass, field
 
 from ..errors import BuildError
-
-HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_helper.py")
 
 
 def nix_state_dir() -> str:
@@ -43,8 +39,8 @@ class BuildUser:
     _fd: int | None = field(default=None, repr=False)
 
     def kill(self) -> None:
-        """Kill every process running as this uid (from a freshly exec'd helper that switches
-        to the uid and sends ``kill(-1, SIGKILL)`` until none is left)."""
+        """Kill every process running as this uid (a child forked by the sandbox zygote switches
+        to the uid and sends ``kill(-1, SIGKILL)``)."""
         kill_user(self.uid)
 
     def release(self) -> None:
@@ -61,10 +57,10 @@ class BuildUser:
 def kill_user(uid: int) -> None:
     if uid == 0:
         raise BuildError("refusing to kill all processes of uid 0", rule="kill-root")
-    r = subprocess.run([sys.executable, "-I", "-S", HELPER, "kill-user", str(uid)],
-                       stdin=subprocess.DEVNULL, capture_output=True, check=False)
-    if r.returncode != 0:
-        msg = r.stderr.decode(errors="replace").strip()
+    from . import zygote
+    res = zygote.kill_user(uid)
+    if res != "ok":
+        msg = res[len("error "):] if res.startswith("error ") else res
         raise BuildError(f"cannot kill processes for uid '{uid}': {msg}", rule="kill-user")
 
 
