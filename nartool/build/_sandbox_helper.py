@@ -366,7 +366,7 @@ def child_main(plan: dict, err_fd: int) -> None:  # type: ignore[type-arg]
         os._exit(1)
 
 
-def monitor(child: int, report: int, group: bool) -> None:
+def monitor(child: int, report: int, group: bool, killer: "Killer | None" = None) -> None:
     """Wait for the builder; kill it when the control pipe closes or says ``kill``: pid 1 of the
     namespace (which takes the whole PID namespace along), or the builder's process group when
     unsandboxed. The builder is our unreaped child until then, so its pid (and process group)
@@ -383,11 +383,7 @@ def monitor(child: int, report: int, group: bool) -> None:
         if pidfd < 0:
             done, status = os.waitpid(child, os.WNOHANG)
             if done:
-                try:
-                    write_line(report, f"status {status}")
-                except OSError:
-                    pass
-                os._exit(0)
+                finish(report, status, killer)
         if 0 in r:
             data = os.read(0, 4096)
             buf += data
@@ -403,11 +399,71 @@ def monitor(child: int, report: int, group: bool) -> None:
                 buf = b""
         if pidfd in r:
             _, status = os.waitpid(child, 0)
+            finish(report, status, killer)
+
+
+def finish(report: int, status: int, killer: "Killer | None") -> None:
+    if killer is not None:
+        killer.finish()
+    try:
+        write_line(report, f"status {status}")
+    except OSError:
+        pass
+    os._exit(0)
+
+
+class Killer:
+    """Nix kills every process of the build user before and after a build. A child forked
+    before the namespaces are made (so it stays in the host's): it switches to the uid, sends
+    ``kill(-1, SIGKILL)``, reports on ``ack``, then waits on ``trigger`` (a byte, or EOF when this
+    helper dies) and kills again before it exits."""
+
+    def __init__(self, uid: int) -> None:
+        trig_r, self.trig_w = os.pipe()
+        ack_r, ack_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 0
             try:
-                write_line(report, f"status {status}")
+                close_most_fds({2, trig_r, ack_w})
+                os.setuid(uid)
+                kill_all()
+                os.write(ack_w, b"ok")
+                os.close(ack_w)
+                os.read(trig_r, 1)
+                kill_all()
+            except OSError as e:
+                try:
+                    os.write(ack_w, f"cannot kill processes for uid '{uid}': {e.strerror}".encode())
+                except OSError:
+                    pass
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(trig_r)
+        os.close(ack_w)
+        msg = b""
+        while True:
+            chunk = os.read(ack_r, 4096)
+            if not chunk or msg + chunk == b"ok":
+                msg += chunk
+                break
+            msg += chunk
+        os.close(ack_r)
+        self.error = None if msg == b"ok" else (msg.decode("utf-8", "replace") or "the kill helper died")
+
+    def finish(self) -> None:
+        if self.trig_w >= 0:
+            try:
+                os.write(self.trig_w, b"k")
             except OSError:
                 pass
-            os._exit(0)
+            os.close(self.trig_w)
+            self.trig_w = -1
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
 
 
 def read_exact(fd: int, n: int) -> bytes:
@@ -427,6 +483,13 @@ def start(mode: str, plan: "dict | None" = None) -> None:  # type: ignore[type-a
     report = 1
     err_fd = plan["err_fd"]
     write_line(report, f"helper {os.getpid()}")
+    killer = None
+    bu = plan.get("build_user")
+    if bu and plan.get("kill_user"):
+        killer = Killer(bu["uid"])
+        if killer.error is not None:
+            write_line(report, f"error {killer.error}")
+            os._exit(1)
     if mode == "sandbox":
         if os.getuid() == 0:
             try:
@@ -479,12 +542,16 @@ def start(mode: str, plan: "dict | None" = None) -> None:  # type: ignore[type-a
     os.close(err_fd)
     os.close(plan["pty_fd"])
     write_line(report, f"pid {pid}")
-    monitor(pid, report, group=mode != "sandbox")
+    monitor(pid, report, group=mode != "sandbox", killer=killer)
 
 
 def kill_user(uid: int) -> None:
-    # as Nix does: one kill(-1) as the uid reaches every process of it (ESRCH/EPERM: none left)
     os.setuid(uid)
+    kill_all()
+
+
+def kill_all() -> None:
+    # as Nix does: one kill(-1) as the uid reaches every process of it (ESRCH/EPERM: none left)
     while True:
         try:
             os.kill(-1, signal.SIGKILL)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import marshal
 import os
@@ -259,6 +260,7 @@ def _mkdirs(path: str) -> None:
     os.makedirs(path, mode=0o755, exist_ok=True)
 
 
+@functools.lru_cache(maxsize=1)
 def _userns_enabled() -> bool:
     try:
         with open("/proc/sys/user/max_user_namespaces") as f:
@@ -423,8 +425,8 @@ class Builder:
         if self._control >= 0:
             os.close(self._control)
             self._control = -1
-        if self.spec.build_user is not None:
-            self.spec.build_user.kill()
+        # the helper killed the build user's processes before reporting the status (and its
+        # killer child does so too when the helper itself died)
         return status
 
     def output_location(self, path: str) -> str:
@@ -470,6 +472,8 @@ def _plan(spec: SandboxSpec, mode: str, binds: dict[str, tuple[str, bool]], slav
                 raise BuildError("seccomp is not supported on this machine; set 'filter-syscalls' to false "
                                  "to build without it", rule="seccomp") from None
     bu = spec.build_user
+    if bu is not None and bu.uid == 0:
+        raise BuildError("refusing to kill all processes of uid 0", rule="kill-root")
     plan = {
         "mode": mode,
         "chroot": spec.chroot_dir,
@@ -490,6 +494,8 @@ def _plan(spec: SandboxSpec, mode: str, binds: dict[str, tuple[str, bool]], slav
         "pty_fd": slave,
         "err_fd": err_w,
         "no_userns": spec.no_user_namespace,
+        # kill every process of the build user before the build and after it (in the helper)
+        "kill_user": bu is not None,
     }
     # marshal: the helper is the same interpreter, and unmarshalling needs no imports there
     return marshal.dumps({"mode": mode, "plan": plan})
@@ -510,8 +516,6 @@ def _start(spec: SandboxSpec, mode: str) -> Builder:
         if not k or b"=" in k:
             raise BuildError("invalid environment variable name", got=k, rule="env-name")
     sandboxed = mode == "sandbox"
-    if spec.build_user is not None:
-        spec.build_user.kill()
     userns_expected = _userns_enabled() and not spec.no_user_namespace
     master = slave = err_r = err_w = -1
     ctl_r = ctl_w = rep_w = se_r = se_w = -1
