@@ -8,10 +8,30 @@
 
 from __future__ import annotations
 
-from ..remote.messages import BuildResult, BuildStatus
-from .goal import SUCCESS, CancelToken, build_derivation, build_paths, exit_status
-from .logs import filter_escapes, read_log
-from .options import BuildOptions, parse_sandbox_paths
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..remote.messages import BuildResult, BuildStatus
+    from .goal import SUCCESS, CancelToken, build_derivation, build_paths, exit_status
+    from .logs import filter_escapes, read_log
+    from .options import BuildOptions, parse_sandbox_paths
+
+# imported when first used (``from nartool.build import build_paths`` works as usual), so that
+# the sandbox zygote (``nartool.build.zygote``) can be started before the heavy modules load
+_LAZY = {"BuildResult": "..remote.messages", "BuildStatus": "..remote.messages", "SUCCESS": ".goal",
+         "CancelToken": ".goal", "build_derivation": ".goal", "build_paths": ".goal", "exit_status": ".goal",
+         "filter_escapes": ".logs", "read_log": ".logs", "BuildOptions": ".options",
+         "parse_sandbox_paths": ".options"}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = ["BuildOptions", "BuildResult", "BuildStatus", "CancelToken", "SUCCESS", "build_derivation", "build_paths",
            "exit_status", "filter_escapes", "parse_sandbox_paths", "read_log"]

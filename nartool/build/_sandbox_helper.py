@@ -1,4 +1,6 @@
-"""The process that starts a builder, run as ``python -I -S _sandbox_helper.py MODE``.
+"""The process that starts a builder, run as ``python -I -S -c LAUNCHER MODE`` (``LAUNCHER``,
+:data:`nartool.build.zygote.LAUNCHER`, imports this file as a top-level module, so that its
+compiled form is cached, and calls :func:`main`).
 
 It is a freshly exec'd, single-threaded interpreter that imports only the standard library, so
 creating namespaces and switching ids here is safe (nartool's own process has threads; forking
@@ -585,27 +587,25 @@ def zygote() -> None:
 
     ``K`` (kill user): body = the uid in decimal; a child switches to it and sends
     ``kill(-1, SIGKILL)``; the reply is one line, ``ok`` or ``error <reason>``."""
-    import array
-    import socket
+    import _socket  # not ``socket``: it imports enum, selectors & co., start-up time
 
-    sock = socket.socket(fileno=0)
+    sock = _socket.socket(fileno=0)
     # children are reaped by the kernel; each child sets SIGCHLD back to the default at once
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     os.umask(0o022)
-    fd_size = array.array("i").itemsize
+    fd_size = 4  # sizeof(int)
     while True:
         try:
-            head, anc, _, _ = sock.recvmsg(9, socket.CMSG_SPACE(8 * fd_size))
+            head, anc, _, _ = sock.recvmsg(9, _socket.CMSG_SPACE(8 * fd_size))
         except OSError:
             os._exit(0)
         if not head:
             os._exit(0)
         fds: list = []  # type: ignore[type-arg]
         for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(data[:len(data) - len(data) % fd_size])
-                fds.extend(a)
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                fds.extend(int.from_bytes(data[i:i + fd_size], sys.byteorder, signed=True)
+                           for i in range(0, len(data) - fd_size + 1, fd_size))
         if len(head) < 9:
             head += recv_exact(sock, 9 - len(head))
         body = recv_exact(sock, int.from_bytes(head[1:9], "little"))

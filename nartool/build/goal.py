@@ -22,6 +22,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -285,6 +286,9 @@ class _Build:
         if self._lock_outputs(outputs):
             return BuildResult(BuildStatus.ALREADY_VALID, "", 0, False, start, int(time.time()),
                                _realisations(store, self.drv_path, drv, outputs, self.full))
+        if sys.platform == "linux":
+            from . import zygote
+            zygote.prestart()  # its start-up overlaps with the preparations below
         fixed = kind == FIXED
         # platform
         required = sorted(set(get_strings_attr(drv, "requiredSystemFeatures") or []))

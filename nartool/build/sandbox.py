@@ -41,7 +41,6 @@ from .users import BuildUser
 
 log = logging.getLogger(__name__)
 
-HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_helper.py")
 HOMELESS_SHELTER = "/homeless-shelter"
 SETUP_CONTEXT = "while setting up the build environment"
 
@@ -637,7 +636,7 @@ def sandbox_unavailable_reason() -> str | None:
     if os.getuid() != 0 and not _userns_enabled():
         return ("user namespaces are not enabled (/proc/sys/user/max_user_namespaces is 0 or missing); "
                 "a sandboxed build as a non-root user needs them")
-    r = subprocess.run([sys.executable, "-I", "-S", HELPER, "probe"], capture_output=True,
+    r = subprocess.run(zygote.helper_argv("probe"), capture_output=True,
                        stdin=subprocess.DEVNULL, check=False)
     out = r.stdout.decode(errors="replace").strip()
     if r.returncode == 0 and out == "ok":

@@ -19,7 +19,14 @@ import subprocess
 import sys
 import threading
 
-HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_helper.py")
+HELPER_DIR = os.path.dirname(os.path.abspath(__file__))
+#: ``python -I -S -c LAUNCHER MODE`` runs the helper: imported as a module (from the end of the
+#: path, after the standard library), its compiled form is cached, unlike a script's
+LAUNCHER = f"import sys; sys.path.append({HELPER_DIR!r}); import _sandbox_helper; _sandbox_helper.main()"
+
+
+def helper_argv(mode: str) -> list[str]:
+    return [sys.executable, "-I", "-S", "-c", LAUNCHER, mode]
 
 
 class ZygoteError(OSError):
@@ -30,7 +37,7 @@ class Zygote:
     def __init__(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.proc = subprocess.Popen([sys.executable, "-I", "-S", HELPER, "zygote"], stdin=child.fileno(),
+            self.proc = subprocess.Popen(helper_argv("zygote"), stdin=child.fileno(),
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
                                          cwd="/", start_new_session=True)
         finally:
@@ -90,6 +97,12 @@ def get() -> Zygote:
                 z.proc.wait()
             z = _zygote = Zygote()
         return z
+
+
+def prestart() -> None:
+    """Start this process's zygote now if there is none (its start-up then overlaps with the
+    caller's own preparations)."""
+    get()
 
 
 def start_build(body: bytes, fds: list[int]) -> None:

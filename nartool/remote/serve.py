@@ -354,12 +354,14 @@ class _Server:
 
     def build_paths(self) -> None:
         self._need_write("building paths")
+        _prestart_builds()
         from .serve_build import build_paths
 
         build_paths(self)
 
     def build_derivation(self) -> None:
         self._need_write("building paths")
+        _prestart_builds()
         from .serve_build import build_derivation
 
         build_derivation(self)
@@ -522,3 +524,11 @@ def serve_bytes(store: Store, data: bytes, **kw: object) -> tuple[int, bytes, st
     err = io.StringIO()
     code = serve_command(store, io.BytesIO(data), out, log=err, **kw)  # type: ignore[arg-type]
     return code, out.getvalue(), err.getvalue()
+
+
+def _prestart_builds() -> None:
+    """Start the sandbox zygote (``nartool.build.zygote``) before the build modules are imported,
+    so that the two start-ups overlap (a serve session is often one build)."""
+    if sys.platform == "linux":
+        from ..build import zygote
+        zygote.prestart()
