@@ -444,15 +444,18 @@ class Killer:
                 os._exit(code)
         os.close(trig_r)
         os.close(ack_w)
+        self.ack_r = ack_r
+
+    def started(self) -> "str | None":
+        """Wait until the first kill is done; None, or why it failed."""
         msg = b""
         while True:
-            chunk = os.read(ack_r, 4096)
-            if not chunk or msg + chunk == b"ok":
-                msg += chunk
-                break
+            chunk = os.read(self.ack_r, 4096)
             msg += chunk
-        os.close(ack_r)
-        self.error = None if msg == b"ok" else (msg.decode("utf-8", "replace") or "the kill helper died")
+            if not chunk or msg == b"ok":
+                break
+        os.close(self.ack_r)
+        return None if msg == b"ok" else (msg.decode("utf-8", "replace") or "the kill helper died")
 
     def finish(self) -> None:
         if self.trig_w >= 0:
@@ -488,10 +491,7 @@ def start(mode: str, plan: "dict | None" = None) -> None:  # type: ignore[type-a
     killer = None
     bu = plan.get("build_user")
     if bu and plan.get("kill_user"):
-        killer = Killer(bu["uid"])
-        if killer.error is not None:
-            write_line(report, f"error {killer.error}")
-            os._exit(1)
+        killer = Killer(bu["uid"])  # runs while the namespaces are made; waited for before the fork
     if mode == "sandbox":
         if os.getuid() == 0:
             try:
@@ -534,6 +534,11 @@ def start(mode: str, plan: "dict | None" = None) -> None:  # type: ignore[type-a
             os._exit(1)
         plan["sandbox_uid"] = 1000 if userns else plan["build_user"]["uid"]
         plan["sandbox_gid"] = 100 if userns else plan["build_user"]["gid"]
+    if killer is not None:
+        error = killer.started()
+        if error is not None:
+            write_line(report, f"error {error}")
+            os._exit(1)
     pid = os.fork()
     if pid == 0:
         os.close(report)
@@ -590,6 +595,11 @@ def zygote() -> None:
     import _socket  # not ``socket``: it imports enum, selectors & co., start-up time
 
     sock = _socket.socket(fileno=0)
+    # nothing here makes reference cycles worth a collection; the forked children then touch
+    # (copy) fewer pages
+    import gc
+    gc.disable()
+    gc.freeze()
     # children are reaped by the kernel; each child sets SIGCHLD back to the default at once
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     os.umask(0o022)
