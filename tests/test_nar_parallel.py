@@ -171,3 +171,22 @@ def test_dump_to_fd_errors_leave_no_descriptor(tmp_path: Path) -> None:
         dump_to_fd(t, f.fileno())
     assert e.value.rule == "unsupported-type"
     assert open_fds() == before
+
+
+def test_restore_big_file_across_filesystems(tmp_path: Path) -> None:
+    """A NAR file on one filesystem restored onto another (copy_file_range refuses: sendfile)."""
+    import tempfile
+
+    if not os.access("/dev/shm", os.W_OK) or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the temporary directory")
+    data = os.urandom(3 << 20)
+    (tmp_path / "f").write_bytes(data)
+    (tmp_path / "f.nar").write_bytes(nar_bytes(tmp_path / "f"))
+    other = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        with open(tmp_path / "f.nar", "rb") as f:
+            nartool.restore(other / "r", f)
+            assert f.tell() == os.path.getsize(tmp_path / "f.nar")
+        assert (other / "r").read_bytes() == data
+    finally:
+        shutil.rmtree(other)

@@ -31,7 +31,8 @@ class ByteSource:
     ``error_class`` is raised for truncation (a subclass of it when it is ``NarError``).
     """
 
-    __slots__ = ("_read", "_buf", "_pos", "_base", "_file", "_eof", "what", "_fd", "_origin", "_untapped")
+    __slots__ = ("_read", "_buf", "_pos", "_base", "_file", "_eof", "what", "_fd", "_origin", "_untapped",
+                 "_sendfile")
 
     def __init__(self, src: ReadFn | BinaryIO | ByteSource, what: str = "input") -> None:
         if isinstance(src, ByteSource):
@@ -50,6 +51,7 @@ class ByteSource:
         self.what = what
         # a plain, seekable file: big contents can be copied inside the kernel (copy_to)
         self._fd = -1
+        self._sendfile = False  # copy_to: copy_file_range refused, sendfile (file to file) instead
         self._origin = 0
         if self._file is not None and _kernel_copy():
             try:
@@ -229,7 +231,8 @@ class ByteSource:
     def copy_to(self, n: int, out_fd: int) -> int:
         """Write up to the next ``n`` bytes to ``out_fd``: what is buffered with ``write``, the
         rest with ``copy_file_range`` when the source is a plain file (no trip through Python;
-        a reflink where the filesystem shares extents). Returns how many bytes were consumed;
+        a reflink where the filesystem shares extents), or ``sendfile`` where that is refused
+        (e.g. from one filesystem to another). Returns how many bytes were consumed;
         the caller reads the rest as usual (e.g. where the kernel refuses the copy)."""
         done = 0
         avail = len(self._buf) - self._pos
@@ -248,9 +251,15 @@ class ByteSource:
                 # at most 1 GiB a call: a declared size up to 2^64 - 1 does not fit a C ssize_t
                 want = n - done if n - done < _COPY_MAX else _COPY_MAX
                 try:
-                    k = os.copy_file_range(self._fd, out_fd, want, self._origin + self._base)
+                    if self._sendfile:
+                        k = os.sendfile(out_fd, self._fd, self._origin + self._base, want)
+                    else:
+                        k = os.copy_file_range(self._fd, out_fd, want, self._origin + self._base)
                 except OSError as e:
                     if e.errno in _COPY_FALLBACK:
+                        if not self._sendfile:  # e.g. across filesystems: sendfile copies any file
+                            self._sendfile = True
+                            continue
                         self._fd = -1  # not between these two: plain reads from now on
                         break
                     raise
