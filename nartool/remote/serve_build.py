@@ -42,6 +42,7 @@ false``).
 from __future__ import annotations
 
 import json
+import os
 import re
 import select
 import signal
@@ -89,17 +90,22 @@ class HangupMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._interrupt = threading.current_thread() is threading.main_thread()
+        self._wake_r = self._wake_w = -1
 
     def _watch(self) -> None:
         assert self.fd is not None
         p = select.poll()
         p.register(self.fd, select.POLLHUP | getattr(select, "POLLRDHUP", 0))
+        p.register(self._wake_r, select.POLLIN)  # __exit__ wakes the poll at once
         while not self._stop.is_set():
             try:
-                events = p.poll(100)
+                events = p.poll()
             except OSError:
                 return
-            if any(ev & (select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)) for _, ev in events):
+            if self._stop.is_set():
+                return
+            if any(fd == self.fd and ev & (select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0))
+                   for fd, ev in events):
                 if self._stop.is_set():
                     return
                 self.fired = True
@@ -113,14 +119,21 @@ class HangupMonitor:
 
     def __enter__(self) -> HangupMonitor:
         if self.fd is not None:
+            self._wake_r, self._wake_w = os.pipe()
             self._thread = threading.Thread(target=self._watch, daemon=True, name="nartool-serve-hangup")
             self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
         if self._thread is not None:
             self._thread.join()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
 
 
 # -- helpers ----------------------------------------------------------------------------------
