@@ -37,6 +37,10 @@ def build_cmd(ctx: click.Context, targets: tuple[str, ...], options: tuple[tuple
     their output paths. Input derivations are built first; valid outputs are not rebuilt. The
     build log goes to stderr; a failed build exits with Nix's status (100 build failure, 101
     timeout, 102 hash mismatch, 1 otherwise)."""
+    if sys.platform == "linux":
+        # the sandbox zygote's start-up overlaps with the imports below and the store's opening
+        from ..build import zygote
+        zygote.prestart()
     from ..build import BuildOptions, BuildStatus, build_paths, exit_status
     from ..build.goal import SUCCESS
     from ..store.local import LocalStore
