@@ -1,0 +1,100 @@
+"""The sandbox zygote (nartool/build/zygote.py): one exec'd single-threaded helper per nartool
+process that forks a build helper per build. These tests check what it must guarantee: it holds
+no descriptor of any build, it dies with its owner, a dead zygote is replaced, and each build
+runs in a fresh child of it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nartool.build import zygote
+from nartool.build.sandbox import start_sandboxed
+
+from .helpers import REPO
+from .test_sandbox import Env, env, need_sandbox, run  # noqa: F401 - env is a fixture
+
+__all__ = ["env"]
+
+
+def _fds(pid: int) -> list[str]:
+    return sorted(os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd"))
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_builds_are_forked_by_one_zygote_that_keeps_no_build_descriptor(env: Env) -> None:
+    need_sandbox()
+    z = zygote.get()
+    before = _fds(z.pid)
+    b = start_sandboxed(env.spec("sleep 1"))
+    try:
+        assert zygote.get() is z
+        # the build helper (the builder's parent) is a child of the zygote, not of nartool
+        assert _ppid(b.helper_pid) == z.pid
+        assert _ppid(b.pid) == b.helper_pid
+        # while the build runs, the zygote holds nothing of it: no pty, no pipe of the build
+        assert _fds(z.pid) == before
+        assert not [f for f in _fds(z.pid) if f.startswith("/dev/pts/")]
+    finally:
+        b.kill()
+        b.wait()
+        b.cleanup()
+    status, log, b2 = run(env.spec("echo again"))
+    assert status == 0 and log.strip() == "again", log
+    assert b2.helper_pid != b.helper_pid and zygote.get() is z
+
+
+def test_a_dead_zygote_is_replaced(env: Env) -> None:
+    need_sandbox()
+    z = zygote.get()
+    os.kill(z.pid, signal.SIGKILL)
+    z.proc.wait()
+    status, log, _ = run(env.spec("echo ok"))
+    assert status == 0, log
+    assert zygote.get() is not z and _alive(zygote.get().pid)
+
+
+def test_the_zygote_dies_with_its_owner(tmp_path: Path) -> None:
+    need_sandbox()
+    code = ("import sys, time\n"
+            "from nartool.build import zygote\n"
+            "print(zygote.get().pid, flush=True)\n"
+            "time.sleep(1000)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.stdout is not None
+    zpid = int(p.stdout.readline())
+    assert _alive(zpid)
+    p.kill()
+    p.wait()
+    deadline = time.time() + 10
+    while _alive(zpid) and time.time() < deadline:
+        time.sleep(0.02)
+    assert not _alive(zpid)
+
+
+def test_kill_user_request_reports_failure() -> None:
+    """A kill request for a uid the zygote cannot switch to (not root) fails with the reason;
+    as root, a uid without processes is killed without error."""
+    need_sandbox()
+    res = zygote.kill_user(65534)
+    if os.getuid() == 0:
+        assert res == "ok"
+    else:
+        assert res.startswith("error setting uid: ")
