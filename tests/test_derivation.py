@@ -496,12 +496,45 @@ def test_show_output_path_means_its_deriver(tmp_path: Path) -> None:
     assert list(json.loads(by_out.stdout)) == [drv]
 
 
-def test_outputs_outside_the_store_not_registered(tmp_path: Path) -> None:
+def test_outputs_outside_the_store_refused(tmp_path: Path) -> None:
+    """As Nix: a .drv whose output is not a store path is not registered at all."""
+    from nartool.errors import NartoolError
+
     drv = (b'Derive([("out","/etc/passwd","","")],[],[],"x86_64-linux","/bin/sh",[],'
            b'[("name","bad"),("out","/etc/passwd")])')
     with LocalStore(tmp_path / "s") as s:
-        info = s.add_text("bad.drv", drv)
-        assert s.query_derivation_outputs(info.path) == {}
+        with pytest.raises(NartoolError, match="/etc/passwd"):
+            s.add_text("bad.drv", drv)
+        assert s.all_paths() == [] and os.listdir(s.real_store_dir) == []
+
+
+def test_drv_with_wrong_outputs_refused(tmp_path: Path) -> None:
+    """A .drv is content-addressed, so anyone allowed to import may add one: one that names
+    an output its contents do not give (here: another derivation's output) would let a build
+    place chosen contents at that path. Refused at registration, as Nix does, for every way
+    in (add_text, add_nar, import), also with correct input derivations."""
+    from nartool.errors import NartoolError
+    from nartool.store.derivation import parse_derivation
+
+    fo = Derivation(outputs={"out": DerivationOutput("", "sha256", "ab" * 32)}, platform="x86_64-linux",
+                    builder="/bin/sh", env={"name": "fo"}, name="fo")
+    good = compute_outputs(fo, lambda p: Derivation())
+    with LocalStore(tmp_path / "s") as s:
+        gi = s.add_text("fo.drv", good.unparse(), sorted(good.references()))
+        victim = "/nix/store/" + "z" * 32 + "-victim"
+        dep = Derivation(outputs={"out": DerivationOutput("")}, input_drvs={gi.path: ["out"]}, platform="x86_64-linux",
+                         builder="/bin/sh", env={"name": "dep", "out": ""}, name="dep")
+        ok = compute_outputs(dep, lambda p: parse_derivation(good.unparse(), "fo"))
+        oi = s.add_text("dep.drv", ok.unparse(), sorted(ok.references()))
+        assert s.query_derivation_outputs(oi.path) == ok.output_paths()
+        bad = parse_derivation(ok.unparse(), "dep")
+        bad.outputs["out"].path = victim
+        bad.env["out"] = victim
+        with pytest.raises(NartoolError) as e:
+            s.add_text("dep.drv", bad.unparse(), sorted(bad.references()))
+        assert e.value.rule == "bad-output" and "incorrect output" in e.value.message
+        assert sorted(s.all_paths()) == sorted([gi.path, oi.path])
+        assert len(os.listdir(s.real_store_dir)) == 2
 
 
 def test_add_to_a_store_without_add_text(tmp_path: Path) -> None:

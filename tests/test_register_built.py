@@ -225,12 +225,18 @@ def _built(store: LocalStore, name: str) -> str:
     return f"{store.store_dir}/{nix32_encode(os.urandom(20))}-{name}"
 
 
+#: a derivation Nix made (its output path is the one its contents give)
+HELLO_DRV_TEXT = ('Derive([("out","/nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello","","")],[],[],"x86_64-linux",'
+                  '"/bin/sh",["-c","echo hi > $out"],[("builder","/bin/sh"),("name","hello"),'
+                  '("out","/nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello"),("system","x86_64-linux")])')
+
+
 def test_register_built_path_real_nix(nix: Nix, tmp_path: Path) -> None:
     root = tmp_path / "store"
     with LocalStore(root) as store:
         dep = store.add_text("dep", "dependency").path
         unused = store.add_text("unused", "not referred to").path
-        drv = store.add_text("x.drv", "Derive()").path  # (a text path standing in for a deriver)
+        drv = store.add_text("hello.drv", HELLO_DRV_TEXT).path  # a real derivation standing in for the deriver
         out = _built(store, "out")
         phys = Path(store.physical(out))
         _messy(phys, depth=5)

@@ -309,10 +309,16 @@ def test_malformed_export_streams(store: LocalStore, stream: bytes, rule: str) -
     assert store_entries(store) == before
 
 
+def _add_contents(store: LocalStore, path: str, contents: bytes) -> PathInfo:
+    """Add a regular file with ``contents`` at ``path`` (e.g. an input-addressed output)."""
+    nar = b"".join(F.enc_str(x) for x in (b"nix-archive-1", b"(", b"type", b"regular", b"contents", contents, b")"))
+    info = PathInfo(path=path, nar_hash=Hash("sha256", hashlib.sha256(nar).digest()), nar_size=len(nar))
+    return store.add_nar(info, nar)
+
+
 def test_closure_include_outputs(store: LocalStore) -> None:
-    out = store.add_text("hello", b"hi\n")
-    drv_text = HELLO_DRV.replace("/nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello", out.path)
-    drv = store.add_text("hello.drv", drv_text.encode())
+    drv = store.add_text("hello.drv", HELLO_DRV.encode())  # the output path its contents give
+    out = _add_contents(store, "/nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello", b"hi\n")
     assert store.query_derivation_outputs(drv.path) == {"out": out.path}
     assert store.closure([drv.path]) == [drv.path]
     assert set(store.closure([drv.path], include_outputs=True)) == {drv.path, out.path}

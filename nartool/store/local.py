@@ -21,6 +21,7 @@ How a path is added (:meth:`LocalStore.add_nar`, :meth:`add_path`, :meth:`import
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -47,7 +48,7 @@ from .base import BaseStore
 from .cacheck import CaCheck
 from .closure import closure_set, topo_sort
 from .db import StoreDB
-from .derivation import drv_name_from_path, parse_derivation
+from .derivation import Derivation, drv_name_from_path, parse_derivation
 from .locks import PathLock, TempRoots
 from .paths import (
     DEFAULT_STORE_DIR,
@@ -351,7 +352,7 @@ class LocalStore(BaseStore):
             if self._in_batch(info.path):
                 remove_at(self._store_fd, tmp)
                 return False
-            drv_outputs = self._drv_outputs(tmp) if info.path.endswith(".drv") else {}
+            drv_outputs = self._drv_outputs(tmp, info.path) if info.path.endswith(".drv") else {}
             lock = PathLock(self.real_store_dir + "/" + base.decode(), acquire=False)
             self._lock_path(lock)
             if self.db.is_valid(info.path):
@@ -410,43 +411,83 @@ class LocalStore(BaseStore):
             raise
         return len(pending)
 
-    def _drv_outputs(self, tmp: bytes, drv_path: str | None = None) -> dict[str, str]:
-        """Output paths of the just-restored ``.drv`` under store name ``tmp`` (the temporary),
-        for ``DerivationOutputs``, as Nix registers them: the ``.drv`` is read as bytes (it need
-        not be UTF-8) and parsed as Nix parses it; input-addressed outputs give their recorded
-        paths, a fixed output the path computed from its hash and the name of ``drv_path``
-        (the recorded one when ``drv_path`` is not given), floating and deferred outputs
-        nothing. The file is opened relative to the store without following a symlink and
-        must be a regular file of at most :data:`DRV_MAX_SIZE` bytes; anything else records
-        nothing (a NAR may hold a directory or a symlink under a ``.drv`` name, and its target
-        must never be read)."""
-        from ..errors import NartoolError
+    def _drv_outputs(self, tmp: bytes, drv_path: str) -> dict[str, str]:
+        """Output paths of the just-restored ``.drv`` ``drv_path``, under store name ``tmp``
+        (the temporary, or its final name), for ``DerivationOutputs``, checked as Nix checks a
+        derivation it registers (``checkDerivationOutputs``): the ``.drv`` is read as bytes
+        (it need not be UTF-8) and parsed as Nix parses it, and every input-addressed output
+        must be the path its contents give (hash modulo over the input derivations, which are
+        references and so valid or in this batch) and each output's variable must name it.
+        Without that check a ``.drv`` - content-addressed, so anyone allowed to import may add
+        one - could claim any store path as its output, and building it would put chosen
+        contents there.
+
+        The file is opened relative to the store without following a symlink; anything but a
+        regular file, or a file that is not a derivation, is refused (rule ``bad-derivation``)
+        as Nix refuses it; a wrong output is refused with rule ``bad-output``. A ``.drv`` over
+        :data:`DRV_MAX_SIZE` bytes (only trusted users may add those) is stored without its
+        outputs being recorded or checked."""
+        from .derivation import DerivationError, check_outputs
+
+        def read(name: bytes, what: str) -> bytes | None:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self._store_fd)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise StoreError("a derivation must be a regular file, not a symlink", path=what,
+                                     rule="bad-derivation") from None
+                raise StoreError(f"cannot read derivation: {e.strerror}", path=what, rule="bad-derivation") from e
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise StoreError("a derivation must be a regular file", path=what, rule="bad-derivation")
+                if st.st_size > DRV_MAX_SIZE:
+                    return None
+                parts: list[bytes] = []
+                left = st.st_size
+                while left > 0:
+                    b = os.read(fd, min(left, 1 << 20))
+                    if not b:
+                        break
+                    parts.append(b)
+                    left -= len(b)
+                return b"".join(parts)
+            finally:
+                os.close(fd)
+
+        data = read(tmp, drv_path)
+        if data is None:
+            return {}
+        parsed: dict[str, Derivation] = {}
+
+        def resolve(path: str) -> Derivation:
+            d = parsed.get(path)
+            if d is None:
+                raw = read(self.parse_path(path).base.encode(), path)
+                if raw is None:
+                    raise StoreError("input derivation too large to check", path=path, rule="bad-derivation")
+                d = parsed[path] = parse_derivation(raw, drv_name_from_path(path))
+            return d
 
         try:
-            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self._store_fd)
-        except OSError:
-            return {}
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > DRV_MAX_SIZE:
-                return {}
-            parts: list[bytes] = []
-            left = st.st_size
-            while left > 0:
-                b = os.read(fd, min(left, 1 << 20))
-                if not b:
-                    break
-                parts.append(b)
-                left -= len(b)
-            name = drv_name_from_path(drv_path) if drv_path else ""
-            outputs = parse_derivation(b"".join(parts), name).output_paths(self.store_dir)
+            drv = parse_derivation(data, drv_name_from_path(drv_path))
+            outputs = drv.output_paths(self.store_dir)
             for p in outputs.values():
                 self.parse_path(p)  # Nix refuses a .drv whose outputs are not store paths
-            return outputs
-        except (OSError, NartoolError):
-            return {}  # not a parseable derivation: nothing to record
-        finally:
-            os.close(fd)
+            for p in drv.input_drvs:
+                if p not in self._pending_paths() and not self.db.is_valid(p):
+                    raise StoreError("input derivation is not valid", path=p, rule="invalid-reference", got=drv_path)
+            check_outputs(drv, resolve, self.store_dir)
+        except DerivationError as e:
+            e.message = f"derivation '{drv_path}' is not acceptable: {e.message}"
+            e.path = e.path or drv_path
+            if e.rule not in ("bad-output",):
+                e.rule = "bad-derivation"
+            raise
+        return outputs
+
+    def _pending_paths(self) -> set[str]:
+        return {p.info.path for p in self._pending} if self._pending else set()
 
     def _check_references(self, info: PathInfo) -> None:
         for r in info.references:
