@@ -9,9 +9,11 @@ mean *absent* (S3 buckets without list permission answer ``403``).
 Connections: :mod:`http.client`, kept alive and reused (a small pool per host, shared by
 threads), ``TCP_NODELAY`` set. Timeouts are Nix's settings: ``connect-timeout`` bounds the
 connection set-up, ``stalled-download-timeout`` any wait for data. Transient failures
-(connection refused or reset, ``5xx`` other than ``501``/``505``/``511``, ``429``) are retried
-up to ``download-attempts`` times with exponential back-off from 250 ms, as Nix's downloader
-does; a request on a kept-alive connection the server has meanwhile closed is repeated at once
+(a connection reset, ``5xx`` other than ``501``/``505``/``511``, ``429``; a refused
+connection only to a server reached before in this process) are retried up to
+``download-attempts`` times with exponential back-off from 250 ms, as Nix's downloader does
+(Nix retries a refusal from a server never reached too: nartool does not, so that a dead
+substituter costs one attempt); a request on a kept-alive connection the server has meanwhile closed is repeated at once
 on a new one. A server that still cannot be reached after that — or does not accept the
 connection within ``connect-timeout``, or accepts it but never answers — is marked *dead*:
 every later request to it in this process fails at once with the same error, so a dead
@@ -421,6 +423,7 @@ class HttpBackend:
             cred = f"{parts.username}:{parts.password or ''}".encode()
             self._url_auth = "Basic " + base64.b64encode(cred).decode("ascii")
         self._pool = _Pool()
+        self._reached: set[_Origin] = set()  # origins connected to at least once
         self._dead: HttpUnavailableError | None = None
         self._tls: ssl.SSLContext | None = None
         self._netrc: netrc.netrc | None | bool = False  # False: not read yet
@@ -636,8 +639,11 @@ class HttpBackend:
                 except OSError as e:
                     conn.close()
                     what = e.strerror or str(e) or type(e).__name__
+                    # refused/unreachable: retried (with back-off) only for a server this process
+                    # has reached before (a restart); a cache that was never up costs one attempt
                     raise _Retry(HttpError(f"cannot connect: {what}", url=url, rule="connection"),
-                                 connect=True) from None
+                                 connect=True, retry=origin in self._reached) from None
+                self._reached.add(origin)
             try:
                 conn.request(method, target, body=payload, headers=headers, encode_chunked=chunked)
                 resp = conn.getresponse()
