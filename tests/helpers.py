@@ -22,6 +22,34 @@ UNSET = ("NARTOOL_STORE",)
 Arg = str | os.PathLike[str]
 
 
+_REPO_FOR: dict[str, Path] = {}
+
+
+def repo_for(user: str) -> Path:
+    """A checkout ``user`` can read, for tests that run code as another user (``runuser``):
+    this one when ``user`` can reach its package and tests, else (a clone under a private home
+    directory, say) a world-readable copy of ``nartool/`` and ``tests/``, made once per run."""
+    if user in _REPO_FOR:
+        return _REPO_FOR[user]
+    probe = ["runuser", "-u", user, "--", "test", "-r", str(REPO / "nartool" / "__init__.py"), "-a",
+             "-r", str(REPO / "tests" / "helpers.py")]
+    if subprocess.run(probe, capture_output=True, check=False).returncode == 0:
+        _REPO_FOR[user] = REPO
+        return REPO
+    top = Path(tempfile.mkdtemp(prefix="nartool-checkout-"))
+    atexit.register(shutil.rmtree, top, True)
+    skip = shutil.ignore_patterns("__pycache__", ".hypothesis", "*.pyc")
+    for part in ("nartool", "tests"):
+        shutil.copytree(REPO / part, top / part, ignore=skip, symlinks=True)
+    for d, _, files in os.walk(top):
+        os.chmod(d, 0o755)
+        for f in files:
+            if not os.path.islink(os.path.join(d, f)):
+                os.chmod(os.path.join(d, f), 0o644 | (os.stat(os.path.join(d, f)).st_mode & 0o111))
+    _REPO_FOR[user] = top
+    return top
+
+
 def cli_argv(*args: Arg) -> list[str]:
     """The command line running ``nartool *args`` with this interpreter (for ``Popen``)."""
     return [sys.executable, "-m", "nartool", *map(os.fspath, args)]

@@ -17,7 +17,7 @@ from nartool.store.local import LocalStore
 
 from .buildkit import BB, copy_drv_closure, nartool_store, nix_build, nix_store_with_busybox, static_busybox
 from .conftest import NIX_STORE, require
-from .helpers import REPO, nix_env, run_cli
+from .helpers import REPO, nix_env, repo_for, run_cli
 from .probes.fingerprint_compare import compare_dirs, nix_expr
 
 SCRIPT = (Path(__file__).parent / "probes" / "fingerprint.sh").read_text()
@@ -105,7 +105,7 @@ res["nix"] = subprocess.run(["nix-store", "--store", str(nixroot), "-q", "--hash
 print(json.dumps(res))
 """
         r = subprocess.run(["runuser", "-u", "nartuser", "--", py or "", "-c", script], capture_output=True,
-                           cwd="/tmp", env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(work),
+                           cwd="/tmp", env={**os.environ, "PYTHONPATH": str(repo_for("nartuser")), "TMPDIR": str(work),
                                             "HOME": str(work)}, timeout=300, check=False)
         assert r.returncode == 0, r.stderr.decode()[-3000:]
         res = json.loads(r.stdout)

@@ -33,7 +33,7 @@ from .buildkit import (
     static_busybox,
 )
 from .conftest import NIX_STORE, require
-from .helpers import REPO, cli_argv, cli_env, nix_env, run_cli
+from .helpers import REPO, cli_argv, cli_env, nix_env, repo_for, run_cli
 
 
 def _sandbox_reason() -> str | None:
@@ -554,7 +554,7 @@ def test_unprivileged_user_same_output(nixroot: Path, http_server: int) -> None:
                   "              'hash': info.nar_hash.prefixed('base16') if info else None}\n"
                   "print(json.dumps(res))\n")
         r = subprocess.run(["runuser", "-u", "nartuser", "--", py or "", "-c", script], capture_output=True,
-                           cwd="/tmp", env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)},
+                           cwd="/tmp", env={**os.environ, "PYTHONPATH": str(repo_for("nartuser")), "TMPDIR": str(tmp_path)},
                            timeout=180, check=False)
         assert r.returncode == 0, r.stderr.decode()[-3000:]
         assert json.loads(r.stdout) == want

@@ -35,7 +35,7 @@ from nartool.build.users import BuildUser, acquire_build_user
 from nartool.errors import BuildError, SandboxUnavailable
 
 from .conftest import IS_ROOT, NIX_STORE, require
-from .helpers import REPO
+from .helpers import REPO, repo_for
 from .probes.fingerprint_compare import BUSYBOX, BUSYBOX_BASE, busybox_tree, drain
 
 PROBES = Path(__file__).parent / "probes"
@@ -706,9 +706,9 @@ def test_fingerprint_equals_nix_unprivileged(flags: list[str]) -> None:
         require("ROOT", False, "user 'nartuser' needed for the unprivileged fingerprint")
     py = _unprivileged_python("nartuser")
     require("ROOT", py is not None, "no Python >= 3.10 runnable by nartuser")
-    r = subprocess.run(["runuser", "-u", "nartuser", "--", py or "", str(PROBES / "fingerprint_compare.py"), *flags],
+    r = subprocess.run(["runuser", "-u", "nartuser", "--", py or "", str(repo_for("nartuser") / "tests" / "probes" / "fingerprint_compare.py"), *flags],
                        capture_output=True, text=True, cwd="/tmp", timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+                       env={**os.environ, "PYTHONPATH": str(repo_for("nartuser"))})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     assert res["status"] == 0, res["log"]
@@ -851,7 +851,7 @@ def test_unavailable_when_user_namespaces_are_disabled(env: Env) -> None:
             "    e = str(x)\n"
             "print(json.dumps([open('/proc/sys/user/max_user_namespaces').read().strip(), os.getuid(), r, e]))\n")
     r = subprocess.run([sys.executable, "-c", _NO_USERNS, py or "", code, str(user.pw_uid)], capture_output=True,
-                       text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd="/")
+                       text=True, env={**os.environ, "PYTHONPATH": str(repo_for(user.pw_name))}, cwd="/")
     assert r.returncode == 0, r.stderr
     limit, uid, reason, err = json.loads(r.stdout)
     assert (limit, uid) == ("0", user.pw_uid)
