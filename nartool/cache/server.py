@@ -738,24 +738,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _listing(self, hp: str, head: bool) -> None:
         from ..nar.listing import json_listing
         from ..nar.reader import NarReader
-        from ..nar.source import ByteSource
+        from ..nar.source import ByteSource, chunk_reader
 
         info = self.server.info_of(hp)
         if info is None:
             raise _Reply(404, "no such path")
-        it = iter(self.server.nar_chunks(info.path))
-        buf = bytearray()
-
-        def read(n: int) -> bytes:
-            while not buf:
-                c = next(it, None)
-                if c is None:
-                    return b""
-                buf.extend(c)
-            out = bytes(buf[:n])
-            del buf[:n]
-            return out
-
+        read = chunk_reader(iter(self.server.nar_chunks(info.path)))
         body = "".join(json_listing(NarReader(ByteSource(read, "NAR")), wrap=True)).encode("utf-8")
         etag = f'"{info.nar_hash.nix32}-ls"'
         self._small(body, "application/json", etag, CACHE_CONTROL_IMMUTABLE, head)

@@ -340,3 +340,21 @@ def fd_reader(fd: int) -> ReadFn:
 
 
 __all__ = ["ByteSource", "as_source", "fd_reader", "write_all", "NarError"]
+
+
+def chunk_reader(chunks: Iterator[bytes | bytearray | memoryview]) -> ReadFn:
+    """A ``read(n)`` callable over an iterator of chunks (e.g. a store's ``nar_chunks``), for
+    :class:`ByteSource`: returns at most ``n`` bytes, ``b""`` once the chunks are exhausted."""
+    buf = bytearray()
+
+    def read(n: int) -> bytes:
+        while not buf:
+            c = next(chunks, None)
+            if c is None:
+                return b""
+            buf.extend(c)
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    return read

@@ -37,7 +37,7 @@ from ..errors import StoreError, UnsupportedError
 from ..hashes import Hash
 from ..nar.events import Event
 from ..nar.reader import NarReader
-from ..nar.source import ByteSource, as_source
+from ..nar.source import ByteSource, as_source, chunk_reader
 from ..nar.writer import write_nar
 from .paths import DEFAULT_STORE_DIR, StorePath
 from .types import PathInfo
@@ -255,7 +255,7 @@ class BaseStore:
 
     def nar_events(self, path: str) -> Iterator[Event]:
         """The NAR of ``path`` as events (parsed from :meth:`nar_chunks`)."""
-        return iter(NarReader(ByteSource(_chunk_reader(iter(self.nar_chunks(path))), "NAR")))
+        return iter(NarReader(ByteSource(chunk_reader(iter(self.nar_chunks(path))), "NAR")))
 
     # -- adding ---------------------------------------------------------------------------
 
@@ -370,7 +370,7 @@ class BaseStore:
 
         for info in infos:
             it = iter(self.nar_chunks(info.path))
-            src = ByteSource(_chunk_reader(it), "NAR")
+            src = ByteSource(chunk_reader(it), "NAR")
             sub = W.limited_source(src, info.nar_size, on_chunk=on_bytes)
             consume(info, sub)
             if W.drain(sub):
@@ -397,22 +397,6 @@ class BaseStore:
             imp.abort(e)
             raise
         imp.commit()
-
-
-def _chunk_reader(it: Iterator[bytes | bytearray | memoryview]) -> Callable[[int], bytes]:
-    buf = bytearray()
-
-    def read(n: int) -> bytes:
-        if not buf:
-            c = next(it, None)
-            if c is None:
-                return b""
-            buf.extend(c)
-        out = bytes(buf[:n])
-        del buf[:n]
-        return out
-
-    return read
 
 
 class _Importer:
