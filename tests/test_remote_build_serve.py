@@ -264,10 +264,12 @@ def test_untrusted_user_builds_fixed_output_only_at_its_path(tmp_path: Path, cli
     assert code == 0, err
 
 
-def test_build_paths_refuses_a_derivation_with_wrong_outputs(tmp_path: Path, client: Path) -> None:
-    """A ``.drv`` is a content-addressed text path, so an untrusted user may upload one; one whose
-    output path is not what its contents give (here: a 'glibc' path with content of the
-    uploader's choice) is refused by BuildPaths, and nothing is built."""
+def _evil_drv(store_root: Path) -> tuple[str, str]:
+    """Plant a ``.drv`` whose output is not what its contents give (a 'glibc' path with content
+    of the uploader's choice) in the store at ``store_root``, bypassing the registration check
+    an import makes (as a store written by an older tool could hold one); (drv, output)."""
+    from unittest import mock
+
     from nartool.store.derivation import Derivation, DerivationOutput
 
     evil = f"/nix/store/{'a' * 32}-glibc"
@@ -275,12 +277,34 @@ def test_build_paths_refuses_a_derivation_with_wrong_outputs(tmp_path: Path, cli
     d = Derivation(outputs={"out": DerivationOutput(evil)}, input_srcs=[BUSYBOX], platform="x86_64-linux",
                    builder=sh, args=["-c", "echo pwned > $out"],
                    env={"out": evil, "name": "glibc", "system": "x86_64-linux", "builder": sh}, name="glibc")
-    st = LocalStore(client)
+    st = LocalStore(store_root)
     try:
-        drv = st.add_text("glibc.drv", d.unparse(), d.references()).path
+        with mock.patch.object(LocalStore, "_drv_outputs", lambda self, tmp, path: {}):
+            drv = st.add_text("glibc.drv", d.unparse(), d.references()).path
     finally:
         st.close()
+    return drv, evil
+
+
+def test_upload_of_a_derivation_with_wrong_outputs_is_refused(tmp_path: Path, client: Path) -> None:
+    """A ``.drv`` is a content-addressed text path, so an untrusted user may upload one; one whose
+    output path is not what its contents give is refused at the upload (as Nix refuses it when
+    registering), and nothing is built."""
+    drv, evil = _evil_drv(client)
     data, n = session(client, drv, upload=[BUSYBOX, drv], build_paths=[f"{drv}!out"])
+    code, out, err = serve(tmp_path / "m", data, trusted=False)
+    assert code != 0 and "incorrect output" in err, err
+    m = LocalStore(tmp_path / "m")
+    assert not m.is_valid(evil) and not m.is_valid(drv) and m.is_valid(BUSYBOX)
+
+
+def test_build_paths_refuses_a_derivation_with_wrong_outputs(tmp_path: Path, client: Path) -> None:
+    """Defence in depth: such a ``.drv`` already in the machine's store (planted past the
+    import check) is refused by BuildPaths, and nothing is built."""
+    drv, evil = _evil_drv(client)
+    make_store(tmp_path / "m", tmp_path)
+    assert _evil_drv(tmp_path / "m") == (drv, evil)
+    data, n = session(client, drv, upload=[], build_paths=[f"{drv}!out"])
     code, out, err = serve(tmp_path / "m", data, trusted=False)
     assert code == 0, err
     src = ByteSource(io.BytesIO(out).read, "reply")
