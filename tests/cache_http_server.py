@@ -1,10 +1,14 @@
 """A static HTTP server of a directory for the HTTP binary-cache tests, run as a real process
-(``python tests/cache_http_server.py DIR PORT_FILE LOG_FILE``) — like ``python -m http.server``
-(HTTP/1.1 keep-alive, ``Last-Modified`` / ``If-Modified-Since``), plus:
+(``python tests/cache_http_server.py DIR PORT_FILE LOG_FILE [--tls-cert FILE --tls-key FILE]``) —
+like ``python -m http.server`` (HTTP/1.1 keep-alive, ``Last-Modified`` / ``If-Modified-Since``), plus:
+
+* HTTPS with ``--tls-cert`` / ``--tls-key`` (PEM files; the handshake happens in the
+  connection's own thread, so a client that refuses the certificate stalls nobody);
 
 * ``ETag`` (size and mtime of the file) and ``If-None-Match`` → ``304``;
 * ``Accept-Ranges: bytes`` and ``Range: bytes=N-`` (with ``If-Range``) → ``206``;
-* a request log: one JSON line per request (method, path, the conditional headers);
+* a request log: one JSON line per request (method, path, the conditional headers, the
+  client's port — requests with the same port came over one kept-alive connection);
 * faults, read from ``DIR/.faults.json`` on every request: ``{"<path>": FAULT}`` with FAULT one
   of ``"500"`` (always), ``"500-once"`` (the first request only), ``"truncate"`` (announce the
   full length, send half, close), ``"truncate-once"`` (only the first time), ``"long-length"`` (announce one byte more than sent, close),
@@ -14,10 +18,12 @@
 
 from __future__ import annotations
 
+import argparse
 import email.utils
 import json
 import os
-import sys
+import socket
+import ssl
 import threading
 import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +36,7 @@ class Handler(SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     log_file = ""
+    tls = False
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -37,7 +44,8 @@ class Handler(SimpleHTTPRequestHandler):
     def _log(self) -> None:
         entry = {"method": self.command, "path": self.path, "if-none-match": self.headers.get("If-None-Match"),
                  "if-modified-since": self.headers.get("If-Modified-Since"),
-                 "authorization": self.headers.get("Authorization"), "range": self.headers.get("Range")}
+                 "authorization": self.headers.get("Authorization"), "range": self.headers.get("Range"),
+                 "client-port": self.client_address[1], "tls": Handler.tls}
         with _lock, open(self.log_file, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -142,14 +150,49 @@ class Handler(SimpleHTTPRequestHandler):
         self.end_headers()
 
 
+class TLSServer(ThreadingHTTPServer):
+    """Accepts plain connections and does the TLS handshake in the request's thread."""
+
+    tls_context: ssl.SSLContext
+
+    def finish_request(self, request: socket.socket | tuple[bytes, socket.socket],
+                       client_address: tuple[str, int] | str) -> None:
+        assert isinstance(request, socket.socket)
+        request.settimeout(30)
+        try:
+            tls = self.tls_context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return  # the client refused the certificate (or went away): nothing to serve
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
+
+
 def main() -> None:
-    directory, port_file, log_file = sys.argv[1:4]
-    Handler.log_file = log_file
+    ap = argparse.ArgumentParser()
+    ap.add_argument("directory")
+    ap.add_argument("port_file")
+    ap.add_argument("log_file")
+    ap.add_argument("--tls-cert")
+    ap.add_argument("--tls-key")
+    args = ap.parse_args()
+    directory, port_file = args.directory, args.port_file
+    Handler.log_file = args.log_file
 
     def handler(*a: object, **kw: object) -> Handler:
         return Handler(*a, directory=directory, **kw)  # type: ignore[arg-type]
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server: ThreadingHTTPServer
+    if args.tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        tserver = TLSServer(("127.0.0.1", 0), handler)
+        tserver.tls_context = ctx
+        server = tserver
+        Handler.tls = True
+    else:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     tmp = port_file + ".tmp"
     with open(tmp, "w") as f:

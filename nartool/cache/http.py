@@ -147,12 +147,17 @@ def _open_socket(host: str, port: int, connect_timeout: float, read_timeout: flo
     return sock
 
 
-def _tls_context() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
+def _tls_context(url: str) -> ssl.SSLContext:
+    """Certificates are verified against ``NIX_SSL_CERT_FILE`` when it is set — that bundle
+    alone, as Nix hands it to curl — else the system's (OpenSSL's defaults, which honour
+    ``SSL_CERT_FILE``); host names are checked."""
     bundle = os.environ.get("NIX_SSL_CERT_FILE")
-    if bundle:
-        ctx.load_verify_locations(bundle)
-    return ctx
+    try:
+        return ssl.create_default_context(cafile=bundle or None)
+    except (OSError, ValueError) as e:
+        what = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise HttpError(f"TLS error: cannot load the certificate bundle '{bundle}' (NIX_SSL_CERT_FILE): {what}",
+                        url=url, rule="tls") from None
 
 
 class _Pool:
@@ -541,10 +546,10 @@ class HttpBackend:
         login, _account, password = found
         return "Basic " + base64.b64encode(f"{login}:{password or ''}".encode()).decode("ascii")
 
-    def _connect(self, origin: _Origin) -> http.client.HTTPConnection:
+    def _connect(self, origin: _Origin, url: str) -> http.client.HTTPConnection:
         if origin.scheme == "https":
             if self._tls is None:
-                self._tls = _tls_context()
+                self._tls = _tls_context(url)
             return _TLSConn(origin.host, origin.port, self.connect_timeout, self.read_timeout, self._tls)
         return _Conn(origin.host, origin.port, self.connect_timeout, self.read_timeout)
 
@@ -625,7 +630,7 @@ class HttpBackend:
         reused = conn is not None
         while True:
             if conn is None:
-                conn = self._connect(origin)
+                conn = self._connect(origin, url)
                 try:
                     conn.connect()
                 except _ConnectTimeout:
@@ -633,6 +638,10 @@ class HttpBackend:
                     raise _Retry(HttpError(f"cannot connect: no answer within the connect timeout "
                                            f"({self.connect_timeout:g} s)", url=url, rule="connect-timeout"),
                                  connect=True, retry=False) from None
+                except ssl.SSLCertVerificationError as e:
+                    conn.close()
+                    raise HttpError(f"TLS error: certificate verify failed: {e.verify_message} (the CA bundle "
+                                    "is NIX_SSL_CERT_FILE if set, else the system's)", url=url, rule="tls") from None
                 except ssl.SSLError as e:
                     conn.close()
                     raise HttpError(f"TLS error: {e}", url=url, rule="tls") from None
