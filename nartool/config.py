@@ -353,6 +353,11 @@ class Config:
         "netrc-file", STRING, "/etc/nartool/netrc", trust=False,
         doc="A netrc file whose credentials are sent (HTTP Basic) to the hosts it names (as Nix's, whose "
             "default is ``/etc/nix/netrc``).")
+    ssl_cert_file: str = setting(
+        "ssl-cert-file", STRING, "", trust=False,
+        doc="The CA certificates (a PEM bundle) that ``https://`` caches' certificates are checked against "
+            "(Nix's name). Empty (the default): ``NIX_SSL_CERT_FILE``, else ``SSL_CERT_FILE``, else the "
+            "system's certificates — the order Nix uses for its default.")
     cache_serve_upload_from: tuple[str, ...] = setting(
         "cache-serve-upload-from", STRINGS, ("127.0.0.1", "::1"), trust=True,
         doc="Client addresses or networks (``10.0.0.0/8``) from which ``nartool cache serve --writable`` "
