@@ -261,6 +261,30 @@ def test_ca_must_be_trusted_and_bundle_readable(https: TLSStatic, closure: Closu
     b.close()
 
 
+def test_ssl_cert_file_setting_wins_over_environment(https: TLSStatic, closure: Closure, tmp_path: Path,
+                                                     conf: dict[str, str]) -> None:
+    """``ssl-cert-file`` in the configuration is used before NIX_SSL_CERT_FILE (as in Nix, where
+    the variable only sets the setting's default); SSL_CERT_FILE is the last fallback."""
+    ca_file = conf["NIX_SSL_CERT_FILE"]
+    wrong = str(CA("unrelated").write(tmp_path / "wrong-ca.pem"))
+    conf_file = Path(conf["NARTOOL_CONFIG"])
+    base = conf_file.read_text()
+    conf_file.write_text(base + f"ssl-cert-file = {ca_file}\n")
+    r = run_cli("--store", tmp_path / "d1", "copy", "--from", https.url, closure.top,
+                env={**conf, "NIX_SSL_CERT_FILE": wrong})
+    assert r.returncode == 0, r.stderr
+    assert valid_paths(tmp_path / "d1") == set(closure.paths)
+    conf_file.write_text(base + f"ssl-cert-file = {wrong}\n")  # the setting is used, not the variable
+    r = run_cli("--store", tmp_path / "d2", "copy", "--from", https.url, closure.top, env=conf)
+    assert r.returncode == 1 and b"certificate verify failed" in r.stderr, r.stderr
+    assert valid_paths(tmp_path / "d2") == set()
+    conf_file.write_text(base)  # neither setting nor NIX_SSL_CERT_FILE: SSL_CERT_FILE
+    r = run_cli("--store", tmp_path / "d3", "copy", "--from", https.url, closure.top,
+                env={**conf, "SSL_CERT_FILE": ca_file}, unset=["NARTOOL_STORE", "NIX_SSL_CERT_FILE"])
+    assert r.returncode == 0, r.stderr
+    assert valid_paths(tmp_path / "d3") == set(closure.paths)
+
+
 def test_dead_https_server_costs_one_attempt(tmp_path: Path, conf: dict[str, str]) -> None:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -22,6 +22,11 @@ substituter costs its timeout only once. Redirects are followed (at most 10).
 its ``Content-Length`` is an error, never a file — except that a NAR download cut off midway
 continues with a ``Range`` request when the server offers ``Accept-Ranges: bytes``.
 
+TLS (``https://``): the server's certificate and host name are verified against one CA bundle,
+chosen as Nix chooses it — the ``ssl-cert-file`` setting, else ``NIX_SSL_CERT_FILE``, else
+``SSL_CERT_FILE``, else the system's certificates; a refusal is an error with ``rule="tls"``
+(not retried: it would fail the same way).
+
 Authentication: Basic credentials from the URL's user info, else from the ``netrc-file``
 (Nix's setting; nartool's default ``/etc/nartool/netrc``) for the request's host — as Nix
 does through curl, and the only authentication ``nix copy --to http://`` has.
@@ -147,16 +152,19 @@ def _open_socket(host: str, port: int, connect_timeout: float, read_timeout: flo
     return sock
 
 
-def _tls_context(url: str) -> ssl.SSLContext:
-    """Certificates are verified against ``NIX_SSL_CERT_FILE`` when it is set — that bundle
-    alone, as Nix hands it to curl — else the system's (OpenSSL's defaults, which honour
-    ``SSL_CERT_FILE``); host names are checked."""
-    bundle = os.environ.get("NIX_SSL_CERT_FILE")
+def _tls_context(url: str, ssl_cert_file: str | None) -> ssl.SSLContext:
+    """Certificates are verified against one bundle, as Nix hands curl one: the ``ssl-cert-file``
+    setting, else ``NIX_SSL_CERT_FILE``, else ``SSL_CERT_FILE``; with none of them, the system's
+    (OpenSSL's defaults). Host names are checked."""
+    source, bundle = "ssl-cert-file", ssl_cert_file
+    for var in ("NIX_SSL_CERT_FILE", "SSL_CERT_FILE"):
+        if not bundle:
+            source, bundle = var, os.environ.get(var)
     try:
         return ssl.create_default_context(cafile=bundle or None)
     except (OSError, ValueError) as e:
         what = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise HttpError(f"TLS error: cannot load the certificate bundle '{bundle}' (NIX_SSL_CERT_FILE): {what}",
+        raise HttpError(f"TLS error: cannot load the certificate bundle '{bundle}' ({source}): {what}",
                         url=url, rule="tls") from None
 
 
@@ -404,7 +412,8 @@ class HttpBackend:
 
     def __init__(self, url: str, *, lookups: LookupCache | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  read_timeout: float = DEFAULT_READ_TIMEOUT, tries: int = DEFAULT_TRIES,
-                 netrc_file: str | None = DEFAULT_NETRC_FILE, retry_base: float = RETRY_BASE) -> None:
+                 netrc_file: str | None = DEFAULT_NETRC_FILE, retry_base: float = RETRY_BASE,
+                 ssl_cert_file: str | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise HttpError("not an http:// or https:// URL", url=url, rule="bad-url")
@@ -423,6 +432,7 @@ class HttpBackend:
         self.tries = max(1, tries)
         self.retry_base = retry_base
         self.netrc_file = netrc_file
+        self.ssl_cert_file = ssl_cert_file
         self._url_auth = None
         if parts.username is not None:
             cred = f"{parts.username}:{parts.password or ''}".encode()
@@ -549,7 +559,7 @@ class HttpBackend:
     def _connect(self, origin: _Origin, url: str) -> http.client.HTTPConnection:
         if origin.scheme == "https":
             if self._tls is None:
-                self._tls = _tls_context(url)
+                self._tls = _tls_context(url, self.ssl_cert_file)
             return _TLSConn(origin.host, origin.port, self.connect_timeout, self.read_timeout, self._tls)
         return _Conn(origin.host, origin.port, self.connect_timeout, self.read_timeout)
 
@@ -640,8 +650,8 @@ class HttpBackend:
                                  connect=True, retry=False) from None
                 except ssl.SSLCertVerificationError as e:
                     conn.close()
-                    raise HttpError(f"TLS error: certificate verify failed: {e.verify_message} (the CA bundle "
-                                    "is NIX_SSL_CERT_FILE if set, else the system's)", url=url, rule="tls") from None
+                    raise HttpError(f"TLS error: certificate verify failed: {e.verify_message} (CA bundle: "
+                                    "ssl-cert-file, else NIX_SSL_CERT_FILE, else the system's)", url=url, rule="tls") from None
                 except ssl.SSLError as e:
                     conn.close()
                     raise HttpError(f"TLS error: {e}", url=url, rule="tls") from None
@@ -816,7 +826,8 @@ def backend_from_config(url: str, *, config: Any = None, refresh: bool | None = 
                           refresh=lookup.REFRESH if refresh is None else refresh)
     return HttpBackend(url, lookups=lookups, connect_timeout=float(config.connect_timeout or DEFAULT_CONNECT_TIMEOUT),
                        read_timeout=float(config.stalled_download_timeout or DEFAULT_READ_TIMEOUT),
-                       tries=config.download_attempts or 1, netrc_file=config.netrc_file or None)
+                       tries=config.download_attempts or 1, netrc_file=config.netrc_file or None,
+                       ssl_cert_file=config.ssl_cert_file or None)
 
 
 def open_http_store(u: Any, store_dir: str, opts: Mapping[str, Any]) -> BinaryCacheStore:
