@@ -356,8 +356,8 @@ class Config:
     ssl_cert_file: str = setting(
         "ssl-cert-file", STRING, "", trust=False,
         doc="The CA certificates (a PEM bundle) that ``https://`` caches' certificates are checked against "
-            "(Nix's name). Empty (the default): ``NIX_SSL_CERT_FILE``, else ``SSL_CERT_FILE``, else the "
-            "system's certificates — the order Nix uses for its default.")
+            "(current Nix's name; Nix 2.8 has only the environment variables). Empty (the default): "
+            "``NIX_SSL_CERT_FILE``, else ``SSL_CERT_FILE``, else the system's certificates — Nix's order.")
     cache_serve_upload_from: tuple[str, ...] = setting(
         "cache-serve-upload-from", STRINGS, ("127.0.0.1", "::1"), trust=True,
         doc="Client addresses or networks (``10.0.0.0/8``) from which ``nartool cache serve --writable`` "
