@@ -357,3 +357,8 @@ def test_nix_substitutes_over_https_from_same_server(https: TLSStatic, closure: 
     r = run_nix("nix-store", "--store", tmp_path / "nix2", "-r", closure.top, *opts, check=False)
     assert r.returncode != 0
     assert not (tmp_path / "nix2" / closure.top.lstrip("/")).exists()
+    # without NIX_SSL_CERT_FILE, Nix falls back to SSL_CERT_FILE — the order nartool follows
+    monkeypatch.delenv("NIX_SSL_CERT_FILE")
+    monkeypatch.setenv("SSL_CERT_FILE", conf["NIX_SSL_CERT_FILE"])
+    r = run_nix("nix-store", "--store", tmp_path / "nix3", "-r", closure.top, *opts)
+    assert closure.top in r.stdout
