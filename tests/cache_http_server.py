@@ -1,5 +1,6 @@
 """A static HTTP server of a directory for the HTTP binary-cache tests, run as a real process
-(``python tests/cache_http_server.py DIR PORT_FILE LOG_FILE [--tls-cert FILE --tls-key FILE]``) —
+(``python tests/cache_http_server.py DIR PORT_FILE LOG_FILE [--tls-cert FILE --tls-key FILE]
+[--idle-timeout S]``) —
 like ``python -m http.server`` (HTTP/1.1 keep-alive, ``Last-Modified`` / ``If-Modified-Since``), plus:
 
 * HTTPS with ``--tls-cert`` / ``--tls-key`` (PEM files; the handshake happens in the
@@ -176,9 +177,12 @@ def main() -> None:
     ap.add_argument("log_file")
     ap.add_argument("--tls-cert")
     ap.add_argument("--tls-key")
+    ap.add_argument("--idle-timeout", type=float, help="close a kept-alive connection idle this long")
     args = ap.parse_args()
     directory, port_file = args.directory, args.port_file
     Handler.log_file = args.log_file
+    if args.idle_timeout:
+        Handler.timeout = args.idle_timeout
 
     def handler(*a: object, **kw: object) -> Handler:
         return Handler(*a, directory=directory, **kw)  # type: ignore[arg-type]

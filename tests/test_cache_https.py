@@ -92,14 +92,14 @@ class CA:
 class TLSStatic(Static):
     """tests/cache_http_server.py serving ``www`` over HTTPS with the given certificate."""
 
-    def __init__(self, www: Path, tmp: Path, cert: tuple[Path, Path]) -> None:
+    def __init__(self, www: Path, tmp: Path, cert: tuple[Path, Path], *extra: str) -> None:
         self.www = www
         self.cache = www / "prefix"
         self.log = tmp / "requests.log"
         port_file = tmp / "port"
         self.proc = subprocess.Popen([
             sys.executable, str(HERE / "cache_http_server.py"), str(www), str(port_file), str(self.log),
-            "--tls-cert", str(cert[0]), "--tls-key", str(cert[1])])
+            "--tls-cert", str(cert[0]), "--tls-key", str(cert[1]), *extra])
         deadline = time.monotonic() + 10
         while not port_file.exists():
             assert self.proc.poll() is None, "static server died"
@@ -146,8 +146,9 @@ def _www(tmp_path: Path, closure: Closure, key: tuple[Path, str]) -> Path:
     return www
 
 
-def serve(tmp_path: Path, closure: Closure, key: tuple[Path, str], cert: tuple[Path, Path]) -> TLSStatic:
-    return TLSStatic(_www(tmp_path, closure, key), tmp_path, cert)
+def serve(tmp_path: Path, closure: Closure, key: tuple[Path, str], cert: tuple[Path, Path],
+          *extra: str) -> TLSStatic:
+    return TLSStatic(_www(tmp_path, closure, key), tmp_path, cert, *extra)
 
 
 @pytest.fixture
@@ -197,6 +198,23 @@ def test_keep_alive_over_tls(https: TLSStatic, closure: Closure) -> None:
     reqs = [r for r in https.requests() if r["path"].endswith(".narinfo")]
     assert len(reqs) == 4
     assert len({r["client-port"] for r in reqs}) == 1  # one TLS connection served all
+
+
+def test_idle_tls_connection_closed_by_server_is_replaced(tmp_path: Path, closure: Closure, key: tuple[Path, str],
+                                                         ca: CA, conf: dict[str, str]) -> None:
+    """The server drops a kept-alive TLS connection after 0.3 s idle: the next request goes out
+    on a new connection at once — no error, no retry needed (one attempt allowed)."""
+    s = serve(tmp_path, closure, key, ca.issue(tmp_path / "tls", ["127.0.0.1"]), "--idle-timeout", "0.3")
+    b = HttpBackend(s.url, tries=1)
+    try:
+        for p in closure.paths:
+            assert b.get_bytes(closure.hash_part(p) + ".narinfo") is not None
+            time.sleep(0.6)
+    finally:
+        b.close()
+        s.stop()
+    ports = [r["client-port"] for r in s.requests() if r["path"].endswith(".narinfo")]
+    assert len(ports) == 3 and len(set(ports)) == 3
 
 
 # -- refusals ---------------------------------------------------------------------------------
@@ -283,6 +301,28 @@ def test_ssl_cert_file_setting_wins_over_environment(https: TLSStatic, closure: 
                 env={**conf, "SSL_CERT_FILE": ca_file}, unset=["NARTOOL_STORE", "NIX_SSL_CERT_FILE"])
     assert r.returncode == 0, r.stderr
     assert valid_paths(tmp_path / "d3") == set(closure.paths)
+
+
+def test_substituter_with_bad_certificate_is_skipped(https: TLSStatic, closure: Closure, tmp_path: Path,
+                                                     key: tuple[Path, str], caplog: pytest.LogCaptureFixture) -> None:
+    """A substituter whose certificate does not verify is warned about and skipped; the next
+    one (the same cache, trusted) supplies the closure."""
+    from nartool.cache.substitute import substitute_paths
+
+    other = tmp_path / "other"
+    other.mkdir()
+    bad = serve(other, closure, key, CA("unrelated").issue(other / "tls", ["127.0.0.1"]))
+    try:
+        dst = tmp_path / "dst"
+        with LocalStore(dst) as st, caplog.at_level("WARNING"):
+            got = substitute_paths(st, [closure.top], Config.load(),
+                                   substituters=[bad.url + "?priority=10", https.url + "?priority=20"])
+        assert got == set(closure.paths)
+        assert valid_paths(dst) == set(closure.paths)
+        assert bad.url in caplog.text and "certificate verify failed" in caplog.text
+        assert bad.requests() == []
+    finally:
+        bad.stop()
 
 
 def test_dead_https_server_costs_one_attempt(tmp_path: Path, conf: dict[str, str]) -> None:
