@@ -217,6 +217,24 @@ def test_idle_tls_connection_closed_by_server_is_replaced(tmp_path: Path, closur
     assert len(ports) == 3 and len(set(ports)) == 3
 
 
+def test_cut_off_nar_over_tls_resumes_with_range(https: TLSStatic, closure: Closure, tmp_path: Path,
+                                                 conf: dict[str, str]) -> None:
+    """The test server's faults and Range support work over TLS too: a NAR cut off midway
+    continues with a Range request on a new TLS connection."""
+    hp = closure.hash_part(closure.tree)
+    text = (https.cache / f"{hp}.narinfo").read_text()
+    url = next(line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("URL: "))
+    https.faults(**{url: "truncate-once"})
+    dst = tmp_path / "dst"
+    r = run_cli("--store", dst, "copy", "--from", https.url, closure.tree, env=conf)
+    assert r.returncode == 0, r.stderr
+    assert valid_paths(dst) == {closure.tree}
+    nar_reqs = [q for q in https.requests() if q["path"].endswith(url)]
+    assert len(nar_reqs) == 2 and nar_reqs[0]["range"] is None
+    assert nar_reqs[1]["range"] not in (None, "bytes=0-")  # the rest only
+    assert nar_reqs[0]["client-port"] != nar_reqs[1]["client-port"]
+
+
 # -- refusals ---------------------------------------------------------------------------------
 
 
