@@ -64,6 +64,46 @@ class Cancelled(BaseException):
     """The build was interrupted (Ctrl-C, SIGTERM, a hung-up client)."""
 
 
+class DeferredCleanup:
+    """Finished builds' clean-up (unmounting and removing the chroot and the build directory,
+    then releasing the build user and the output locks) on background threads, off the critical
+    path: the scheduler starts the next build at once. Nothing in it decides a result: the
+    outputs are registered (synced) or refused before it runs, the builder and every process of
+    its build user are dead, and the output locks are held until the chroot is gone, so another
+    process building the same derivation waits for it. :meth:`drain` joins everything started so
+    far; the scheduler calls it before it returns (also when interrupted), a build waiting for a
+    free build user calls it before it polls again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 (a clean-up problem is a warning, as when done inline)
+                log.warning("clean-up after a build failed: %s", e)
+
+        t = threading.Thread(target=run, name="build clean-up", daemon=True)
+        with self._lock:
+            self._threads.append(t)
+        t.start()
+
+    def pending(self) -> bool:
+        with self._lock:
+            return any(t.is_alive() for t in self._threads)
+
+    def drain(self) -> None:
+        while True:
+            with self._lock:
+                threads, self._threads = self._threads, []
+            if not threads:
+                return
+            for t in threads:
+                t.join()
+
+
 class CancelToken:
     """Set from any thread; a running build notices at once (its log loop also waits on a pipe)."""
 
@@ -195,6 +235,7 @@ class _Build:
     builder: Any = None
     build_user: Any = None
     raw: RawLog | None = None
+    cleaner: DeferredCleanup | None = None
 
     @property
     def name(self) -> str:
@@ -204,15 +245,28 @@ class _Build:
 
     def run(self) -> BuildResult:
         start = int(time.time())
+        settled = False
         try:
-            return self._run(start)
+            res = self._run(start)
+            settled = True
+            return res
         except _Failure as f:
+            settled = True
             return BuildResult(f.status, f.message, 1 if f.status not in (BuildStatus.MISC_FAILURE,) else 0,
                                False, start, int(time.time()))
         except BuildError as e:  # e.g. malformed structured attributes: the build cannot start
+            settled = True
             return BuildResult(BuildStatus.MISC_FAILURE, e.message, 0, False, start, int(time.time()))
         finally:
-            self._cleanup()
+            if self.raw is not None:
+                self.raw.close()  # the log is complete when the result is known
+                self.raw = None
+            builder_done = self.builder is None or self.builder.poll() is not None
+            if (settled and builder_done and self.cleaner is not None
+                    and (self.builder is not None or self.build_dir is not None)):
+                self.cleaner.defer(self._cleanup)
+            else:
+                self._cleanup()
 
     def _cleanup(self) -> None:
         if self.raw is not None:
@@ -342,6 +396,9 @@ class _Build:
                     self.build_user = acquire_build_user(group)
                     if self.build_user is not None:
                         break
+                    if self.cleaner is not None and self.cleaner.pending():
+                        self.cleaner.drain()  # a finished build still holds one: it is freed soon
+                        continue
                     if self.notice is not None:
                         self.notice(f"waiting for UID to build '{self.drv_path}'")
                     for _ in range(20):
@@ -584,15 +641,17 @@ class _Build:
 def build_derivation(store: LocalStore, drv_path: str, drv: Derivation | BasicDerivation, options: BuildOptions,
                      *, log: LogFn | None = None, full_derivation: bool = True, notice: NoticeFn | None = None,
                      keep_colours: bool = False, cancel: CancelToken | None = None,
-                     wanted: list[str] | None = None) -> BuildResult:
+                     wanted: list[str] | None = None, cleaner: DeferredCleanup | None = None) -> BuildResult:
     """Build one derivation whose inputs are valid (see the module docstring); never raises for a
     failed build (the result says why), only for internal errors and interruptions
-    (``KeyboardInterrupt``/:class:`Cancelled`, after the build was killed and cleaned up)."""
+    (``KeyboardInterrupt``/:class:`Cancelled`, after the build was killed and cleaned up). With
+    ``cleaner``, a finished build's clean-up runs on its threads (the caller drains it)."""
     d = basic_to_derivation(drv_path, drv) if isinstance(drv, BasicDerivation) else drv
     if not d.name:
         d.name = drv_name_from_path(drv_path)
     store.temp_root(drv_path)
-    return _Build(store, drv_path, d, options, log, notice, full_derivation, keep_colours, cancel, wanted).run()
+    return _Build(store, drv_path, d, options, log, notice, full_derivation, keep_colours, cancel, wanted,
+                  cleaner=cleaner).run()
 
 
 # -- the scheduler --------------------------------------------------------------------------
@@ -678,6 +737,7 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
     for p in needed - pending:
         nodes[p].result = BuildResult(BuildStatus.ALREADY_VALID)
     cancel = CancelToken()
+    cleaner = DeferredCleanup()
     cond = threading.Condition()
     running: dict[str, threading.Thread] = {}
     target_paths = {p for p, _ in parsed}
@@ -690,7 +750,7 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
 
     def worker(n: _Node) -> None:
         try:
-            res = _build_one(store, n, options, log, notice, keep_colours, cancel)
+            res = _build_one(store, n, options, log, notice, keep_colours, cancel, cleaner)
         except (Cancelled, KeyboardInterrupt):
             res = BuildResult(BuildStatus.MISC_FAILURE, "interrupted")
         except BaseException as e:  # noqa: BLE001 (reported as the build's result)
@@ -752,8 +812,10 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
         threads = list(running.values())
         for t in threads:
             t.join()
+        cleaner.drain()
         cancel.close()
         raise
+    cleaner.drain()
     cancel.close()
     if all_results is not None:
         all_results.update({p: r for p in needed if (r := nodes[p].result) is not None})
@@ -767,7 +829,7 @@ NO_MACHINE = "unable to start any build; remote machines may not have all requir
 
 
 def _build_one(store: LocalStore, n: _Node, options: BuildOptions, log: LogFn | None, notice: NoticeFn | None,
-               keep_colours: bool, cancel: CancelToken) -> BuildResult:
+               keep_colours: bool, cancel: CancelToken, cleaner: DeferredCleanup) -> BuildResult:
     if options.builders:
         from ..remote import builders as remote_builders
 
@@ -777,7 +839,7 @@ def _build_one(store: LocalStore, n: _Node, options: BuildOptions, log: LogFn | 
         if options.max_jobs == 0:
             return BuildResult(BuildStatus.MISC_FAILURE, NO_MACHINE)
     return build_derivation(store, n.drv_path, n.drv, options, log=log, notice=notice, keep_colours=keep_colours,
-                            cancel=cancel, wanted=n.wanted)
+                            cancel=cancel, wanted=n.wanted, cleaner=cleaner)
 
 
 def exit_status(results: Iterable[BuildResult]) -> int:
