@@ -57,10 +57,12 @@ class CA:
         path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
         return path
 
-    def issue(self, directory: Path, names: list[str]) -> tuple[Path, Path]:
+    def issue(self, directory: Path, names: list[str], *, expired: bool = False) -> tuple[Path, Path]:
         """A server certificate for ``names`` (IP addresses or DNS names): (cert file, key file)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
+        if expired:
+            now -= datetime.timedelta(days=3)
         sans: list[x509.GeneralName] = []
         for n in names:
             try:
@@ -275,6 +277,15 @@ def test_hostname_mismatch_refused(tmp_path: Path, closure: Closure, key: tuple[
     s = serve(tmp_path, closure, key, ca.issue(tmp_path / "tls", ["cache.example.org"]))
     try:
         _refused(s, closure, tmp_path, conf, s.url, "certificate verify failed.*(mismatch|match)")
+    finally:
+        s.stop()
+
+
+def test_expired_certificate_refused(tmp_path: Path, closure: Closure, key: tuple[Path, str], ca: CA,
+                                     conf: dict[str, str]) -> None:
+    s = serve(tmp_path, closure, key, ca.issue(tmp_path / "tls", ["127.0.0.1"], expired=True))
+    try:
+        _refused(s, closure, tmp_path, conf, s.url, "certificate verify failed.*expired")
     finally:
         s.stop()
 
