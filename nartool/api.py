@@ -138,7 +138,8 @@ def restore(
 ) -> None:
     """Restore the NAR read from ``src`` at ``dest`` (which must not exist). All or nothing."""
     with ExitStack() as stack:
-        restore_events(read_events(src, stack, limits=limits), dest, names=names)
+        # (the reader itself, not its events: restore_events then lets it create small files)
+        restore_events(NarReader(_open(src, stack), limits=limits), dest, names=names)
 
 
 def ls(src: NarInput | bytes, path: str | bytes = "/", *, recursive: bool = False,

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from ..errors import FsError, NarError
 from ..nar import format as F
 from ..nar.events import Directory, EndDirectory, Event, File, Symlink
+from ..nar.reader import FileSink, NarReader
 from ..nar.source import write_all
 from .canonical import DIR_MODE, TIMES_NS, file_mode
 from .osutil import fsync as fsync_fd
@@ -73,6 +74,25 @@ class _Builder:
         # :meth:`unlock`, so that no stale-temporary clean-up takes it for abandoned
         self.lock_root = lock_root
         self.lock_fd = -1
+        # the innermost open directory's descriptor, shared with a reader's FileSink
+        self.dir_fd = [-1]
+        # an executable's mode as Nix makes it: the created mode (after umask) plus all three
+        # x bits; given to open when the umask keeps every x bit, else set by fchmod
+        self.exe_at_open = not self.umask & 0o111
+
+    def file_sink(self) -> FileSink | None:
+        """A :class:`FileSink` creating files as :meth:`_file` does, when this builder's
+        small files need nothing more than open, write, close (no name codec, no canonical
+        metadata, no fsync, no per-file callback)."""
+        if self.names is not None or self.canonical or self.fsync or self.on_file is not None or \
+                not self.exe_at_open:
+            return None
+        return FileSink(self.dir_fd, 0o666, 0o777, self._file_error)
+
+    def _file_error(self, e: OSError, rel: bytes) -> BaseException:
+        if isinstance(e, FileExistsError):
+            return FsError("entry already exists (name collision)", path=rel, rule="exists")
+        return FsError(f"cannot create: {e.strerror}", path=rel, rule="io")
 
     def _lock(self, fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -86,6 +106,7 @@ class _Builder:
     def close_all(self) -> None:
         while self.stack:
             os.close(self.stack.pop()[0])
+        self.dir_fd[0] = -1
 
     def _place(self, ev_name: bytes) -> tuple[int, bytes, bytes]:
         """(dir fd, on-disk name, relative path) for the next node."""
@@ -106,6 +127,7 @@ class _Builder:
             if not self.stack:
                 raise NarError("end of directory without a directory", rule="token")
             fd, rel, _ = self.stack.pop()
+            self.dir_fd[0] = self.stack[-1][0] if self.stack else -1
             try:
                 if self.canonical:
                     strip_fd(fd)
@@ -143,6 +165,7 @@ class _Builder:
                         raise
                 namer = self.names.restore_namer(rel) if self.names is not None else None
                 self.stack.append((fd, rel, namer))
+                self.dir_fd[0] = fd
             else:
                 raise TypeError(f"not a NAR event: {ev!r}")
         except FileExistsError as e:
@@ -155,7 +178,9 @@ class _Builder:
 
     def _file(self, dfd: int, disk: bytes, rel: bytes, ev: File) -> None:
         mode = file_mode(ev.executable) if self.canonical else 0o666
-        fd = os.open(disk, _O_NEWFILE, 0o666 if not self.canonical else 0o600, dir_fd=dfd)
+        # (the final mode at open where it can be: no fchmod)
+        fd = os.open(disk, _O_NEWFILE, 0o600 if self.canonical else 0o777 if ev.executable and self.exe_at_open
+                     else 0o666, dir_fd=dfd)
         try:
             if self.lock_root and not self.stack:
                 self._lock(fd)
@@ -175,7 +200,7 @@ class _Builder:
                 strip_fd(fd)
                 os.fchmod(fd, mode)
                 os.utime(fd, ns=TIMES_NS)
-            elif ev.executable:
+            elif ev.executable and not self.exe_at_open:
                 # as Nix: the created mode (after umask) plus all three x bits
                 os.fchmod(fd, (0o666 & ~self.umask) | 0o111)
             if self.fsync:
@@ -208,9 +233,10 @@ def restore_events(
     remove_stale_temps(pfd, base)
     tmp = temp_name(base)
     b = _Builder(pfd, tmp, names=names, canonical=canonical, fsync=fsync, lock_root=True, shown_root=dest_b)
+    files = b.file_sink() if isinstance(events, NarReader) else None
     try:
         try:
-            for ev in events:
+            for ev in (events.events(files) if files is not None else events):  # type: ignore[attr-defined]
                 b.feed(ev)
             if not b.done:
                 raise NarError("event stream ended before the root node did", rule="truncated")

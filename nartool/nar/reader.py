@@ -27,7 +27,9 @@ file contents are streamed in chunks, names and targets are bounded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..errors import NarError
@@ -47,6 +49,23 @@ _HEADERS = (
     (F.HDR_EXECUTABLE, len(F.HDR_EXECUTABLE), _EXE),
 )
 _LONGEST_HEADER = max(n for _, n, _ in _HEADERS)
+
+_O_NEWFILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass
+class FileSink:
+    """Where :meth:`NarReader.events` creates small files itself (see there): ``dir_fd[0]``
+    is the innermost open directory (kept current by the consumer), the modes are given to
+    ``open`` (and must already be the final ones after the umask), and ``error(exc, path)``
+    turns an ``OSError`` of creating or writing the file at ``path`` into the exception to
+    raise (as the consumer's own file creation would)."""
+
+    dir_fd: list[int]
+    mode_regular: int
+    mode_executable: int
+    error: Callable[[OSError, bytes], BaseException]
+
 
 _TOKEN_NAMES = {
     F.TOK_OPEN: "'('",
@@ -132,10 +151,23 @@ class NarReader:
     def __iter__(self) -> Iterator[Event]:
         return self.events()
 
-    def events(self) -> Iterator[Event]:
+    def events(self, files: FileSink | None = None) -> Iterator[Event]:
+        """The events of the NAR.
+
+        With ``files`` (a restore's :class:`FileSink`), the small regular files that the fused
+        fast path reads whole from the buffer inside a directory are created right here, in
+        the sink's current directory, instead of being yielded as :class:`File` events: no
+        event object, no generator round trip, the contents written straight from the read
+        buffer. Everything else is yielded as usual, and the consumer must keep
+        ``files.dir_fd[0]`` the descriptor of the innermost open directory."""
         # Hot paths compare whole fused token sequences against the buffer (``_header``,
         # ``entry ( name``, ``) )``) and fall back to token-by-token reading, which gives the
         # precise errors, whenever they do not match.
+        if files is not None:
+            cell, mode_reg, mode_exe, fs_error = files.dir_fd, files.mode_regular, files.mode_executable, files.error
+        else:
+            cell, mode_reg, mode_exe, fs_error = [-1], 0, 0, None
+        os_open, os_write, os_close, o_new = os.open, os.write, os.close, _O_NEWFILE
         src = self.src
         lim = self.limits
         close, close2, entry_open, node = F.TOK_CLOSE, F.CLOSE2, F.ENTRY_OPEN, F.TOK_NODE
@@ -147,6 +179,11 @@ class NarReader:
         self._expect(F.TOK_MAGIC)
         # one [last entry name, path] per open directory
         stack: list[list[bytes]] = []
+        refilled = False
+        # how much to buffer before each entry: enough for any entry's header when the input
+        # is a whole NAR (reading ahead is harmless there); a framed NAR is followed by more
+        # of a stream that may not come before a reply, so only what the next token may need
+        ahead = 4096 if self.standalone else 64
         name = b""
         path = b""
         while True:
@@ -195,7 +232,7 @@ class NarReader:
             while True:
                 top = stack[-1]
                 dpath = top[1]
-                buf, pos = window(64)
+                buf, pos = window(ahead)
                 if buf.startswith(entry_open, pos):
                     # fast: `entry ( name` NAME `node` all in the buffer, lengths and padding right
                     npos = pos + 56
@@ -231,10 +268,32 @@ class NarReader:
                             pend = dend + (-size & 7)
                             if size > SMALL_CONTENTS or len(stack) >= max_depth or not \
                                     buf.startswith(close2, pend) or buf[dend:pend] != PAD[pend - dend]:
-                                break  # (also when not all in the buffer: the slow path reads on)
+                                if pend + 32 > len(buf) and size <= SMALL_CONTENTS and not refilled:
+                                    # the file runs past the buffer: buffer it all, and again
+                                    top[0] = last
+                                    consume_to(pos)
+                                    window(pend + 32 - pos)
+                                    refilled = True
+                                    continue
+                                break  # (the slow path reads on, and gives the exact error)
+                            refilled = False
                             consume_to(pend + 32)
-                            yield File(name, exe, size, (buf[dstart:dend],) if size else (),
-                                       offset_at(dstart) - start)
+                            if fs_error is None:
+                                yield File(name, exe, size, (buf[dstart:dend],) if size else (),
+                                           offset_at(dstart) - start)
+                                continue
+                            # restoring: create the file here, with its final mode at open
+                            try:
+                                fd = os_open(name, o_new, mode_exe if exe else mode_reg, dir_fd=cell[0])
+                                try:
+                                    if size:
+                                        k = os_write(fd, buf[dstart:dend])
+                                        if k != size:
+                                            write_all(fd, memoryview(buf)[dstart + k : dend])
+                                finally:
+                                    os_close(fd)
+                            except OSError as e:
+                                raise fs_error(e, path) from e
                             continue
                     consume_to(pos + 48)
                     tag = b"entry"
