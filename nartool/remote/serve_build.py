@@ -352,39 +352,46 @@ def build_derivation(server: _Server) -> None:
     options = _options(server, req.settings)
     from ..build import CancelToken
     from ..build import build_derivation as run_build
+    from ..build.goal import DeferredCleanup
 
-    cancel = CancelToken()
+    # the chroot's removal overlaps with sending the result (the output locks are held until
+    # it is done; the build's outputs are registered before the result is known)
+    cleaner = DeferredCleanup()
     try:
-        with _watched(server, cancel.set):
-            # every output is wanted (Nix names the goal '<drv>!<outputs>' in its messages)
-            result = run_build(store, req.drv_path, basic, options, log=_log_writer(server), full_derivation=False,
-                               cancel=cancel, wanted=sorted(o[0] for o in basic.outputs))
-    finally:
-        cancel.close()
-    built = dict(outs)
-    for oid, rjson in result.built_outputs:  # outputs whose paths were only known after the build
+        cancel = CancelToken()
         try:
-            name = oid.rsplit("!", 1)[1]
-            built.setdefault(name, f"{sd}/{json.loads(rjson)['outPath']}")
-        except (IndexError, KeyError, ValueError):
-            continue
-    for p in built.values():
-        store.temp_root(p)
-    if result.status == M.BuildStatus.ALREADY_VALID:
-        # as Nix 2.8: nothing was built, no times; the outputs are still listed
-        result = M.BuildResult(result.status, "", 0, False, 0, 0, realisations(req.drv_path, basic, sd, built))
-    elif result.status in _SUCCESS:
-        result = M.BuildResult(result.status, result.error_msg, result.times_built, result.is_non_deterministic,
-                               result.start_time, result.stop_time, realisations(req.drv_path, basic, sd, built))
-    elif result.status == M.BuildStatus.TIMED_OUT:
-        # as Nix 2.8 reports a timed-out build: not counted as built, a start time but no stop time
-        result = M.BuildResult(result.status, nix_colours(result.error_msg), 0, False,
-                               result.start_time or result.stop_time, 0, ())
-    else:
-        result = M.BuildResult(result.status, nix_colours(result.error_msg), result.times_built,
-                               result.is_non_deterministic, result.start_time, result.stop_time, ())
-    result.write(server.w, server.minor)
-    server.w.flush()
+            with _watched(server, cancel.set):
+                # every output is wanted (Nix names the goal '<drv>!<outputs>' in its messages)
+                result = run_build(store, req.drv_path, basic, options, log=_log_writer(server), full_derivation=False,
+                                   cancel=cancel, wanted=sorted(o[0] for o in basic.outputs), cleaner=cleaner)
+        finally:
+            cancel.close()
+        built = dict(outs)
+        for oid, rjson in result.built_outputs:  # outputs whose paths were only known after the build
+            try:
+                name = oid.rsplit("!", 1)[1]
+                built.setdefault(name, f"{sd}/{json.loads(rjson)['outPath']}")
+            except (IndexError, KeyError, ValueError):
+                continue
+        for p in built.values():
+            store.temp_root(p)
+        if result.status == M.BuildStatus.ALREADY_VALID:
+            # as Nix 2.8: nothing was built, no times; the outputs are still listed
+            result = M.BuildResult(result.status, "", 0, False, 0, 0, realisations(req.drv_path, basic, sd, built))
+        elif result.status in _SUCCESS:
+            result = M.BuildResult(result.status, result.error_msg, result.times_built, result.is_non_deterministic,
+                                   result.start_time, result.stop_time, realisations(req.drv_path, basic, sd, built))
+        elif result.status == M.BuildStatus.TIMED_OUT:
+            # as Nix 2.8 reports a timed-out build: not counted as built, a start time but no stop time
+            result = M.BuildResult(result.status, nix_colours(result.error_msg), 0, False,
+                                   result.start_time or result.stop_time, 0, ())
+        else:
+            result = M.BuildResult(result.status, nix_colours(result.error_msg), result.times_built,
+                                   result.is_non_deterministic, result.start_time, result.stop_time, ())
+        result.write(server.w, server.minor)
+        server.w.flush()
+    finally:
+        cleaner.drain()
 
 
 def _bogus_derivation(store: LocalStore, drv_paths: list[str]) -> str | None:

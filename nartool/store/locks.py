@@ -20,13 +20,16 @@ import fcntl
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from ..errors import StoreError
+
+if TYPE_CHECKING:
+    import socket
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +341,8 @@ class _Connection:
             except FileNotFoundError:
                 self.drop()
                 return False  # collector starting (no socket yet) or ending
+            import socket  # here, only when a collector runs (its import would cost every command)
+
             ident = (st.st_dev, st.st_ino, st.st_ctime_ns)
             while True:
                 fresh = False
@@ -355,7 +360,8 @@ class _Connection:
                     self.sock, self.ident, fresh = s, ident, True
                 assert self.sock is not None
                 try:
-                    self.sock.sendall(path.encode() + b"\n", _NOSIGNAL)
+                    # EPIPE rather than SIGPIPE where available
+                    self.sock.sendall(path.encode() + b"\n", getattr(socket, "MSG_NOSIGNAL", 0))
                     ack = self.sock.recv(1)
                 except OSError as e:
                     if e.errno not in (errno.EPIPE, errno.ECONNRESET):
@@ -371,9 +377,6 @@ class _Connection:
                 if fresh:
                     return False  # the collector went away: retry after checking the lock
                 # an old connection (of a collector that has ended): try a new one once
-
-
-_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # EPIPE rather than SIGPIPE where available
 
 
 def _connection(socket_path: str) -> _Connection:
