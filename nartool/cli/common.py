@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
@@ -39,6 +36,9 @@ def held_stdout() -> Iterator[BinaryIO]:
     """A binary stream whose contents reach stdout only when the block completes: output that
     must not be half-printed (a listing of a NAR that turns out to be malformed). It is held in
     memory up to 4 MiB, in an anonymous temporary file beyond, so memory stays flat."""
+    import shutil
+    import tempfile  # (here: every command imports this module, few need these)
+
     with tempfile.SpooledTemporaryFile(max_size=4 << 20) as buf:
         yield buf  # type: ignore[misc]
         buf.seek(0)
@@ -48,6 +48,8 @@ def held_stdout() -> Iterator[BinaryIO]:
 
 
 def echo_json(obj: Any) -> None:
+    import json
+
     click.echo(json.dumps(obj, separators=(",", ":"), ensure_ascii=False))
 
 
