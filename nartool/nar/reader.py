@@ -168,6 +168,8 @@ class NarReader:
         else:
             cell, mode_reg, mode_exe, fs_error = [-1], 0, 0, None
         os_open, os_write, os_close, o_new = os.open, os.write, os.close, _O_NEWFILE
+        view_of: bytes | None = None
+        view = memoryview(b"")
         src = self.src
         lim = self.limits
         close, close2, entry_open, node = F.TOK_CLOSE, F.CLOSE2, F.ENTRY_OPEN, F.TOK_NODE
@@ -287,9 +289,11 @@ class NarReader:
                                 fd = os_open(name, o_new, mode_exe if exe else mode_reg, dir_fd=cell[0])
                                 try:
                                     if size:
-                                        k = os_write(fd, buf[dstart:dend])
+                                        if view_of is not buf:  # (a view per buffer: no copy per file)
+                                            view, view_of = memoryview(buf), buf
+                                        k = os_write(fd, view[dstart:dend])
                                         if k != size:
-                                            write_all(fd, memoryview(buf)[dstart + k : dend])
+                                            write_all(fd, view[dstart + k : dend])
                                 finally:
                                     os_close(fd)
                             except OSError as e:
