@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from typing import Any
-from urllib.parse import parse_qsl
 
 import click
 
@@ -101,6 +100,8 @@ def parse_host(spec: str) -> tuple[str, dict[str, str]]:
     host, _, query = spec.partition("?")
     if not host:
         raise click.UsageError("empty host")
+    from urllib.parse import parse_qsl  # (here: `nartool serve` starts without it)
+
     return host, dict(parse_qsl(query, keep_blank_values=True))
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -58,6 +57,8 @@ class NarSpool:
     the events and bytes on the way."""
 
     def __init__(self, events: Iterable[Event], ca: CaCheck | None = None) -> None:
+        import tempfile  # (here: with shutil, it costs every store command ~5 ms at start-up)
+
         self.file: BinaryIO = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # type: ignore[assignment]  # noqa: SIM115
         h = hashlib.sha256()
         n = 0
