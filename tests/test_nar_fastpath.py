@@ -13,7 +13,7 @@ import pytest
 from nartool.errors import NarError
 from nartool.nar import END, Directory, File, NarReader, Symlink, nar_bytes
 
-from .narbuild import dir_, entry, nar, reg, toks
+from .narbuild import dir_, entry, link, nar, reg, toks
 
 
 def dribble(data: bytes, step: int) -> Callable[[int], bytes]:
@@ -268,16 +268,52 @@ def test_small_files_are_not_yielded_with_a_file_sink(step: int | None) -> None:
     work = tempfile.mkdtemp()
     fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        files = FileSink([fd], 0o666, 0o777, lambda e, p: FsError(str(e), path=p, rule="io"))
+        b = _Builder(fd, b"r", names=None, canonical=False, fsync=False)
+        files = b.file_sink()
+        assert isinstance(files, FileSink)
         reader = NarReader(data if step is None else dribble(data, step))
-        yielded = sum(1 for ev in reader.events(files) if isinstance(ev, File))
-        # only the big ones (70000 bytes) come out as events; the small ones are on disk
+        kinds = []
+        for ev in reader.events(files):
+            kinds.append(type(ev))
+            b.feed(ev)
+        b.close_all()
+        # only the big files (70000 bytes) and the directories come out as events; the small
+        # files and the symlinks are made by the reader
         big = sum(1 for ev in NarReader(data) if isinstance(ev, File) and ev.size > 65536)
-        assert yielded == big
-        assert len(os.listdir(work)) == 392 - big
+        assert kinds.count(File) == big
+        assert kinds.count(Symlink) == 0
+        assert kinds.count(Directory) == 9
+        assert len(os.listdir(os.path.join(work, "r"))) == 400
+        assert os.readlink(os.path.join(work, "r", "f0050", "l")) == "../t"
     finally:
         os.close(fd)
         shutil.rmtree(work)
     with tempfile.TemporaryDirectory() as d:
         nartool.restore(os.path.join(d, "r"), data)
         assert b"".join(bytes(c) for c in nartool.api.dump_chunks(os.path.join(d, "r"))) == data
+
+
+SYMLINK_CASES = [
+    ("nul-in-target", nar(dir_(entry(b"a", link(b"x\0y")))), "invalid-target"),
+    ("bad-padding", nar(dir_(entry(b"a", link(b"xyz")))).replace(b"xyz\0\0\0\0\0", b"xyz\0\0\0\0\1"), "padding"),
+    ("target-too-long", nar(dir_(entry(b"a", link(b"t" * 4096)))), "invalid-target"),
+    ("not-closed", nar(dir_(entry(b"a", link(b"t")), entry(b"b", link(b"u")))).replace(
+        toks("t", ")", ")"), toks("t", ")", "entry"), 1), "token"),
+]
+
+
+@pytest.mark.parametrize("step", [None, 1, 9])
+@pytest.mark.parametrize("case", SYMLINK_CASES, ids=[c[0] for c in SYMLINK_CASES])
+def test_restore_fast_path_symlink_errors(case: tuple[str, bytes, str], step: int | None) -> None:
+    fast, general = restore_both(case[1], step)
+    assert fast == general
+    assert not isinstance(fast, list) and fast[1] == case[2]
+
+
+def test_restore_fast_path_symlinks() -> None:
+    data = nar(dir_(entry(b"a", link(b"/abs/target")), entry(b"b", dir_(entry(b"c", link(b"../a")))),
+                    entry(b"d", link(b"x" * 4095))))
+    fast, general = restore_both(data, None)
+    assert fast == general
+    assert [(p, body) for p, _, body in fast] == [("a", b"/abs/target"), ("b", b""), ("b/c", b"../a"),
+                                                  ("d", b"x" * 4095)]

@@ -154,9 +154,9 @@ class NarReader:
     def events(self, files: FileSink | None = None) -> Iterator[Event]:
         """The events of the NAR.
 
-        With ``files`` (a restore's :class:`FileSink`), the small regular files that the fused
-        fast path reads whole from the buffer inside a directory are created right here, in
-        the sink's current directory, instead of being yielded as :class:`File` events: no
+        With ``files`` (a restore's :class:`FileSink`), the small regular files and the symlinks
+        that the fused fast path reads whole from the buffer inside a directory are created right
+        here, in the sink's current directory, instead of being yielded as events: no
         event object, no generator round trip, the contents written straight from the read
         buffer. Everything else is yielded as usual, and the consumer must keep
         ``files.dir_fd[0]`` the descriptor of the innermost open directory."""
@@ -167,7 +167,8 @@ class NarReader:
             cell, mode_reg, mode_exe, fs_error = files.dir_fd, files.mode_regular, files.mode_executable, files.error
         else:
             cell, mode_reg, mode_exe, fs_error = [-1], 0, 0, None
-        os_open, os_write, os_close, o_new = os.open, os.write, os.close, _O_NEWFILE
+        os_open, os_write, os_close, os_symlink, o_new = os.open, os.write, os.close, os.symlink, _O_NEWFILE
+        hdr_sym, len_sym, max_target = F.HDR_SYMLINK, len(F.HDR_SYMLINK), self.limits.max_target
         view_of: bytes | None = None
         view = memoryview(b"")
         src = self.src
@@ -262,6 +263,25 @@ class NarReader:
                             elif buf.startswith(hdr_exe, j):
                                 j += len_exe
                                 exe = True
+                            elif fs_error is not None and buf.startswith(hdr_sym, j):
+                                # restoring: a whole symlink, `( type symlink target T PAD ) )`
+                                j += len_sym
+                                t = int.from_bytes(buf[j : j + 8], "little")
+                                tstart = j + 8
+                                tend = tstart + t
+                                tpend = tend + (-t & 7)
+                                if not 0 < t <= max_target or len(stack) >= max_depth or \
+                                        not buf.startswith(close2, tpend) or buf[tend:tpend] != PAD[tpend - tend]:
+                                    break  # (the slow path gives the exact error)
+                                target = buf[tstart:tend]
+                                if b"\0" in target:
+                                    break
+                                consume_to(tpend + 32)
+                                try:
+                                    os_symlink(target, name, dir_fd=cell[0])
+                                except OSError as e:
+                                    raise fs_error(e, path) from e
+                                continue
                             else:
                                 break
                             size = int.from_bytes(buf[j : j + 8], "little")
