@@ -718,6 +718,9 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
         paths = n.drv.output_paths(store.store_dir)
         return bool(paths) and len(paths) == len(n.drv.outputs) and all(store.is_valid(x) for x in paths.values())
 
+    # substitutes first, top-down as Nix: a derivation whose outputs a cache supplies is not
+    # built, and its inputs are then neither fetched nor built
+    subs = _substituters(store, options)
     needed: set[str] = set()
     stack = [p for p, _ in parsed]
     while stack:
@@ -725,8 +728,14 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
         if p in needed:
             continue
         needed.add(p)
+        if not valid(nodes[p]) and subs is not None:
+            _substitute(store, options, subs, nodes[p], notice)
         if not valid(nodes[p]):
             stack.extend(nodes[p].deps)
+    if subs is not None:  # the sources of what will be built
+        srcs = {s for p in needed if not valid(nodes[p]) for s in nodes[p].drv.input_srcs if not store.is_valid(s)}
+        if srcs:
+            _fetch(store, options, subs, sorted(srcs), notice)
     for p in needed:
         store.temp_root(p)
     pending = {p for p in needed if not valid(nodes[p])}
@@ -820,6 +829,41 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
     if all_results is not None:
         all_results.update({p: r for p in needed if (r := nodes[p].result) is not None})
     return [nodes[p].result or BuildResult(BuildStatus.MISC_FAILURE, "not built") for p, _ in parsed]
+
+
+def _substituters(store: LocalStore, options: BuildOptions) -> Any:
+    """The configured substituters (opened once for this call), or None when substitution is
+    off: no config, ``substitute = false`` or no ``substituters``."""
+    cfg = options.config
+    if cfg is None or not cfg.substitute or not cfg.substituters:
+        return None
+    from ..cache.substitute import Substituters
+
+    return Substituters.open(cfg.substituters, store_dir=store.store_dir, config=cfg)
+
+
+def _substitute(store: LocalStore, options: BuildOptions, subs: Any, n: _Node, notice: NoticeFn | None) -> None:
+    paths = n.drv.output_paths(store.store_dir)
+    if paths and len(paths) == len(n.drv.outputs):  # floating outputs have no path to look up
+        _fetch(store, options, subs, sorted(x for x in paths.values() if not store.is_valid(x)), notice)
+
+
+def _fetch(store: LocalStore, options: BuildOptions, subs: Any, paths: list[str], notice: NoticeFn | None) -> None:
+    """Fetch ``paths`` (and their closures) from the substituters; what none supplies (or what
+    fails the signature policy) is simply left to be built. A broken substituter is a warning."""
+    from ..cache.substitute import substitute_paths
+
+    if not paths:
+        return
+    try:
+        got = substitute_paths(store, paths, options.config, substituters=subs)
+    except NartoolError as e:
+        log.warning("warning: substituting %s: %s", paths[0], e)
+        return
+    if got and notice is not None:
+        ps = sorted(got)
+        head = "this path was fetched:" if len(ps) == 1 else f"these {len(ps)} paths were fetched:"
+        notice(head + "".join(f"\n  {x}" for x in ps))
 
 
 _DOCS_URL = "\nhttps://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html"

@@ -87,6 +87,9 @@ class BuildOptions:
     sandbox_build_dir: str = "/build"           # sandbox-build-dir
     sandbox_dev_shm_size: str = "50%"           # sandbox-dev-shm-size
     log_lines: int = 10                         # log-lines
+    #: where substitutes come from before building (``substituters``, ``substitute``,
+    #: ``trusted-public-keys``, ``require-sigs``); None: no substitution (set by from_config)
+    config: Config | None = None
 
     def __post_init__(self) -> None:
         if self.build_users_group is None:
@@ -123,7 +126,7 @@ class BuildOptions:
             builders_use_substitutes=cfg.builders_use_substitutes, filter_syscalls=cfg.filter_syscalls,
             keep_build_log=cfg.keep_build_log, compress_build_log=cfg.compress_build_log,
             sandbox_build_dir=cfg.sandbox_build_dir, sandbox_dev_shm_size=cfg.sandbox_dev_shm_size,
-            log_lines=cfg.log_lines)
+            log_lines=cfg.log_lines, config=cfg)
         for k, v in fields.items():
             setattr(opts, k, v)
         return opts
