@@ -606,15 +606,18 @@ def compute_outputs(drv: Derivation, resolve: Resolver, store_dir: str = DEFAULT
     return d
 
 
-def check_outputs(drv: Derivation, resolve: Resolver, store_dir: str = DEFAULT_STORE_DIR) -> None:
+def check_outputs(drv: Derivation, resolve: Resolver, store_dir: str = DEFAULT_STORE_DIR, *,
+                  cache: dict[str, DrvHash] | None = None) -> None:
     """What Nix checks when it registers a ``.drv`` (``checkDerivationOutputs``): every
     input-addressed output path is the one computed, and each known output's env variable
-    names it."""
+    names it. ``cache`` memoizes the input derivations' hashes across calls (as for
+    :func:`hash_derivation_modulo`; without one, registering a chain of N derivations one
+    by one costs O(N²))."""
     drv.type()
     h: DrvHash | None = None
     for n, o in drv.outputs.items():
         if o.kind == INPUT_ADDRESSED:
-            h = h or hash_derivation_modulo(drv, resolve, store_dir=store_dir)
+            h = h or hash_derivation_modulo(drv, resolve, store_dir=store_dir, cache=cache)
             want = make_output_path(n, h.hashes[n], drv.name, store_dir)
             if o.path != want:
                 raise DerivationError(f"derivation has incorrect output {o.path!r}", expected=want, rule="bad-output")

@@ -48,7 +48,7 @@ from .base import BaseStore
 from .cacheck import CaCheck
 from .closure import closure_set, topo_sort
 from .db import StoreDB
-from .derivation import Derivation, drv_name_from_path, parse_derivation
+from .derivation import Derivation, DrvHash, drv_name_from_path, parse_derivation
 from .locks import PathLock, TempRoots
 from .paths import (
     DEFAULT_STORE_DIR,
@@ -104,6 +104,8 @@ class LocalStore(BaseStore):
         self.roots = TempRoots(self.state_dir)
         self._store_fd = os.open(self.real_store_dir, _O_DIR)
         self._pending: list[_Pending] | None = None
+        #: hashes modulo of registered input derivations, by path (for the .drv check)
+        self._drv_hashes: dict[str, DrvHash] = {}
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -477,7 +479,9 @@ class LocalStore(BaseStore):
             for p in drv.input_drvs:
                 if p not in self._pending_paths() and not self.db.is_valid(p):
                     raise StoreError("input derivation is not valid", path=p, rule="invalid-reference", got=drv_path)
-            check_outputs(drv, resolve, self.store_dir)
+            if len(self._drv_hashes) > 200_000:  # bounded (a .drv path names its contents: never stale)
+                self._drv_hashes.clear()
+            check_outputs(drv, resolve, self.store_dir, cache=self._drv_hashes)
         except DerivationError as e:
             e.message = f"derivation '{drv_path}' is not acceptable: {e.message}"
             e.path = e.path or drv_path
