@@ -806,13 +806,7 @@ class _Handler(BaseHTTPRequestHandler):
                     while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                         pass
                     return
-                left = n
-                while left:
-                    b = self.rfile.read(min(left, _CHUNK))
-                    if not b:
-                        raise _Reply(400, "truncated body")
-                    left -= len(b)
-                    yield b
+                yield from self._exactly(n)
                 if self.rfile.readline(1024) not in (b"\r\n", b"\n"):
                     raise _Reply(400, "malformed chunked body")
         if te:
@@ -820,7 +814,10 @@ class _Handler(BaseHTTPRequestHandler):
         cl = self.headers.get("Content-Length")
         if cl is None or not cl.strip().isdigit():
             raise _Reply(411, "Content-Length required")
-        left = int(cl)
+        yield from self._exactly(int(cl))
+
+    def _exactly(self, left: int) -> Iterator[bytes]:
+        """``left`` bytes of the request body, in chunks; a body that ends sooner is a 400."""
         while left:
             b = self.rfile.read(min(left, _CHUNK))
             if not b:

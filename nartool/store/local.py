@@ -477,7 +477,7 @@ class LocalStore(BaseStore):
             for p in outputs.values():
                 self.parse_path(p)  # Nix refuses a .drv whose outputs are not store paths
             for p in drv.input_drvs:
-                if p not in self._pending_paths() and not self.db.is_valid(p):
+                if not self._in_batch(p) and not self.db.is_valid(p):
                     raise StoreError("input derivation is not valid", path=p, rule="invalid-reference", got=drv_path)
             if len(self._drv_hashes) > 200_000:  # bounded (a .drv path names its contents: never stale)
                 self._drv_hashes.clear()
@@ -489,9 +489,6 @@ class LocalStore(BaseStore):
                 e.rule = "bad-derivation"
             raise
         return outputs
-
-    def _pending_paths(self) -> set[str]:
-        return {p.info.path for p in self._pending} if self._pending else set()
 
     def _check_references(self, info: PathInfo) -> None:
         for r in info.references:
