@@ -10,7 +10,12 @@ static busybox; the derivations come from ``nix-instantiate`` and are copied int
 store. Prints median and range (seconds) per case and tool, and the per-build overhead of the
 chain (total / 50).
 
-    python scripts/bench_build.py [--rounds N] [--chain N] [--no-build-users]
+nartool is timed as users run it: the ``nartool`` command of a regular (non-editable) install of
+this checkout into a fresh virtual environment, bytecode compiled (as ``scripts/bench_nar.py``
+makes it); ``--nartool CMD`` times an existing command instead, ``--checkout`` this checkout's
+package run as ``python -m nartool``.
+
+    python scripts/bench_build.py [--rounds N] [--chain N] [--no-build-users] [--nartool CMD | --checkout]
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 from tests.buildkit import copy_drv_closure, nartool_store, nix_store_with_busybox  # noqa: E402
 from tests.helpers import cli_argv, cli_env, nix_env  # noqa: E402
@@ -49,6 +55,8 @@ def instantiate(root: Path, expr: str) -> str:
 
 
 EXTRA: list[str] = []
+#: the command that runs nartool (set in main)
+NARTOOL: list[str] = []
 
 
 def one(tool: str, expr: str, work: Path) -> float:
@@ -63,8 +71,10 @@ def one(tool: str, expr: str, work: Path) -> float:
         st, _ = nartool_store(work / "ours", work)
         copy_drv_closure(nixroot, st, drv)
         st.close()
-        argv = cli_argv("--store", str(work / "ours"), "build", *EXTRA, drv)
+        argv = [*NARTOOL, "--store", str(work / "ours"), "build", *EXTRA, drv]
         env = cli_env()
+        if cli_argv() != NARTOOL:
+            env.pop("PYTHONPATH", None)  # (the installed package, not the checkout)
     t = time.perf_counter()
     r = subprocess.run(argv, capture_output=True, env=env, check=False)
     dt = time.perf_counter() - t
@@ -86,8 +96,29 @@ def main() -> None:
     ap.add_argument("--chain", type=int, default=50)
     ap.add_argument("--no-build-users", action="store_true",
                     help="both tools without build users (--option build-users-group ''), as root")
+    ap.add_argument("--nartool", metavar="CMD", help="time this nartool command instead of a fresh install")
+    ap.add_argument("--checkout", action="store_true", help="time this checkout's package (python -m nartool)")
     a = ap.parse_args()
-    compile_package()
+    venv_dir = None
+    if a.checkout:
+        compile_package()
+        NARTOOL.extend(cli_argv())
+    elif a.nartool:
+        NARTOOL.append(a.nartool)
+    else:
+        from bench_nar import install
+
+        print("installing the checkout into a venv ...", file=sys.stderr)
+        venv_dir = Path(tempfile.mkdtemp(prefix="nartool-bench-venv-"))
+        NARTOOL.append(str(install(venv_dir / "venv")))
+    try:
+        run(a)
+    finally:
+        if venv_dir is not None:
+            shutil.rmtree(venv_dir, ignore_errors=True)
+
+
+def run(a: argparse.Namespace) -> None:
     if a.no_build_users:
         EXTRA.extend(["--option", "build-users-group", ""])
     cases = {"trivial": TRIVIAL, f"chain of {a.chain}": CHAIN.replace("COUNT", str(a.chain))}
@@ -107,7 +138,8 @@ def main() -> None:
     for tool in ("nix", "nartool"):
         ts = times[(f"chain of {a.chain}", tool)]
         print(f"per build in the chain, {tool}: {statistics.median(ts) / a.chain * 1000:.1f} ms")
-    print(f"(machine: {os.cpu_count()} CPUs; both tools sandbox every build in a chroot store)")
+    print(f"(machine: {os.cpu_count()} CPUs; both tools sandbox every build in a chroot store; nartool: "
+          f"{' '.join(NARTOOL)})")
 
 
 if __name__ == "__main__":

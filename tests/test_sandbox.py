@@ -528,7 +528,8 @@ def test_build_user_sandbox_and_kill(env: Env) -> None:
         assert log.split()[2:8] == ["1000", str(bu.uid), "1", "100", str(bu.gid), "1"]
         assert log.split("\n")[3:5] == ["nobody nixbld", "nobody nixbld"]
         # a process of the build user outside the sandbox's process tree is killed when the next
-        # build starts, when a build ends (before its status is reported), and by kill()
+        # build starts, when a build ends (before its clean-up returns, which gives the user
+        # back), and by kill()
         for action in ("start", "end", "kill"):
             b = start_sandboxed(env.spec("sleep 1", build_user=bu)) if action == "end" else None
             stray = subprocess.Popen(["setpriv", f"--reuid={bu.uid}", f"--regid={bu.gid}", "--clear-groups",

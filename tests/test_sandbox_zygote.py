@@ -25,6 +25,10 @@ def _fds(pid: int) -> list[str]:
     return sorted(os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd"))
 
 
+def _not_sockets(pid: int, fds: list[str] | None = None) -> list[str]:
+    return [f for f in (_fds(pid) if fds is None else fds) if not f.startswith("socket:")]
+
+
 def _ppid(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
@@ -49,8 +53,10 @@ def test_builds_are_forked_by_one_zygote_that_keeps_no_build_descriptor(env: Env
         assert _ppid(b.helper_pid) == z.pid
         assert _ppid(b.pid) == b.helper_pid
         # while the build runs, the zygote holds nothing of it: no pty, no pipe of the build
-        assert _fds(z.pid) == before
-        assert not [f for f in _fds(z.pid) if f.startswith("/dev/pts/")]
+        # (its sockets: the one to nartool, and the one to its spare helper, replaced meanwhile)
+        assert _not_sockets(z.pid) == _not_sockets(z.pid, before)
+        assert not [f for f in _fds(z.pid) if f.startswith(("/dev/pts/", "pipe:"))]
+        assert len([f for f in _fds(z.pid) if f.startswith("socket:")]) <= 2
     finally:
         b.kill()
         b.wait()
@@ -98,3 +104,70 @@ def test_kill_user_request_reports_failure() -> None:
         assert res == "ok"
     else:
         assert res.startswith("error setting uid: ")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if _ppid(int(name)) == pid and _alive(int(name)):
+                    out.append(int(name))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return out
+
+
+def _ns(pid: int, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+def _spares(z: int, timeout: float = 10) -> list[int]:
+    """The zygote's children that sit in namespaces of their own (its spare helpers)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = []
+        for c in _children(z):
+            try:
+                if _ns(c, "mnt") != _ns(z, "mnt") and _ns(c, "net") != _ns(z, "net"):
+                    got.append(c)
+            except FileNotFoundError:
+                pass
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(0.02)
+
+
+def test_a_spare_helper_waits_in_fresh_namespaces(env: Env) -> None:
+    """The zygote keeps one helper forked ahead, already in a sandbox's namespaces; a build of
+    that kind of sandbox runs in it, and the next spare is forked while that build runs. A build
+    of another kind (here: the host's network, as a fixed-output derivation has) gets a fresh
+    helper and leaves the spare waiting."""
+    need_sandbox()
+    z = zygote.get()
+    spares = _spares(z.pid)
+    assert len(spares) == 1, spares
+    first = spares[0]
+    # its own namespaces, made before any build asked for them (its PID namespace, its
+    # children's, is made with its first child: /proc shows none before)
+    assert _ns(first, "uts") != _ns(z.pid, "uts") and _ns(first, "ipc") != _ns(z.pid, "ipc")
+    status, log, b = run(env.spec("echo hi"))
+    assert status == 0 and log.strip() == "hi", log
+    assert b.helper_pid == first
+    deadline = time.monotonic() + 10
+    while _alive(first) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(first)
+    spares = _spares(z.pid)
+    assert len(spares) == 1 and spares[0] != first
+    second = spares[0]
+    status, log, b = run(env.spec("echo host", host_network=True))
+    assert status == 0, log
+    assert b.helper_pid != second and _alive(second)
+    status, log, b = run(env.spec("echo again"))
+    assert status == 0 and b.helper_pid == second
+    # nothing piles up: the spare and its killer (forked ahead in the host's namespaces) wait
+    deadline = time.monotonic() + 10
+    while len(_children(z.pid)) > 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(_children(z.pid)) == 2, _children(z.pid)

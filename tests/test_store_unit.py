@@ -523,3 +523,24 @@ def test_hash_sri_padding_and_text_forms() -> None:
     assert str(h) == "sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s"
     assert f"{h}" == str(h) and "\\x" not in repr(h)
     assert eval(repr(h), {"Hash": Hash}) == h  # noqa: S307
+
+
+def test_closure_query_matches_the_level_by_level_walk(store: LocalStore) -> None:
+    # LocalStore answers a closure with one recursive query; the generic walk is the reference
+    from nartool.store.base import BaseStore
+
+    chain = _chain(store, 30)
+    side = store.add_text("side", b"side", [chain[3], chain[7]]).path
+    lone = store.add_text("lone", b"lone").path
+    for start in ([chain[-1]], [side], [side, lone], [chain[0]], [lone, chain[10], side]):
+        fast = store.query_closure_set(start)
+        slow = BaseStore.query_closure_set(store, start)
+        assert fast == slow
+        assert set(fast) == set(store.closure(start)) == store.query_closure_paths(start)
+    assert len(store.query_closure_set([chain[-1]])) == 30
+    assert store.query_path_infos([side, lone, "/nix/store/" + "0" * 32 + "-missing"]) == {
+        side: store.path_info(side), lone: store.path_info(lone)}
+    for query in (store.query_closure_set, store.query_closure_paths):
+        with pytest.raises(StoreError) as e:
+            query([side, "/nix/store/" + "0" * 32 + "-missing"])
+        assert e.value.rule == "invalid-path"

@@ -146,16 +146,28 @@ def do_bind(source: str, target: str, optional: bool = False) -> None:
     mount(source, target, "", MS_BIND | MS_REC, None, f"bind mount from '{source}' to '{target}' failed")
 
 
-def install_seccomp(program: bytes) -> None:
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+_SECCOMP: dict = {}  # type: ignore[type-arg]  # program (hex) -> (buffer, SockFprog)
+
+
+def prepare_seccomp(program_hex: str) -> "tuple[Any, SockFprog]":
+    """The kernel's view of a BPF program, made once per program: the zygote makes it before
+    forking, so a builder only calls ``prctl``."""
+    got = _SECCOMP.get(program_hex)
+    if got is None:
+        program = bytes.fromhex(program_hex)
+        buf = ctypes.create_string_buffer(program, len(program))
+        got = _SECCOMP[program_hex] = (buf, SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p)))
+    return got
+
+
+def install_seccomp(program_hex: str) -> None:
     call(_libc.prctl, "unable to set 'no new privileges'", PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1),
          ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
-    n = len(program) // 8
-    buf = ctypes.create_string_buffer(program, len(program))
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    prog = SockFprog(n, ctypes.cast(buf, ctypes.c_void_p))
+    _, prog = prepare_seccomp(program_hex)
     call(_libc.prctl, "unable to load seccomp BPF program", PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER),
          ctypes.byref(prog), ctypes.c_ulong(0), ctypes.c_ulong(0))
 
@@ -258,7 +270,7 @@ def run_child(plan: dict, err_fd: int) -> None:  # type: ignore[type-arg]
     common_child_init(plan)
     if plan.get("seccomp"):
         try:
-            install_seccomp(bytes.fromhex(plan["seccomp"]))
+            install_seccomp(plan["seccomp"])
         except SetupError:
             if plan.get("build_user"):
                 raise
@@ -368,7 +380,8 @@ def child_main(plan: dict, err_fd: int) -> None:  # type: ignore[type-arg]
         os._exit(1)
 
 
-def monitor(child: int, report: int, group: bool, killer: "Killer | None" = None) -> None:
+def monitor(child: int, report: int, group: bool, killer: "Killer | None" = None,
+            pid_namespace: bool = False) -> None:
     """Wait for the builder; kill it when the control pipe closes or says ``kill``: pid 1 of the
     namespace (which takes the whole PID namespace along), or the builder's process group when
     unsandboxed. The builder is our unreaped child until then, so its pid (and process group)
@@ -385,7 +398,7 @@ def monitor(child: int, report: int, group: bool, killer: "Killer | None" = None
         if pidfd < 0:
             done, status = os.waitpid(child, os.WNOHANG)
             if done:
-                finish(report, status, killer)
+                finish(report, status, killer, pid_namespace)
         if 0 in r:
             data = os.read(0, 4096)
             buf += data
@@ -401,63 +414,92 @@ def monitor(child: int, report: int, group: bool, killer: "Killer | None" = None
                 buf = b""
         if pidfd in r:
             _, status = os.waitpid(child, 0)
-            finish(report, status, killer)
+            finish(report, status, killer, pid_namespace)
 
 
-def finish(report: int, status: int, killer: "Killer | None") -> None:
-    if killer is not None:
+def finish(report: int, status: int, killer: "Killer | None", pid_namespace: bool = False) -> None:
+    """Report the builder's wait status and exit, after killing the build user's processes
+    again. In a PID namespace nothing of the build survives its pid 1 (the kernel kills and
+    reaps the namespace's other processes before pid 1 can be waited for), so the status goes
+    first there; otherwise a process that left the builder's group could still be writing, and
+    the kill comes first."""
+    if killer is not None and not pid_namespace:
         killer.finish()
     try:
         write_line(report, f"status {status}")
     except OSError:
         pass
+    if killer is not None and pid_namespace:
+        killer.finish()
     os._exit(0)
 
 
-class Killer:
-    """Nix kills every process of the build user before and after a build. A child forked
-    before the namespaces are made (so it stays in the host's): it switches to the uid, sends
-    ``kill(-1, SIGKILL)``, reports on ``ack``, then waits on ``trigger`` (a byte, or EOF when this
-    helper dies) and kills again before it exits."""
-
-    def __init__(self, uid: int) -> None:
-        trig_r, self.trig_w = os.pipe()
-        ack_r, ack_w = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:
-            code = 0
+def spawn_killer(uid: "int | None") -> "tuple[int, int]":
+    """Nix kills every process of the build user before and after a build. A child forked in the
+    host's namespaces (never inside a sandbox's: ``kill(-1)`` there reaches no host process)
+    switches to ``uid``, sends ``kill(-1, SIGKILL)`` and writes ``ok`` (or why not) on the ack
+    pipe, then waits on the trigger pipe (a byte, or EOF when every holder of its write end is
+    gone), kills again and exits, which closes the ack pipe. With ``uid`` None (a killer forked
+    ahead for a spare) it first reads the uid from the trigger pipe, a decimal line, and exits at
+    EOF before one comes. Returns ``(trigger write end, ack read end)``; the forking process does
+    not wait for it (the zygote ignores SIGCHLD)."""
+    trig_r, trig_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            close_most_fds({2, trig_r, ack_w})
+            if uid is None:
+                line = b""
+                while not line.endswith(b"\n"):
+                    chunk = os.read(trig_r, 1)
+                    if not chunk:
+                        os._exit(0)
+                    line += chunk
+                uid = int(line)
+            os.setuid(uid)
+            kill_all()
+            os.write(ack_w, b"ok")
+            os.read(trig_r, 1)
+            kill_all()
+        except (OSError, ValueError) as e:
             try:
-                close_most_fds({2, trig_r, ack_w})
-                os.setuid(uid)
-                kill_all()
-                os.write(ack_w, b"ok")
-                os.close(ack_w)
-                os.read(trig_r, 1)
-                kill_all()
-            except OSError as e:
-                try:
-                    os.write(ack_w, f"cannot kill processes for uid '{uid}': {e.strerror}".encode())
-                except OSError:
-                    pass
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(trig_r)
-        os.close(ack_w)
-        self.ack_r = ack_r
+                os.write(ack_w, f"cannot kill processes for uid '{uid}': {getattr(e, 'strerror', e)}".encode())
+            except OSError:
+                pass
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(trig_r)
+    os.close(ack_w)
+    return trig_w, ack_r
+
+
+class Killer:
+    """This helper's end of a :func:`spawn_killer` child."""
+
+    def __init__(self, trig_w: int, ack_r: int, uid: "int | None" = None) -> None:
+        """``uid``: for a killer forked ahead, the uid it is to kill now."""
+        self.trig_w, self.ack_r = trig_w, ack_r
+        if uid is not None:
+            try:
+                write_line(trig_w, str(uid))
+            except OSError:
+                pass  # it died: started() says so
 
     def started(self) -> "str | None":
         """Wait until the first kill is done; None, or why it failed."""
         msg = b""
-        while True:
+        while msg != b"ok":
             chunk = os.read(self.ack_r, 4096)
-            msg += chunk
-            if not chunk or msg == b"ok":
+            if not chunk:
                 break
-        os.close(self.ack_r)
+            msg += chunk
         return None if msg == b"ok" else (msg.decode("utf-8", "replace") or "the kill helper died")
 
     def finish(self) -> None:
+        """Kill again; return when the killer is gone."""
         if self.trig_w >= 0:
             try:
                 os.write(self.trig_w, b"k")
@@ -465,10 +507,14 @@ class Killer:
                 pass
             os.close(self.trig_w)
             self.trig_w = -1
-            try:
-                os.waitpid(self.pid, 0)
-            except ChildProcessError:
-                pass
+            while True:
+                try:
+                    if not os.read(self.ack_r, 4096):
+                        break
+                except OSError:
+                    break
+            os.close(self.ack_r)
+            self.ack_r = -1
 
 
 def read_exact(fd: int, n: int) -> bytes:
@@ -481,38 +527,62 @@ def read_exact(fd: int, n: int) -> bytes:
     return data
 
 
-def start(mode: str, plan: "dict | None" = None) -> None:  # type: ignore[type-arg]
+def make_namespaces(private_network: bool, want_userns: bool) -> "tuple[str, int, int, bool]":
+    """Move this process into the namespaces of a sandbox (its children into a new PID
+    namespace): ``(failed step or "", errno, flags, user namespace made)``."""
+    if os.getuid() == 0:
+        try:
+            os.setgroups([])
+        except OSError as e:
+            return "setgroups", e.errno or errno.EPERM, 0, False
+    flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+    if private_network:
+        flags |= CLONE_NEWNET
+    userns = want_userns and userns_enabled()
+    if userns:
+        flags |= CLONE_NEWUSER
+    err = unshare(flags)
+    if err == errno.EINVAL:
+        flags &= ~CLONE_NEWPID
+        err = unshare(flags)
+    if userns and err in (errno.EPERM, errno.EINVAL):
+        userns = False
+        flags &= ~CLONE_NEWUSER
+        err = unshare(flags)
+    return ("unshare" if err else ""), err, flags, userns
+
+
+def start(mode: str, plan: "dict | None" = None,  # type: ignore[type-arg]
+          made: "tuple[str, int, int, bool] | None" = None) -> None:
+    """Run one build's helper (the modes ``sandbox``/``plain`` above). ``made``: the result of
+    :func:`make_namespaces`, when this process (a zygote's spare) made them before the plan came."""
     os.umask(0o022)
     if plan is None:
         plan = marshal.loads(read_exact(0, int.from_bytes(read_exact(0, 8), "little")))
+    assert plan is not None
     report = 1
     err_fd = plan["err_fd"]
     write_line(report, f"helper {os.getpid()}")
     killer = None
-    bu = plan.get("build_user")
-    if bu and plan.get("kill_user"):
-        killer = Killer(bu["uid"])  # runs while the namespaces are made; waited for before the fork
+    bu: dict = plan.get("build_user") or {}  # type: ignore[type-arg]
+    kill = bool(bu and plan.get("kill_user"))
+    if plan.get("spare_killer"):  # forked ahead, waiting for a uid (or EOF: nothing to do)
+        if kill:
+            trig_w, ack_r = plan["spare_killer"]
+            killer = Killer(trig_w, ack_r, uid=bu["uid"])
+        else:
+            close_all(plan["spare_killer"])
+    elif plan.get("killer_fds"):
+        killer = Killer(*plan["killer_fds"])
+    elif kill:
+        killer = Killer(*spawn_killer(bu["uid"]))  # runs while the namespaces are made
     if mode == "sandbox":
-        if os.getuid() == 0:
-            try:
-                os.setgroups([])
-            except OSError as e:
-                write_line(report, f"error setgroups failed: {os.strerror(e.errno or 0)}")
-                os._exit(1)
-        flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
-        if plan["private_network"]:
-            flags |= CLONE_NEWNET
-        userns = userns_enabled() and not plan.get("no_userns")
-        if userns:
-            flags |= CLONE_NEWUSER
-        err = unshare(flags)
-        if err == errno.EINVAL:
-            flags &= ~CLONE_NEWPID
-            err = unshare(flags)
-        if userns and err in (errno.EPERM, errno.EINVAL):
-            userns = False
-            flags &= ~CLONE_NEWUSER
-            err = unshare(flags)
+        if made is None:
+            made = make_namespaces(plan["private_network"], not plan.get("no_userns"))
+        step, err, flags, userns = made
+        if step == "setgroups":
+            write_line(report, f"error setgroups failed: {os.strerror(err)}")
+            os._exit(1)
         if err in (errno.EPERM, errno.EINVAL):
             write_line(report, f"unavailable unshare({namespace_names(flags)} namespaces): {os.strerror(err)}")
             os._exit(1)
@@ -549,7 +619,8 @@ def start(mode: str, plan: "dict | None" = None) -> None:  # type: ignore[type-a
     os.close(err_fd)
     os.close(plan["pty_fd"])
     write_line(report, f"pid {pid}")
-    monitor(pid, report, group=mode != "sandbox", killer=killer)
+    monitor(pid, report, group=mode != "sandbox", killer=killer,
+            pid_namespace=bool(mode == "sandbox" and made is not None and made[2] & CLONE_NEWPID))
 
 
 def kill_user(uid: int) -> None:
@@ -579,16 +650,105 @@ def recv_exact(sock: Any, n: int) -> bytes:
     return data
 
 
+FD_SIZE = 4  # sizeof(int)
+
+
+def recv_request(sock: Any) -> "tuple[bytes, bytes, list[int]]":
+    """One request: a 9-byte header (kind, 8-byte little-endian body length) carrying
+    descriptors (SCM_RIGHTS), then the body. Exits at EOF."""
+    import _socket
+
+    try:
+        head, anc, _, _ = sock.recvmsg(9, _socket.CMSG_SPACE(8 * FD_SIZE))
+    except OSError:
+        os._exit(0)
+    if not head:
+        os._exit(0)
+    fds: list = []  # type: ignore[type-arg]
+    for level, kind, data in anc:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds.extend(int.from_bytes(data[i:i + FD_SIZE], sys.byteorder, signed=True)
+                       for i in range(0, len(data) - FD_SIZE + 1, FD_SIZE))
+    if len(head) < 9:
+        head += recv_exact(sock, 9 - len(head))
+    return head[:1], recv_exact(sock, int.from_bytes(head[1:9], "little")), fds
+
+
+def close_all(fds: "list[int]") -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+#: the sandbox a spare makes ahead: (private network, user namespace allowed), the usual case
+SPARE_KEY = (True, True)
+
+
+def plan_key(mode_plan: dict) -> "tuple[bool, bool] | None":  # type: ignore[type-arg]
+    if mode_plan["mode"] != "sandbox":
+        return None
+    plan = mode_plan["plan"]
+    return bool(plan["private_network"]), not plan.get("no_userns")
+
+
+def run_helper(fds: "list[int]", mode_plan: dict,  # type: ignore[type-arg]
+               made: "tuple[str, int, int, bool] | None" = None) -> None:
+    """In a child of the zygote: take a build request's descriptors (control, report, stderr as
+    0/1/2; the pty slave; the error pipe; the killer's two ends if any) and run its helper."""
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for i, fd in enumerate(fds[:3]):
+            os.dup2(fd, i)
+        for fd in fds[:3]:
+            if fd > 2:
+                os.close(fd)
+        plan = mode_plan["plan"]
+        plan["pty_fd"] = fds[3]
+        plan["err_fd"] = fds[4]
+        plan["killer_fds"] = fds[5:7] if len(fds) >= 7 else None
+        start(mode_plan["mode"], plan, made)
+    except BaseException:  # noqa: BLE001 - the parent reads it from the stderr pipe
+        import traceback
+        traceback.print_exc()
+        sys.stderr.flush()
+    finally:
+        os._exit(3)
+
+
+def spare(sock: Any, killer: "tuple[int, int]") -> None:
+    """A zygote's spare helper: makes the usual sandbox's namespaces at once, then waits for the
+    one build request the zygote forwards (same format, same descriptors) and runs it; exits at
+    EOF (the zygote is gone, or chose a fresh helper for a different kind of sandbox). ``killer``:
+    the ends of a :func:`spawn_killer` child forked ahead in the host's namespaces."""
+    made = make_namespaces(*SPARE_KEY)
+    kind, body, fds = recv_request(sock)
+    sock.close()
+    if kind != b"B" or len(fds) < 5:
+        os._exit(4)
+    mode_plan = marshal.loads(body)
+    mode_plan["plan"]["spare_killer"] = killer
+    run_helper(fds, mode_plan, made)
+
+
 def zygote() -> None:
     """Serve requests on the stream socket at fd 0 until EOF (its owner, a nartool process, is
     gone). Each request is a 9-byte header (kind, 8-byte little-endian length) carrying
     descriptors (SCM_RIGHTS), then the body.
 
     ``B`` (build): body = the marshalled plan; descriptors = control (read end), report (write
-    end), the helper's stderr, the pty slave, the error pipe. A child is forked (the zygote is
-    single-threaded, so this is safe) that takes control/report/stderr as fds 0/1/2 and runs the
-    ``sandbox``/``plain`` mode above with the plan; the zygote keeps no copy of any descriptor.
-    No reply: the report pipe speaks for the child (EOF at once when the fork failed).
+    end), the helper's stderr, the pty slave, the error pipe. A helper runs the ``sandbox``/
+    ``plain`` mode above with the plan, taking control/report/stderr as fds 0/1/2; the zygote
+    keeps no copy of any descriptor. No reply: the report pipe speaks for the helper (EOF at once
+    when it could not start). When the build user's processes are to be killed, the zygote
+    forks the killer first (:func:`spawn_killer`, in the host's namespaces) and hands its ends
+    to the helper. The helper is the spare (:func:`spare`, forked ahead and already in a
+    sandbox's namespaces) when the plan wants that kind of sandbox, else a child forked now.
+
+    ``S`` (spare): fork a new spare if there is none (no reply). The zygote forks one when it
+    starts; its owner asks for the next once a build runs, so that the forks use the time the
+    builder runs rather than the next build's.
 
     ``K`` (kill user): body = the uid in decimal; a child switches to it and sends
     ``kill(-1, SIGKILL)``; the reply is one line, ``ok`` or ``error <reason>``."""
@@ -603,61 +763,89 @@ def zygote() -> None:
     # children are reaped by the kernel; each child sets SIGCHLD back to the default at once
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     os.umask(0o022)
-    fd_size = 4  # sizeof(int)
+    spare_sock = fork_spare(sock)
     while True:
-        try:
-            head, anc, _, _ = sock.recvmsg(9, _socket.CMSG_SPACE(8 * fd_size))
-        except OSError:
-            os._exit(0)
-        if not head:
-            os._exit(0)
-        fds: list = []  # type: ignore[type-arg]
-        for level, kind, data in anc:
-            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-                fds.extend(int.from_bytes(data[i:i + fd_size], sys.byteorder, signed=True)
-                           for i in range(0, len(data) - fd_size + 1, fd_size))
-        if len(head) < 9:
-            head += recv_exact(sock, 9 - len(head))
-        body = recv_exact(sock, int.from_bytes(head[1:9], "little"))
-        if head[:1] == b"B" and len(fds) == 5:
+        kind, body, fds = recv_request(sock)
+        if kind == b"B" and len(fds) == 5:
             mode_plan = marshal.loads(body)
+            plan = mode_plan["plan"]
             try:
-                pid = os.fork()
+                if plan.get("seccomp"):
+                    prepare_seccomp(plan["seccomp"])  # (inherited by every later fork)
+                use_spare = spare_sock is not None and plan_key(mode_plan) == SPARE_KEY
+                if plan.get("build_user") and plan.get("kill_user") and not use_spare:
+                    fds += spawn_killer(plan["build_user"]["uid"])
+                sent = False
+                if use_spare and spare_sock is not None:
+                    try:
+                        spare_sock.sendmsg([b"B" + len(body).to_bytes(8, "little")],
+                                           [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                             b"".join(fd.to_bytes(FD_SIZE, sys.byteorder, signed=True)
+                                                      for fd in fds))])
+                        spare_sock.sendall(body)
+                        sent = True
+                    except OSError:
+                        pass  # the spare is gone: a fresh helper instead
+                    spare_sock.close()
+                    spare_sock = None
+                if not sent:
+                    pid = os.fork()
+                    if pid == 0:
+                        sock.close()
+                        if spare_sock is not None:
+                            spare_sock.close()
+                        os.setsid()
+                        run_helper(fds, mode_plan)
             except OSError as e:
-                pid = -1
                 try:
-                    write_line(fds[1], f"error unable to fork the build helper: {os.strerror(e.errno or 0)}")
+                    write_line(fds[1], f"error unable to start the build helper: {os.strerror(e.errno or 0)}")
                 except OSError:
                     pass
-            if pid == 0:
-                try:
-                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                    os.setsid()
-                    sock.close()
-                    for i, fd in enumerate(fds[:3]):
-                        os.dup2(fd, i)
-                    for fd in fds[:3]:
-                        if fd > 2:
-                            os.close(fd)
-                    mode_plan["plan"]["pty_fd"] = fds[3]
-                    mode_plan["plan"]["err_fd"] = fds[4]
-                    start(mode_plan["mode"], mode_plan["plan"])
-                except BaseException:  # noqa: BLE001 - the parent reads it from the stderr pipe
-                    import traceback
-                    traceback.print_exc()
-                    sys.stderr.flush()
-                finally:
-                    os._exit(3)
-            for fd in fds:
-                os.close(fd)
-        elif head[:1] == b"K":
-            for fd in fds:
-                os.close(fd)
+            close_all(fds)
+        elif kind == b"S":
+            close_all(fds)
+            if spare_sock is None:
+                spare_sock = fork_spare(sock)
+        elif kind == b"K":
+            close_all(fds)
             sock.sendall((kill_user_forked(int(body)) + "\n").encode("utf-8", "replace"))
         else:
-            for fd in fds:
-                os.close(fd)
+            close_all(fds)
             os._exit(4)
+
+
+def fork_spare(zsock: Any) -> "Any | None":
+    """Fork a :func:`spare`; the zygote's end of its socket (None when the fork failed)."""
+    import _socket
+
+    try:
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    except OSError:
+        return None
+    try:
+        killer = spawn_killer(None)
+    except OSError:
+        ours.close()
+        theirs.close()
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        ours.close()
+        theirs.close()
+        close_all(list(killer))
+        return None
+    if pid == 0:
+        try:
+            zsock.close()
+            ours.close()
+            os.setsid()
+            spare(theirs, killer)
+        finally:
+            os._exit(3)
+    theirs.close()
+    close_all(list(killer))
+    return ours
 
 
 def kill_user_forked(uid: int) -> str:

@@ -180,6 +180,12 @@ def _realisations(store: LocalStore, drv_path: str, drv: Derivation, paths: dict
                 _HASH_CACHE.clear()
             cache = dict(_HASH_CACHE)
         hashes = hash_derivation_modulo(drv, resolve, store_dir=store.store_dir, cache=cache).hashes
+        if full and drv.type() != FIXED:
+            # what the build of a derivation depending on this one needs (unmasked), from the
+            # derivation in hand rather than from its file again (only a full derivation: an
+            # in-memory one lacks its input derivations)
+            cache[drv_path] = hash_derivation_modulo(drv, resolve, mask_outputs=False, store_dir=store.store_dir,
+                                                     cache=cache)
         with _HASH_CACHE_LOCK:
             _HASH_CACHE.update(cache)
     except NartoolError:
@@ -417,7 +423,7 @@ class _Build:
                 return make_environment(
                     drv, store_dir=sd, build_top=top, host_build_top=build_dir, cores=opts.cores,
                     fixed_output=fixed, input_paths=input_paths, outputs=outputs,
-                    closure=lambda ps: set(store.closure(list(ps))), references=store.query_references,
+                    closure=lambda ps: store.query_closure_paths(ps), references=store.query_references,
                     derivation_outputs=lambda p: store.query_derivation_outputs(p).values(),
                     path_info_json=_path_info_json(store))
             except NartoolError as e:
@@ -440,7 +446,7 @@ class _Build:
             if src.startswith(sd + "/"):
                 top_path = sd + "/" + src[len(sd) + 1:].split("/", 1)[0]
                 if store.is_valid(top_path):
-                    extra_inputs |= set(store.closure([top_path]))
+                    extra_inputs |= store.query_closure_paths([top_path])
                 if src == top_path and sp.target == src:
                     continue  # shown as an input path
                 src = store.real_store_dir + src[len(sd):]
@@ -533,7 +539,7 @@ class _Build:
         missing = sorted(r for r in roots if not store.is_valid(r))
         if missing:
             raise BuildError(f"path '{missing[0]}' is not valid", path=missing[0], rule="invalid-input")
-        return set(store.closure(sorted(roots)))
+        return store.query_closure_paths(roots)
 
     def _hook(self, chroot_dir: str) -> list[Any]:
         from .sandbox import Bind

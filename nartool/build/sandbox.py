@@ -416,17 +416,28 @@ class Builder:
         for line in self._report:
             if line.startswith(b"status "):
                 status = int(line.split()[1])
+                break  # (the helper's own exit is not waited for)
         if status is None:
             # the helper itself died (its builder has a parent-death signal and died with it)
             status = signal.SIGKILL
         self._status = status
-        self._report.close()
         if self._control >= 0:
             os.close(self._control)
             self._control = -1
-        # the helper killed the build user's processes before reporting the status (and its
-        # killer child does so too when the helper itself died)
+        # the build's processes are gone: in a PID namespace with its pid 1, else the helper
+        # killed the build user's processes before reporting the status (and its killer child
+        # does so too when the helper itself died). In a PID namespace the helper kills them
+        # once more after the report: :meth:`close_report` waits for that.
         return status
+
+    def close_report(self) -> None:
+        """Wait until the helper is gone (its report pipe at EOF): its last kill of the build
+        user's processes is done, so the user can be given to another build."""
+        if not self._report.closed:
+            try:
+                self._report.read()
+            finally:
+                self._report.close()
 
     def output_location(self, path: str) -> str:
         """The host path where the builder left the logical store path ``path``."""
@@ -440,6 +451,7 @@ class Builder:
         if self._status is None:
             self.kill()
             self.wait()
+        self.close_report()
         if self.log_fd >= 0:
             try:
                 os.close(self.log_fd)
@@ -566,8 +578,10 @@ def _start(spec: SandboxSpec, mode: str) -> Builder:
         ctl_w = -1
         if msg:
             builder.wait()
+            builder.close_report()
             raise _setup_error(msg.decode("utf-8", "surrogateescape"))
         ok = True
+        zygote.prepare_spare()  # (forked while this build runs)
         return builder
     finally:
         if not ok:

@@ -65,6 +65,11 @@ class Zygote:
         with self.lock:
             self._send(b"B", body, fds)
 
+    def prepare_spare(self) -> None:
+        """Have a spare helper forked (for the next build), if there is none."""
+        with self.lock:
+            self._send(b"S", b"", [])
+
     def kill_user(self, uid: int) -> str:
         """Kill every process of ``uid``; "ok" or "error <reason>"."""
         with self.lock:
@@ -107,6 +112,15 @@ def prestart() -> None:
 
 def start_build(body: bytes, fds: list[int]) -> None:
     _call("start", body, fds)
+
+
+def prepare_spare() -> None:
+    """Ask this process's zygote for a spare helper now (see :func:`_sandbox_helper.zygote`);
+    harmless when it fails: the next build then forks its helper itself."""
+    try:
+        _call("prepare_spare")
+    except OSError:
+        pass
 
 
 def kill_user(uid: int) -> str:

@@ -220,6 +220,43 @@ class StoreDB:
             return None
         return _row_info(rows[0], self.references(path))
 
+    def closure_paths(self, paths: Iterable[str]) -> set[str]:
+        """The valid paths among ``paths`` and every path they refer to, directly or not (one
+        recursive query over ``Refs`` per 500 paths)."""
+        wanted = list(dict.fromkeys(paths))
+        out: set[str] = set()
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            marks = ",".join("?" * len(part))
+            out.update(str(r[0]) for r in self._q(
+                f"with recursive c(id) as (select id from ValidPaths where path in ({marks}) "
+                "union select r.reference from Refs r join c on r.referrer = c.id) "
+                "select v.path from c join ValidPaths v on v.id = c.id", part))
+        return out
+
+    def infos(self, paths: Iterable[str], *, closure: bool = False) -> dict[str, PathInfo]:
+        """Infos of the valid ones among ``paths`` or, with ``closure``, of every member of their
+        closure (a recursive query over ``Refs``): two queries per 500 paths, whatever the depth."""
+        wanted = list(dict.fromkeys(paths))
+        rows: list[tuple[object, ...]] = []
+        refs: dict[str, list[str]] = {}
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            marks = ",".join("?" * len(part))
+            if closure:
+                head = (f"with recursive c(id) as (select id from ValidPaths where path in ({marks}) "
+                        "union select r.reference from Refs r join c on r.referrer = c.id) ")
+                members, where = "c join ValidPaths v on v.id = c.id", ""
+            else:
+                head, members, where = "", "ValidPaths v", f" where v.path in ({marks})"
+            with self._lock:
+                rows += self._q(f"{head}select v.path, v.hash, v.registrationTime, v.deriver, v.narSize, "
+                                f"v.ultimate, v.sigs, v.ca from {members}{where}", part)
+                for a, b in self._q(f"{head}select v.path, v2.path from {members} join Refs r on r.referrer = v.id "
+                                    f"join ValidPaths v2 on v2.id = r.reference{where}", part):
+                    refs.setdefault(str(a), []).append(str(b))
+        return {str(r[0]): _row_info(r, refs.get(str(r[0]), ())) for r in rows}
+
     def derivation_outputs(self, drv: str) -> dict[str, str]:
         return {str(a): str(b) for a, b in self._q(
             "select d.id, d.path from DerivationOutputs d join ValidPaths v on v.id = d.drv where v.path = ?",

@@ -189,6 +189,29 @@ class LocalStore(BaseStore):
     def query_path_info(self, path: str) -> PathInfo | None:
         return self.db.info(self._path_arg(path))
 
+    def query_path_infos(self, paths: Iterable[str]) -> dict[str, PathInfo]:
+        return self.db.infos(self._path_arg(p) for p in paths)
+
+    def query_closure_paths(self, paths: Iterable[str]) -> set[str]:
+        start = list(dict.fromkeys(self._path_arg(p) for p in paths))
+        out = self.db.closure_paths(start)
+        for p in start:
+            if p not in out:
+                self.parse_path(p)
+                raise StoreError("path is not valid", path=p, rule="invalid-path")
+        return out
+
+    def query_closure_set(self, paths: Iterable[str], *, include_outputs: bool = False) -> dict[str, PathInfo]:
+        if include_outputs:
+            return super().query_closure_set(paths, include_outputs=True)
+        start = list(dict.fromkeys(self._path_arg(p) for p in paths))
+        infos = self.db.infos(start, closure=True)  # (references of valid paths are valid: the schema's keys)
+        for p in start:
+            if p not in infos:
+                self.parse_path(p)
+                raise StoreError("path is not valid", path=p, rule="invalid-path")
+        return infos
+
     def path_info(self, path: str) -> PathInfo:
         info = self.db.info(self._path_arg(path))
         if info is None:
