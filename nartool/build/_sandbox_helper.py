@@ -28,16 +28,24 @@ Modes:
     try to create the namespaces a sandbox needs in a child and print ``ok`` or the reason.
 """
 
+from __future__ import annotations
+
 import ctypes
 import errno
 import marshal
 import os
 import resource
 import select
-import signal
 import stat as statmod
 import sys
-from typing import Any
+
+# start-up time: ``typing`` and ``signal`` (which imports ``enum``) cost more than the rest
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    from typing import Any
+else:
+    import _signal as signal
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -153,7 +161,7 @@ class SockFprog(ctypes.Structure):
 _SECCOMP: dict = {}  # type: ignore[type-arg]  # program (hex) -> (buffer, SockFprog)
 
 
-def prepare_seccomp(program_hex: str) -> "tuple[Any, SockFprog]":
+def prepare_seccomp(program_hex: str) -> tuple[Any, SockFprog]:
     """The kernel's view of a BPF program, made once per program: the zygote makes it before
     forking, so a builder only calls ``prctl``."""
     got = _SECCOMP.get(program_hex)
@@ -380,7 +388,7 @@ def child_main(plan: dict, err_fd: int) -> None:  # type: ignore[type-arg]
         os._exit(1)
 
 
-def monitor(child: int, report: int, group: bool, killer: "Killer | None" = None,
+def monitor(child: int, report: int, group: bool, killer: Killer | None = None,
             pid_namespace: bool = False) -> None:
     """Wait for the builder; kill it when the control pipe closes or says ``kill``: pid 1 of the
     namespace (which takes the whole PID namespace along), or the builder's process group when
@@ -417,7 +425,7 @@ def monitor(child: int, report: int, group: bool, killer: "Killer | None" = None
             finish(report, status, killer, pid_namespace)
 
 
-def finish(report: int, status: int, killer: "Killer | None", pid_namespace: bool = False) -> None:
+def finish(report: int, status: int, killer: Killer | None, pid_namespace: bool = False) -> None:
     """Report the builder's wait status and exit, after killing the build user's processes
     again. In a PID namespace nothing of the build survives its pid 1 (the kernel kills and
     reaps the namespace's other processes before pid 1 can be waited for), so the status goes
@@ -434,7 +442,7 @@ def finish(report: int, status: int, killer: "Killer | None", pid_namespace: boo
     os._exit(0)
 
 
-def spawn_killer(uid: "int | None") -> "tuple[int, int]":
+def spawn_killer(uid: int | None) -> tuple[int, int]:
     """Nix kills every process of the build user before and after a build. A child forked in the
     host's namespaces (never inside a sandbox's: ``kill(-1)`` there reaches no host process)
     switches to ``uid``, sends ``kill(-1, SIGKILL)`` and writes ``ok`` (or why not) on the ack
@@ -479,7 +487,7 @@ def spawn_killer(uid: "int | None") -> "tuple[int, int]":
 class Killer:
     """This helper's end of a :func:`spawn_killer` child."""
 
-    def __init__(self, trig_w: int, ack_r: int, uid: "int | None" = None) -> None:
+    def __init__(self, trig_w: int, ack_r: int, uid: int | None = None) -> None:
         """``uid``: for a killer forked ahead, the uid it is to kill now."""
         self.trig_w, self.ack_r = trig_w, ack_r
         if uid is not None:
@@ -488,7 +496,7 @@ class Killer:
             except OSError:
                 pass  # it died: started() says so
 
-    def started(self) -> "str | None":
+    def started(self) -> str | None:
         """Wait until the first kill is done; None, or why it failed."""
         msg = b""
         while msg != b"ok":
@@ -527,7 +535,7 @@ def read_exact(fd: int, n: int) -> bytes:
     return data
 
 
-def make_namespaces(private_network: bool, want_userns: bool) -> "tuple[str, int, int, bool]":
+def make_namespaces(private_network: bool, want_userns: bool) -> tuple[str, int, int, bool]:
     """Move this process into the namespaces of a sandbox (its children into a new PID
     namespace): ``(failed step or "", errno, flags, user namespace made)``."""
     if os.getuid() == 0:
@@ -552,8 +560,8 @@ def make_namespaces(private_network: bool, want_userns: bool) -> "tuple[str, int
     return ("unshare" if err else ""), err, flags, userns
 
 
-def start(mode: str, plan: "dict | None" = None,  # type: ignore[type-arg]
-          made: "tuple[str, int, int, bool] | None" = None) -> None:
+def start(mode: str, plan: dict | None = None,  # type: ignore[type-arg]
+          made: tuple[str, int, int, bool] | None = None) -> None:
     """Run one build's helper (the modes ``sandbox``/``plain`` above). ``made``: the result of
     :func:`make_namespaces`, when this process (a zygote's spare) made them before the plan came."""
     os.umask(0o022)
@@ -653,7 +661,7 @@ def recv_exact(sock: Any, n: int) -> bytes:
 FD_SIZE = 4  # sizeof(int)
 
 
-def recv_request(sock: Any) -> "tuple[bytes, bytes, list[int]]":
+def recv_request(sock: Any) -> tuple[bytes, bytes, list[int]]:
     """One request: a 9-byte header (kind, 8-byte little-endian body length) carrying
     descriptors (SCM_RIGHTS), then the body. Exits at EOF."""
     import _socket
@@ -674,7 +682,7 @@ def recv_request(sock: Any) -> "tuple[bytes, bytes, list[int]]":
     return head[:1], recv_exact(sock, int.from_bytes(head[1:9], "little")), fds
 
 
-def close_all(fds: "list[int]") -> None:
+def close_all(fds: list[int]) -> None:
     for fd in fds:
         try:
             os.close(fd)
@@ -686,15 +694,15 @@ def close_all(fds: "list[int]") -> None:
 SPARE_KEY = (True, True)
 
 
-def plan_key(mode_plan: dict) -> "tuple[bool, bool] | None":  # type: ignore[type-arg]
+def plan_key(mode_plan: dict) -> tuple[bool, bool] | None:  # type: ignore[type-arg]
     if mode_plan["mode"] != "sandbox":
         return None
     plan = mode_plan["plan"]
     return bool(plan["private_network"]), not plan.get("no_userns")
 
 
-def run_helper(fds: "list[int]", mode_plan: dict,  # type: ignore[type-arg]
-               made: "tuple[str, int, int, bool] | None" = None) -> None:
+def run_helper(fds: list[int], mode_plan: dict,  # type: ignore[type-arg]
+               made: tuple[str, int, int, bool] | None = None) -> None:
     """In a child of the zygote: take a build request's descriptors (control, report, stderr as
     0/1/2; the pty slave; the error pipe; the killer's two ends if any) and run its helper."""
     try:
@@ -717,7 +725,7 @@ def run_helper(fds: "list[int]", mode_plan: dict,  # type: ignore[type-arg]
         os._exit(3)
 
 
-def spare(sock: Any, killer: "tuple[int, int]") -> None:
+def spare(sock: Any, killer: tuple[int, int]) -> None:
     """A zygote's spare helper: makes the usual sandbox's namespaces at once, then waits for the
     one build request the zygote forwards (same format, same descriptors) and runs it; exits at
     EOF (the zygote is gone, or chose a fresh helper for a different kind of sandbox). ``killer``:
@@ -814,7 +822,7 @@ def zygote() -> None:
             os._exit(4)
 
 
-def fork_spare(zsock: Any) -> "Any | None":
+def fork_spare(zsock: Any) -> Any | None:
     """Fork a :func:`spare`; the zygote's end of its socket (None when the fork failed)."""
     import _socket
 
