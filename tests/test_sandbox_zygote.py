@@ -159,9 +159,17 @@ def test_a_spare_helper_waits_in_fresh_namespaces(env: Env) -> None:
     # its own namespaces, made before any build asked for them (its PID namespace, its
     # children's, is made with its first child: /proc shows none before)
     assert _ns(first, "uts") != _ns(z.pid, "uts") and _ns(first, "ipc") != _ns(z.pid, "ipc")
-    status, log, b = run(env.spec("echo hi"))
-    assert status == 0 and log.strip() == "hi", log
-    assert b.helper_pid == first
+    # and its builder child, forked ahead too: pid 1 of the new PID namespace, waiting for a plan
+    deadline = time.monotonic() + 10
+    while not _children(first) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ready = _children(first)
+    assert len(ready) == 1
+    with open(f"/proc/{ready[0]}/status") as f:
+        assert [ln.split()[1:] for ln in f if ln.startswith("NSpid:")] == [[str(ready[0]), "1"]]
+    status, log, b = run(env.spec("echo hi; echo $$"))
+    assert status == 0 and log.split() == ["hi", "1"], log
+    assert b.helper_pid == first and b.pid == ready[0]
     deadline = time.monotonic() + 10
     while _alive(first) and time.monotonic() < deadline:
         time.sleep(0.02)

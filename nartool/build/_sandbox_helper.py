@@ -203,8 +203,9 @@ def close_most_fds(keep: set) -> None:  # type: ignore[type-arg]
                 pass
 
 
-def common_child_init(plan: dict) -> None:  # type: ignore[type-arg]
-    # the signal state Nix gives its builders: default dispositions, nothing blocked
+def reset_process() -> None:
+    """The signal state Nix gives its builders (default dispositions, nothing blocked) and a
+    session of its own."""
     for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
@@ -212,6 +213,23 @@ def common_child_init(plan: dict) -> None:  # type: ignore[type-arg]
         os.setsid()
     except OSError as e:
         raise sys_error("creating a new session", e.errno or 0) from None
+
+
+def init_namespaces(private_network: bool) -> None:
+    """A sandboxed builder's first steps in its namespaces, whatever the build: its own loopback
+    (a private network), its host and domain names, and no mount event shared with the host."""
+    if private_network:
+        loopback_up()
+    hn = b"localhost\0"
+    call(_libc.sethostname, "cannot set host name", hn, ctypes.c_size_t(len(hn)))
+    dn = b"(none)\0"
+    call(_libc.setdomainname, "cannot set domain name", dn, ctypes.c_size_t(len(dn)))
+    mount(None, "/", None, MS_PRIVATE | MS_REC, None, "unable to make '/' private")
+
+
+def common_child_init(plan: dict, initialised: bool = False) -> None:  # type: ignore[type-arg]
+    if not initialised:
+        reset_process()
     os.dup2(plan["pty_fd"], 2)
     os.dup2(2, 1)
     nul = os.open("/dev/null", os.O_RDWR)
@@ -273,9 +291,11 @@ def finish_and_exec(plan: dict, err_fd: int, set_user: bool) -> None:  # type: i
         os._exit(1)
 
 
-def run_child(plan: dict, err_fd: int) -> None:  # type: ignore[type-arg]
-    """The builder child (pid 1 of the new PID namespace in sandbox mode)."""
-    common_child_init(plan)
+def run_child(plan: dict, err_fd: int, initialised: bool = False) -> None:  # type: ignore[type-arg]
+    """The builder child (pid 1 of the new PID namespace in sandbox mode). ``initialised``: a
+    spare's builder child, which made the steps of :func:`reset_process` and
+    :func:`init_namespaces` before its plan came."""
+    common_child_init(plan, initialised)
     if plan.get("seccomp"):
         try:
             install_seccomp(plan["seccomp"])
@@ -286,13 +306,8 @@ def run_child(plan: dict, err_fd: int) -> None:  # type: ignore[type-arg]
         finish_and_exec(plan, err_fd, True)
         return
     chroot = plan["chroot"]
-    if plan["private_network"]:
-        loopback_up()
-    hn = b"localhost\0"
-    call(_libc.sethostname, "cannot set host name", hn, ctypes.c_size_t(len(hn)))
-    dn = b"(none)\0"
-    call(_libc.setdomainname, "cannot set domain name", dn, ctypes.c_size_t(len(dn)))
-    mount(None, "/", None, MS_PRIVATE | MS_REC, None, "unable to make '/' private")
+    if not initialised:
+        init_namespaces(plan["private_network"])
     mount(chroot, chroot, None, MS_BIND, None, f"unable to bind mount '{chroot}'")
     store = chroot + plan["store_dir"]
     mount(store, store, None, MS_BIND, None, "unable to bind mount the Nix store")
@@ -373,10 +388,15 @@ def run_child(plan: dict, err_fd: int) -> None:  # type: ignore[type-arg]
     finish_and_exec(plan, err_fd, False)
 
 
-def child_main(plan: dict, err_fd: int) -> None:  # type: ignore[type-arg]
+def child_main(plan: dict, err_fd: int, initialised: bool = False,  # type: ignore[type-arg]
+               failure: str | None = None) -> None:
+    """Run the builder child; a setup failure (or ``failure``, one found before the plan came)
+    is written to ``err_fd``."""
     try:
         os.set_inheritable(err_fd, False)  # closed by the builder's execve: it never sees it
-        run_child(plan, err_fd)
+        if failure is not None:
+            raise SetupError(failure)
+        run_child(plan, err_fd, initialised)
         msg = "exec returned"
     except SetupError as e:
         msg = str(e.args[0])
@@ -561,9 +581,10 @@ def make_namespaces(private_network: bool, want_userns: bool) -> tuple[str, int,
 
 
 def start(mode: str, plan: dict | None = None,  # type: ignore[type-arg]
-          made: tuple[str, int, int, bool] | None = None) -> None:
+          made: tuple[str, int, int, bool] | None = None, ready: tuple[int, Any] | None = None) -> None:
     """Run one build's helper (the modes ``sandbox``/``plain`` above). ``made``: the result of
-    :func:`make_namespaces`, when this process (a zygote's spare) made them before the plan came."""
+    :func:`make_namespaces`, when this process (a zygote's spare) made them before the plan came;
+    ``ready``: then its builder child too, forked ahead (:func:`fork_ready_builder`)."""
     os.umask(0o022)
     if plan is None:
         plan = marshal.loads(read_exact(0, int.from_bytes(read_exact(0, 8), "little")))
@@ -617,13 +638,18 @@ def start(mode: str, plan: dict | None = None,  # type: ignore[type-arg]
         if error is not None:
             write_line(report, f"error {error}")
             os._exit(1)
-    pid = os.fork()
-    if pid == 0:
-        os.close(report)
-        # the helper is single-threaded: its death (e.g. SIGKILL) takes the builder with it
-        _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                    ctypes.c_ulong(0))
-        child_main(plan, err_fd)
+    if ready is not None and mode == "sandbox":
+        pid, chan = ready
+        send_request(chan, b"B", marshal.dumps(plan), [plan["pty_fd"], err_fd])
+        chan.close()
+    else:
+        pid = os.fork()
+        if pid == 0:
+            os.close(report)
+            # the helper is single-threaded: its death (e.g. SIGKILL) takes the builder with it
+            _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                        ctypes.c_ulong(0))
+            child_main(plan, err_fd)
     os.close(err_fd)
     os.close(plan["pty_fd"])
     write_line(report, f"pid {pid}")
@@ -682,6 +708,50 @@ def recv_request(sock: Any) -> tuple[bytes, bytes, list[int]]:
     return head[:1], recv_exact(sock, int.from_bytes(head[1:9], "little")), fds
 
 
+def send_request(sock: Any, kind: bytes, body: bytes, fds: list[int]) -> None:
+    """The counterpart of :func:`recv_request`."""
+    import _socket
+
+    sock.sendmsg([kind + len(body).to_bytes(8, "little")],
+                 [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                   b"".join(fd.to_bytes(FD_SIZE, sys.byteorder, signed=True) for fd in fds))] if fds else [])
+    sock.sendall(body)
+
+
+def fork_ready_builder(made: tuple[str, int, int, bool], keep: set) -> tuple[int, Any]:  # type: ignore[type-arg]
+    """In a spare that made its namespaces: fork its builder child (pid 1 of the new PID
+    namespace) now, which makes the steps of a builder that need no plan and then waits for its
+    plan (a ``B`` request with the pty slave and the error pipe). ``keep``: the spare's
+    descriptors the child closes. Returns (pid, the spare's end of the channel)."""
+    import _socket
+
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        failure = None
+        try:
+            _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                        ctypes.c_ulong(0))
+            ours.close()
+            close_all([fd for fd in keep if fd > 2])
+            try:
+                reset_process()
+                init_namespaces(bool(made[2] & CLONE_NEWNET))
+            except SetupError as e:
+                failure = str(e.args[0])
+            kind, body, fds = recv_request(theirs)
+            theirs.close()
+            if kind != b"B" or len(fds) != 2:
+                os._exit(4)
+            plan = marshal.loads(body)
+            plan["pty_fd"], plan["err_fd"] = fds
+            child_main(plan, fds[1], initialised=True, failure=failure)
+        finally:
+            os._exit(3)
+    theirs.close()
+    return pid, ours
+
+
 def close_all(fds: list[int]) -> None:
     for fd in fds:
         try:
@@ -702,7 +772,7 @@ def plan_key(mode_plan: dict) -> tuple[bool, bool] | None:  # type: ignore[type-
 
 
 def run_helper(fds: list[int], mode_plan: dict,  # type: ignore[type-arg]
-               made: tuple[str, int, int, bool] | None = None) -> None:
+               made: tuple[str, int, int, bool] | None = None, ready: tuple[int, Any] | None = None) -> None:
     """In a child of the zygote: take a build request's descriptors (control, report, stderr as
     0/1/2; the pty slave; the error pipe; the killer's two ends if any) and run its helper."""
     try:
@@ -716,7 +786,7 @@ def run_helper(fds: list[int], mode_plan: dict,  # type: ignore[type-arg]
         plan["pty_fd"] = fds[3]
         plan["err_fd"] = fds[4]
         plan["killer_fds"] = fds[5:7] if len(fds) >= 7 else None
-        start(mode_plan["mode"], plan, made)
+        start(mode_plan["mode"], plan, made, ready)
     except BaseException:  # noqa: BLE001 - the parent reads it from the stderr pipe
         import traceback
         traceback.print_exc()
@@ -731,13 +801,19 @@ def spare(sock: Any, killer: tuple[int, int]) -> None:
     EOF (the zygote is gone, or chose a fresh helper for a different kind of sandbox). ``killer``:
     the ends of a :func:`spawn_killer` child forked ahead in the host's namespaces."""
     made = make_namespaces(*SPARE_KEY)
+    ready = None
+    if not made[0]:
+        try:
+            ready = fork_ready_builder(made, {sock.fileno(), *killer})
+        except OSError:
+            pass  # the builder is forked when the plan comes
     kind, body, fds = recv_request(sock)
     sock.close()
     if kind != b"B" or len(fds) < 5:
         os._exit(4)
     mode_plan = marshal.loads(body)
     mode_plan["plan"]["spare_killer"] = killer
-    run_helper(fds, mode_plan, made)
+    run_helper(fds, mode_plan, made, ready)
 
 
 def zygote() -> None:
@@ -786,11 +862,7 @@ def zygote() -> None:
                 sent = False
                 if use_spare and spare_sock is not None:
                     try:
-                        spare_sock.sendmsg([b"B" + len(body).to_bytes(8, "little")],
-                                           [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
-                                             b"".join(fd.to_bytes(FD_SIZE, sys.byteorder, signed=True)
-                                                      for fd in fds))])
-                        spare_sock.sendall(body)
+                        send_request(spare_sock, b"B", body, fds)
                         sent = True
                     except OSError:
                         pass  # the spare is gone: a fresh helper instead
@@ -845,7 +917,11 @@ def fork_spare(zsock: Any) -> Any | None:
         return None
     if pid == 0:
         try:
-            zsock.close()
+            # the zygote's socket to nartool is fd 0: /dev/null in its place, so that no
+            # descriptor the spare makes lands on a number its build's descriptors take
+            nul = os.open("/dev/null", os.O_RDWR)
+            os.dup2(nul, zsock.detach())
+            os.close(nul)
             ours.close()
             os.setsid()
             spare(theirs, killer)
