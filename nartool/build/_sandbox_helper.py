@@ -761,14 +761,8 @@ def close_all(fds: list[int]) -> None:
 
 
 #: the sandbox a spare makes ahead: (private network, user namespace allowed), the usual case
+#: (nartool.build.sandbox sends a build to a spare only when its plan wants these)
 SPARE_KEY = (True, True)
-
-
-def plan_key(mode_plan: dict) -> tuple[bool, bool] | None:  # type: ignore[type-arg]
-    if mode_plan["mode"] != "sandbox":
-        return None
-    plan = mode_plan["plan"]
-    return bool(plan["private_network"]), not plan.get("no_userns")
 
 
 def run_helper(fds: list[int], mode_plan: dict,  # type: ignore[type-arg]
@@ -797,8 +791,8 @@ def run_helper(fds: list[int], mode_plan: dict,  # type: ignore[type-arg]
 
 def spare(sock: Any, killer: tuple[int, int]) -> None:
     """A zygote's spare helper: makes the usual sandbox's namespaces at once, then waits for the
-    one build request the zygote forwards (same format, same descriptors) and runs it; exits at
-    EOF (the zygote is gone, or chose a fresh helper for a different kind of sandbox). ``killer``:
+    one build request its owner sends (the zygote's ``B`` format and descriptors) and runs it;
+    exits at EOF (its owner is gone, or dropped it). ``killer``:
     the ends of a :func:`spawn_killer` child forked ahead in the host's namespaces."""
     made = make_namespaces(*SPARE_KEY)
     ready = None
@@ -822,17 +816,20 @@ def zygote() -> None:
     descriptors (SCM_RIGHTS), then the body.
 
     ``B`` (build): body = the marshalled plan; descriptors = control (read end), report (write
-    end), the helper's stderr, the pty slave, the error pipe. A helper runs the ``sandbox``/
-    ``plain`` mode above with the plan, taking control/report/stderr as fds 0/1/2; the zygote
-    keeps no copy of any descriptor. No reply: the report pipe speaks for the helper (EOF at once
-    when it could not start). When the build user's processes are to be killed, the zygote
-    forks the killer first (:func:`spawn_killer`, in the host's namespaces) and hands its ends
-    to the helper. The helper is the spare (:func:`spare`, forked ahead and already in a
-    sandbox's namespaces) when the plan wants that kind of sandbox, else a child forked now.
+    end), the helper's stderr, the pty slave, the error pipe. A child is forked (the zygote is
+    single-threaded, so this is safe) that runs the ``sandbox``/``plain`` mode above with the
+    plan, taking control/report/stderr as fds 0/1/2; the zygote keeps no copy of any
+    descriptor. No reply: the report pipe speaks for the helper (EOF at once when it could not
+    start). When the build user's processes are to be killed, the zygote forks the killer first
+    (:func:`spawn_killer`, in the host's namespaces) and hands its ends to the helper.
 
-    ``S`` (spare): fork a new spare if there is none (no reply). The zygote forks one when it
-    starts; its owner asks for the next once a build runs, so that the forks use the time the
-    builder runs rather than the next build's.
+    ``S`` (spare): body = the hex of the BPF program builds install (prepared here once, so that
+    every later fork inherits it), or empty. The zygote forks a :func:`spare` helper, already in
+    the usual sandbox's namespaces with its builder child and its killer forked ahead, and
+    replies one byte: ``S`` carrying (SCM_RIGHTS) the spare's socket, whose only other end the
+    owner then holds and sends the build's ``B`` request to directly, or ``N`` (none could be
+    forked). The owner asks for one when the zygote starts and once each build runs, so that the
+    forks use the time a builder runs rather than the next build's.
 
     ``K`` (kill user): body = the uid in decimal; a child switches to it and sends
     ``kill(-1, SIGKILL)``; the reply is one line, ``ok`` or ``error <reason>``."""
@@ -847,7 +844,6 @@ def zygote() -> None:
     # children are reaped by the kernel; each child sets SIGCHLD back to the default at once
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     os.umask(0o022)
-    spare_sock = fork_spare(sock)
     while True:
         kind, body, fds = recv_request(sock)
         if kind == b"B" and len(fds) == 5:
@@ -855,27 +851,14 @@ def zygote() -> None:
             plan = mode_plan["plan"]
             try:
                 if plan.get("seccomp"):
-                    prepare_seccomp(plan["seccomp"])  # (inherited by every later fork)
-                use_spare = spare_sock is not None and plan_key(mode_plan) == SPARE_KEY
-                if plan.get("build_user") and plan.get("kill_user") and not use_spare:
+                    prepare_seccomp(plan["seccomp"])
+                if plan.get("build_user") and plan.get("kill_user"):
                     fds += spawn_killer(plan["build_user"]["uid"])
-                sent = False
-                if use_spare and spare_sock is not None:
-                    try:
-                        send_request(spare_sock, b"B", body, fds)
-                        sent = True
-                    except OSError:
-                        pass  # the spare is gone: a fresh helper instead
-                    spare_sock.close()
-                    spare_sock = None
-                if not sent:
-                    pid = os.fork()
-                    if pid == 0:
-                        sock.close()
-                        if spare_sock is not None:
-                            spare_sock.close()
-                        os.setsid()
-                        run_helper(fds, mode_plan)
+                pid = os.fork()
+                if pid == 0:
+                    sock.close()
+                    os.setsid()
+                    run_helper(fds, mode_plan)
             except OSError as e:
                 try:
                     write_line(fds[1], f"error unable to start the build helper: {os.strerror(e.errno or 0)}")
@@ -884,8 +867,15 @@ def zygote() -> None:
             close_all(fds)
         elif kind == b"S":
             close_all(fds)
+            if body:
+                prepare_seccomp(body.decode())  # (inherited by the spare and its builder child)
+            spare_sock = fork_spare(sock)
             if spare_sock is None:
-                spare_sock = fork_spare(sock)
+                sock.sendall(b"N")
+            else:
+                sock.sendmsg([b"S"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                       spare_sock.fileno().to_bytes(FD_SIZE, sys.byteorder, signed=True))])
+                spare_sock.close()
         elif kind == b"K":
             close_all(fds)
             sock.sendall((kill_user_forked(int(body)) + "\n").encode("utf-8", "replace"))

@@ -543,7 +543,8 @@ def _start(spec: SandboxSpec, mode: str) -> Builder:
         se_r, se_w = os.pipe()
         # the helper's own stderr (only a crash of the helper itself writes there) is kept
         # for the error message; its builder child replaces fd 2 with the pty at once
-        zygote.start_build(plan, [ctl_r, rep_w, se_w, slave, err_w])
+        zygote.start_build(plan, [ctl_r, rep_w, se_w, slave, err_w],
+                           spare_ok=sandboxed and not spec.host_network and not spec.no_user_namespace)
         for fd in (ctl_r, rep_w, se_w, slave, err_w):
             os.close(fd)
         ctl_r = rep_w = se_w = slave = err_w = -1
@@ -581,7 +582,7 @@ def _start(spec: SandboxSpec, mode: str) -> Builder:
             builder.close_report()
             raise _setup_error(msg.decode("utf-8", "surrogateescape"))
         ok = True
-        zygote.prepare_spare()  # (forked while this build runs)
+        zygote.prepare_spare(zygote.seccomp_program())  # (forked while this build runs)
         return builder
     finally:
         if not ok:

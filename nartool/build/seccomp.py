@@ -21,6 +21,7 @@ order) so that the sandbox helper, which imports nothing of nartool, only has to
 from __future__ import annotations
 
 import errno
+import functools
 import platform
 import struct
 
@@ -104,6 +105,7 @@ class _Asm:
         return bytes(out)
 
 
+@functools.lru_cache(maxsize=8)
 def filter_program(machine: str | None = None) -> bytes:
     """The BPF program for ``machine`` (default: this one). Raises ValueError for a machine
     without a known ABI table (the caller then decides, as Nix does, whether that is fatal)."""

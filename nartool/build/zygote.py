@@ -13,6 +13,7 @@ process (different pid) starts its own zygote.
 from __future__ import annotations
 
 import array
+import functools
 import os
 import socket
 import subprocess
@@ -46,33 +47,75 @@ class Zygote:
         self.sock = parent
         self.owner = os.getpid()
         self.lock = threading.Lock()
+        #: our end of the socket of a spare helper (see prepare_spare), and how many replies to
+        #: ``S`` requests are still to be read
+        self.spare: socket.socket | None = None
+        self.pending = 0
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def _send(self, kind: bytes, body: bytes, fds: list[int]) -> None:
+    def _send(self, kind: bytes, body: bytes, fds: list[int], sock: socket.socket | None = None) -> None:
+        sock = sock or self.sock
         head = kind + len(body).to_bytes(8, "little")
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        n = self.sock.sendmsg([head], anc)
+        n = sock.sendmsg([head], anc)
         if n < len(head):
-            self.sock.sendall(head[n:])
-        self.sock.sendall(body)
+            sock.sendall(head[n:])
+        sock.sendall(body)
 
-    def start(self, body: bytes, fds: list[int]) -> None:
-        """Fork a build helper child; ``body`` is the marshalled {"mode", "plan"}; ``fds`` are
-        control (read end), report (write end), stderr (write end), pty slave, error pipe."""
+    def _collect(self) -> None:
+        """Read the zygote's pending replies to ``S``: one byte each, ``S`` with the spare's
+        socket or ``N`` (none)."""
+        while self.pending:
+            msg, anc, _, _ = self.sock.recvmsg(1, socket.CMSG_SPACE(4))
+            if not msg:
+                raise ZygoteError("the sandbox zygote exited")
+            self.pending -= 1
+            fds = [fd for level, kind, data in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                   for fd in array.array("i", data[: len(data) - len(data) % 4])]
+            for fd in fds[1:] if msg == b"S" else fds:
+                os.close(fd)
+            if msg == b"S" and fds:
+                spare = socket.socket(fileno=fds[0])
+                spare.set_inheritable(False)
+                if self.spare is not None:
+                    self.spare.close()
+                self.spare = spare
+
+    def start(self, body: bytes, fds: list[int], spare_ok: bool = False) -> None:
+        """Start a build helper: ``body`` is the marshalled {"mode", "plan"}; ``fds`` are
+        control (read end), report (write end), stderr (write end), pty slave, error pipe.
+        With ``spare_ok`` (the plan wants the spare's kind of sandbox: a private network, a user
+        namespace allowed) the request goes straight to the spare helper when there is one;
+        otherwise the zygote forks a helper."""
         with self.lock:
+            if spare_ok:
+                self._collect()
+                spare, self.spare = self.spare, None
+                if spare is not None:
+                    try:
+                        self._send(b"B", body, fds, spare)
+                        return
+                    except OSError:
+                        pass  # it died: a fresh helper instead
+                    finally:
+                        spare.close()
             self._send(b"B", body, fds)
 
-    def prepare_spare(self) -> None:
-        """Have a spare helper forked (for the next build), if there is none."""
+    def prepare_spare(self, seccomp: str = "") -> None:
+        """Have a spare helper forked (for the next build) if there is none; ``seccomp``: the
+        hex of the BPF program builds install, prepared once in the zygote."""
         with self.lock:
-            self._send(b"S", b"", [])
+            if self.spare is None and not self.pending:
+                self._send(b"S", seccomp.encode(), [])
+                self.pending += 1
 
     def kill_user(self, uid: int) -> str:
         """Kill every process of ``uid``; "ok" or "error <reason>"."""
         with self.lock:
+            self._collect()
             self._send(b"K", str(uid).encode(), [])
             line = b""
             while not line.endswith(b"\n"):
@@ -83,6 +126,9 @@ class Zygote:
         return line.decode("utf-8", "replace").strip()
 
     def close(self) -> None:
+        if self.spare is not None:
+            self.spare.close()
+            self.spare = None
         self.sock.close()
         self.proc.wait()
 
@@ -98,9 +144,9 @@ def get() -> Zygote:
         z = _zygote
         if z is None or z.owner != os.getpid() or z.proc.poll() is not None:
             if z is not None and z.owner == os.getpid():
-                z.sock.close()
-                z.proc.wait()
+                z.close()
             z = _zygote = Zygote()
+            z.prepare_spare(seccomp_program())
         return z
 
 
@@ -110,15 +156,26 @@ def prestart() -> None:
     get()
 
 
-def start_build(body: bytes, fds: list[int]) -> None:
-    _call("start", body, fds)
+def start_build(body: bytes, fds: list[int], spare_ok: bool = False) -> None:
+    _call("start", body, fds, spare_ok)
 
 
-def prepare_spare() -> None:
-    """Ask this process's zygote for a spare helper now (see :func:`_sandbox_helper.zygote`);
-    harmless when it fails: the next build then forks its helper itself."""
+@functools.lru_cache(maxsize=1)
+def seccomp_program() -> str:
+    """The hex of the BPF program builds install on this machine ("" when it has none)."""
+    from . import seccomp
+
     try:
-        _call("prepare_spare")
+        return seccomp.filter_program().hex()
+    except ValueError:
+        return ""
+
+
+def prepare_spare(seccomp: str = "") -> None:
+    """Ask this process's zygote for a spare helper now (see :func:`_sandbox_helper.zygote`);
+    harmless when it fails: the next build then has its helper forked."""
+    try:
+        _call("prepare_spare", seccomp)
     except OSError:
         pass
 
@@ -140,6 +197,5 @@ def _call(fn_name: str, *args: object) -> object:
             with _zlock:
                 if _zygote is z:
                     _zygote = None
-                z.sock.close()
-                z.proc.wait()
+                z.close()
     raise AssertionError("unreachable")
