@@ -242,6 +242,7 @@ class _Build:
     build_user: Any = None
     raw: RawLog | None = None
     cleaner: DeferredCleanup | None = None
+    realisations: bool = False
 
     @property
     def name(self) -> str:
@@ -345,7 +346,7 @@ class _Build:
                         "known before the build (content-addressed derivations are not supported)")
         if self._lock_outputs(outputs):
             return BuildResult(BuildStatus.ALREADY_VALID, "", 0, False, start, int(time.time()),
-                               _realisations(store, self.drv_path, drv, outputs, self.full))
+                               _realisations(store, self.drv_path, drv, outputs, self.full) if self.realisations else ())
         if sys.platform == "linux":
             from . import zygote
             zygote.prestart()  # its start-up overlaps with the preparations below
@@ -523,7 +524,7 @@ class _Build:
         except NartoolError as e:
             raise _fail(BuildStatus.OUTPUT_REJECTED, str(e)) from None
         return BuildResult(BuildStatus.BUILT, "", 1, False, start, stop,
-                           _realisations(store, self.drv_path, drv, outputs, self.full))
+                           _realisations(store, self.drv_path, drv, outputs, self.full) if self.realisations else ())
 
     def _input_closure(self) -> set[str]:
         store, drv = self.store, self.drv
@@ -647,17 +648,21 @@ class _Build:
 def build_derivation(store: LocalStore, drv_path: str, drv: Derivation | BasicDerivation, options: BuildOptions,
                      *, log: LogFn | None = None, full_derivation: bool = True, notice: NoticeFn | None = None,
                      keep_colours: bool = False, cancel: CancelToken | None = None,
-                     wanted: list[str] | None = None, cleaner: DeferredCleanup | None = None) -> BuildResult:
+                     wanted: list[str] | None = None, cleaner: DeferredCleanup | None = None,
+                     realisations: bool = False) -> BuildResult:
     """Build one derivation whose inputs are valid (see the module docstring); never raises for a
     failed build (the result says why), only for internal errors and interruptions
     (``KeyboardInterrupt``/:class:`Cancelled`, after the build was killed and cleaned up). With
-    ``cleaner``, a finished build's clean-up runs on its threads (the caller drains it)."""
+    ``cleaner``, a finished build's clean-up runs on its threads (the caller drains it). With
+    ``realisations``, the result's ``built_outputs`` carries the outputs' realisations (as
+    ``BuildDerivation`` replies to clients of protocol minor 6 and later); it is empty
+    otherwise (computing them costs a hash of the derivation)."""
     d = basic_to_derivation(drv_path, drv) if isinstance(drv, BasicDerivation) else drv
     if not d.name:
         d.name = drv_name_from_path(drv_path)
     store.temp_root(drv_path)
     return _Build(store, drv_path, d, options, log, notice, full_derivation, keep_colours, cancel, wanted,
-                  cleaner=cleaner).run()
+                  cleaner=cleaner, realisations=realisations).run()
 
 
 # -- the scheduler --------------------------------------------------------------------------

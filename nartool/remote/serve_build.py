@@ -363,7 +363,8 @@ def build_derivation(server: _Server) -> None:
             with _watched(server, cancel.set):
                 # every output is wanted (Nix names the goal '<drv>!<outputs>' in its messages)
                 result = run_build(store, req.drv_path, basic, options, log=_log_writer(server), full_derivation=False,
-                                   cancel=cancel, wanted=sorted(o[0] for o in basic.outputs), cleaner=cleaner)
+                                   cancel=cancel, wanted=sorted(o[0] for o in basic.outputs), cleaner=cleaner,
+                                   realisations=True)
         finally:
             cancel.close()
         built = dict(outs)
