@@ -7,8 +7,9 @@ in the same run, alternating, each build into a fresh store.
 
 Both tools get a chroot store (``--store DIR``, so both sandbox every build) holding Debian's
 static busybox; the derivations come from ``nix-instantiate`` and are copied into nartool's
-store. Prints median and range (seconds) per case and tool, and the per-build overhead of the
-chain (total / 50).
+store. Prints median and range (seconds) per case and tool, the per-build overhead of the
+chain (total / 50), and what each further build costs once the process runs ((chain - trivial)
+/ 49, round by round).
 
 nartool is timed as users run it: the ``nartool`` command of a regular (non-editable) install of
 this checkout into a fresh virtual environment, bytecode compiled (as ``scripts/bench_nar.py``
@@ -138,6 +139,13 @@ def run(a: argparse.Namespace) -> None:
     for tool in ("nix", "nartool"):
         ts = times[(f"chain of {a.chain}", tool)]
         print(f"per build in the chain, {tool}: {statistics.median(ts) / a.chain * 1000:.1f} ms")
+    # the process's own start and exit paid once: what each further build costs (chain minus
+    # the trivial build's time, round by round)
+    for tool in ("nix", "nartool"):
+        inc = [(c - t) / (a.chain - 1) * 1000
+               for c, t in zip(times[(f"chain of {a.chain}", tool)], times[("trivial", tool)], strict=True)]
+        print(f"per further build (chain - trivial) / {a.chain - 1}, {tool}: {statistics.median(inc):.1f} ms "
+              f"({min(inc):.1f}-{max(inc):.1f})")
     print(f"(machine: {os.cpu_count()} CPUs; both tools sandbox every build in a chroot store; nartool: "
           f"{' '.join(NARTOOL)})")
 
