@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Protocol, cast
+from collections.abc import Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..errors import FsError, NarError
 from ..nar import format as F
@@ -88,8 +88,10 @@ def _size_changed(path: bytes, size: int, got: int) -> FsError:
     return FsError("file changed size while being read", expected=size, got=got, path=path, rule="size-changed")
 
 
-def _read_exact(fd: int, size: int, path: bytes) -> bytes:
-    data = os.read(fd, size)
+def _read_exact(fd: int, size: int, path: bytes, data: bytes | None = None) -> bytes:
+    """The ``size`` bytes of ``fd`` (``data``: those read already, if any)."""
+    if data is None:
+        data = os.read(fd, size)
     while len(data) < size:  # short reads (rare on regular files)
         more = os.read(fd, size - len(data))
         if not more:
@@ -397,7 +399,7 @@ def _dump_nar(
                                 if size:
                                     data = _read(fd, size)
                                     if len(data) != size:
-                                        data = data + _read_exact(fd, size - len(data), dpath + b"/" + disk)
+                                        data = _read_exact(fd, size, dpath + b"/" + disk, data)
                                     out += data
                             else:
                                 yield out
@@ -558,9 +560,17 @@ def _excluded(pairs: Iterator[tuple[bytes, bytes]], kind_of: Callable[[bytes, in
             yield logical, disk, k
 
 
-#: pieces in which handed-off files are read for hashing (they stay in the L2 cache between
-#: the copy out of the page cache and SHA-256)
-HASH_PIECE = 1 << 18
+# --- hashing: the NAR's digest with two threads ---------------------------------------------
+
+#: size of the two buffers (one per thread) that the NAR is built in, in turn, for hashing
+HASH_BATCH = 1 << 20
+#: (the pieces in which big files are read for hashing: a buffer's worth)
+HASH_PIECE = HASH_BATCH
+#: a file root up to this size is hashed in this thread alone (a second one would cost more than
+#: it brings); trees always use both once their NAR outgrows one buffer
+SHARED_FILE = 2 << 20
+#: how long a thread waits for the other before it checks whether the hash was abandoned (s)
+_POLL = 0.05
 
 
 def hash_nar(
@@ -572,29 +582,343 @@ def hash_nar(
     limits: Limits = DEFAULT_LIMITS,
 ) -> tuple[Hash, int]:
     """``(hash, nar_size)`` of the NAR of ``path`` (what ``nix-hash --type ALGO`` computes),
-    with the checks of :func:`dump_nar`.
+    with the checks of :func:`dump_nar` (the same order and errors).
 
-    One thread: the walk hands the files above :data:`SMALL_FILE` over open
-    (:func:`dump_nar_handing_off`) and they are read into one reused buffer of
-    :data:`HASH_PIECE` bytes and hashed piece by piece (no allocation per read, the piece still
-    in the cache when hashed). A producer thread was measured slower here: the walk takes the GIL
-    back after each of its many short system calls, so the hashing thread mostly waits for it."""
+    The NAR is built in place in buffers of :data:`HASH_BATCH` bytes (framing copied in, file
+    contents read straight into them) and hashed, with two threads taking turns: while one
+    hashes the buffer it has just filled (without the GIL, on the core whose cache still holds
+    the bytes), the other goes on with the walk in its own buffer. A thread starts its walk only
+    once the other has started hashing, and the turns are passed once per buffer, so the two
+    rarely wait for each other or for the GIL. Memory: two buffers.
+
+    An error of the walk (in whichever thread met it) is raised here once the other thread has
+    stopped; no thread or descriptor is left behind."""
     import hashlib
 
     from ..hashes import Hash
 
     h = hashlib.new(algo)
-    update = h.update
-    total = 0
-    buf = bytearray(HASH_PIECE)
-    for item in dump_nar_handing_off(path, names=names, exclude=exclude, limits=limits):
-        if item.__class__ is OpenFile:
-            assert isinstance(item, OpenFile)
-            total += read_open_file(item, update, buf)
-        else:
-            update(item)  # type: ignore[arg-type]
-            total += len(item)  # type: ignore[arg-type]
+    root = os.fsencode(path)
+    kind = _root_kind(root)
+    if kind == _DIR:
+        fill: Generator[int, memoryview, None] = _tree_batches(root, names, exclude, limits)
+        total = _hash_batches(fill, h.update, HASH_BATCH)
+    elif kind == _REG:
+        fill = _file_batches(root)
+        total = _hash_batches(fill, h.update, HASH_BATCH)
+    else:  # a symlink
+        total = 0
+        for c in dump_nar(root, names=names, exclude=exclude, limits=limits):
+            h.update(c)
+            total += len(c)
     return Hash(algo, h.digest()), total
+
+
+class _Relay:
+    """What the two threads of :func:`_hash_batches` share."""
+
+    __slots__ = ("walk", "turn", "started", "end", "abort", "error", "total")
+
+    def __init__(self) -> None:
+        import threading
+
+        # walk[x]: thread x may fill its next buffer; turn[x]: it may hash it; started[x]: it
+        # has begun hashing (the other waits for that before walking on)
+        self.walk = (threading.Lock(), threading.Lock())
+        self.turn = (threading.Lock(), threading.Lock())
+        self.started = (threading.Lock(), threading.Lock())
+        # (thread 0 has filled the first buffer before the helper starts: the walk is the helper's)
+        for lock in (*self.walk, self.turn[1], *self.started):
+            lock.acquire()
+        self.end = False  # the walk is over (done or failed)
+        self.abort = False  # the caller gave up (an exception in its thread): stop at once
+        self.error: BaseException | None = None
+        self.total = 0
+
+
+def _hash_batches(fill: Generator[int, memoryview, None], update: Callable[[memoryview], object], size: int) -> int:
+    """Hash what ``fill`` writes into buffers of ``size`` bytes (``fill.send(buf)`` returns how
+    many bytes of ``buf`` it filled, fewer than ``size`` only at the end); returns the total.
+
+    ``next(fill)`` gives the NAR's size if known in advance (a file), else -1. The first
+    buffer is filled and hashed here; if more follow, a helper thread and this one take turns
+    (see :func:`hash_nar`), unless the NAR is known to be at most :data:`SHARED_FILE` bytes."""
+    import threading
+
+    try:
+        known = next(fill)  # up to the first buffer: errors of the root itself are raised here
+        buf = memoryview(bytearray(size if known < 0 else max(1, min(size, known))))
+        n = fill.send(buf)
+    except StopIteration:
+        n = known = 0
+    except BaseException:
+        fill.close()
+        raise
+    if n < size or 0 <= known <= SHARED_FILE:
+        total = 0
+        try:
+            while True:
+                update(buf[:n])
+                total += n
+                if n < size:
+                    return total
+                try:
+                    n = fill.send(buf)
+                except StopIteration:
+                    return total
+        finally:
+            fill.close()
+    r = _Relay()
+    helper = threading.Thread(target=_relay_helper, args=(r, fill, update, size), name="nartool-hash",
+                              daemon=True)
+    helper.start()
+    try:
+        _relay(r, 0, fill, update, size, buf, n)
+    except BaseException:
+        r.abort = True
+        raise
+    finally:
+        helper.join()
+        fill.close()  # releases the walk's descriptors if it was abandoned
+    if r.error is not None:
+        raise r.error
+    return r.total
+
+
+def _relay(r: _Relay, x: int, fill: Generator[int, memoryview, None], update: Callable[[memoryview], object],
+           size: int, buf: memoryview | None, n: int) -> None:
+    """Thread ``x``'s part of :func:`_hash_batches`: fill a buffer when the walk is ours, hash it
+    when the hash is ours, and pass both on. Thread 0 comes with the first buffer, filled."""
+    y = 1 - x
+    my_walk, my_turn, my_start = r.walk[x], r.turn[x], r.started[x]
+    other_walk, other_turn, other_start = r.walk[y], r.turn[y], r.started[y]
+    if buf is None:
+        buf = memoryview(bytearray(size))
+    first = x == 0  # the first buffer: filled already, and nobody waits for its start
+    while True:
+        if not first:
+            if not _take(r, my_walk):
+                return
+            if r.end:
+                other_walk.release()  # let the other one see it too
+                return
+            try:
+                n = fill.send(buf)
+            except StopIteration:
+                n = 0
+            except BaseException as e:  # noqa: BLE001 - raised by _hash_batches in the caller's thread
+                r.error = e
+                n = -1
+        last = n < size
+        if last:
+            r.end = True
+        other_walk.release()
+        if not _take(r, my_turn):
+            return
+        if not first:
+            my_start.release()
+        first = False
+        if n > 0 and r.error is None:
+            update(buf[:n] if n != size else buf)
+            r.total += n
+        if last:
+            return
+        other_turn.release()
+        if not _take(r, other_start):
+            return
+
+
+def _relay_helper(r: _Relay, fill: Generator[int, memoryview, None], update: Callable[[memoryview], object],
+                  size: int) -> None:
+    """The helper thread's :func:`_relay`; anything unexpected stops both threads."""
+    try:
+        _relay(r, 1, fill, update, size, None, 0)
+    except BaseException as e:  # noqa: BLE001 - raised by _hash_batches in the caller's thread
+        if r.error is None:
+            r.error = e
+        r.abort = True
+
+
+def _take(r: _Relay, lock: Any) -> bool:
+    """Wait for ``lock`` (released by the other thread); False if the hash was abandoned."""
+    while not lock.acquire(timeout=_POLL):
+        if r.abort:
+            return False
+    return not r.abort
+
+
+def _fill_put(buf: memoryview, pos: int, data: bytes) -> Generator[int, memoryview, tuple[memoryview, int]]:
+    """Append ``data`` at ``pos`` of ``buf``, yielding each buffer filled up and receiving the
+    next; returns the buffer being filled and the position in it."""
+    i, n = 0, len(data)
+    while i < n:
+        cap = len(buf)
+        if pos == cap:
+            buf = yield cap
+            pos, cap = 0, len(buf)
+        k = min(cap - pos, n - i)
+        buf[pos:pos + k] = data[i:i + k]
+        pos += k
+        i += k
+    return buf, pos
+
+
+def _fill_read(buf: memoryview, pos: int, fd: int, size: int, path: bytes,
+               done: int = 0) -> Generator[int, memoryview, tuple[memoryview, int]]:
+    """As :func:`_fill_put`, with the rest of the ``size`` bytes of ``fd`` (``done`` of them
+    already read). Raises ``OSError``, or :class:`FsError` ("size-changed") if the file has
+    fewer bytes."""
+    left = size - done
+    readv = os.readv
+    while left:
+        cap = len(buf)
+        if pos == cap:
+            buf = yield cap
+            pos, cap = 0, len(buf)
+        end = pos + left if left < cap - pos else cap
+        k = readv(fd, [buf[pos:end]])
+        if not k:
+            raise _size_changed(path, size, size - left)
+        pos += k
+        left -= k
+    return buf, pos
+
+
+def _file_batches(root: bytes) -> Generator[int, memoryview, None]:
+    """The NAR of the regular file ``root``, written into the buffers sent in (see
+    :func:`_hash_batches`); yields its size first."""
+    try:
+        fd = _open_at(root, None)
+        try:
+            st = _regular_fstat(fd, root)
+            left = size = st.st_size
+            head = (F.TOK_MAGIC + (F.HDR_EXECUTABLE if st.st_mode & stat.S_IXUSR else F.HDR_REGULAR)
+                    + size.to_bytes(8, "little"))
+            tail = F.PAD[-size & 7] + F.CLOSE
+            buf = yield len(head) + size + len(tail)
+            buf, pos = yield from _fill_put(buf, 0, head)
+            readv = os.readv
+            while left:
+                cap = len(buf)
+                if pos == cap:
+                    buf = yield cap
+                    pos, cap = 0, len(buf)
+                end = pos + left if left < cap - pos else cap
+                k = readv(fd, [buf[pos:end]])
+                if not k:
+                    raise _size_changed(root, size, size - left)
+                pos += k
+                left -= k
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _io_error(e, root) from e
+    buf, pos = yield from _fill_put(buf, pos, tail)
+    yield pos
+
+
+def _tree_batches(root: bytes, names: NameCodec | None, exclude: Exclude | None,
+                  limits: Limits) -> Generator[int, memoryview, None]:
+    """The NAR of the directory ``root`` as :func:`dump_nar` makes it (same order, same checks,
+    same errors), written into the buffers sent in (see :func:`_hash_batches`)."""
+    max_name, max_target, max_depth = limits.max_name, limits.max_target, limits.max_depth
+    ENTRY_OPEN, NODE, PAD, CLOSE2 = F.ENTRY_OPEN, F.NODE, F.PAD, F.CLOSE2
+    HDR_REGULAR, HDR_EXECUTABLE, HDR_SYMLINK, HDR_DIRECTORY = (F.HDR_REGULAR, F.HDR_EXECUTABLE, F.HDR_SYMLINK,
+                                                               F.HDR_DIRECTORY)
+    _open, _fstat, _readv, _close, _readlink = os.open, os.fstat, os.readv, os.close, os.readlink
+    S_ISREG, S_IXUSR = stat.S_ISREG, stat.S_IXUSR
+    rfd = _open_dir(root)
+    try:
+        children = _list_dir(rfd, root, b"", names, exclude)
+    except BaseException:
+        _close(rfd)
+        raise
+    stack = [(rfd, root, b"", iter(children))]
+    try:
+        buf = yield -1
+        cap = len(buf)
+        buf, pos = yield from _fill_put(buf, 0, F.TOK_MAGIC + HDR_DIRECTORY)
+        depth = 1
+        while stack:
+            dfd, dpath, rel, it = stack[-1]
+            for logical, disk, kind in it:
+                n = len(logical)
+                if n > max_name or depth >= max_depth:
+                    _entry_limits(logical, dpath, disk, depth, limits)
+                head = ENTRY_OPEN + n.to_bytes(8, "little") + logical + PAD[-n & 7] + NODE
+                try:
+                    if kind == _OTHER:
+                        kind = _kind_at(disk, dfd, dpath + b"/" + disk)
+                    if kind == _REG:
+                        try:
+                            fd = _open(disk, _O_READ, dir_fd=dfd)
+                        except PermissionError:
+                            fd = _open_at(disk, dfd)
+                        try:
+                            st = _fstat(fd)
+                            if not S_ISREG(st.st_mode):
+                                _regular_fstat(fd, dpath + b"/" + disk)
+                            size = st.st_size
+                            head += ((HDR_EXECUTABLE if st.st_mode & S_IXUSR else HDR_REGULAR)
+                                     + size.to_bytes(8, "little"))
+                            end = pos + len(head)
+                            if end + size <= cap:  # the common case: all of it in this buffer
+                                buf[pos:end] = head
+                                pos = end
+                                if size:
+                                    k = _readv(fd, [buf[pos:end + size]])
+                                    pos += k
+                                    if k != size:
+                                        buf, pos = yield from _fill_read(buf, pos, fd, size, dpath + b"/" + disk, k)
+                            else:
+                                buf, pos = yield from _fill_put(buf, pos, head)
+                                buf, pos = yield from _fill_read(buf, pos, fd, size, dpath + b"/" + disk)
+                        finally:
+                            _close(fd)
+                        tail = PAD[-size & 7] + CLOSE2
+                    elif kind == _LNK:
+                        target = _readlink(disk, dir_fd=dfd)
+                        n = len(target)
+                        if n > max_target or not n or b"\0" in target:
+                            raise NarError(F.validate_target(target, max_target) or "invalid target",
+                                           rule="invalid-target", got=target, path=dpath + b"/" + disk)
+                        tail = head + HDR_SYMLINK + n.to_bytes(8, "little") + target + PAD[-n & 7] + CLOSE2
+                    else:
+                        cpath = dpath + b"/" + disk
+                        crel = rel + b"/" + logical if rel else logical
+                        cfd = _open(disk, _O_DIR, dir_fd=dfd)
+                        try:
+                            children = _list_dir(cfd, cpath, crel, names, exclude)
+                        except BaseException:
+                            _close(cfd)
+                            raise
+                        stack.append((cfd, cpath, crel, iter(children)))
+                        depth += 1
+                        tail = head + HDR_DIRECTORY
+                        end = pos + len(tail)
+                        if end <= cap:
+                            buf[pos:end] = tail
+                            pos = end
+                        else:
+                            buf, pos = yield from _fill_put(buf, pos, tail)
+                        break
+                except OSError as e:
+                    raise _io_error(e, dpath + b"/" + disk) from e
+                end = pos + len(tail)
+                if end <= cap:
+                    buf[pos:end] = tail
+                    pos = end
+                else:
+                    buf, pos = yield from _fill_put(buf, pos, tail)
+            else:
+                stack.pop()
+                _close(dfd)
+                depth -= 1
+                buf, pos = yield from _fill_put(buf, pos, CLOSE2 if stack else F.CLOSE)
+        yield pos
+    finally:
+        for dfd, *_ in stack:
+            _close(dfd)
 
 
 def dump_to_fd(
