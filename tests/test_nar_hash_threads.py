@@ -432,3 +432,24 @@ def test_the_hash_never_follows_symlinks(tmp_path: Path, batch: int) -> None:
     check(tmp_path / "l")
     (root / "to-dir").symlink_to(root)
     check(root)
+
+
+class LongNames:
+    """A name codec whose logical names are far longer than a filesystem allows."""
+
+    def dump_names(self, dir_path: bytes, disk_names: list[bytes]) -> list[tuple[bytes, bytes]]:
+        return sorted((d * (300 // len(d) + 1 + i % 3), d) for i, d in enumerate(disk_names))
+
+    def restore_namer(self, dir_path: bytes) -> Any:
+        raise NotImplementedError
+
+
+def test_names_longer_than_255_bytes_where_limits_allow(tmp_path: Path, batch: int) -> None:
+    root = tmp_path / "t"
+    many_batches_tree(root, 5)
+    (root / "sub").mkdir()
+    (root / "sub" / "x").write_bytes(b"x")
+    check(root, names=LongNames(), limits=Limits(max_name=5000))
+    with pytest.raises(NarError) as e:
+        hash_nar(root, names=LongNames())
+    assert e.value.rule == "invalid-name"
