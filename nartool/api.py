@@ -11,21 +11,37 @@ import io
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .compression import compressor, detect, open_decompressed
-from .fs.sink import restore_events
 from .fs.source import Exclude, NameCodec, dump_nar
-from .hashes import Hash
-from .nar import listing
-from .nar.events import Event
 from .nar.limits import DEFAULT_LIMITS, Limits
 from .nar.reader import NarReader
 from .nar.source import ReadFn
-from .pipeline import pipelined
+
+# (imported where used, so that `nartool nar hash` does not load compression, listing or
+# thread-pipeline code at start-up)
+if TYPE_CHECKING:
+    from .hashes import Hash
+    from .nar import listing
+    from .nar.events import Event
 
 PathLike = str | bytes | os.PathLike[str]
 NarInput = PathLike | BinaryIO | ReadFn
+
+# names this module used to import eagerly (some callers reach them through it)
+_LAZY = {"compressor": "nartool.compression", "detect": "nartool.compression",
+         "open_decompressed": "nartool.compression", "restore_events": "nartool.fs.sink", "Hash": "nartool.hashes",
+         "Event": "nartool.nar.events", "pipelined": "nartool.pipeline"}
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name == "listing":
+        return importlib.import_module("nartool.nar.listing")
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dump_chunks(
@@ -40,6 +56,9 @@ def dump_chunks(
     chunks = dump_nar(path, names=names, exclude=exclude, limits=limits)
     if compress == "none":
         return chunks  # a producer thread only pays off when the consumer works without the GIL
+    from .compression import compressor
+    from .pipeline import pipelined
+
     return compressor(pipelined(chunks), compress)
 
 
@@ -104,6 +123,8 @@ def hash_path(
 def _open(src: NarInput | bytes, stack: ExitStack) -> ReadFn | BinaryIO:
     """A reader for a NAR input, decompressing when needed. Plain seekable files are
     returned as they are so that skipping file contents can seek."""
+    from .compression import detect, open_decompressed
+
     if isinstance(src, (bytes, bytearray, memoryview)):
         f: BinaryIO = io.BytesIO(bytes(src))
     elif isinstance(src, (str, bytes, os.PathLike)):
@@ -137,6 +158,8 @@ def restore(
     limits: Limits = DEFAULT_LIMITS,
 ) -> None:
     """Restore the NAR read from ``src`` at ``dest`` (which must not exist). All or nothing."""
+    from .fs.sink import restore_events
+
     with ExitStack() as stack:
         # (the reader itself, not its events: restore_events then lets it create small files)
         restore_events(NarReader(_open(src, stack), limits=limits), dest, names=names)
@@ -145,11 +168,15 @@ def restore(
 def ls(src: NarInput | bytes, path: str | bytes = "/", *, recursive: bool = False,
        directory: bool = False) -> list[listing.Entry]:
     """Entries of the NAR at ``path`` (see :func:`nartool.nar.listing.entries`)."""
+    from .nar import listing
+
     with ExitStack() as stack:
         return list(listing.entries(read_events(src, stack), listing.split_path(path), recursive, directory))
 
 
 def cat(src: NarInput | bytes, path: str | bytes) -> Iterator[bytes]:
     """Stream the contents of the regular file at ``path`` inside the NAR."""
+    from .nar import listing
+
     with ExitStack() as stack:
         yield from listing.cat(read_events(src, stack), listing.split_path(path))

@@ -12,7 +12,6 @@ import click
 
 from .. import api
 from ..compression import METHODS
-from ..nar import listing
 from .common import held_stdout, refuse_binary_to_tty, stdout_bin, write_chunks
 from .flags import chosen_mode, mode_flags
 
@@ -154,6 +153,8 @@ def ls_(nar_file: str, path: str, recursive: bool, long_: bool, directory: bool,
     The whole NAR is read and checked before anything is printed. NAR may be compressed; '-'
     reads stdin.
     """
+    from ..nar import listing
+
     prefix = listing.split_path(path)
     if as_json and directory:
         raise click.UsageError("--directory does not go with --json")
@@ -166,6 +167,8 @@ def print_listing(events: Any, prefix: tuple[bytes, ...], *, recursive: bool, lo
                   as_json: bool) -> None:
     """The output of `nix nar ls` / `nix store ls` for the node at ``prefix``, printed only
     when the whole listing could be produced."""
+    from ..nar import listing
+
     with held_stdout() as out:
         if as_json:
             for piece in listing.json_listing(events, prefix, recursive=recursive):
@@ -201,6 +204,8 @@ def cat_(nar_file: str, path: str) -> None:
 
     Example: nartool nar cat hello.nar /bin/hello > hello
     """
+    from ..nar import listing
+
     with ExitStack() as stack:
         events = api.read_events(_open_nar(stack, nar_file), stack)  # type: ignore[arg-type]
         write_chunks(listing.cat(events, listing.split_path(path)), stdout_bin())
@@ -224,6 +229,7 @@ def check(source: str, target: str, as_json: bool) -> None:
     """
     from ..fs.casehack import check_events
     from ..fs.source import dump_events
+    from ..nar import listing
 
     with ExitStack() as stack:
         is_tree = source != "-" and (os.path.isdir(source) or os.path.islink(source)
