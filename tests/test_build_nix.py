@@ -953,3 +953,23 @@ def test_missing_derivation(nixroot: Path, ours: LocalStore) -> None:
     m = _nartool_build(ours, drv)
     assert n.returncode == m.returncode == 1
     assert m.stderr.decode().splitlines() == n.stderr.decode().splitlines()
+
+
+def test_sandbox_setup_failure(nixroot: Path, ours: LocalStore, tmp_path: Path) -> None:
+    """A required sandbox path that does not exist: the set-up fails before the builder runs
+    (nartool learns it after the builder's start, from the error pipe), with Nix's message and
+    status, and nothing registered."""
+    expr = """derivation { name = "setup-fails"; system = builtins.currentSystem; builder = "${bb}/bin/sh";
+      args = [ "-c" "echo never > $out" ]; }"""
+    drv = _both(nixroot, ours, expr)
+    missing = str(tmp_path / "no-such-path")
+    n = nix_build(nixroot, drv, "--option", "sandbox-paths", missing)
+    m = _nartool_build(ours, "--option", "sandbox-paths", missing, drv)
+    assert m.returncode == n.returncode != 0, (n.stderr, m.stderr)
+    want = f"error: getting attributes of path '{missing}': No such file or directory"
+    assert want in _errors(n.stderr), n.stderr
+    assert want in _errors(m.stderr), m.stderr
+    assert not any(ours.is_valid(p) or os.path.lexists(ours.physical(p)) for p in _outputs(ours, drv).values())
+    # the next build runs as usual
+    ok = _nartool_build(ours, drv)
+    assert ok.returncode == 0, ok.stderr

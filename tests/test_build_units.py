@@ -339,11 +339,11 @@ def test_sandbox_unavailable_on_a_diverted_store(tmp_path: Path, monkeypatch: py
     from nartool.build import sandbox as sbx
     from nartool.errors import SandboxUnavailable
 
-    def refuse(spec: object) -> object:
+    def refuse(spec: object, **kw: object) -> object:
         raise SandboxUnavailable("cannot create the build sandbox: unshare(user, mount): Operation not permitted")
 
     monkeypatch.setattr(sbx, "start_sandboxed", refuse)
-    monkeypatch.setattr(sbx, "start_unsandboxed", lambda spec: pytest.fail("no fallback on a diverted store"))
+    monkeypatch.setattr(sbx, "start_unsandboxed", lambda spec, **kw: pytest.fail("no fallback on a diverted store"))
     st = LocalStore(tmp_path / "s")
     paths = _graph(st)
     res = goal_mod.build_paths(st, [paths["a"]], BuildOptions(sandbox_fallback=True, build_users_group=""))

@@ -485,7 +485,7 @@ class _Build:
         try:
             if sandboxed:
                 try:
-                    self.builder = sbx.start_sandboxed(spec)
+                    self.builder = sbx.start_sandboxed(spec, wait_exec=False)
                 except SandboxUnavailable as e:
                     if not opts.sandbox_fallback or diverted or valid_outs:
                         raise _fail(BuildStatus.MISC_FAILURE, f"unable to start build process ({e.message})") from None
@@ -494,15 +494,18 @@ class _Build:
                     for p in outputs.values():
                         remove_at(None, os.fsencode(store.physical(p)))
                     spec.env = environment(self.build_dir).env
-                    self.builder = sbx.start_unsandboxed(spec)
+                    self.builder = sbx.start_unsandboxed(spec, wait_exec=False)
             else:
-                self.builder = sbx.start_unsandboxed(spec)
+                self.builder = sbx.start_unsandboxed(spec, wait_exec=False)
         except BuildError as e:
             raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
         if opts.keep_build_log:
             self.raw = RawLog(log_path(store.state_dir, self.drv_path, compressed=opts.compress_build_log),
                               compressed=opts.compress_build_log)
         status, failure = self._log_loop()
+        setup = self.builder.setup_error()  # (the builder's start did not wait for its execve)
+        if setup is not None:
+            raise _fail(BuildStatus.MISC_FAILURE, setup.message)
         stop = int(time.time())
         if failure is not None:
             raise failure

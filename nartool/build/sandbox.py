@@ -377,6 +377,20 @@ class Builder:
         self.user_namespace = user_namespace
         self._status: int | None = None
         self._cleaned = False
+        #: the error pipe, when the start did not wait for the builder's execve
+        self._err_fd = -1
+
+    def setup_error(self) -> BuildError | None:
+        """For a builder started with ``wait_exec=False``, once it has exited: why its set-up
+        failed before ``execve``, or None (it ran). Reads the error pipe (at EOF by then)."""
+        if self._err_fd < 0:
+            return None
+        try:
+            msg = _read_all(self._err_fd)
+        finally:
+            os.close(self._err_fd)
+            self._err_fd = -1
+        return _setup_error(msg.decode("utf-8", "surrogateescape")) if msg else None
 
     def kill(self) -> None:
         """SIGKILL the whole build: the helper (the builder's parent, so the pid cannot have been
@@ -452,6 +466,9 @@ class Builder:
             self.kill()
             self.wait()
         self.close_report()
+        if self._err_fd >= 0:
+            os.close(self._err_fd)
+            self._err_fd = -1
         if self.log_fd >= 0:
             try:
                 os.close(self.log_fd)
@@ -516,7 +533,7 @@ def _read_line(f: IO[bytes]) -> str:
     return f.readline().decode("utf-8", "surrogateescape").rstrip("\n")
 
 
-def _start(spec: SandboxSpec, mode: str) -> Builder:
+def _start(spec: SandboxSpec, mode: str, wait_exec: bool = True) -> Builder:
     if not spec.builder.startswith(b"/"):
         raise BuildError(f"builder '{os.fsdecode(spec.builder)}' is not an absolute path", rule="builder-path")
     for s in [spec.builder, *spec.args, *(k + b"=" + v for k, v in spec.env)]:
@@ -572,15 +589,19 @@ def _start(spec: SandboxSpec, mode: str) -> Builder:
         os.close(se_r)
         se_r = -1
         pid = int(line.split()[1])
-        msg = _read_all(err_r)
-        os.close(err_r)
-        err_r = -1
-        builder = Builder(spec, ctl_w, report, helper_pid, pid, master, sandboxed, userns)
-        ctl_w = -1
-        if msg:
-            builder.wait()
-            builder.close_report()
-            raise _setup_error(msg.decode("utf-8", "surrogateescape"))
+        if not wait_exec:
+            builder = Builder(spec, ctl_w, report, helper_pid, pid, master, sandboxed, userns)
+            builder._err_fd, err_r, ctl_w = err_r, -1, -1
+        else:
+            msg = _read_all(err_r)
+            os.close(err_r)
+            err_r = -1
+            builder = Builder(spec, ctl_w, report, helper_pid, pid, master, sandboxed, userns)
+            ctl_w = -1
+            if msg:
+                builder.wait()
+                builder.close_report()
+                raise _setup_error(msg.decode("utf-8", "surrogateescape"))
         ok = True
         zygote.prepare_spare(zygote.seccomp_program())  # (forked while this build runs)
         return builder
@@ -628,19 +649,22 @@ def _after_unshare(spec: SandboxSpec, pid: int, userns: bool) -> None:
                 "nobody:x:65534:65534:Nobody:/:/noshell\n".encode())
 
 
-def start_sandboxed(spec: SandboxSpec) -> Builder:
+def start_sandboxed(spec: SandboxSpec, *, wait_exec: bool = True) -> Builder:
     """Start the builder in a fresh sandbox (see the module docs). Raises BuildError for setup
-    failures and SandboxUnavailable when the kernel refuses the namespaces."""
-    return _start(spec, "sandbox")
+    failures and SandboxUnavailable when the kernel refuses the namespaces. With ``wait_exec``
+    False it returns before the builder's ``execve``; a set-up failure there then shows as the
+    builder's exit, and :meth:`Builder.setup_error` says why."""
+    return _start(spec, "sandbox", wait_exec)
 
 
-def start_unsandboxed(spec: SandboxSpec) -> Builder:
+def start_unsandboxed(spec: SandboxSpec, *, wait_exec: bool = True) -> Builder:
     """Start the builder in the host file system (cwd = the build dir), as the build user if
-    any. Refuses when /homeless-shelter exists, as Nix does."""
+    any. Refuses when /homeless-shelter exists, as Nix does. ``wait_exec``: as for
+    :func:`start_sandboxed`."""
     if os.path.lexists(HOMELESS_SHELTER):
         raise BuildError(f"home directory '{HOMELESS_SHELTER}' exists; please remove it to assure purity of "
                          "builds without sandboxing", path=HOMELESS_SHELTER, rule="homeless-shelter")
-    return _start(spec, "plain")
+    return _start(spec, "plain", wait_exec)
 
 
 def sandbox_unavailable_reason() -> str | None:
