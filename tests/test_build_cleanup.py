@@ -95,3 +95,20 @@ def test_failed_build_is_cleaned_up_too(tmp_path: Path, monkeypatch: pytest.Monk
     assert not [n for n in os.listdir(st.real_store_dir) if n.endswith(".chroot")]
     assert os.listdir(top) == []
     assert not st.is_valid(st.query_derivation_outputs(drv)["out"])
+
+
+def test_mount_points_under_reads_escaped_tables(tmp_path: Path) -> None:
+    """The mount table escapes space, tab, newline and backslash in octal; a chroot's mount
+    points are found under such names too, and a table without the chroot's name is skipped."""
+    from nartool.build.sandbox import _mount_points_under
+
+    table = tmp_path / "mountinfo"
+    root = str(tmp_path / "a b\\c")
+    esc = root.replace("\\", "\\134").replace(" ", "\\040")
+    table.write_text(f"36 35 98:0 / / rw - ext4 /dev/root rw\n"
+                     f"37 36 98:0 /x {esc}/nix/store/x ro - ext4 /dev/root rw\n"
+                     f"38 36 0:5 / {esc}/dev/null rw - devtmpfs udev rw\n"
+                     f"39 36 0:5 / {esc}-other/dev rw - devtmpfs udev rw\n")
+    assert _mount_points_under(root, str(table), real=True) == [f"{root}/nix/store/x", f"{root}/dev/null"]
+    assert _mount_points_under(str(tmp_path / "elsewhere"), str(table), real=True) == []
+    assert _mount_points_under(root, str(tmp_path / "no-such-table"), real=True) == []

@@ -97,20 +97,29 @@ def _setup_error(msg: str) -> BuildError:
 # removal of a chroot without ever deleting through a mount
 
 
-def _mount_points_under(root: str, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
-    root = os.path.realpath(root)
-    pts: list[str] = []
+def _mount_points_under(root: str, mountinfo: str = "/proc/self/mountinfo", *, real: bool = False) -> list[str]:
+    """The mount points in the table ``mountinfo`` at ``root`` or below it (``real``: ``root``
+    is already a real path)."""
+    root = root if real else os.path.realpath(root)
     try:
         with open(mountinfo, "rb") as f:
-            for line in f:
-                fields = line.split(b" ")
-                if len(fields) < 5:
-                    continue
-                mp = _unescape_mountinfo(fields[4])
-                if mp == root or mp.startswith(root + "/"):
-                    pts.append(mp)
+            data = f.read()
     except OSError:
-        pass
+        return []
+    # the table escapes these bytes in octal: nothing below root when its escaped form is absent
+    key = os.fsencode(root)
+    for ch, esc in ((b"\\", b"\\134"), (b" ", b"\\040"), (b"\t", b"\\011"), (b"\n", b"\\012")):
+        key = key.replace(ch, esc)
+    if key not in data:
+        return []
+    pts: list[str] = []
+    for line in data.split(b"\n"):
+        fields = line.split(b" ")
+        if len(fields) < 5:
+            continue
+        mp = _unescape_mountinfo(fields[4])
+        if mp == root or mp.startswith(root + "/"):
+            pts.append(mp)
     return pts
 
 
@@ -142,13 +151,13 @@ def cleanup_chroot(path: str, mountinfo_files: tuple[str, ...] = ("/proc/self/mo
     mount point or lies on another device."""
     if not os.path.lexists(path):
         return []
+    real = os.path.realpath(path)
     for mi in mountinfo_files:
-        for mp in sorted(_mount_points_under(path, mi), key=len, reverse=True):
+        for mp in sorted(_mount_points_under(real, mi, real=True), key=len, reverse=True):
             _umount_detach(mp)
     left = set()
     for mi in mountinfo_files:
-        left.update(_mount_points_under(path, mi))
-    real = os.path.realpath(path)
+        left.update(_mount_points_under(real, mi, real=True))
     if real in left:
         log.warning("not removing %s: it is still a mount point", path)
         return sorted(left)
