@@ -199,24 +199,20 @@ def _empty_dir(fd: int, path: str, dev: int, skip: set[str]) -> bool:
         except OSError:
             pass
     complete = True
-    for name in os.listdir(fd):
+    with os.scandir(fd) as it:  # (the entries' types come with the names, no stat each)
+        entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+    for name, is_dir in entries:
         child = path + "/" + name
         if child in skip:
             complete = False
             continue
-        try:
-            cst = os.lstat(name, dir_fd=fd)
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISDIR(cst.st_mode):
+        if not is_dir:
             try:
                 os.unlink(name, dir_fd=fd)
             except FileNotFoundError:
                 pass
             continue
-        if cst.st_dev != dev:
-            complete = False
-            continue
+        # (a directory on another device is left: the recursion below checks st_dev)
         try:
             cfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
         except FileNotFoundError:
