@@ -9,7 +9,9 @@ Directories are listed in byte order and files read with large reads.
 * :func:`dump_events` yields the flat event stream (for adapters and transforms);
 * :func:`dump_nar` yields the NAR bytes directly, with the same checks as
   :func:`nartool.nar.writer.write_nar` but without an event object per node — the fast path
-  for dumping, hashing, exporting and serving.
+  for dumping, exporting and serving;
+* :func:`hash_nar` hashes the NAR as :func:`dump_nar` would make it (same bytes, checks and
+  errors), built in place in two reused buffers by two threads in turn (see docs/speed.md).
 
 Two hooks plug in adapters without touching the codec:
 
@@ -331,8 +333,8 @@ def dump_nar_handing_off(
 ) -> Iterator[bytes | bytearray | memoryview | OpenFile]:
     """As :func:`dump_nar`, but the files above ``small_file`` bytes are yielded as
     :class:`OpenFile` objects, unread: the consumer reads and closes them, possibly in another
-    thread than the dump's (this is how :func:`hash_nar` spreads reading and hashing over two
-    threads)."""
+    thread than the dump's (this is how :func:`dump_to_fd` spreads the walk and the copying over
+    two threads)."""
     return _dump_nar(path, names, exclude, limits, flush_size, small_file, READ_CHUNK, None, True)
 
 
