@@ -1025,3 +1025,46 @@ def test_host_dev_bound_whole(env: Env) -> None:
     assert int(lines[0]) >= len(before) - 5 and lines[1:] == ["null", "shm-ok"]
     assert not os.path.exists("/dev/shm/x")    # a private tmpfs over the bound /dev/shm
     assert set(before) <= set(os.listdir("/dev"))
+
+
+def test_a_chroot_that_cannot_be_made_stops_the_started_helper(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chroot's skeleton is made while the helper starts; when that fails, the start fails
+    with the reason, the helper and its builder child are gone, nothing is left of the chroot,
+    and the next build runs."""
+    need_sandbox()
+    from nartool.build import zygote
+
+    made: list[str] = []
+
+    def fail(spec: SandboxSpec, userns_expected: bool, links: list[tuple[str, str]]) -> None:
+        made.append(spec.chroot_dir)
+        os.mkdir(spec.chroot_dir)  # (partly made)
+        raise PermissionError(13, "Permission denied", spec.chroot_dir + "/tmp")
+
+    monkeypatch.setattr(sb, "_make_chroot_inner", fail)
+    spec = env.spec("echo ok")
+    with pytest.raises(BuildError) as ei:
+        start_sandboxed(spec)
+    assert ei.value.rule == "chroot-setup" and "Permission denied" in ei.value.message
+    assert made == [spec.chroot_dir] and not os.path.lexists(spec.chroot_dir)
+    monkeypatch.undo()
+    deadline = time.time() + 10
+    helpers: list[str] = []
+    while time.time() < deadline:
+        # the zygote's children: the next spare and its killer, nothing of the failed start
+        helpers = [p for p in os.listdir("/proc") if p.isdigit() and _ppid_of(int(p)) == zygote.get().pid]
+        if len(helpers) <= 2:
+            break
+        time.sleep(0.05)
+    assert len(helpers) <= 2, helpers
+    status, log, _ = run(env.spec("echo ok"))
+    assert status == 0 and log.strip() == "ok", log
+
+
+def _ppid_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return -1 if fields[0] == "Z" else int(fields[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return -1

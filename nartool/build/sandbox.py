@@ -281,17 +281,16 @@ def _check_target(target: str, what: str) -> str:
     return target
 
 
-def _prepare_chroot(spec: SandboxSpec, userns_expected: bool) -> dict[str, tuple[str, bool]]:
-    try:
-        return _prepare_chroot_inner(spec, userns_expected)
-    except OSError as e:
-        name = e.filename if isinstance(e.filename, str) else spec.chroot_dir
-        raise BuildError(f"setting up the chroot '{spec.chroot_dir}': {name}: {e.strerror}", path=name,
-                         rule="chroot-setup") from None
+def _chroot_error(spec: SandboxSpec, e: OSError) -> BuildError:
+    name = e.filename if isinstance(e.filename, str) else spec.chroot_dir
+    return BuildError(f"setting up the chroot '{spec.chroot_dir}': {name}: {e.strerror}", path=name,
+                      rule="chroot-setup")
 
 
-def _prepare_chroot_inner(spec: SandboxSpec, userns_expected: bool) -> dict[str, tuple[str, bool]]:
-    chroot = spec.chroot_dir
+def _chroot_binds(spec: SandboxSpec) -> tuple[dict[str, tuple[str, bool]], list[tuple[str, str]]]:
+    """Check the spec's paths and put the bind list together (nothing is written yet): the
+    ``sandbox-paths`` entries, the build directory, the input directories; and the input files to
+    link into the chroot's store, as (source, target)."""
     _check_target(spec.sandbox_build_dir, "sandbox-build-dir")
     for b in spec.binds:
         _check_target(b.target, "sandbox path")
@@ -299,6 +298,35 @@ def _prepare_chroot_inner(spec: SandboxSpec, userns_expected: bool) -> dict[str,
         base = p[len(spec.store_dir) + 1:] if p.startswith(spec.store_dir + "/") else ""
         if not base or "/" in base or base in (".", ".."):
             raise BuildError(f"'{p}' is not a store path in '{spec.store_dir}'", path=p, rule="input-path")
+    binds: dict[str, tuple[str, bool]] = {}
+    links: list[tuple[str, str]] = []
+    for b in spec.binds:
+        binds[b.target] = (b.source, b.optional)
+    binds[spec.sandbox_build_dir] = (spec.build_dir, False)
+    try:
+        for p in spec.inputs:
+            real = spec.real_store_dir + p[len(spec.store_dir):]
+            if stat.S_ISDIR(os.lstat(real).st_mode):
+                binds[p] = (real, False)
+            else:
+                links.append((real, spec.chroot_dir + p))
+    except OSError as e:
+        raise _chroot_error(spec, e) from None
+    for o in spec.outputs:
+        binds.pop(o, None)
+    return binds, links
+
+
+def _make_chroot(spec: SandboxSpec, userns_expected: bool, links: list[tuple[str, str]]) -> None:
+    """Create the chroot's skeleton (a stale chroot is removed first) and link the input files."""
+    try:
+        _make_chroot_inner(spec, userns_expected, links)
+    except OSError as e:
+        raise _chroot_error(spec, e) from None
+
+
+def _make_chroot_inner(spec: SandboxSpec, userns_expected: bool, links: list[tuple[str, str]]) -> None:
+    chroot = spec.chroot_dir
     if os.path.lexists(chroot):
         left = _remove_chroot(chroot)
         if left or os.path.lexists(chroot):
@@ -309,9 +337,9 @@ def _prepare_chroot_inner(spec: SandboxSpec, userns_expected: bool) -> dict[str,
     os.chmod(chroot, 0o750)
     if bu is not None:
         os.chown(chroot, 0, bu.gid)
-    _mkdirs(chroot + "/tmp")
+    os.mkdir(chroot + "/tmp")
     os.chmod(chroot + "/tmp", 0o1777)
-    _mkdirs(chroot + "/etc")
+    os.mkdir(chroot + "/etc")
     gid = 100 if userns_expected or bu is None else bu.gid
     _write_file(chroot + "/etc/group", f"root:x:0:\nnixbld:!:{gid}:\nnogroup:x:65534:\n".encode())
     if not spec.host_network:
@@ -321,23 +349,8 @@ def _prepare_chroot_inner(spec: SandboxSpec, userns_expected: bool) -> dict[str,
     os.chmod(store, 0o1775)
     if bu is not None:
         os.chown(store, 0, bu.gid)
-
-    binds: dict[str, tuple[str, bool]] = {}
-    for b in spec.binds:
-        binds[b.target] = (b.source, b.optional)
-    binds[spec.sandbox_build_dir] = (spec.build_dir, False)
-    for p in spec.inputs:
-        real = spec.real_store_dir + p[len(spec.store_dir):]
-        if stat.S_ISDIR(os.lstat(real).st_mode):
-            binds[p] = (real, False)
-        else:
-            _link_or_copy(real, chroot + p)
-    for o in spec.outputs:
-        binds.pop(o, None)
-    if spec.pre_build_hook is not None:
-        for b in spec.pre_build_hook(chroot):
-            binds[_check_target(b.target, "pre-build hook path")] = (b.source, b.optional)
-    return binds
+    for src, dst in links:
+        _link_or_copy(src, dst)
 
 
 def _open_pty(bu: BuildUser | None) -> tuple[int, int]:
@@ -555,7 +568,21 @@ def _start(spec: SandboxSpec, mode: str, wait_exec: bool = True) -> Builder:
     report: IO[bytes] | None = None
     ok = False
     try:
-        binds = _prepare_chroot(spec, userns_expected) if sandboxed else {}
+        binds: dict[str, tuple[str, bool]] = {}
+        links: list[tuple[str, str]] = []
+        # the chroot's skeleton is made while the helper starts, unless a pre-build hook (called
+        # with the chroot) must see it first
+        late = sandboxed and spec.pre_build_hook is None
+        if sandboxed:
+            binds, links = _chroot_binds(spec)
+        if sandboxed and not late:
+            _make_chroot(spec, userns_expected, links)
+            assert spec.pre_build_hook is not None
+            try:
+                for b in spec.pre_build_hook(spec.chroot_dir):
+                    binds[_check_target(b.target, "pre-build hook path")] = (b.source, b.optional)
+            except OSError as e:
+                raise _chroot_error(spec, e) from None
         master, slave = _open_pty(spec.build_user)
         err_r, err_w = os.pipe()
         plan = _plan(spec, mode, binds, slave, err_w)
@@ -570,6 +597,8 @@ def _start(spec: SandboxSpec, mode: str, wait_exec: bool = True) -> Builder:
         for fd in (ctl_r, rep_w, se_w, slave, err_w):
             os.close(fd)
         ctl_r = rep_w = se_w = slave = err_w = -1
+        if late:
+            _make_chroot(spec, userns_expected, links)
         userns = False
         helper_pid = -1
         line = _read_line(report)
