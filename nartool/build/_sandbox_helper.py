@@ -801,6 +801,12 @@ def spare(sock: Any, killer: tuple[int, int]) -> None:
             ready = fork_ready_builder(made, {sock.fileno(), *killer})
         except OSError:
             pass  # the builder is forked when the plan comes
+    # to the owner: "<pid> <1|0: a user namespace made; -1: the namespaces failed>", so that it
+    # writes the id maps as soon as it sends a build, without waiting for the 'unshared' line
+    try:
+        sock.sendall(f"{os.getpid()} {-1 if made[0] else int(made[3])}\n".encode())
+    except OSError:
+        os._exit(0)
     kind, body, fds = recv_request(sock)
     sock.close()
     if kind != b"B" or len(fds) < 5:
@@ -828,7 +834,8 @@ def zygote() -> None:
     the usual sandbox's namespaces with its builder child and its killer forked ahead, and
     replies one byte: ``S`` carrying (SCM_RIGHTS) the spare's socket, whose only other end the
     owner then holds and sends the build's ``B`` request to directly, or ``N`` (none could be
-    forked). The owner asks for one when the zygote starts and once each build runs, so that the
+    forked). The spare writes one line on that socket once its namespaces are made (its pid, and
+    whether it made a user namespace), so that its owner can write the id maps at once. The owner asks for one when the zygote starts and once each build runs, so that the
     forks use the time a builder runs rather than the next build's.
 
     ``K`` (kill user): body = the uid in decimal; a child switches to it and sends

@@ -592,13 +592,20 @@ def _start(spec: SandboxSpec, mode: str, wait_exec: bool = True) -> Builder:
         se_r, se_w = os.pipe()
         # the helper's own stderr (only a crash of the helper itself writes there) is kept
         # for the error message; its builder child replaces fd 2 with the pty at once
-        zygote.start_build(plan, [ctl_r, rep_w, se_w, slave, err_w],
-                           spare_ok=sandboxed and not spec.host_network and not spec.no_user_namespace)
+        spare_pid = zygote.start_build(plan, [ctl_r, rep_w, se_w, slave, err_w],
+                                       spare_ok=sandboxed and not spec.host_network and not spec.no_user_namespace)
         for fd in (ctl_r, rep_w, se_w, slave, err_w):
             os.close(fd)
         ctl_r = rep_w = se_w = slave = err_w = -1
         if late:
             _make_chroot(spec, userns_expected, links)
+        went = False
+        if sandboxed and spare_pid is not None:
+            # a spare made its user namespace before the request: its id maps (and /etc/passwd)
+            # now, and 'go' ahead of its 'unshared' line
+            _after_unshare(spec, spare_pid, True)
+            os.write(ctl_w, b"go\n")
+            went = True
         userns = False
         helper_pid = -1
         line = _read_line(report)
@@ -607,8 +614,9 @@ def _start(spec: SandboxSpec, mode: str, wait_exec: bool = True) -> Builder:
             line = _read_line(report)
         if sandboxed and line.startswith("unshared "):
             userns = line.split()[1] == "1"
-            _after_unshare(spec, helper_pid, userns)
-            os.write(ctl_w, b"go\n")
+            if not went:
+                _after_unshare(spec, helper_pid, userns)
+                os.write(ctl_w, b"go\n")
             line = _read_line(report)
         if line.startswith("unavailable "):
             raise SandboxUnavailable(f"cannot create the build sandbox: {line[len('unavailable '):]}",

@@ -84,25 +84,34 @@ class Zygote:
                     self.spare.close()
                 self.spare = spare
 
-    def start(self, body: bytes, fds: list[int], spare_ok: bool = False) -> None:
+    def start(self, body: bytes, fds: list[int], spare_ok: bool = False) -> int | None:
         """Start a build helper: ``body`` is the marshalled {"mode", "plan"}; ``fds`` are
         control (read end), report (write end), stderr (write end), pty slave, error pipe.
         With ``spare_ok`` (the plan wants the spare's kind of sandbox: a private network, a user
         namespace allowed) the request goes straight to the spare helper when there is one;
-        otherwise the zygote forks a helper."""
+        otherwise the zygote forks a helper. Returns the spare's pid when it took the build and
+        made a user namespace (its id maps can be written now), else None."""
         with self.lock:
             if spare_ok:
                 self._collect()
                 spare, self.spare = self.spare, None
                 if spare is not None:
                     try:
+                        ready = b""
+                        while not ready.endswith(b"\n"):  # (its namespaces are made by now)
+                            chunk = spare.recv(64)
+                            if not chunk:
+                                raise ConnectionResetError("the spare helper is gone")
+                            ready += chunk
+                        pid, userns = (int(x) for x in ready.split())
                         self._send(b"B", body, fds, spare)
-                        return
-                    except OSError:
+                        return pid if userns == 1 else None
+                    except (OSError, ValueError):
                         pass  # it died: a fresh helper instead
                     finally:
                         spare.close()
             self._send(b"B", body, fds)
+            return None
 
     def prepare_spare(self, seccomp: str = "") -> None:
         """Have a spare helper forked (for the next build) if there is none; ``seccomp``: the
@@ -156,8 +165,10 @@ def prestart() -> None:
     get()
 
 
-def start_build(body: bytes, fds: list[int], spare_ok: bool = False) -> None:
-    _call("start", body, fds, spare_ok)
+def start_build(body: bytes, fds: list[int], spare_ok: bool = False) -> int | None:
+    """See :meth:`Zygote.start`."""
+    res = _call("start", body, fds, spare_ok)
+    return res if isinstance(res, int) else None
 
 
 @functools.lru_cache(maxsize=1)
