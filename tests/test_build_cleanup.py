@@ -51,6 +51,36 @@ def test_deferred_cleanup_drain_waits_and_logs_failures(caplog: pytest.LogCaptur
     c.drain()  # nothing left: returns at once
 
 
+def test_deferred_cleanup_reuses_its_threads_and_ends_them() -> None:
+    """An idle clean-up thread takes the next job (no thread started per build); a job deferred
+    while all are busy gets a thread of its own; drain() ends them."""
+    before = threading.active_count()
+    c = goal_mod.DeferredCleanup()
+    ran: list[threading.Thread] = []  # (the objects: an ident may be reused by a later thread)
+    for _ in range(5):
+        c.defer(lambda: ran.append(threading.current_thread()))
+        deadline = time.monotonic() + 5
+        while c.pending() and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert len(ran) == 5 and len({id(t) for t in ran}) == 1
+    gate = threading.Event()
+    c.defer(lambda: gate.wait(5))
+    deadline = time.monotonic() + 5
+    while not c._busy and time.monotonic() < deadline:  # the slow job has started
+        time.sleep(0.005)
+    c.defer(lambda: ran.append(threading.current_thread()))
+    deadline = time.monotonic() + 5
+    while len(ran) < 6 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert len(ran) == 6, "the second job waited for the busy thread"
+    gate.set()
+    c.drain()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert threading.active_count() == before
+
+
 def test_chain_cleans_up_off_the_critical_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _need_sandbox()
     top = tmp_path / "tmp"

@@ -230,6 +230,10 @@ def _graph(st: LocalStore) -> dict[str, str]:
     return paths
 
 
+#: the threads the fake builds ran in (the objects: an ident may be reused)
+threads: list[threading.Thread] = []
+
+
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[LocalStore, dict[str, str], list[tuple[str, str, float]],
                                                                    set[str]]:
@@ -238,11 +242,13 @@ def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[LocalStore, d
     events: list[tuple[str, str, float]] = []
     failing: set[str] = set()
     lock = threading.Lock()
+    threads.clear()
 
     def build_one(store: LocalStore, n: goal_mod._Node, *a: object) -> BuildResult:
         name = n.drv.name
         with lock:
             events.append(("start", name, time.monotonic()))
+            threads.append(threading.current_thread())
         time.sleep(0.15)
         with lock:
             events.append(("end", name, time.monotonic()))
@@ -274,7 +280,7 @@ def test_scheduler_dependency_order_and_parallelism(fake: tuple[LocalStore, dict
     for k, _, _ in sorted(events, key=lambda e: (e[2], e[0] == "start")):
         running += 1 if k == "start" else -1
         peak = max(peak, running)
-    assert peak == 2
+    assert peak == 2 and len({id(t) for t in threads}) == 2  # two worker threads, reused
     # all valid now: nothing is built again
     events.clear()
     res = goal_mod.build_paths(st, [paths["d"]], BuildOptions(max_jobs=2))
@@ -284,9 +290,16 @@ def test_scheduler_dependency_order_and_parallelism(fake: tuple[LocalStore, dict
 def test_scheduler_one_at_a_time(fake: tuple[LocalStore, dict[str, str], list[tuple[str, str, float]],
                                              set[str]]) -> None:
     st, paths, events, _ = fake
+    before = threading.active_count()
     goal_mod.build_paths(st, [paths["d"], paths["e"]], BuildOptions(max_jobs=1))
     ev = [k for k, _, _ in sorted(events, key=lambda e: e[2])]
     assert ev == ["start", "end"] * 5
+    # one worker thread ran them all, one after the other, and is gone
+    assert len({id(t) for t in threads}) == 1
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert threading.active_count() == before
 
 
 def test_scheduler_failure_and_keep_going(fake: tuple[LocalStore, dict[str, str], list[tuple[str, str, float]],
