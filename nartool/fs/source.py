@@ -635,7 +635,7 @@ class _Relay:
         for lock in (*self.walk, self.turn[1], *self.started):
             lock.acquire()
         self.end = False  # the walk is over (done or failed)
-        self.abort = False  # the caller gave up (an exception in its thread): stop at once
+        self.abort = False  # stop at once: an exception in the caller's thread, or the helper failed
         self.error: BaseException | None = None
         self.total = 0
 
