@@ -453,3 +453,41 @@ def test_names_longer_than_255_bytes_where_limits_allow(tmp_path: Path, batch: i
     with pytest.raises(NarError) as e:
         hash_nar(root, names=LongNames())
     assert e.value.rule == "invalid-name"
+
+
+@pytest.mark.skipif(not getattr(os, "O_NOATIME", 0), reason="no O_NOATIME here")
+def test_files_of_others_are_not_tried_with_noatime_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          batch: int) -> None:
+    """O_NOATIME is refused for files one does not own: after the first refusal the walk opens
+    without it (one failed open per walk, not one per file); a file that cannot be opened at all
+    still fails the hash with the dump's error."""
+    root = tmp_path / "t"
+    victim = many_batches_tree(root, 40)
+    real_open = os.open
+    refused: list[bytes] = []
+
+    def open_(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if flags & os.O_NOATIME and not flags & os.O_DIRECTORY:
+            refused.append(os.fsencode(path))
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
+        if os.fsencode(path).endswith(b"-unreadable"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", open_)
+    want = nar_of(root)
+    refused.clear()
+    h, size = hash_nar(root)
+    assert (h.digest, size) == (hashlib.sha256(want).digest(), len(want))
+    assert len(refused) == 1
+    victim.rename(root / "f40v-unreadable")
+    for tries in range(2):  # the first file refused O_NOATIME, or was opened after that
+        if tries:
+            (root / "f00").unlink()  # ... then a file before it
+        refused.clear()
+        check_leaks = no_leaks()
+        with pytest.raises(FsError) as e:
+            hash_nar(root)
+        assert str(e.value).startswith("cannot read: Permission denied")
+        assert (e.value.rule, e.value.path) == ("io", os.fsencode(root / "f40v-unreadable"))
+        check_leaks()

@@ -831,6 +831,7 @@ def _tree_batches(root: bytes, names: NameCodec | None, exclude: Exclude | None,
                                                                F.HDR_DIRECTORY)
     _open, _fstat, _readv, _close, _readlink = os.open, os.fstat, os.readv, os.close, os.readlink
     S_ISREG, S_IXUSR = stat.S_ISREG, stat.S_IXUSR
+    o_read = _O_READ
     join = b"".join
     # framing by name length (an entry's opening) and by padding (after a name; after contents
     # or a target, with the entry's closing)
@@ -864,9 +865,14 @@ def _tree_batches(root: bytes, names: NameCodec | None, exclude: Exclude | None,
                         kind = _kind_at(disk, dfd, dpath + b"/" + disk)
                     if kind == _REG:
                         try:
-                            fd = _open(disk, _O_READ, dir_fd=dfd)
+                            fd = _open(disk, o_read, dir_fd=dfd)
                         except PermissionError:
-                            fd = _open_at(disk, dfd)
+                            if o_read == _O_READ_NOATIME_FREE:
+                                raise
+                            fd = _open(disk, _O_READ_NOATIME_FREE, dir_fd=dfd)
+                            # O_NOATIME needs ownership: files of others (a store's, say) are
+                            # opened without it from now on, not tried twice each
+                            o_read = _O_READ_NOATIME_FREE
                         try:
                             st = _fstat(fd)
                             mode = st.st_mode
