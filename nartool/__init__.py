@@ -7,14 +7,13 @@ The most used entry points are re-exported here lazily.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 __version__ = "0.1.0"
 
-# Library diagnostics go to the ``nartool`` loggers; silent unless the application (the CLI:
-# nartool.cli.main) configures a handler.
-logging.getLogger(__name__).addHandler(logging.NullHandler())
+# Library diagnostics go to the ``nartool`` loggers (nartool._log: ``logging`` is imported at
+# their first use, and the ``nartool`` logger then gets a NullHandler); silent unless the
+# application (the CLI: nartool.cli.main) configures a handler.
 
 _LAZY = {
     "dump": "nartool.api",

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import grp
-import logging
 import os
 import pwd
 import stat
@@ -52,10 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._log import get_logger
 from .errors import NartoolError, SignatureError
 from .store.signing import PublicKey, SecretKey, load_secret_key, split_key_list
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SYSTEM_CONFIG = "/etc/nartool/nartool.conf"
 USER_CONFIG_RELATIVE = "nartool/nartool.conf"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 import os
 import select
 import signal
@@ -30,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._log import get_logger
 from ..errors import BuildError, NartoolError, SandboxUnavailable, StoreError
 from ..fs.osutil import remove_at
 from ..remote.messages import BuildResult, BuildStatus
@@ -50,7 +50,7 @@ from .logs import LineAssembler, RawLog, filter_escapes, log_path
 from .options import BuildOptions, parse_sandbox_paths
 from .outputs import HashMismatch, Output, OutputRejected, check_outputs, examine_outputs, register_outputs
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 LogFn = Callable[[bytes], None]
 NoticeFn = Callable[[str], None]

@@ -3,16 +3,16 @@ plus ``--option NAME VALUE`` overrides, with Nix 2.8's names and defaults (``doc
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._log import get_logger
 from ..config import Config
 from ..errors import NartoolError
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Nix's default ``system-features`` (``kvm`` is added when ``/dev/kvm`` is usable)
 DEFAULT_SYSTEM_FEATURES = ("benchmark", "big-parallel", "nixos-test")

@@ -22,7 +22,6 @@ import ctypes
 import errno
 import fcntl
 import functools
-import logging
 import marshal
 import os
 import select
@@ -35,11 +34,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
+from .._log import get_logger
 from ..errors import BuildError, SandboxUnavailable
 from . import seccomp, zygote
 from .users import BuildUser
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 HOMELESS_SHELTER = "/homeless-shelter"
 SETUP_CONTEXT = "while setting up the build environment"

@@ -41,7 +41,6 @@ from __future__ import annotations
 import base64
 import http.client
 import io
-import logging
 import netrc
 import os
 import random
@@ -56,12 +55,13 @@ from typing import Any, BinaryIO
 from urllib.parse import quote, urljoin, urlsplit
 
 from .. import __version__
+from .._log import get_logger
 from ..errors import StoreError
 from .backend import CacheUnavailableError, check_key
 from .lookup import Answer, Entry, LookupCache, TransferError
 from .store import BinaryCacheStore
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 USER_AGENT = f"nartool/{__version__}"
 #: Nix's defaults: ``download-attempts``, ``stalled-download-timeout``; nartool's own for

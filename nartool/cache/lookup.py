@@ -26,7 +26,6 @@ opened (read-only home, corrupt file) is reported once and nartool goes on witho
 
 from __future__ import annotations
 
-import logging
 import os
 import sqlite3
 import threading
@@ -34,10 +33,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .._log import get_logger
 from ..errors import StoreError
 from .backend import CacheUnavailableError
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Seconds a present answer (a narinfo, ``nix-cache-info``) is used without asking again.
 #: Nix's ``narinfo-cache-positive-ttl`` defaults to 30 days because Nix never revalidates;

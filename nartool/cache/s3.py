@@ -27,7 +27,6 @@ incomplete upload is left in the bucket to be billed.
 from __future__ import annotations
 
 import io
-import logging
 import os
 import stat
 import tempfile
@@ -39,6 +38,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from .._log import get_logger
 from ..errors import NartoolError, StoreError
 from ..store.base import ConsumeFn
 from ..store.paths import DEFAULT_STORE_DIR
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
     from ..store.uri import StoreURI
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 KiB = 1 << 10
 MiB = 1 << 20

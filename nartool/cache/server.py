@@ -47,7 +47,6 @@ import base64
 import hashlib
 import hmac
 import ipaddress
-import logging
 import os
 import re
 import shutil
@@ -62,13 +61,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .. import __version__
+from .._log import get_logger
 from ..errors import NartoolError, StoreError
 from ..hashes import Hash
 from ..store.base import BaseStore
 from ..store.paths import StorePath
 from ..store.signing import PublicKey, SecretKey
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 CACHE_CONTROL_INFO = "public, max-age=86400"
 CACHE_CONTROL_IMMUTABLE = "public, max-age=31536000, immutable"

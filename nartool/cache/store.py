@@ -21,7 +21,6 @@ once every check passed, so a consumer never sees a complete NAR that does not m
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import tempfile
 import threading
@@ -30,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from .._log import get_logger
 from ..errors import StoreError
 from ..hashes import Hash
 from ..nar.events import Directory, EndDirectory, Event, File, Symlink
@@ -50,7 +50,7 @@ from .backend import (
 )
 from .narinfo import COMPRESSIONS, NarInfo, nar_url
 
-log = logging.getLogger("nartool.cache")
+log = get_logger("nartool.cache")
 
 CACHE_INFO = "nix-cache-info"
 #: compression methods nartool can write (Nix also knows br, lz4, lzip)

@@ -15,12 +15,12 @@ one is tried. Nothing is registered that was not completely fetched and checked.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .._log import get_logger
 from ..errors import NartoolError, ProtocolError, StoreError
 from ..store.base import BaseStore
 from ..store.ops import copy_paths, unsigned_refusals
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..store.signing import PublicKey
 
-log = logging.getLogger("nartool.cache")
+log = get_logger("nartool.cache")
 
 
 def priority_of(store: BaseStore) -> int:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 import click
 
-log = logging.getLogger("nartool.cache.server")
+from .._log import get_logger
+
+log = get_logger("nartool.cache.server")
 
 
 @click.group("cache")

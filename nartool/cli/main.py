@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import signal
 import sys
@@ -168,27 +167,48 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-class _StderrHandler(logging.Handler):
-    """Library diagnostics as plain lines on the current ``sys.stderr``."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            sys.stderr.write(self.format(record) + "\n")
-            sys.stderr.flush()
-        except Exception:
-            self.handleError(record)
+_handler_class: Any = None
 
 
-def _show_diagnostics(debug: bool) -> None:
-    """The ``nartool`` loggers' messages on stderr: INFO and up, DEBUG too with --debug."""
+def _stderr_handler_class(logging: Any) -> Any:
+    """The handler writing library diagnostics as plain lines on the current ``sys.stderr``
+    (one class per process, made when ``logging`` is first needed)."""
+    global _handler_class
+    if _handler_class is None:
+        class StderrHandler(logging.Handler):  # type: ignore[misc]
+            def emit(self, record: Any) -> None:
+                try:
+                    sys.stderr.write(self.format(record) + "\n")
+                    sys.stderr.flush()
+                except Exception:
+                    self.handleError(record)
+
+        _handler_class = StderrHandler
+    return _handler_class
+
+
+def _configure_diagnostics(logging: Any, debug: bool) -> None:
+    cls = _stderr_handler_class(logging)
     logger = logging.getLogger("nartool")
-    for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+    for h in [h for h in logger.handlers if isinstance(h, cls)]:
         logger.removeHandler(h)
-    handler = _StderrHandler()
+    handler = cls()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
     logger.propagate = False
+
+
+def _show_diagnostics(debug: bool) -> None:
+    """The ``nartool`` loggers' messages on stderr: INFO and up, DEBUG too with --debug. Set up
+    now when ``logging`` is imported already, else at the first use of a nartool logger
+    (importing ``logging`` costs ~8 ms of start-up, and most commands never log)."""
+    if "logging" in sys.modules:
+        _configure_diagnostics(sys.modules["logging"], debug)
+    else:
+        from .._log import when_used
+
+        when_used(lambda logging: _configure_diagnostics(logging, debug))
 
 
 def _ignore_termination() -> None:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import base64
 import binascii
 import fcntl
-import logging
 import os
 import platform
 import re
@@ -51,12 +50,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._log import get_logger
 from ..errors import BuildError, NartoolError
 from ..store.derivation import BasicDerivation, Derivation, read_derivation
 from ..store.ops import closure, copy_paths
 from .messages import BuildDerivationRequest, BuildResult, BuildSettings, BuildStatus
 
-log_ = logging.getLogger(__name__)
+log_ = get_logger(__name__)
 
 #: how deep ``@FILE`` entries may nest (a file including itself would loop otherwise)
 MAX_INCLUDE_DEPTH = 16

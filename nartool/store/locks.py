@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import signal
 import threading
@@ -26,12 +25,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from .._log import get_logger
 from ..errors import StoreError
 
 if TYPE_CHECKING:
     import socket
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def _open_lock_file(path: str) -> int:
