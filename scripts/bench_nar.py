@@ -128,7 +128,8 @@ def pairs(ours: list[object], theirs: str, runs: int, prep: str | None) -> tuple
             elif isinstance(ours[0], str) and len(ours) == 1:
                 a.append(sh(ours[0]))
             else:
-                out = subprocess.run([str(x) for x in ours], check=True, capture_output=True, text=True)
+                # from "/": run in the checkout, ``python -c`` would import its package, not the install
+                out = subprocess.run([str(x) for x in ours], check=True, capture_output=True, text=True, cwd="/")
                 a.append(float(out.stdout.strip().splitlines()[-1]))
     if prep:
         sh(prep)
