@@ -45,7 +45,8 @@ import grp
 import os
 import pwd
 import stat
-import textwrap
+import sys
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -608,6 +609,8 @@ def _lookup(known: Mapping[str, Setting], name: str, source: str, lineno: int) -
 def settings_doc(settings: Iterable[Setting] | None = None) -> str:
     """The settings' reference documentation (reStructuredText definition list), as in the
     module docstring."""
+    import textwrap
+
     out = []
     for st in Config.settings().values() if settings is None else settings:
         default = st.kind.show(st.default)
@@ -618,5 +621,14 @@ def settings_doc(settings: Iterable[Setting] | None = None) -> str:
     return "".join(out)
 
 
-if __doc__ is not None:
-    __doc__ = __doc__.replace("{settings}", settings_doc())
+class _ConfigModule(types.ModuleType):
+    """This module, whose docstring gets the settings' reference when it is read (making it
+    at import cost every command ~2 ms of start-up)."""
+
+    @property
+    def __doc__(self) -> str | None:  # type: ignore[override]
+        return None if _DOC is None else _DOC.replace("{settings}", settings_doc())
+
+
+_DOC = __doc__
+sys.modules[__name__].__class__ = _ConfigModule

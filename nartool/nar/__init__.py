@@ -6,11 +6,45 @@
 * :mod:`nartool.nar.listing` — listings (``ls``, ``.ls`` JSON) and ``cat`` over events.
 """
 
-from .events import END, Directory, EndDirectory, Event, File, Node, Symlink, with_paths
-from .limits import DEFAULT_LIMITS, Limits
-from .reader import NarReader
-from .source import ByteSource
-from .writer import nar_bytes, write_nar
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .events import END, Directory, EndDirectory, Event, File, Node, Symlink, with_paths
+    from .limits import DEFAULT_LIMITS, Limits
+    from .reader import NarReader
+    from .source import ByteSource
+    from .writer import nar_bytes, write_nar
+
+# the names below are imported from their modules at first use (start-up time: a command loads
+# only the modules it needs)
+_WHERE = {
+    "END": ".events",
+    "Directory": ".events",
+    "EndDirectory": ".events",
+    "Event": ".events",
+    "File": ".events",
+    "Node": ".events",
+    "Symlink": ".events",
+    "with_paths": ".events",
+    "DEFAULT_LIMITS": ".limits",
+    "Limits": ".limits",
+    "NarReader": ".reader",
+    "ByteSource": ".source",
+    "nar_bytes": ".writer",
+    "write_nar": ".writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "END", "Directory", "EndDirectory", "Event", "File", "Node", "Symlink", "with_paths",
