@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from ..remote.messages import BuildResult, BuildStatus
@@ -25,13 +26,7 @@ _LAZY = {"BuildResult": "..remote.messages", "BuildStatus": "..remote.messages",
          "parse_sandbox_paths": ".options"}
 
 
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 __all__ = ["BuildOptions", "BuildResult", "BuildStatus", "CancelToken", "SUCCESS", "build_derivation", "build_paths",
            "exit_status", "filter_escapes", "parse_sandbox_paths", "read_log"]

@@ -4,7 +4,9 @@ Name codecs (the case hack) and filters plug into :func:`dump_events` and
 :func:`restore_events` without touching the codec.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from .sink import restore_events
@@ -22,15 +24,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(mod, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _WHERE, globals())
 
 
 __all__ = ["restore_events", "dump_events", "dump_nar", "DirNamer", "Exclude", "NameCodec"]

@@ -363,13 +363,7 @@ def _dump_nar(
     _open, _fstat, _read, _close, _readlink = os.open, os.fstat, os.read, os.close, os.readlink
     S_ISREG, S_IXUSR = stat.S_ISREG, stat.S_IXUSR
     out = bytearray(F.TOK_MAGIC + F.HDR_DIRECTORY)
-    rfd = _open_dir(root)
-    try:
-        children = _list_dir(rfd, root, b"", names, exclude)
-    except BaseException:
-        _close(rfd)
-        raise
-    stack = [(rfd, root, b"", iter(children))]
+    stack = [_root_frame(root, names, exclude)]
     try:
         depth = 1
         while stack:
@@ -431,15 +425,7 @@ def _dump_nar(
                         out += PAD[-n & 7]
                         out += CLOSE2
                     else:
-                        cpath = dpath + b"/" + disk
-                        crel = rel + b"/" + logical if rel else logical
-                        cfd = _open(disk, _O_DIR, dir_fd=dfd)
-                        try:
-                            children = _list_dir(cfd, cpath, crel, names, exclude)
-                        except BaseException:
-                            _close(cfd)
-                            raise
-                        stack.append((cfd, cpath, crel, iter(children)))
+                        stack.append(_descend(dfd, disk, dpath, rel, logical, names, exclude))
                         depth += 1
                         out += F.HDR_DIRECTORY
                         break
@@ -494,6 +480,33 @@ def _entry_limits(logical: bytes, dpath: bytes, disk: bytes, depth: int, limits:
                        path=dpath)
     raise NarError(f"nesting deeper than {limits.max_depth} levels", rule="too-deep",
                    expected=f"<= {limits.max_depth}", got=depth + 1, path=dpath + b"/" + disk)
+
+
+def _root_frame(root: bytes, names: NameCodec | None,
+                exclude: Exclude | None) -> tuple[int, bytes, bytes, Iterator[tuple[bytes, bytes, int]]]:
+    """The walks' first frame: the root directory's descriptor and listing."""
+    rfd = _open_dir(root)
+    try:
+        children = _list_dir(rfd, root, b"", names, exclude)
+    except BaseException:
+        os.close(rfd)
+        raise
+    return rfd, root, b"", iter(children)
+
+
+def _descend(dfd: int, disk: bytes, dpath: bytes, rel: bytes, logical: bytes, names: NameCodec | None,
+             exclude: Exclude | None) -> tuple[int, bytes, bytes, Iterator[tuple[bytes, bytes, int]]]:
+    """The walks' next frame for the directory entry ``disk`` of ``dfd``: its descriptor
+    (``O_NOFOLLOW``, relative to its parent), path on disk, logical path and listing."""
+    cpath = dpath + b"/" + disk
+    crel = rel + b"/" + logical if rel else logical
+    cfd = os.open(disk, _O_DIR, dir_fd=dfd)
+    try:
+        children = _list_dir(cfd, cpath, crel, names, exclude)
+    except BaseException:
+        os.close(cfd)
+        raise
+    return cfd, cpath, crel, iter(children)
 
 
 def _list_dir(
@@ -795,24 +808,13 @@ def _file_batches(root: bytes) -> Generator[int, memoryview, None]:
         fd = _open_at(root, None)
         try:
             st = _regular_fstat(fd, root)
-            left = size = st.st_size
+            size = st.st_size
             head = (F.TOK_MAGIC + (F.HDR_EXECUTABLE if st.st_mode & stat.S_IXUSR else F.HDR_REGULAR)
                     + size.to_bytes(8, "little"))
             tail = F.PAD[-size & 7] + F.CLOSE
             buf = yield len(head) + size + len(tail)
             buf, pos = yield from _fill_put(buf, 0, head)
-            readv = os.readv
-            while left:
-                cap = len(buf)
-                if pos == cap:
-                    buf = yield cap
-                    pos, cap = 0, len(buf)
-                end = pos + left if left < cap - pos else cap
-                k = readv(fd, [buf[pos:end]])
-                if not k:
-                    raise _size_changed(root, size, size - left)
-                pos += k
-                left -= k
+            buf, pos = yield from _fill_read(buf, pos, fd, size, root)
         finally:
             os.close(fd)
     except OSError as e:
@@ -839,13 +841,7 @@ def _tree_batches(root: bytes, names: NameCodec | None, exclude: Exclude | None,
     entry_heads = [ENTRY_OPEN + n.to_bytes(8, "little") for n in range(short + 1)]
     name_tails = [PAD[-n & 7] + NODE for n in range(8)]
     file_tails = [PAD[-n & 7] + CLOSE2 for n in range(8)]
-    rfd = _open_dir(root)
-    try:
-        children = _list_dir(rfd, root, b"", names, exclude)
-    except BaseException:
-        _close(rfd)
-        raise
-    stack = [(rfd, root, b"", iter(children))]
+    stack = [_root_frame(root, names, exclude)]
     try:
         buf = yield -1
         cap = len(buf)
@@ -905,15 +901,7 @@ def _tree_batches(root: bytes, names: NameCodec | None, exclude: Exclude | None,
                         tail = join((entry_heads[n], logical, name_tails[n & 7], HDR_SYMLINK, t.to_bytes(8, "little"),
                                      target, file_tails[t & 7]))
                     else:
-                        cpath = dpath + b"/" + disk
-                        crel = rel + b"/" + logical if rel else logical
-                        cfd = _open(disk, _O_DIR, dir_fd=dfd)
-                        try:
-                            children = _list_dir(cfd, cpath, crel, names, exclude)
-                        except BaseException:
-                            _close(cfd)
-                            raise
-                        stack.append((cfd, cpath, crel, iter(children)))
+                        stack.append(_descend(dfd, disk, dpath, rel, logical, names, exclude))
                         depth += 1
                         tail = join((entry_heads[n], logical, name_tails[n & 7], HDR_DIRECTORY))
                         end = pos + len(tail)

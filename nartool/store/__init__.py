@@ -11,8 +11,9 @@ on-disk store, SQLite and the URI parser at start-up.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from .base import BaseStore
@@ -29,10 +30,4 @@ _WHERE = {"BaseStore": ".base", "LocalStore": ".local", "default_root": ".local"
           "register_store_type": ".uri"}
 
 
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _WHERE, globals())
