@@ -602,10 +602,14 @@ def _start(spec: SandboxSpec, mode: str, wait_exec: bool = True) -> Builder:
         went = False
         if sandboxed and spare_pid is not None:
             # a spare made its user namespace before the request: its id maps (and /etc/passwd)
-            # now, and 'go' ahead of its 'unshared' line
-            _after_unshare(spec, spare_pid, True)
-            os.write(ctl_w, b"go\n")
-            went = True
+            # now, and 'go' ahead of its 'unshared' line (should it have died meanwhile, its
+            # report says so below)
+            try:
+                _after_unshare(spec, spare_pid, True)
+                os.write(ctl_w, b"go\n")
+                went = True
+            except OSError:
+                pass
         userns = False
         helper_pid = -1
         line = _read_line(report)
