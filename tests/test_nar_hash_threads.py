@@ -491,3 +491,30 @@ def test_files_of_others_are_not_tried_with_noatime_each(tmp_path: Path, monkeyp
         assert str(e.value).startswith("cannot read: Permission denied")
         assert (e.value.rule, e.value.path) == ("io", os.fsencode(root / "f40v-unreadable"))
         check_leaks()
+
+
+@pytest.mark.skipif(not getattr(os, "O_NOATIME", 0), reason="no O_NOATIME here")
+def test_the_dump_tries_noatime_once_for_files_of_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dump does as the hash: after the first file that refuses O_NOATIME (one does not own
+    it), the rest are opened without it, with the same bytes; an unreadable file still fails
+    the dump with its path."""
+    root = tmp_path / "t"
+    many_batches_tree(root, 40)
+    want = nar_of(root)
+    real_open = os.open
+    refused: list[bytes] = []
+
+    def open_(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if flags & os.O_NOATIME and not flags & os.O_DIRECTORY:
+            refused.append(os.fsencode(path))
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
+        if os.fsencode(path).endswith(b"-unreadable"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", open_)
+    assert nar_of(root) == want and len(refused) == 1
+    (root / "f40v").rename(root / "f40v-unreadable")
+    with pytest.raises(FsError) as e:
+        nar_of(root)
+    assert (e.value.rule, e.value.path) == ("io", os.fsencode(root / "f40v-unreadable"))

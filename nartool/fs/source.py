@@ -361,6 +361,7 @@ def _dump_nar(
     ENTRY_OPEN, NODE, PAD, CLOSE2 = F.ENTRY_OPEN, F.NODE, F.PAD, F.CLOSE2
     HDR_REGULAR, HDR_EXECUTABLE, HDR_SYMLINK = F.HDR_REGULAR, F.HDR_EXECUTABLE, F.HDR_SYMLINK
     _open, _fstat, _read, _close, _readlink = os.open, os.fstat, os.read, os.close, os.readlink
+    o_read = _O_READ
     S_ISREG, S_IXUSR = stat.S_ISREG, stat.S_IXUSR
     out = bytearray(F.TOK_MAGIC + F.HDR_DIRECTORY)
     stack = [_root_frame(root, names, exclude)]
@@ -382,9 +383,14 @@ def _dump_nar(
                         kind = _kind_at(disk, dfd, dpath + b"/" + disk)
                     if kind == _REG:
                         try:
-                            fd = _open(disk, _O_READ, dir_fd=dfd)
+                            fd = _open(disk, o_read, dir_fd=dfd)
                         except PermissionError:
-                            fd = _open_at(disk, dfd)
+                            if o_read == _O_READ_NOATIME_FREE:
+                                raise
+                            # O_NOATIME needs ownership: files of others (a store's, say) are
+                            # opened without it from now on, not tried twice each
+                            fd = _open(disk, _O_READ_NOATIME_FREE, dir_fd=dfd)
+                            o_read = _O_READ_NOATIME_FREE
                         try:
                             st = _fstat(fd)
                             if not S_ISREG(st.st_mode):
