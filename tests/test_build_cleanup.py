@@ -16,6 +16,7 @@ import pytest
 from nartool.build import BuildOptions, BuildStatus
 from nartool.build import goal as goal_mod
 from nartool.build import sandbox as sbx
+from nartool.store.local import LocalStore
 
 from .buildkit import nartool_store, static_busybox, write_drv
 from .conftest import require
@@ -81,12 +82,18 @@ def test_deferred_cleanup_reuses_its_threads_and_ends_them() -> None:
     assert threading.active_count() == before
 
 
-def test_chain_cleans_up_off_the_critical_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _need_sandbox()
+def _store_and_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[LocalStore, Path]:
+    """A store with busybox, and a TMPDIR of its own (where build directories go)."""
     top = tmp_path / "tmp"
     top.mkdir()
     monkeypatch.setenv("TMPDIR", str(top))
     st, _ = nartool_store(tmp_path / "store", tmp_path)
+    return st, top
+
+
+def test_chain_cleans_up_off_the_critical_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _need_sandbox()
+    st, top = _store_and_tmpdir(tmp_path, monkeypatch)
     prev: str | None = None
     drvs: list[str] = []
     for i in range(3):
@@ -115,10 +122,7 @@ def test_chain_cleans_up_off_the_critical_path(tmp_path: Path, monkeypatch: pyte
 
 def test_failed_build_is_cleaned_up_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _need_sandbox()
-    top = tmp_path / "tmp"
-    top.mkdir()
-    monkeypatch.setenv("TMPDIR", str(top))
-    st, _ = nartool_store(tmp_path / "store", tmp_path)
+    st, top = _store_and_tmpdir(tmp_path, monkeypatch)
     drv = write_drv(st, "fails", "echo partial > $out; exit 3")
     res = goal_mod.build_paths(st, [drv], BuildOptions(sandbox="true", build_users_group=""))
     assert res[0].status == BuildStatus.PERMANENT_FAILURE

@@ -664,16 +664,23 @@ def test_silent_server_is_dead_after_its_attempts(tmp_path: Path, conf: dict[str
         s.close()
 
 
-def test_cut_off_nar_download_resumes_with_range(static: Static, closure: Closure, tmp_path: Path,
-                                                 conf: dict[str, str]) -> None:
+def check_range_resume(server: Static, closure: Closure, tmp_path: Path, conf: dict[str, str]) -> list[dict[str, Any]]:
+    """A NAR cut off midway by ``server`` is fetched to the end with a Range request; returns the
+    two requests for it."""
     hp = closure.hash_part(closure.tree)
-    text = (static.cache / f"{hp}.narinfo").read_text()
+    text = (server.cache / f"{hp}.narinfo").read_text()
     url = next(line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("URL: "))
-    static.faults(**{url: "truncate-once"})
+    server.faults(**{url: "truncate-once"})
     dst = tmp_path / "dst"
-    r = run_cli("--store", dst, "copy", "--from", static.url, closure.tree, env=conf)
+    r = run_cli("--store", dst, "copy", "--from", server.url, closure.tree, env=conf)
     assert r.returncode == 0, r.stderr
     assert valid_paths(dst) == {closure.tree}
-    nar_reqs = [q for q in static.requests() if q["path"].endswith(url)]
+    nar_reqs = [q for q in server.requests() if q["path"].endswith(url)]
     assert len(nar_reqs) == 2 and nar_reqs[0]["range"] is None
-    assert nar_reqs[1]["range"] is not None and nar_reqs[1]["range"] != "bytes=0-"  # the rest only
+    assert nar_reqs[1]["range"] not in (None, "bytes=0-")  # the rest only
+    return nar_reqs
+
+
+def test_cut_off_nar_download_resumes_with_range(static: Static, closure: Closure, tmp_path: Path,
+                                                 conf: dict[str, str]) -> None:
+    check_range_resume(static, closure, tmp_path, conf)

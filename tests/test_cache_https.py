@@ -28,7 +28,7 @@ from nartool.store.uri import open_store
 
 from .cachekit import run_nix
 from .helpers import run_cli
-from .test_cache_http import HERE, Closure, Static, make_conf, make_key, valid_paths
+from .test_cache_http import HERE, Closure, Static, check_range_resume, make_conf, make_key, valid_paths
 
 # -- a throwaway PKI --------------------------------------------------------------------------
 
@@ -223,17 +223,7 @@ def test_cut_off_nar_over_tls_resumes_with_range(https: TLSStatic, closure: Clos
                                                  conf: dict[str, str]) -> None:
     """The test server's faults and Range support work over TLS too: a NAR cut off midway
     continues with a Range request on a new TLS connection."""
-    hp = closure.hash_part(closure.tree)
-    text = (https.cache / f"{hp}.narinfo").read_text()
-    url = next(line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("URL: "))
-    https.faults(**{url: "truncate-once"})
-    dst = tmp_path / "dst"
-    r = run_cli("--store", dst, "copy", "--from", https.url, closure.tree, env=conf)
-    assert r.returncode == 0, r.stderr
-    assert valid_paths(dst) == {closure.tree}
-    nar_reqs = [q for q in https.requests() if q["path"].endswith(url)]
-    assert len(nar_reqs) == 2 and nar_reqs[0]["range"] is None
-    assert nar_reqs[1]["range"] not in (None, "bytes=0-")  # the rest only
+    nar_reqs = check_range_resume(https, closure, tmp_path, conf)
     assert nar_reqs[0]["client-port"] != nar_reqs[1]["client-port"]
 
 
@@ -260,34 +250,35 @@ def _refused(server: TLSStatic, closure: Closure, tmp_path: Path, conf: dict[str
     assert server.requests() == []
 
 
+def _refused_with(tmp_path: Path, closure: Closure, key: tuple[Path, str], conf: dict[str, str],
+                  cert: tuple[Path, Path], pattern: str) -> None:
+    """A cache served with ``cert`` is refused with an error matching ``pattern``."""
+    s = serve(tmp_path, closure, key, cert)
+    try:
+        _refused(s, closure, tmp_path, conf, s.url, pattern)
+    finally:
+        s.stop()
+
+
 def test_untrusted_certificate_refused(tmp_path: Path, closure: Closure, key: tuple[Path, str],
                                        conf: dict[str, str]) -> None:
     """A certificate from a CA nobody trusts (NIX_SSL_CERT_FILE names another one)."""
     other = CA("some other CA")
-    s = serve(tmp_path, closure, key, other.issue(tmp_path / "tls", ["127.0.0.1", "localhost"]))
-    try:
-        _refused(s, closure, tmp_path, conf, s.url, "certificate verify failed")
-    finally:
-        s.stop()
+    _refused_with(tmp_path, closure, key, conf, other.issue(tmp_path / "tls", ["127.0.0.1", "localhost"]),
+                  "certificate verify failed")
 
 
 def test_hostname_mismatch_refused(tmp_path: Path, closure: Closure, key: tuple[Path, str], ca: CA,
                                    conf: dict[str, str]) -> None:
     """A certificate from the trusted CA, but for another host."""
-    s = serve(tmp_path, closure, key, ca.issue(tmp_path / "tls", ["cache.example.org"]))
-    try:
-        _refused(s, closure, tmp_path, conf, s.url, "certificate verify failed.*(mismatch|match)")
-    finally:
-        s.stop()
+    _refused_with(tmp_path, closure, key, conf, ca.issue(tmp_path / "tls", ["cache.example.org"]),
+                  "certificate verify failed.*(mismatch|match)")
 
 
 def test_expired_certificate_refused(tmp_path: Path, closure: Closure, key: tuple[Path, str], ca: CA,
                                      conf: dict[str, str]) -> None:
-    s = serve(tmp_path, closure, key, ca.issue(tmp_path / "tls", ["127.0.0.1"], expired=True))
-    try:
-        _refused(s, closure, tmp_path, conf, s.url, "certificate verify failed.*expired")
-    finally:
-        s.stop()
+    _refused_with(tmp_path, closure, key, conf, ca.issue(tmp_path / "tls", ["127.0.0.1"], expired=True),
+                  "certificate verify failed.*expired")
 
 
 def test_ca_must_be_trusted_and_bundle_readable(https: TLSStatic, closure: Closure, tmp_path: Path,

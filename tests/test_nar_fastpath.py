@@ -105,6 +105,9 @@ from nartool.errors import FsError, NartoolError  # noqa: E402
 from nartool.fs.sink import _Builder, restore_events  # noqa: E402
 from nartool.nar.reader import FileSink  # noqa: E402
 
+from .test_nar_property import events_of as tree_events  # noqa: E402
+from .test_nar_property import tree_strategy  # noqa: E402
+
 
 def tree_state(root: str) -> list[tuple[str, int, bytes]]:
     """Every entry under ``root``: relative path, mode, contents or target."""
@@ -146,26 +149,7 @@ def restore_both(data: bytes, step: int | None) -> tuple[Any, Any]:
 
 
 NAME = st.binary(min_size=1, max_size=10).filter(lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b".."))
-leaf = st.one_of(
-    st.binary(max_size=300),
-    st.tuples(st.just("x"), st.binary(max_size=100)),
-    st.tuples(st.just("l"), st.binary(min_size=1, max_size=30).filter(lambda b: b"\0" not in b)),
-)
-trees = st.recursive(leaf, lambda kids: st.dictionaries(NAME, kids, max_size=6), max_leaves=30)
-
-
-def tree_events(tree: Any, name: bytes = b"") -> list[object]:
-    if isinstance(tree, dict):
-        out: list[object] = [Directory(name)]
-        for k in sorted(tree):
-            out += tree_events(tree[k], k)
-        return [*out, END]
-    if isinstance(tree, bytes):
-        return [File(name, False, len(tree), [tree] if tree else [])]
-    kind, body = tree
-    if kind == "x":
-        return [File(name, True, len(body), [body] if body else [])]
-    return [Symlink(name, body)]
+trees = tree_strategy(NAME, file_max=300, exec_max=100, dir_max=6, max_leaves=30)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

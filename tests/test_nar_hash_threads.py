@@ -455,14 +455,9 @@ def test_names_longer_than_255_bytes_where_limits_allow(tmp_path: Path, batch: i
     assert e.value.rule == "invalid-name"
 
 
-@pytest.mark.skipif(not getattr(os, "O_NOATIME", 0), reason="no O_NOATIME here")
-def test_files_of_others_are_not_tried_with_noatime_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          batch: int) -> None:
-    """O_NOATIME is refused for files one does not own: after the first refusal the walk opens
-    without it (one failed open per walk, not one per file); a file that cannot be opened at all
-    still fails the hash with the dump's error."""
-    root = tmp_path / "t"
-    victim = many_batches_tree(root, 40)
+def files_of_others(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Make every file refuse O_NOATIME, as files one does not own do, and files named
+    ``*-unreadable`` refuse to open at all; returns the list of refused O_NOATIME opens."""
     real_open = os.open
     refused: list[bytes] = []
 
@@ -475,6 +470,18 @@ def test_files_of_others_are_not_tried_with_noatime_each(tmp_path: Path, monkeyp
         return real_open(path, flags, *args, **kw)
 
     monkeypatch.setattr(os, "open", open_)
+    return refused
+
+
+@pytest.mark.skipif(not getattr(os, "O_NOATIME", 0), reason="no O_NOATIME here")
+def test_files_of_others_are_not_tried_with_noatime_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          batch: int) -> None:
+    """O_NOATIME is refused for files one does not own: after the first refusal the walk opens
+    without it (one failed open per walk, not one per file); a file that cannot be opened at all
+    still fails the hash with the dump's error."""
+    root = tmp_path / "t"
+    victim = many_batches_tree(root, 40)
+    refused = files_of_others(monkeypatch)
     want = nar_of(root)
     refused.clear()
     h, size = hash_nar(root)
@@ -501,18 +508,7 @@ def test_the_dump_tries_noatime_once_for_files_of_others(tmp_path: Path, monkeyp
     root = tmp_path / "t"
     many_batches_tree(root, 40)
     want = nar_of(root)
-    real_open = os.open
-    refused: list[bytes] = []
-
-    def open_(path: Any, flags: int, *args: Any, **kw: Any) -> int:
-        if flags & os.O_NOATIME and not flags & os.O_DIRECTORY:
-            refused.append(os.fsencode(path))
-            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
-        if os.fsencode(path).endswith(b"-unreadable"):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
-        return real_open(path, flags, *args, **kw)
-
-    monkeypatch.setattr(os, "open", open_)
+    refused = files_of_others(monkeypatch)
     assert nar_of(root) == want and len(refused) == 1
     (root / "f40v").rename(root / "f40v-unreadable")
     with pytest.raises(FsError) as e:

@@ -23,12 +23,18 @@ NAME_BYTES = st.binary(min_size=1, max_size=12).filter(
 
 Tree = Any  # bytes (file) | tuple[str, bytes] (symlink / exec) | dict (directory)
 
-leaf = st.one_of(
-    st.binary(max_size=40),
-    st.tuples(st.just("x"), st.binary(max_size=20)),
-    st.tuples(st.just("l"), st.binary(min_size=1, max_size=30).filter(lambda b: b"\0" not in b)),
-)
-trees = st.recursive(leaf, lambda kids: st.dictionaries(NAME_BYTES, kids, max_size=5), max_leaves=25)
+def tree_strategy(names: st.SearchStrategy[bytes] = NAME_BYTES, *, file_max: int = 40, exec_max: int = 20,
+                  dir_max: int = 5, max_leaves: int = 25) -> st.SearchStrategy[Tree]:
+    """Trees: files (bytes), ("x", bytes) executables, ("l", target) symlinks, dicts by name."""
+    leaf = st.one_of(
+        st.binary(max_size=file_max),
+        st.tuples(st.just("x"), st.binary(max_size=exec_max)),
+        st.tuples(st.just("l"), st.binary(min_size=1, max_size=30).filter(lambda b: b"\0" not in b)),
+    )
+    return st.recursive(leaf, lambda kids: st.dictionaries(names, kids, max_size=dir_max), max_leaves=max_leaves)
+
+
+trees = tree_strategy()
 
 
 def events_of(tree: Tree, name: bytes = b"") -> list[Event]:

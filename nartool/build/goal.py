@@ -206,12 +206,6 @@ def _realisations(store: LocalStore, drv_path: str, drv: Derivation, paths: dict
                 _HASH_CACHE.clear()
             cache = dict(_HASH_CACHE)
         hashes = hash_derivation_modulo(drv, resolve, store_dir=store.store_dir, cache=cache).hashes
-        if full and drv.type() != FIXED:
-            # what the build of a derivation depending on this one needs (unmasked), from the
-            # derivation in hand rather than from its file again (only a full derivation: an
-            # in-memory one lacks its input derivations)
-            cache[drv_path] = hash_derivation_modulo(drv, resolve, mask_outputs=False, store_dir=store.store_dir,
-                                                     cache=cache)
         with _HASH_CACHE_LOCK:
             _HASH_CACHE.update(cache)
     except NartoolError:
