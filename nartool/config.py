@@ -49,12 +49,18 @@ import sys
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._log import get_logger
 from .errors import NartoolError, SignatureError
-from .store.signing import PublicKey, SecretKey, load_secret_key, split_key_list
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .store.signing import PublicKey, SecretKey
+
+# pathlib and the signing module are imported where used: a build reads its settings here, and
+# neither is needed unless a file exists or keys are configured (~3 ms of start-up)
 
 log = get_logger(__name__)
 
@@ -95,6 +101,8 @@ def _parse_bool(tokens: list[str]) -> bool:
 
 
 def _parse_keys(tokens: list[str]) -> tuple[PublicKey, ...]:
+    from .store.signing import PublicKey
+
     keys = []
     for t in tokens:
         try:
@@ -394,40 +402,33 @@ class Config:
     @staticmethod
     def default_paths(env: Mapping[str, str] | None = None) -> list[tuple[Path, bool]]:
         """The files :meth:`load` reads, each with whether it must exist."""
-        env = os.environ if env is None else env
-        paths = [(Path(SYSTEM_CONFIG), False)]
-        explicit = env.get("NARTOOL_CONFIG")
-        if explicit:
-            return [*paths, (Path(explicit), True)]
-        xdg = env.get("XDG_CONFIG_HOME")
-        if xdg and os.path.isabs(xdg):
-            base = Path(xdg)
-        else:
-            home = env.get("HOME") or pwd.getpwuid(os.getuid()).pw_dir
-            base = Path(home) / ".config"
-        return [*paths, (base / USER_CONFIG_RELATIVE, False)]
+        from pathlib import Path
+
+        return [(Path(p), required) for p, required in _default_files(env)]
 
     @classmethod
     def load(cls, paths: Sequence[str | os.PathLike[str]] | None = None,
              env: Mapping[str, str] | None = None) -> Config:
         """Read the configuration files. Explicit ``paths`` must all exist; of the default
         ones (:meth:`default_paths`) absent files are skipped."""
-        files = cls.default_paths(env) if paths is None else [(Path(p), True) for p in paths]
+        files: Sequence[tuple[str | os.PathLike[str], bool]] = (
+            _default_files(env) if paths is None else [(p, True) for p in paths])
         cfg = cls()
-        for path, required in files:
+        for raw, required in files:
             try:
-                text = path.read_bytes()
+                with open(raw, "rb") as f:
+                    text = f.read()
             except FileNotFoundError:
                 if required:
-                    raise NartoolError("configuration file not found", path=str(path),
+                    raise NartoolError("configuration file not found", path=_path_name(raw),
                                        rule="config-missing") from None
                 continue
             try:
                 decoded = text.decode("utf-8")
             except UnicodeDecodeError:
-                raise NartoolError("configuration file is not UTF-8", path=str(path),
+                raise NartoolError("configuration file is not UTF-8", path=_path_name(raw),
                                    rule="config-encoding") from None
-            cfg = cls.from_text(decoded, str(path), base=cfg)
+            cfg = cls.from_text(decoded, _path_name(raw), base=cfg)
         return cfg
 
     @classmethod
@@ -467,6 +468,8 @@ class Config:
         be read at all (root's only); ``root_uid`` is the owner a trusted file must have; ``warn``
         receives warnings (default: logged on ``nartool.config``, which the CLI shows on
         stderr). ``system`` overrides :data:`SYSTEM_CONFIG`."""
+        from pathlib import Path
+
         say = warn if warn is not None else _warn
         uid = os.geteuid() if euid is None else euid
         sys_path = Path(SYSTEM_CONFIG if system is None else system)
@@ -507,6 +510,8 @@ class Config:
 
     def secret_keys(self) -> list[SecretKey]:
         """The readable keys of ``secret-key-files`` (unreadable files are skipped)."""
+        from .store.signing import load_secret_key
+
         keys = []
         for f in self.secret_key_files:
             try:
@@ -542,6 +547,30 @@ def file_problems(st: os.stat_result, root_uid: int = 0) -> list[str]:
     return problems
 
 
+def _default_files(env: Mapping[str, str] | None) -> list[tuple[str, bool]]:
+    """:meth:`Config.default_paths` as plain strings (a build reads its settings at every start:
+    pathlib is imported only when a file exists, see :func:`_path_name`)."""
+    env = os.environ if env is None else env
+    files = [(SYSTEM_CONFIG, False)]
+    explicit = env.get("NARTOOL_CONFIG")
+    if explicit:
+        return [*files, (explicit, True)]
+    xdg = env.get("XDG_CONFIG_HOME")
+    if xdg and os.path.isabs(xdg):
+        base = xdg
+    else:
+        base = os.path.join(env.get("HOME") or pwd.getpwuid(os.getuid()).pw_dir, ".config")
+    return [*files, (os.path.join(base, USER_CONFIG_RELATIVE), False)]
+
+
+def _path_name(path: str | os.PathLike[str]) -> str:
+    """A configuration file's name in sources and errors: as ``pathlib`` writes the path (the
+    same file; ``a//b/./c`` is written ``a/b/c``)."""
+    from pathlib import Path
+
+    return str(Path(path))
+
+
 def _read_checked(path: Path, *, required: bool, root_uid: int, say: Callable[[str], None],
                   insecure_ok: bool | None) -> str | None:
     """The text of a configuration file, checked as in :meth:`Config.load_for_serve`; None
@@ -569,6 +598,8 @@ def _read_checked(path: Path, *, required: bool, root_uid: int, say: Callable[[s
 
 def _parse_line(line: str, source: str, lineno: int) -> tuple[str, list[str]] | None:
     """``NAME = VALUE…`` → (NAME, value tokens); None for blank and comment lines."""
+    from .store.signing import split_key_list
+
     tokens = split_key_list(line.split("#", 1)[0])
     if not tokens:
         return None

@@ -4,7 +4,6 @@ plus ``--option NAME VALUE`` overrides, with Nix 2.8's names and defaults (``doc
 from __future__ import annotations
 
 import os
-import platform
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +19,14 @@ DEFAULT_SYSTEM_FEATURES = ("benchmark", "big-parallel", "nixos-test")
 
 def default_system() -> str:
     """This machine's Nix platform string, e.g. ``x86_64-linux``."""
-    machine = platform.machine().lower()
+    if hasattr(os, "uname"):  # (what the platform module reports on POSIX, without importing it)
+        uname = os.uname()
+        machine, kernel = uname.machine.lower(), uname.sysname.lower()
+    else:  # pragma: no cover - not POSIX
+        import platform
+
+        machine, kernel = platform.machine().lower(), platform.system().lower()
     machine = {"amd64": "x86_64", "arm64": "aarch64", "i386": "i686", "i586": "i686"}.get(machine, machine)
-    kernel = platform.system().lower()
     return f"{machine}-{kernel}"
 
 

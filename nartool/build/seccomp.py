@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import errno
 import functools
-import platform
+import os
 import struct
 
 # BPF instruction classes / fields
@@ -109,7 +109,7 @@ class _Asm:
 def filter_program(machine: str | None = None) -> bytes:
     """The BPF program for ``machine`` (default: this one). Raises ValueError for a machine
     without a known ABI table (the caller then decides, as Nix does, whether that is fatal)."""
-    machine = machine or platform.machine()
+    machine = machine or os.uname().machine  # (what platform.machine() reports, without importing it)
     abis = NATIVE_ABIS.get(machine)
     if abis is None:
         raise ValueError(f"seccomp filter: unsupported machine '{machine}'")

@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import click
 
-from .common import echo_json, open_store
-
-
-def _stderr_write(data: bytes) -> None:
-    try:
-        sys.stderr.flush()
-        sys.stderr.buffer.write(data)
-        sys.stderr.buffer.flush()
-    except (OSError, ValueError):
-        pass
+from .common import open_store
 
 
 @click.command(name="build")
@@ -41,60 +31,13 @@ def build_cmd(ctx: click.Context, targets: tuple[str, ...], options: tuple[tuple
         # the sandbox zygote's start-up overlaps with the imports below and the store's opening
         from ..build import zygote
         zygote.prestart()
-    from ..build import BuildOptions, BuildStatus, build_paths, exit_status
-    from ..build.goal import SUCCESS
-    from ..store.local import LocalStore
+    from .fastbuild import run_build
 
     store = open_store(ctx)
-    if not isinstance(store, LocalStore):
-        from ..errors import UnsupportedError
-
-        raise UnsupportedError(store.uri, "builds (they need a local store)")
-    overrides = dict(options)
-    for name, value in (("max-jobs", max_jobs), ("cores", cores), ("max-silent-time", max_silent_time),
-                        ("timeout", timeout)):
-        if value is not None:
-            overrides[name] = value
-    opts = BuildOptions.from_config(None, overrides, keep_going=keep_going)
-    tty = sys.stderr.isatty()
-    paths = [store.follow(t.split("!", 1)[0]) + (("!" + t.split("!", 1)[1]) if "!" in t else "") for t in targets]
-
-    def notice(msg: str) -> None:
-        if msg.startswith("error: "):
-            msg = msg.replace("\n", "\n       ")  # Nix indents an error's further lines under its text
-        _stderr_write(msg.encode("utf-8", "surrogateescape") + b"\n")
-
-    def on_failure(drv: str, r: Any) -> None:
-        notice(f"error: {r.error_msg}")
-
-    every: dict[str, Any] = {}
-    results = build_paths(store, paths, opts, log=_stderr_write, notice=notice, keep_colours=tty,
-                          on_failure=on_failure, all_results=every)
-    failed = [(t, r) for t, r in zip(paths, results, strict=True) if r.status not in SUCCESS]
-    out: list[dict[str, Any]] = []
-    for t, r in zip(paths, results, strict=True):
-        drv_path, _, wanted = t.partition("!")
-        outs = store.query_derivation_outputs(drv_path)
-        if wanted and wanted != "*":
-            outs = {k: v for k, v in outs.items() if k in wanted.split(",")}
-        ok = r.status in SUCCESS
-        out.append({"drvPath": drv_path, "outputs": outs if ok else {}, "status": BuildStatus(r.status).name,
-                    **({"error": r.error_msg} if not ok else {})})
-        if ok and not as_json and not failed:  # (as nix-store -r: no paths at all after a failure)
-            for _, p in sorted(outs.items()):
-                click.echo(p)
-    if as_json:
-        echo_json(out)
-    if failed:
-        if len(failed) == 1 and failed[0][1].error_msg:
-            notice(f"error: {failed[0][1].error_msg}")
-        else:
-            # as Nix: every failed target's error, the first one's last, then the summary (sorted)
-            for _, r in failed[1:] + failed[:1]:
-                if r.error_msg:  # (not for a target that was never started)
-                    notice(f"error: {r.error_msg}")
-            notice("error: build of " + ", ".join(f"'{t}'" for t in sorted({t for t, _ in failed})) + " failed")
-        ctx.exit(exit_status(every.values()))
+    status = run_build(store, targets, options, keep_going=keep_going, max_jobs=max_jobs, cores=cores,
+                       max_silent_time=max_silent_time, timeout=timeout, as_json=as_json, echo=click.echo)
+    if status:
+        ctx.exit(status)
 
 
 @click.command(name="log")

@@ -25,7 +25,6 @@ import errno
 import hashlib
 import json
 import os
-import secrets
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -325,7 +324,7 @@ class LocalStore(BaseStore):
 
     def _temp_name(self) -> bytes:
         """A fresh temporary store name, made a temp root (so no collector removes it)."""
-        h = nix32_encode(secrets.token_bytes(20))
+        h = nix32_encode(os.urandom(20))  # (what secrets.token_bytes returns)
         name = f"{h}-nartool-tmp"
         self.temp_root(f"{self.store_dir}/{name}")
         return name.encode()

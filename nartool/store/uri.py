@@ -21,7 +21,6 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, unquote
 
 from ..errors import StoreError
 from .base import BaseStore
@@ -54,6 +53,8 @@ def parse_store_uri(uri: str | None) -> StoreURI:
         return StoreURI(text, "local", "", {})
     if text.startswith(("/", "./", "../", "~")) or text in (".", ".."):
         return StoreURI(text, "local", "", {"root": text})
+    from urllib.parse import parse_qsl, unquote  # (here: a plain directory, the usual case, needs neither)
+
     if text.startswith(("local?", "auto?")):
         return StoreURI(text, "local", "", dict(parse_qsl(text.split("?", 1)[1], keep_blank_values=True)))
     if "://" not in text:  # any other word is a directory, as nartool's --store ROOT always was

@@ -1,0 +1,171 @@
+"""``nartool build``'s click-free fast path (nartool/cli/fastbuild.py): which command lines it
+takes (everything else goes to click), and that a build run through it prints, logs and exits
+exactly as the click command does, also when things go wrong before the build (no local store,
+the sandbox helper failing to start, a store the user cannot write)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nartool.cli.fastbuild import parse
+from nartool.cli.process import hoist_store_option
+from nartool.store.local import LocalStore
+
+from .buildkit import nartool_store, static_busybox, write_drv
+from .conftest import require
+from .helpers import cli_env
+
+# --- which command lines take the fast path --------------------------------------------------
+
+
+def _parsed(*args: str) -> dict[str, object] | None:
+    a = parse(hoist_store_option(list(args)))
+    return None if a is None else {k: getattr(a, k) for k in a.__slots__}
+
+
+def test_plain_command_lines_are_parsed() -> None:
+    a = _parsed("--store", "S", "--store-dir=/x/store", "--debug", "build", "-k", "--option", "sandbox", "false",
+                "-j", "2", "--cores=3", "D1", "--max-silent-time", "5", "--timeout=9", "--json", "D2",
+                "--option", "cores", "")
+    assert a == {"store": "S", "store_dir": "/x/store", "debug": True, "targets": ["D1", "D2"],
+                 "options": [("sandbox", "false"), ("cores", "")], "keep_going": True, "max_jobs": "2",
+                 "cores": "3", "max_silent_time": "5", "timeout": "9", "as_json": True}
+    # --store after the subcommand is the global option; the last one wins, as with click
+    a = _parsed("--store", "A", "build", "D!out,dev", "--store", "B", "--keep-going", "--cores", "1", "--cores", "2")
+    assert a is not None and a["store"] == "B" and a["targets"] == ["D!out,dev"] and a["cores"] == "2"
+    a = _parsed("build", "D")
+    assert a is not None and a["store"] is None and a["store_dir"] is None and not a["keep_going"]
+
+
+@pytest.mark.parametrize("args", [
+    (), ("build",), ("build", "--help"), ("build", "-h", "D"), ("--help", "build", "D"), ("--version",),
+    ("--refresh", "build", "D"), ("build", "--", "D"), ("build", "-kj2", "D"), ("build", "-j2", "D"),
+    ("build", "--cores", "-1", "D"), ("build", "--cores"), ("build", "D", "--cores"), ("build", "--option", "a"),
+    ("build", "--option", "a", "-b", "D"), ("build", "D", "--unknown"), ("build", "-", "D"),
+    ("build", "--json=1", "D"), ("build", "--keep-going=yes", "D"), ("store", "build"), ("nar", "build"),
+    ("--store", "build"), ("--store", "-x", "build", "D"), ("--store-dir", "build", "D"), ("--debug=1", "build", "D"),
+    ("-x", "build", "D"), ("log", "build"),
+])
+def test_everything_else_goes_to_click(args: tuple[str, ...]) -> None:
+    assert _parsed(*args) is None
+
+
+# --- the same outcome through either path ----------------------------------------------------
+
+#: runs the entry point (as the nartool command does) and then says whether click was loaded, and
+#: whether the click command tree was (the fast path loads click only to report an error)
+_RUN = ("import atexit, os, sys\n"
+        "atexit.register(lambda: os.write(2, b'\\nCLICK=%d%d\\n' % ('click' in sys.modules, "
+        "'nartool.cli.main' in sys.modules)))\n"
+        "{setup}"
+        "sys.argv = ['nartool', *sys.argv[1:]]\n"
+        "from nartool.cli.entry import main\n"
+        "main()\n")
+
+
+def _run(*args: str, setup: str = "", env: dict[str, str] | None = None) -> tuple[int, str, str, str]:
+    """(exit status, stdout, stderr, flags): flags is "CT", C and T "1" when click and when the
+    command tree were loaded."""
+    r = subprocess.run([sys.executable, "-c", _RUN.format(setup=setup), *args], capture_output=True,
+                       env=cli_env(env), timeout=120, cwd="/")
+    err = r.stderr.decode()
+    err, _, flags = err.rpartition("\nCLICK=")
+    return r.returncode, r.stdout.decode(), err, flags.strip()
+
+
+def _both(*args: str, targets: int = 1, setup: str = "", env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``nartool ARGS`` (ending with ``targets`` targets) through the fast path and through
+    click (the same command line with ``--`` before the targets); both must give the same
+    outcome."""
+    fast = _run(*args, setup=setup, env=env)
+    slow = _run(*args[:-targets], "--", *args[-targets:], setup=setup, env=env)
+    assert fast[3][1:] == "0", "the fast path loaded the click command tree"
+    assert fast[0] != 0 or fast[3] == "00", "the fast path loaded click (only an error message may)"
+    assert slow[3] == "11", "the command line with -- did not go through click"
+    assert fast[:3] == slow[:3]
+    return fast[:3]
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[tuple[Path, Path, LocalStore]]:
+    """Two stores holding busybox (one per path, so each builds from scratch); the first open."""
+    require("SANDBOX", static_busybox(), "no static busybox (install busybox-static)")
+    from nartool.build.sandbox import sandbox_unavailable_reason
+
+    reason = sandbox_unavailable_reason()
+    require("SANDBOX", reason is None, f"the build sandbox cannot run here: {reason}")
+    a, _ = nartool_store(tmp_path / "a", tmp_path)
+    b, _ = nartool_store(tmp_path / "b", tmp_path)
+    b.close()
+    try:
+        yield tmp_path / "a", tmp_path / "b", a
+    finally:
+        a.close()
+
+
+def _same_drv(st: LocalStore, other: Path, name: str, script: str) -> str:
+    drv = write_drv(st, name, script)
+    o = LocalStore(other)
+    try:
+        assert write_drv(o, name, script) == drv
+    finally:
+        o.close()
+    return drv
+
+
+def test_build_outcome_is_the_same(stores: tuple[Path, Path, LocalStore]) -> None:
+    a, b, st = stores
+    ok = _same_drv(st, b, "fast-ok", "echo some log; echo hi > $out")
+    bad = _same_drv(st, b, "fast-bad", "echo going wrong; exit 3")
+    out = st.query_derivation_outputs(ok)["out"]
+    # success: the output path on stdout, the log on stderr
+    fast = _run("--store", str(a), "build", ok)
+    slow = _run("--store", str(b), "build", "--", ok)
+    assert (fast[3], slow[3]) == ("00", "11")
+    assert fast[:2] == slow[:2] == (0, out + "\n")
+    assert fast[2] == slow[2] and "some log" in fast[2]
+    # already valid: nothing built, the same path
+    assert _both("--store", str(a), "build", ok)[:2] == (0, out + "\n")
+    # a failing builder: Nix's status and messages, also as JSON; -k and options on the way
+    code, stdout, stderr = _both("--store", str(a), "build", "-k", "--option", "max-silent-time", "60", bad, ok,
+                                 targets=2)
+    assert code == 100 and stdout == "" and "going wrong" in stderr and "failed with exit code 3" in stderr
+    code, stdout, _ = _both("--store", str(a), "build", "--json", bad)
+    assert code == 100 and json.loads(stdout)[0]["status"] == "PERMANENT_FAILURE"
+
+
+def test_errors_before_the_build_are_the_same(stores: tuple[Path, Path, LocalStore], tmp_path: Path) -> None:
+    a, _, st = stores
+    drv = write_drv(st, "fast-err", "echo hi > $out")
+    # not a local store
+    code, _, err = _both("--store", "memory://", "build", drv)
+    assert code == 1 and "builds (they need a local store)" in err
+    # a derivation the store does not have
+    code, _, err = _both("--store", str(a), "build", drv.replace("fast-err", "fast-nix"))
+    assert code == 1 and "error: cannot build missing derivation" in err
+    # the sandbox helper cannot start: reported as an error, nothing built
+    code, out, err = _both("--store", str(a), "build", drv,
+                           setup="import nartool.build.zygote as z\nz.helper_argv = lambda mode: ['/nonexistent/python']\n")
+    assert code == 1 and out == "" and "/nonexistent/python" in err
+    assert not st.is_valid(st.query_derivation_outputs(drv)["out"])
+    # a store this user may not write (as root: a copy owned by someone else is still writable,
+    # so the check runs only for other users)
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        shutil.copytree(a, ro, symlinks=True)
+        for d, _, _ in os.walk(ro):
+            os.chmod(d, 0o555)
+        try:
+            code, _, err = _both("--store", str(ro), "build", drv)
+            assert code == 1 and err.startswith("error: ")
+        finally:
+            for d, _, _ in os.walk(ro):
+                os.chmod(d, 0o755)
