@@ -179,7 +179,11 @@ def _build(a: BuildArgs) -> int:
             from ..build import zygote
 
             zygote.prestart()
-        from ..build import goal  # noqa: F401  (loaded here, with the collector held back)
+        # loaded here, with the collector held back (the sandbox and build users are otherwise
+        # imported by the first build)
+        from ..build import goal  # noqa: F401
+        if sys.platform == "linux":
+            from ..build import sandbox, users  # noqa: F401
         from ..store.uri import open_store
     finally:
         gc.freeze()

@@ -29,7 +29,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import BinaryIO
 
 from ..errors import FsError, NarError, StoreError
@@ -72,11 +72,14 @@ def default_root() -> str:
     return os.path.join(base, "nartool", "store")
 
 
-@dataclass
 class _Pending:
-    info: PathInfo
-    lock: PathLock
-    drv_outputs: dict[str, str]
+    # (a plain class: a dataclass's generated methods cost start-up time)
+    __slots__ = ("info", "lock", "drv_outputs")
+
+    def __init__(self, info: PathInfo, lock: PathLock, drv_outputs: dict[str, str]) -> None:
+        self.info = info
+        self.lock = lock
+        self.drv_outputs = drv_outputs
 
 
 class LocalStore(BaseStore):
