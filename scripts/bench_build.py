@@ -9,7 +9,13 @@ Both tools get a chroot store (``--store DIR``, so both sandbox every build) hol
 static busybox; the derivations come from ``nix-instantiate`` and are copied into nartool's
 store. Prints median and range (seconds) per case and tool, the per-build overhead of the
 chain (total / 50), and what each further build costs once the process runs ((chain - trivial)
-/ 49, round by round).
+/ 49, round by round); then the floors of a process start: ``nix-store --version`` against the
+interpreter of nartool's command starting with nothing to do (``python -c pass``, also with
+``-I -S``).
+
+Every timed run starts after a ``sync``: nartool syncs the file system once per build (Nix 2.8
+does not), and without it that sync would also flush what the benchmark itself just wrote (the
+two fresh stores), which is not the build's cost.
 
 nartool is timed as users run it: the ``nartool`` command of a regular (non-editable) install of
 this checkout into a fresh virtual environment, bytecode compiled (as ``scripts/bench_nar.py``
@@ -76,6 +82,7 @@ def one(tool: str, expr: str, work: Path) -> float:
         env = cli_env()
         if cli_argv() != NARTOOL:
             env.pop("PYTHONPATH", None)  # (the installed package, not the checkout)
+    os.sync()  # (see the module docstring)
     t = time.perf_counter()
     r = subprocess.run(argv, capture_output=True, env=env, check=False)
     dt = time.perf_counter() - t
@@ -146,8 +153,37 @@ def run(a: argparse.Namespace) -> None:
                for c, t in zip(times[(f"chain of {a.chain}", tool)], times[("trivial", tool)], strict=True)]
         print(f"per further build (chain - trivial) / {a.chain - 1}, {tool}: {statistics.median(inc):.1f} ms "
               f"({min(inc):.1f}-{max(inc):.1f})")
+    floors(a.rounds * 3)
     print(f"(machine: {os.cpu_count()} CPUs; both tools sandbox every build in a chroot store; nartool: "
           f"{' '.join(NARTOOL)})")
+
+
+def interpreter() -> str:
+    """The Python that runs nartool's command (its script's ``#!`` line, or the command itself)."""
+    cmd = NARTOOL[0]
+    try:
+        with open(cmd, "rb") as f:
+            head = f.readline()
+    except OSError:
+        return cmd
+    return head[2:].decode().split()[0] if head.startswith(b"#!") else cmd
+
+
+def floors(n: int) -> None:
+    """What starting a process with nothing to do costs, alternating, ``n`` times each."""
+    py = interpreter()
+    env = cli_env()
+    env.pop("PYTHONPATH", None)
+    cmds = {"nix-store --version": (["nix-store", "--version"], nix_env()),
+            "python -c pass": ([py, "-c", "pass"], env), "python -I -S -c pass": ([py, "-I", "-S", "-c", "pass"], env)}
+    ts: dict[str, list[float]] = {k: [] for k in cmds}
+    for _ in range(n):
+        for name, (argv, e) in cmds.items():
+            t = time.perf_counter()
+            subprocess.run(argv, stdout=subprocess.DEVNULL, env=e, check=True)
+            ts[name].append((time.perf_counter() - t) * 1000)
+    print("floors (ms, median and range): " + "; ".join(
+        f"{k} {statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})" for k, v in ts.items()) + f"  [{py}]")
 
 
 if __name__ == "__main__":
