@@ -169,3 +169,59 @@ def test_errors_before_the_build_are_the_same(stores: tuple[Path, Path, LocalSto
         finally:
             for d, _, _ in os.walk(ro):
                 os.chmod(d, 0o755)
+
+
+# --- leaving without the interpreter's finalization -----------------------------------------
+
+
+def test_exit_skips_finalization_only_when_nothing_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import atexit
+    import threading
+
+    from nartool.cli import fastbuild
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code: int) -> None:
+        raise Exited(code)
+
+    monkeypatch.setattr(fastbuild.os, "_exit", fake_exit)
+    monkeypatch.setattr(atexit, "_ncallbacks", lambda: 0, raising=False)
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    with pytest.raises(Exited) as e:
+        fastbuild._exit(100)
+    assert e.value.args == (100,)
+    # a handler registered, or another thread running: the usual exit, which runs or waits for them
+    monkeypatch.setattr(atexit, "_ncallbacks", lambda: 1, raising=False)
+    with pytest.raises(SystemExit) as s:
+        fastbuild._exit(1)
+    assert s.value.code == 1
+    monkeypatch.setattr(atexit, "_ncallbacks", lambda: 0, raising=False)
+    monkeypatch.setattr(threading, "active_count", lambda: 2)
+    with pytest.raises(SystemExit):
+        fastbuild._exit(0)
+
+
+def test_output_reaches_a_file_and_a_closed_pipe_is_quiet(stores: tuple[Path, Path, LocalStore],
+                                                         tmp_path: Path) -> None:
+    """The plain command (no atexit handler: the fast exit): buffered output to a file is all
+    written; a reader that went away early gives status 141 without a message."""
+    from .helpers import cli_argv
+
+    a, _, st = stores
+    drv = write_drv(st, "fast-exit", "echo hi > $out")
+    out = st.query_derivation_outputs(drv)["out"]
+    with open(tmp_path / "stdout", "wb") as f:
+        r = subprocess.run(cli_argv("--store", a, "build", drv), stdout=f, stderr=subprocess.PIPE, env=cli_env(),
+                           timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "stdout").read_text() == out + "\n"
+    rd, wr = os.pipe()
+    os.close(rd)
+    try:
+        r = subprocess.run(cli_argv("--store", a, "build", drv), stdout=wr, stderr=subprocess.PIPE, env=cli_env(),
+                           timeout=120)
+    finally:
+        os.close(wr)
+    assert r.returncode == 141 and b"Traceback" not in r.stderr  # (as nartool.cli.main means it)
