@@ -8,9 +8,6 @@ linear time.
 
 from __future__ import annotations
 
-import bz2
-import lzma
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
@@ -38,15 +35,23 @@ def detect(head: bytes) -> str:
 
 
 def _compressobj(method: str, level: int | None) -> Any:
+    # (each library is imported when it is used: commands that never meet compressed data,
+    # such as the restore of a plain NAR, do not pay for loading them)
     if method == "zstd":
         import zstandard
 
         return zstandard.ZstdCompressor(level=3 if level is None else level, threads=-1).compressobj()
     if method == "xz":
+        import lzma
+
         return lzma.LZMACompressor(preset=6 if level is None else level)
     if method == "bzip2":
+        import bz2
+
         return bz2.BZ2Compressor(9 if level is None else level)
     if method == "gzip":
+        import zlib
+
         return zlib.compressobj(6 if level is None else level, zlib.DEFLATED, 31)
     raise CompressionError(f"unknown compression method {method!r}", expected="|".join(METHODS), got=method)
 
@@ -213,17 +218,33 @@ class ZstdDecoder:
             raise self._fail("truncated data: the input ends inside a frame", len(self._buf), "truncated")
 
 
+def _also_catch(err: type[BaseException]) -> None:
+    global _LIB_ERRORS
+    if err not in _LIB_ERRORS:
+        _LIB_ERRORS += (err,)
+
+
 def _decompressobj(method: str) -> Any:
     if method == "xz":
+        import lzma
+
+        _also_catch(lzma.LZMAError)
         return lzma.LZMADecompressor()
     if method == "bzip2":
+        import bz2
+
         return bz2.BZ2Decompressor()
     if method == "gzip":
+        import zlib
+
+        _also_catch(zlib.error)
         return zlib.decompressobj(31)
     raise CompressionError(f"unknown compression method {method!r}")
 
 
-_LIB_ERRORS = (lzma.LZMAError, OSError, EOFError, ValueError, zlib.error)
+#: what a decompressor's ``decompress`` raises on corrupt data (each library's own error is
+#: added when the library is first used)
+_LIB_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError)
 _MAGIC_OF = {name: magic for magic, name in MAGICS}
 
 

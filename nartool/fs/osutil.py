@@ -35,11 +35,14 @@ def _libc_fn(name: str) -> object:
         _libc = None
         if LINUX or DARWIN:
             import ctypes
-            import ctypes.util
 
             try:
-                _libc = ctypes.CDLL("libc.so.6" if LINUX else ctypes.util.find_library("c"), use_errno=True)
-            except OSError:  # pragma: no cover - not glibc
+                if not LINUX:
+                    raise OSError
+                _libc = ctypes.CDLL("libc.so.6", use_errno=True)  # (no ctypes.util: it loads subprocess)
+            except OSError:  # not glibc
+                import ctypes.util
+
                 try:
                     _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
                 except (OSError, TypeError):

@@ -20,12 +20,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import signal
 from collections.abc import Callable, Iterable
 
-from ..errors import FsError, NarError
+from ..errors import FsError, NarError, NartoolError
 from ..nar import format as F
 from ..nar.events import Directory, EndDirectory, Event, File, Symlink
-from ..nar.reader import FileSink, NarReader
+from ..nar.reader import ORDER_BATCH, FileSink, NarReader
 from ..nar.source import write_all
 from .canonical import DIR_MODE, TIMES_NS, file_mode
 from .osutil import fsync as fsync_fd
@@ -67,8 +68,14 @@ class _Builder:
         self.fsync = fsync
         self.on_file = on_file
         self.umask = _umask()
-        # open directories: (fd, relative path, namer)
-        self.stack: list[tuple[int, bytes, DirNamer | None]] = []
+        # open directories: (fd, relative path, namer, process making its entries: 0 is this one)
+        self.stack: list[tuple[int, bytes, DirNamer | None, int]] = []
+        # a restore whose files are split across processes (see :class:`_Split`)
+        self.split: _Split | None = None
+        # files and symlinks so far (the reader counts those it handles itself)
+        self.count = [0]
+        # the orders for the helper that makes the innermost directory's files (see _Split)
+        self.orders: list[list[tuple[object, ...]] | None] = [None]
         self.done = False
         # with ``lock_root``: a descriptor of the root (directory or file), flock'ed until
         # :meth:`unlock`, so that no stale-temporary clean-up takes it for abandoned
@@ -87,7 +94,11 @@ class _Builder:
         if self.names is not None or self.canonical or self.fsync or self.on_file is not None or \
                 not self.exe_at_open:
             return None
-        return FileSink(self.dir_fd, 0o666, 0o777, self._file_error)
+        return FileSink(self.dir_fd, 0o666, 0o777, self._file_error, self.count, self.orders, self._flush)
+
+    def _flush(self) -> None:
+        assert self.split is not None and self.orders[0] is not None
+        self.split.send(self.orders[0])
 
     def _file_error(self, e: OSError, rel: bytes) -> BaseException:
         if isinstance(e, FileExistsError):
@@ -114,7 +125,7 @@ class _Builder:
             raise NarError("events continue after the root node", rule="trailing-data")
         if not self.stack:
             return self.parent_fd, self.root_name, b""
-        fd, rel, namer = self.stack[-1]
+        fd, rel, namer, _ = self.stack[-1]
         if not ev_name or b"/" in ev_name or b"\0" in ev_name or ev_name in (b".", b".."):
             raise NarError(F.validate_name(ev_name, 1 << 30) or "invalid entry name", rule="invalid-name",
                            got=ev_name, path=rel)
@@ -126,8 +137,13 @@ class _Builder:
         if cls is EndDirectory:
             if not self.stack:
                 raise NarError("end of directory without a directory", rule="token")
-            fd, rel, _ = self.stack.pop()
-            self.dir_fd[0] = self.stack[-1][0] if self.stack else -1
+            fd, rel, _, owner = self.stack.pop()
+            if self.split is not None:
+                self.split.left(owner)
+            if self.stack:
+                self._enter(self.stack[-1][0], self.stack[-1][3])
+            else:
+                self.dir_fd[0] = -1
             try:
                 if self.canonical:
                     strip_fd(fd)
@@ -141,6 +157,18 @@ class _Builder:
                 self.done = True
             return
         dfd, disk, rel = self._place(ev.name)  # type: ignore[union-attr]
+        if cls is not Directory:
+            self.count[0] += 1
+            if self.stack and self.stack[-1][3]:
+                # a helper of a split restore makes it (a file's contents are skipped here)
+                assert self.split is not None and self.orders[0] is not None
+                if cls is File:
+                    assert isinstance(ev, File) and ev.offset is not None
+                    self.split.order(self.orders[0], (disk, ev.executable, self.split.reader_start + ev.offset, ev.size))
+                else:
+                    assert isinstance(ev, Symlink)
+                    self.split.order(self.orders[0], (disk, ev.target))
+                return
         try:
             if cls is File:
                 assert isinstance(ev, File)
@@ -164,8 +192,9 @@ class _Builder:
                         os.close(fd)
                         raise
                 namer = self.names.restore_namer(rel) if self.names is not None else None
-                self.stack.append((fd, rel, namer))
-                self.dir_fd[0] = fd
+                owner = self.split.entered(disk, self.stack[-1][3]) if self.split is not None else 0
+                self.stack.append((fd, rel, namer, owner))
+                self._enter(fd, owner)
             else:
                 raise TypeError(f"not a NAR event: {ev!r}")
         except FileExistsError as e:
@@ -175,6 +204,18 @@ class _Builder:
             if isinstance(e, FsError):
                 raise
             raise FsError(f"cannot create: {e.strerror}", path=rel or self.shown_root, rule="io") from e
+
+    def _enter(self, fd: int, owner: int) -> None:
+        """The innermost directory is now ``fd``, whose files ``owner`` makes."""
+        if owner:
+            assert self.split is not None
+            self.dir_fd[0] = -1
+            self.orders[0] = self.split.queues[owner]
+        else:
+            self.dir_fd[0] = fd
+            self.orders[0] = None
+            if self.split is not None:
+                self.split.flush()
 
     def _file(self, dfd: int, disk: bytes, rel: bytes, ev: File) -> None:
         mode = file_mode(ev.executable) if self.canonical else 0o666
@@ -211,6 +252,376 @@ class _Builder:
             self.on_file(rel, written)
 
 
+#: a restore splits its file creation across processes only for a NAR file with at least this
+#: much left to read (a fork costs about a millisecond)
+SPLIT_MIN_BYTES = 8 << 20
+#: at most this many processes
+SPLIT_MAX_JOBS = 4
+#: the balance of a split restore, in bytes of the NAR: making a file or symlink costs as much
+#: as copying this many bytes ...
+SPLIT_FILE_BYTES = 16 << 10
+#: ... and the parent's reading and checking of one, this many
+SPLIT_PARSE_BYTES = 12 << 10
+
+
+def restore_jobs() -> int:
+    """How many processes a restore may use: ``NARTOOL_RESTORE_JOBS`` when set (1: never
+    split), else the CPUs this process may run on, at most :data:`SPLIT_MAX_JOBS`."""
+    env = os.environ.get("NARTOOL_RESTORE_JOBS", "")
+    if env:
+        try:
+            return max(1, min(int(env), 16))
+        except ValueError:
+            return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return min(cpus, SPLIT_MAX_JOBS)
+
+
+class _Split:
+    """A restore whose files are made by several processes (docs/speed.md, "Restore").
+
+    This process (number 0) reads and checks the NAR and makes every directory, as always.
+    Once it has made (and locked) the root directory it forks helpers (1, 2, ...) and gives
+    each new directory's files and symlinks to the process with the least work so far. A
+    helper gets orders on a pipe, in batches, in stream order: enter a subdirectory (already
+    made), leave it, make a symlink, make a file of this size from this offset of the NAR's
+    file (which it copies itself: ``pread`` or, for big files, ``copy_file_range``). The
+    parent closes the pipes at the end and waits for every helper before the tree is renamed
+    into place; a helper reports its error on a second pipe and the parent raises it; on any
+    error the parent kills the helpers before it removes the tree."""
+
+    def __init__(self, b: _Builder, reader: NarReader, jobs: int, nar_fd: int, origin: int) -> None:
+        self.b = b
+        self.jobs = jobs
+        self.nar_fd = nar_fd
+        self.origin = origin  # the NAR file's offset of the source's first byte
+        self.reader_start = reader.start  # (events' offsets are counted from the reader's start)
+        src = reader.src
+        self.offset: Callable[[], int] = lambda: src.offset
+        # per process (index 0: this one): its orders not sent yet, its pipes, its work
+        self.queues: list[list[tuple[object, ...]]] = []
+        self.pids: list[int] = []
+        self.order_w: list[int] = []
+        self.report_r: list[int] = []
+        self.work: list[float] = []
+        self.counted = (0, 0)  # (offset, files) when work was last counted
+
+    @classmethod
+    def plan(cls, b: _Builder, reader: NarReader, jobs: int) -> _Split | None:
+        """A split when it may pay: more than one job, the NAR read from a regular file with
+        :data:`SPLIT_MIN_BYTES` left, and this process single-threaded (forking a threaded
+        process is unsafe)."""
+        if jobs < 2:
+            return None
+        where = reader.src.file_position()
+        if where is None:
+            return None
+        fd, origin = where
+        try:
+            if os.fstat(fd).st_size - os.lseek(fd, 0, os.SEEK_CUR) < SPLIT_MIN_BYTES or \
+                    len(os.listdir("/proc/self/task")) != 1:
+                return None
+        except OSError:
+            return None
+        return cls(b, reader, jobs, fd, origin)
+
+    def start(self) -> None:
+        """Fork the helpers, just after the root directory was made."""
+        b = self.b
+        root_fd = b.stack[0][0]
+        modes = (0o666, 0o777)
+        self.queues.append([])
+        self.pids.append(os.getpid())
+        self.order_w.append(-1)
+        self.report_r.append(-1)
+        for _ in range(1, self.jobs):
+            try:
+                order_r, order_w = os.pipe()
+            except OSError:
+                break
+            try:
+                report_r, report_w = os.pipe()
+            except OSError:
+                os.close(order_r)
+                os.close(order_w)
+                break
+            try:  # room for the parent to run ahead of a busy helper
+                fcntl.fcntl(order_w, fcntl.F_SETPIPE_SZ, 1 << 20)
+            except (AttributeError, OSError):
+                pass
+            try:
+                pid = os.fork()
+            except OSError:
+                for fd in (order_r, order_w, report_r, report_w):
+                    os.close(fd)
+                break
+            if pid == 0:
+                # (the write ends must go: a helper sees the end of its orders when the
+                # parent closes its pipe, and every copy of the pipe's write end counts)
+                for fd in (order_w, report_r, *self.order_w[1:], *self.report_r[1:]):
+                    os.close(fd)
+                _helper(root_fd, self.nar_fd, self.origin, modes, order_r, report_w, b._file_error)
+            os.close(order_r)
+            os.close(report_w)
+            self.queues.append([])
+            self.pids.append(pid)
+            self.order_w.append(order_w)
+            self.report_r.append(report_r)
+        if len(self.pids) < 2:
+            return
+        self.work = [0.0] * len(self.pids)
+        self.counted = (self.offset(), b.count[0])
+        b.split = self
+
+    def _count(self, owner: int) -> None:
+        """Add what was read since the last count to the work of the directory's ``owner``
+        (and this process's reading of it)."""
+        off, n = self.offset(), self.b.count[0]
+        files = n - self.counted[1]
+        self.work[owner] += (off - self.counted[0]) + files * SPLIT_FILE_BYTES
+        self.work[0] += files * SPLIT_PARSE_BYTES
+        self.counted = (off, n)
+
+    def entered(self, name: bytes, outer: int) -> int:
+        """A new directory ``name`` was made in the innermost one (``outer``'s): every helper
+        enters it, and its files go to the least busy process (returned)."""
+        self._count(outer)
+        for q in self.queues[1:]:
+            self.order(q, (name,))
+        work = self.work
+        return work.index(min(work))
+
+    def left(self, owner: int) -> None:
+        """The innermost directory (``owner``'s) ends: every helper leaves it."""
+        self._count(owner)
+        for q in self.queues[1:]:
+            self.order(q, ())
+
+    def order(self, q: list[tuple[object, ...]], op: tuple[object, ...]) -> None:
+        q.append(op)
+        if len(q) >= ORDER_BATCH:
+            self.send(q)
+
+    def send(self, q: list[tuple[object, ...]]) -> None:
+        """Send the orders of queue ``q`` to its helper."""
+        import marshal
+
+        i = next(i for i, x in enumerate(self.queues) if x is q)  # (by identity: equal lists happen)
+        data = marshal.dumps(q)
+        q.clear()
+        try:
+            write_all(self.order_w[i], len(data).to_bytes(4, "little") + data)
+        except BrokenPipeError:
+            self._raise_failed(i)
+
+    def flush(self) -> None:
+        """Send the helpers what they have waiting (when this process turns to files of its
+        own: the helpers should not wait for a full batch meanwhile)."""
+        for q in self.queues[1:]:
+            if len(q) >= _FLUSH_MIN:
+                self.send(q)
+
+    def _raise_failed(self, i: int) -> None:
+        """Helper ``i`` stopped reading (it failed): raise what it reported."""
+        fd = self.order_w[i]
+        self.order_w[i] = -1
+        os.close(fd)
+        self._wait(i)
+        raise FsError("a restore helper process stopped", rule="io")  # (when it reported nothing)
+
+    def _wait(self, i: int) -> None:
+        """Wait for helper ``i``; raise its error."""
+        parts = []
+        fd = self.report_r[i]
+        self.report_r[i] = -1
+        try:
+            while True:
+                part = os.read(fd, 1 << 16)
+                if not part:
+                    break
+                parts.append(part)
+        finally:
+            os.close(fd)
+        pid = self.pids[i]
+        self.pids[i] = -1
+        _, status = os.waitpid(pid, 0)
+        if parts or status != 0:
+            raise _reported(b"".join(parts), status)
+
+    def finish(self) -> None:
+        """Send what is left, tell the helpers the end, wait for them; raise the first error
+        one of them reported."""
+        for i in range(1, len(self.pids)):
+            if self.queues[i] and self.order_w[i] >= 0:
+                self.send(self.queues[i])
+        for i in range(1, len(self.pids)):
+            if self.order_w[i] >= 0:
+                os.close(self.order_w[i])
+                self.order_w[i] = -1
+        for i in range(1, len(self.pids)):
+            if self.pids[i] >= 0:
+                self._wait(i)
+
+    def kill(self) -> None:
+        """Stop every helper and wait for it (before the tree is removed)."""
+        for i in range(1, len(self.pids)):
+            if self.pids[i] >= 0:
+                try:
+                    os.kill(self.pids[i], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for i in range(1, len(self.pids)):
+            for fd in (self.order_w[i], self.report_r[i]):
+                if fd >= 0:
+                    os.close(fd)
+            self.order_w[i] = self.report_r[i] = -1
+            if self.pids[i] >= 0:
+                try:
+                    os.waitpid(self.pids[i], 0)
+                except ChildProcessError:
+                    pass
+                self.pids[i] = -1
+
+
+def _helper(root_fd: int, nar_fd: int, origin: int, modes: tuple[int, int], order_r: int, report_w: int,
+            error: Callable[[OSError, bytes], BaseException]) -> None:
+    """A split restore's helper process: carry out the orders, report any error, exit."""
+    code = 1
+    try:
+        try:
+            _carry_out(root_fd, nar_fd, origin, modes, order_r, error)
+            code = 0
+        except BaseException as e:
+            try:
+                write_all(report_w, _report(e))
+            except BaseException:
+                pass
+    finally:
+        os._exit(code)
+
+
+def _carry_out(root_fd: int, nar_fd: int, origin: int, modes: tuple[int, int], order_r: int,
+               error: Callable[[OSError, bytes], BaseException]) -> None:
+    import marshal
+
+    orders = os.fdopen(order_r, "rb", buffering=1 << 16)
+    stack = [root_fd]
+    paths = [b""]
+    mode_reg, mode_exe = modes
+    os_open, os_close, pread = os.open, os.close, os.pread
+    while True:
+        head = orders.read(4)
+        if not head:
+            return
+        n = int.from_bytes(head, "little")
+        batch = marshal.loads(orders.read(n))
+        for op in batch:
+            k = len(op)
+            if k == 4:
+                name, exe, off, size = op
+                try:
+                    fd = os_open(name, _O_NEWFILE, mode_exe if exe else mode_reg, dir_fd=stack[-1])
+                    try:
+                        if size:
+                            if size <= _PREAD_MAX:
+                                data = pread(nar_fd, size, origin + off)
+                                if len(data) != size:
+                                    raise OSError(errno.EIO, "the NAR file is shorter than it was read")
+                                write_all(fd, data)
+                            else:
+                                _copy_range(nar_fd, origin + off, size, fd)
+                    finally:
+                        os_close(fd)
+                except OSError as e:
+                    raise error(e, paths[-1] + b"/" + name if paths[-1] else name) from e
+            elif k == 1:
+                name = op[0]
+                path = paths[-1] + b"/" + name if paths[-1] else name
+                try:
+                    stack.append(os_open(name, _O_DIR, dir_fd=stack[-1]))
+                except OSError as e:
+                    raise error(e, path) from e
+                paths.append(path)
+            elif k == 0:
+                os_close(stack.pop())
+                paths.pop()
+            else:
+                name, target = op
+                try:
+                    os.symlink(target, name, dir_fd=stack[-1])
+                except OSError as e:
+                    raise error(e, paths[-1] + b"/" + name if paths[-1] else name) from e
+
+
+#: orders sent early (see _Split.flush) when at least this many wait
+_FLUSH_MIN = 16
+#: a helper reads files up to this size with one ``pread``; bigger ones are copied in the kernel
+_PREAD_MAX = 65536
+
+
+def _copy_range(src_fd: int, off: int, size: int, out_fd: int) -> None:
+    """Copy ``size`` bytes at ``off`` of ``src_fd`` to ``out_fd``: ``copy_file_range`` where the
+    kernel copies between the two, else reads and writes."""
+    done = 0
+    kernel = True
+    while done < size:
+        want = min(size - done, 1 << 30)
+        if kernel:
+            try:
+                k = os.copy_file_range(src_fd, out_fd, want, off + done)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
+                kernel = False
+                continue
+        else:
+            data = os.pread(src_fd, min(want, 1 << 20), off + done)
+            if data:
+                write_all(out_fd, data)
+            k = len(data)
+        if not k:
+            raise OSError(errno.EIO, "the NAR file is shorter than it was read")
+        done += k
+
+
+def _report(e: BaseException) -> bytes:
+    import pickle
+
+    def plain(v: object) -> object:
+        if v is None or isinstance(v, (int, str)):
+            return v
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            return bytes(v[:4096])
+        return str(v)
+
+    if isinstance(e, NartoolError):
+        fields = {k: plain(getattr(e, k)) for k in ("offset", "expected", "got", "path", "rule")}
+        return pickle.dumps((type(e).__name__, e.message, fields))
+    return pickle.dumps(("FsError", f"a restore helper process failed: {type(e).__name__}: {e}", {"rule": "io"}))
+
+
+def _reported(data: bytes, status: int) -> BaseException:
+    """The error a helper reported (or the way it ended)."""
+    from .. import errors
+
+    if data:
+        import pickle
+
+        try:
+            name, message, fields = pickle.loads(data)
+            cls = getattr(errors, name, None)
+            if not (isinstance(cls, type) and issubclass(cls, NartoolError)):
+                cls = FsError
+            return cls(message, **fields)
+        except Exception:  # noqa: BLE001 - a garbled report is still a failure
+            pass
+    how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"status {os.waitstatus_to_exitcode(status)}"
+    return FsError(f"a restore helper process ended with {how}", rule="io")
+
+
 def restore_events(
     events: Iterable[Event],
     dest: str | bytes | os.PathLike[str],
@@ -218,8 +629,12 @@ def restore_events(
     names: NameCodec | None = None,
     canonical: bool = False,
     fsync: bool = False,
+    jobs: int | None = None,
 ) -> None:
-    """Restore ``events`` at ``dest``, which must not exist. All or nothing."""
+    """Restore ``events`` at ``dest``, which must not exist. All or nothing.
+
+    Given a :class:`NarReader` (rather than its events) of a NAR file, the restore may split
+    its file creation across up to ``jobs`` processes (default :func:`restore_jobs`)."""
     dest_b = os.fsencode(dest).rstrip(b"/") or b"/"
     parent, base = os.path.split(dest_b)
     if not base or base in (b".", b".."):
@@ -234,12 +649,25 @@ def restore_events(
     tmp = temp_name(base)
     b = _Builder(pfd, tmp, names=names, canonical=canonical, fsync=fsync, lock_root=True, shown_root=dest_b)
     files = b.file_sink() if isinstance(events, NarReader) else None
+    split = None
+    if files is not None:
+        assert isinstance(events, NarReader)
+        split = _Split.plan(b, events, restore_jobs() if jobs is None else jobs)
     try:
         try:
-            for ev in (events.events(files) if files is not None else events):  # type: ignore[attr-defined]
+            it = events.events(files) if files is not None else iter(events)  # type: ignore[attr-defined]
+            if split is not None:
+                for ev in it:  # the root: split once it is a directory made
+                    b.feed(ev)
+                    if b.stack:
+                        split.start()
+                    break
+            for ev in it:
                 b.feed(ev)
             if not b.done:
                 raise NarError("event stream ended before the root node did", rule="truncated")
+            if b.split is not None:
+                b.split.finish()
         finally:
             b.close_all()
         try:
@@ -250,6 +678,8 @@ def restore_events(
             fsync_fd(pfd)
     except BaseException:
         try:
+            if b.split is not None:
+                b.split.kill()
             remove_at(pfd, tmp)
         finally:
             b.unlock()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..errors import NarError
@@ -53,18 +52,37 @@ _LONGEST_HEADER = max(n for _, n, _ in _HEADERS)
 _O_NEWFILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-@dataclass
 class FileSink:
     """Where :meth:`NarReader.events` creates small files itself (see there): ``dir_fd[0]``
     is the innermost open directory (kept current by the consumer), the modes are given to
     ``open`` (and must already be the final ones after the umask), and ``error(exc, path)``
     turns an ``OSError`` of creating or writing the file at ``path`` into the exception to
-    raise (as the consumer's own file creation would)."""
+    raise (as the consumer's own file creation would). ``count[0]`` goes up by one for every
+    file and symlink the reader handles.
 
-    dir_fd: list[int]
-    mode_regular: int
-    mode_executable: int
-    error: Callable[[OSError, bytes], BaseException]
+    In a restore split across processes, ``dir_fd[0]`` is -1 where another process makes the
+    directory's files: the reader then appends an order to the list ``orders[0]`` instead,
+    ``(name, executable, offset, size)`` for a file (``offset``: the contents' stream offset
+    in the source) or ``(name, target)`` for a symlink, and calls ``flush()`` when the list
+    holds :data:`ORDER_BATCH` of them."""
+
+    __slots__ = ("dir_fd", "mode_regular", "mode_executable", "error", "count", "orders", "flush")
+
+    def __init__(self, dir_fd: list[int], mode_regular: int, mode_executable: int,
+                 error: Callable[[OSError, bytes], BaseException], count: list[int] | None = None,
+                 orders: list[list[tuple[object, ...]] | None] | None = None,
+                 flush: Callable[[], None] | None = None) -> None:
+        self.dir_fd = dir_fd
+        self.mode_regular = mode_regular
+        self.mode_executable = mode_executable
+        self.error = error
+        self.count = count if count is not None else [0]
+        self.orders = orders if orders is not None else [None]
+        self.flush = flush
+
+
+#: see :class:`FileSink`
+ORDER_BATCH = 256
 
 
 _TOKEN_NAMES = {
@@ -159,14 +177,17 @@ class NarReader:
         here, in the sink's current directory, instead of being yielded as events: no
         event object, no generator round trip, the contents written straight from the read
         buffer. Everything else is yielded as usual, and the consumer must keep
-        ``files.dir_fd[0]`` the descriptor of the innermost open directory."""
+        ``files.dir_fd[0]`` the descriptor of the innermost open directory (or -1, see
+        :class:`FileSink`)."""
         # Hot paths compare whole fused token sequences against the buffer (``_header``,
         # ``entry ( name``, ``) )``) and fall back to token-by-token reading, which gives the
         # precise errors, whenever they do not match.
         if files is not None:
             cell, mode_reg, mode_exe, fs_error = files.dir_fd, files.mode_regular, files.mode_executable, files.error
+            count, orders, flush = files.count, files.orders, files.flush
         else:
             cell, mode_reg, mode_exe, fs_error = [-1], 0, 0, None
+            count, orders, flush = [0], [None], None
         os_open, os_write, os_close, os_symlink, o_new = os.open, os.write, os.close, os.symlink, _O_NEWFILE
         hdr_sym, len_sym, max_target = F.HDR_SYMLINK, len(F.HDR_SYMLINK), self.limits.max_target
         view_of: bytes | None = None
@@ -277,10 +298,17 @@ class NarReader:
                                 if b"\0" in target:
                                     break
                                 consume_to(tpend + 32)
-                                try:
-                                    os_symlink(target, name, dir_fd=cell[0])
-                                except OSError as e:
-                                    raise fs_error(e, path) from e
+                                count[0] += 1
+                                if cell[0] >= 0:
+                                    try:
+                                        os_symlink(target, name, dir_fd=cell[0])
+                                    except OSError as e:
+                                        raise fs_error(e, path) from e
+                                else:  # another process's (a split restore)
+                                    q = orders[0]
+                                    q.append((name, target))  # type: ignore[union-attr]
+                                    if len(q) >= ORDER_BATCH:  # type: ignore[arg-type]
+                                        flush()  # type: ignore[misc]
                                 continue
                             else:
                                 break
@@ -305,8 +333,16 @@ class NarReader:
                                            offset_at(dstart) - start)
                                 continue
                             # restoring: create the file here, with its final mode at open
+                            count[0] += 1
+                            dfd = cell[0]
+                            if dfd < 0:  # another process's (a split restore)
+                                q = orders[0]
+                                q.append((name, exe, offset_at(dstart), size))  # type: ignore[union-attr]
+                                if len(q) >= ORDER_BATCH:  # type: ignore[arg-type]
+                                    flush()  # type: ignore[misc]
+                                continue
                             try:
-                                fd = os_open(name, o_new, mode_exe if exe else mode_reg, dir_fd=cell[0])
+                                fd = os_open(name, o_new, mode_exe if exe else mode_reg, dir_fd=dfd)
                                 try:
                                     if size:
                                         if view_of is not buf:  # (a view per buffer: no copy per file)

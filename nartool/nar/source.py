@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import stat
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
@@ -276,6 +277,19 @@ class ByteSource:
             self._file.seek(self._origin + self._base)  # reads go on after what was copied
         return done
 
+    def file_position(self) -> tuple[int, int] | None:
+        """``(fd, origin)`` when the source reads a regular file that other processes may read
+        by offset (``pread``): its descriptor, and the file offset of the source's first byte
+        (stream offset 0). ``None`` for any other source."""
+        if self._fd < 0 or self._untapped is not None:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+                return None
+        except OSError:
+            return None
+        return self._fd, self._origin
+
     def skip(self, n: int) -> None:
         """Consume ``n`` bytes, seeking when the underlying file allows it."""
         avail = len(self._buf) - self._pos
@@ -283,7 +297,7 @@ class ByteSource:
             self._pos += n
             return
         f = self._file
-        if f is not None and n - avail > CHUNK_SIZE:
+        if f is not None and n - avail > BUF_SIZE:
             try:
                 seekable = f.seekable()
             except (AttributeError, ValueError, OSError):

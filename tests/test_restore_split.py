@@ -1,0 +1,325 @@
+"""A restore split across processes (nartool.fs.sink._Split): the parent reads and checks the
+NAR and makes the directories; helper processes make the files of the directories given to
+them, from the NAR's file. Same tree as one process, same errors, all or nothing, no process
+left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+if not sys.platform.startswith("linux"):
+    pytest.skip("the split restore is Linux-only (it reads the NAR's file by offset)", allow_module_level=True)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+import nartool.fs.sink as sink  # noqa: E402
+from nartool.errors import FsError, NarError, NartoolError  # noqa: E402
+from nartool.nar import nar_bytes  # noqa: E402
+from nartool.nar.reader import NarReader  # noqa: E402
+
+from .fusefs import ci_mount  # noqa: E402, F401  (fixture)
+from .helpers import cli_argv, cli_env, nix_env, run_cli  # noqa: E402
+from .test_nar_fastpath import NAME, tree_state  # noqa: E402
+from .test_nar_property import events_of, tree_strategy  # noqa: E402
+
+BIG = 200_000  # past the reader's small-file size: the slow path, copied with copy_file_range
+
+
+@pytest.fixture
+def helpers_started(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Split whatever the NAR's size; the list gets the number of processes of each split.
+    Afterwards, every helper must have been waited for."""
+    monkeypatch.setattr(sink, "SPLIT_MIN_BYTES", 0)
+    counts: list[int] = []
+    pids: list[int] = []
+    real = sink._Split.start
+
+    def start(self: sink._Split) -> None:
+        real(self)
+        counts.append(len(self.pids))
+        pids.extend(self.pids[1:])
+
+    monkeypatch.setattr(sink._Split, "start", start)
+    yield counts
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def restore_file(data: bytes, work: str, jobs: int) -> str:
+    path = os.path.join(work, "in.nar")
+    with open(path, "wb") as f:
+        f.write(data)
+    dest = os.path.join(work, f"r{jobs}")
+    with open(path, "rb") as f:
+        sink.restore_events(NarReader(f), dest, jobs=jobs)
+    return dest
+
+
+def mixed_tree() -> dict[bytes, Any]:
+    """Directories of every kind of entry, some big files, one directory much bigger than the rest."""
+    tree: dict[bytes, Any] = {b"top-big": os.urandom(BIG)}
+    for d in range(12):
+        sub: dict[bytes, Any] = {b"f%03d" % i: os.urandom(i * 37 % 900) for i in range(20 + d * 3)}
+        sub[b"exe"] = ("x", b"#!/bin/sh\n")
+        sub[b"link"] = ("l", b"../top-big")
+        sub[b"empty"] = b""
+        sub[b"nested"] = {b"deep": {b"x": b"y", b"big": os.urandom(BIG + d)}, b"z": b""}
+        if d % 4 == 0:
+            sub[b"bigone"] = ("x", os.urandom(BIG * 2))
+        tree[b"d%02d" % d] = sub
+    tree[b"many"] = {b"m%04d" % i: b"%d" % i for i in range(600)}
+    tree[b"zz-empty-dir"] = {}
+    return tree
+
+
+@pytest.mark.parametrize("jobs", [2, 3])
+def test_split_restores_the_same_tree(helpers_started: list[int], jobs: int) -> None:
+    data = nar_bytes(events_of(mixed_tree()))
+    work = tempfile.mkdtemp()
+    try:
+        one = tree_state(restore_file(data, work, 1))
+        assert helpers_started == []  # one job: never split
+        split = tree_state(restore_file(data, work, jobs))
+        assert helpers_started == [jobs]
+        assert split == one
+        assert sorted(os.listdir(work)) == ["in.nar", "r1", f"r{jobs}"]  # no temporary left
+    finally:
+        shutil.rmtree(work)
+
+
+trees = tree_strategy(NAME, file_max=300, exec_max=100, dir_max=6, max_leaves=40)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(trees)
+def test_split_as_one_process(helpers_started: list[int], tree: Any) -> None:
+    data = nar_bytes(events_of(tree))
+    work = tempfile.mkdtemp()
+    try:
+        assert tree_state(restore_file(data, work, 2)) == tree_state(restore_file(data, work, 1))
+    finally:
+        shutil.rmtree(work)
+
+
+def test_split_gives_helpers_work(helpers_started: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper makes files (not only the parent), and both make some."""
+    made: list[tuple[int, bytes]] = []  # (pid, name) of every file made by the fast path's open
+    real_open = os.open
+    log_r, log_w = os.pipe()
+
+    def spy_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if flags & os.O_CREAT and isinstance(path, bytes) and path.startswith(b"f"):
+            os.write(log_w, b"%d %s\n" % (os.getpid(), path))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    tree = {b"d%02d" % d: {b"f%03d" % i: b"x" * i for i in range(50)} for d in range(8)}
+    work = tempfile.mkdtemp()
+    try:
+        restore_file(nar_bytes(events_of(tree)), work, 2)
+    finally:
+        monkeypatch.undo()
+        shutil.rmtree(work)
+    os.close(log_w)
+    with os.fdopen(log_r, "rb") as f:
+        for line in f:
+            who, name = line.split()
+            made.append((int(who), name))
+    assert len(made) == 400
+    by_pid: dict[int, int] = {}
+    for pid, _ in made:
+        by_pid[pid] = by_pid.get(pid, 0) + 1
+    assert len(by_pid) == 2 and os.getpid() in by_pid, by_pid
+    assert min(by_pid.values()) >= 50, by_pid  # shared out, not all to one
+
+
+@pytest.mark.parametrize("damage", ["truncate", "trailing", "padding"])
+def test_damage_after_the_split_leaves_nothing(helpers_started: list[int], damage: str) -> None:
+    good = nar_bytes(events_of(mixed_tree()))
+    if damage == "truncate":
+        data = good[:-100]
+    elif damage == "trailing":
+        data = good + b"\0" * 8
+    else:  # a padding byte after the contents of "many/m0599" (b"599", then five of padding)
+        damaged = bytearray(good)
+        damaged[good.rindex(b"599") + 3] = 1
+        data = bytes(damaged)
+    work = tempfile.mkdtemp()
+    try:
+        with pytest.raises(NarError) as e:
+            restore_file(data, work, 2)
+        assert helpers_started == [2]
+        assert e.value.rule == {"truncate": "truncated", "trailing": "trailing-data", "padding": "padding"}[damage]
+        assert os.listdir(work) == ["in.nar"]
+    finally:
+        shutil.rmtree(work)
+
+
+def test_interrupted_parent_kills_helpers(helpers_started: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = [0]
+    real_feed = sink._Builder.feed
+
+    def feed(self: sink._Builder, ev: Any) -> None:
+        seen[0] += 1
+        if seen[0] == 30:
+            raise KeyboardInterrupt
+        real_feed(self, ev)
+
+    monkeypatch.setattr(sink._Builder, "feed", feed)
+    work = tempfile.mkdtemp()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            restore_file(nar_bytes(events_of(mixed_tree())), work, 2)
+        assert helpers_started == [2]
+        assert os.listdir(work) == ["in.nar"]
+    finally:
+        shutil.rmtree(work)
+
+
+def test_helper_killed(helpers_started: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    def die(*args: object) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(sink, "_carry_out", die)
+    work = tempfile.mkdtemp()
+    try:
+        with pytest.raises(FsError) as e:
+            restore_file(nar_bytes(events_of(mixed_tree())), work, 2)
+        assert "restore helper process ended with signal 9" in str(e.value)
+        assert os.listdir(work) == ["in.nar"]
+    finally:
+        shutil.rmtree(work)
+
+
+def test_no_split_when_it_cannot_pay_or_is_unsafe(monkeypatch: pytest.MonkeyPatch) -> None:
+    counts: list[int] = []
+    real = sink._Split.start
+
+    def start(self: sink._Split) -> None:
+        counts.append(1)
+        real(self)
+
+    monkeypatch.setattr(sink._Split, "start", start)
+    data = nar_bytes(events_of(mixed_tree()))
+    work = tempfile.mkdtemp()
+    try:
+        restore_file(data, work, 2)  # below SPLIT_MIN_BYTES
+        shutil.rmtree(os.path.join(work, "r2"))
+        monkeypatch.setattr(sink, "SPLIT_MIN_BYTES", 0)
+        stop = threading.Event()
+        t = threading.Thread(target=stop.wait)
+        t.start()
+        try:
+            restore_file(data, work, 2)  # another thread: never fork
+        finally:
+            stop.set()
+            t.join()
+        shutil.rmtree(os.path.join(work, "r2"))
+        sink.restore_events(NarReader(data), os.path.join(work, "r2"), jobs=2)  # not a file
+        shutil.rmtree(os.path.join(work, "r2"))
+        assert counts == []
+        restore_file(data, work, 2)
+        assert counts == [1]
+    finally:
+        shutil.rmtree(work)
+
+
+def test_restore_jobs_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NARTOOL_RESTORE_JOBS", "1")
+    assert sink.restore_jobs() == 1
+    monkeypatch.setenv("NARTOOL_RESTORE_JOBS", "3")
+    assert sink.restore_jobs() == 3
+    monkeypatch.setenv("NARTOOL_RESTORE_JOBS", "many")
+    assert sink.restore_jobs() == 1
+    monkeypatch.delenv("NARTOOL_RESTORE_JOBS")
+    assert 1 <= sink.restore_jobs() <= sink.SPLIT_MAX_JOBS
+
+
+def collision_nar(kind: str) -> bytes:
+    """A NAR whose directory ``d`` goes to the helper (the root's big file makes the parent the
+    busier one), with two names that only differ in case: both files (made by the helper), or a
+    directory (made by the parent) and a file (the helper)."""
+    inner: dict[bytes, Any] = {b"X": b"1", b"x": b"2"} if kind == "files" else {b"Sub": {}, b"sub": b"2"}
+    return nar_bytes(events_of({b"a-big": os.urandom(BIG), b"d": inner}))
+
+
+@pytest.mark.parametrize("kind", ["files", "dir-and-file"])
+def test_helper_collision_on_case_insensitive_mount(ci_mount: Path, helpers_started: list[int],  # noqa: F811
+                                                    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                    kind: str) -> None:
+    owners: dict[bytes, int] = {}
+    real = sink._Split.entered
+
+    def entered(self: sink._Split, name: bytes, outer: int) -> int:
+        owners[name] = real(self, name, outer)
+        return owners[name]
+
+    monkeypatch.setattr(sink._Split, "entered", entered)
+    nar = tmp_path / "in.nar"
+    nar.write_bytes(collision_nar(kind))
+    with open(nar, "rb") as f, pytest.raises(FsError) as e:
+        sink.restore_events(NarReader(f), ci_mount / "out", jobs=2)
+    assert helpers_started == [2] and owners[b"d"] == 1
+    assert e.value.rule == "exists" and e.value.path in (b"d/x", b"d/sub"), e.value
+    assert os.listdir(ci_mount) == []
+
+
+def test_helper_reports_its_error_fields() -> None:
+    err = NarError("bad thing", offset=8, expected=b"x" * 10_000, got=object(), path=b"a/b", rule="token")
+    back = sink._reported(sink._report(err), 1 << 8)
+    assert type(back) is NarError and back.rule == "token" and back.offset == 8 and back.path == b"a/b"
+    assert back.expected == b"x" * 4096 and isinstance(back.got, str)
+    other = sink._reported(sink._report(MemoryError("no room")), 1 << 8)
+    assert isinstance(other, FsError) and "MemoryError: no room" in str(other)
+    assert "status 3" in str(sink._reported(b"", 3 << 8))
+    assert "status 1" in str(sink._reported(b"garbled", 1 << 8))
+    assert isinstance(sink._reported(b"garbled", 1 << 8), NartoolError)
+
+
+def test_cli_split_restore_as_nix(tmp_path: Path) -> None:
+    """Through the CLI, a NAR big enough to split, from stdin (a file) and as an argument:
+    the restored tree hashes as Nix hashes the original."""
+    if shutil.which("nix-store") is None:
+        pytest.skip("needs nix-store (Nix 2.8)")
+    src = tmp_path / "src"
+    for d in range(10):
+        sub = src / f"d{d}"
+        sub.mkdir(parents=True)
+        for i in range(60):
+            (sub / f"f{i}").write_bytes(os.urandom(i * 200))
+        (sub / "big").write_bytes(os.urandom(1 << 20))
+        (sub / "run").write_bytes(b"#!/bin/sh\n")
+        (sub / "run").chmod(0o755)
+        (sub / "ln").symlink_to("big")
+    nar = tmp_path / "src.nar"
+    with open(nar, "wb") as f:
+        subprocess.run(["nix-store", "--dump", str(src)], stdout=f, check=True, env=nix_env())
+    assert nar.stat().st_size > sink.SPLIT_MIN_BYTES
+    want = subprocess.run(["nix-hash", "--type", "sha256", str(src)], capture_output=True, check=True,
+                          env=nix_env()).stdout
+    for how in ("stdin", "arg"):
+        dest = tmp_path / f"out-{how}"
+        env = {"NARTOOL_RESTORE_JOBS": "2"}
+        if how == "stdin":
+            with open(nar, "rb") as f:
+                r = subprocess.run(cli_argv("nar", "restore", str(dest)), stdin=f, capture_output=True,
+                                   env=cli_env(env))
+        else:
+            r = run_cli("nar", "restore", str(dest), str(nar), env=env)
+        assert r.returncode == 0, r.stderr
+        got = subprocess.run(["nix-hash", "--type", "sha256", str(dest)], capture_output=True, check=True,
+                             env=nix_env()).stdout
+        assert got == want
