@@ -5,6 +5,7 @@ runs in a fresh child of it."""
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 from nartool.build import zygote
 from nartool.build.sandbox import start_sandboxed
 
-from .helpers import REPO
+from .helpers import REPO, cli_env
 from .test_sandbox import Env, env, need_sandbox, run  # noqa: F401 - env is a fixture
 
 __all__ = ["env"]
@@ -45,6 +46,7 @@ def _alive(pid: int) -> bool:
 def test_builds_are_forked_by_one_zygote_that_keeps_no_build_descriptor(env: Env) -> None:
     need_sandbox()
     z = zygote.get()
+    _spares(z.pid)  # (its first spare exists: the zygote is past its own start-up, whose imports open files)
     before = _fds(z.pid)
     b = start_sandboxed(env.spec("sleep 1"))
     try:
@@ -187,3 +189,38 @@ def test_a_spare_helper_waits_in_fresh_namespaces(env: Env) -> None:
     while len(_children(z.pid)) > 2 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(_children(z.pid)) == 2, _children(z.pid)
+
+
+def test_zygote_starts_clean() -> None:
+    """The zygote runs in ``/``, in a session of its own, with stdout and stderr on /dev/null and
+    none of the inheritable descriptors its owner got from whoever started it."""
+    code = ("import os, sys, time\n"
+            "r, w = os.pipe(); os.set_inheritable(r, True); os.set_inheritable(w, True)\n"
+            "os.chdir('/tmp')\n"
+            "from nartool.build import zygote\n"
+            "z = zygote.get()\n"
+            "def fds():\n"
+            "    out = {}\n"
+            "    for n in os.listdir(f'/proc/{z.pid}/fd'):\n"
+            "        try: out[int(n)] = os.readlink(f'/proc/{z.pid}/fd/{n}')\n"
+            "        except FileNotFoundError: pass  # (one it just closed)\n"
+            "    return out\n"
+            "deadline = time.monotonic() + 10\n"
+            "while time.monotonic() < deadline:\n"
+            "    # past its start-up (its first spare is forked) and not forking one (whose pipes it\n"
+            "    # holds meanwhile): only sockets besides 0-2, unless it kept an inherited one\n"
+            "    with open(f'/proc/{z.pid}/task/{z.pid}/children') as f:\n"
+            "        spare = bool(f.read().split())\n"
+            "    got = fds()\n"
+            "    if spare and all(t.startswith('socket:') for n, t in got.items() if n > 2): break\n"
+            "    time.sleep(0.005)\n"
+            "fds = got\n"
+            "with open(f'/proc/{z.pid}/stat') as f: sid = int(f.read().rsplit(')', 1)[1].split()[3])\n"
+            "print(sorted(fds.items()), os.readlink(f'/proc/{z.pid}/cwd'), sid == z.pid, flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=cli_env())
+    assert r.returncode == 0, r.stderr
+    fds, cwd, leader = r.stdout.rsplit(" ", 2)
+    got = dict(ast.literal_eval(fds))
+    assert got[0].startswith("socket:") and got[1] == got[2] == "/dev/null"
+    assert all(t.startswith("socket:") for n, t in got.items() if n > 2)
+    assert cwd == "/" and leader.strip() == "True"

@@ -21,7 +21,6 @@ import json
 import os
 import select
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -573,6 +572,8 @@ class _Build:
         return store.query_closure_paths(roots)
 
     def _hook(self, chroot_dir: str) -> list[Any]:
+        import subprocess  # (here: a build's start-up does without it)
+
         from .sandbox import Bind
 
         hook = self.options.pre_build_hook or ""

@@ -27,7 +27,6 @@ import os
 import select
 import signal
 import stat
-import subprocess
 import sys
 import termios
 from collections.abc import Callable
@@ -721,6 +720,8 @@ def sandbox_unavailable_reason() -> str | None:
     if os.getuid() != 0 and not _userns_enabled():
         return ("user namespaces are not enabled (/proc/sys/user/max_user_namespaces is 0 or missing); "
                 "a sandboxed build as a non-root user needs them")
+    import subprocess  # (here: a build's start-up does without it)
+
     r = subprocess.run(zygote.helper_argv("probe"), capture_output=True,
                        stdin=subprocess.DEVNULL, check=False)
     out = r.stdout.decode(errors="replace").strip()

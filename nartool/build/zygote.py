@@ -12,11 +12,10 @@ process (different pid) starts its own zygote.
 
 from __future__ import annotations
 
+import _socket  # not ``socket``: it imports enum, selectors & co., start-up time
 import array
 import functools
 import os
-import socket
-import subprocess
 import sys
 import threading
 
@@ -36,30 +35,35 @@ class ZygoteError(OSError):
 
 class Zygote:
     def __init__(self) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        import subprocess  # (posix_spawn would be cheaper, but glibc's leaves its two internal
+        # signals ignored in the new program, and so in every builder; Popen's child does not)
+
+        parent, child = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM, 0)
         try:
             self.proc = subprocess.Popen(helper_argv("zygote"), stdin=child.fileno(),
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
                                          cwd="/", start_new_session=True)
+        except BaseException:
+            parent.close()
+            raise
         finally:
             child.close()
-        parent.set_inheritable(False)
-        self.sock = parent
+        self.sock = parent  # (close-on-exec, as every socket Python makes)
         self.owner = os.getpid()
         self.lock = threading.Lock()
         #: our end of the socket of a spare helper (see prepare_spare), and how many replies to
         #: ``S`` requests are still to be read
-        self.spare: socket.socket | None = None
+        self.spare: _socket.socket | None = None
         self.pending = 0
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def _send(self, kind: bytes, body: bytes, fds: list[int], sock: socket.socket | None = None) -> None:
+    def _send(self, kind: bytes, body: bytes, fds: list[int], sock: _socket.socket | None = None) -> None:
         sock = sock or self.sock
         head = kind + len(body).to_bytes(8, "little")
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         n = sock.sendmsg([head], anc)
         if n < len(head):
             sock.sendall(head[n:])
@@ -69,17 +73,17 @@ class Zygote:
         """Read the zygote's pending replies to ``S``: one byte each, ``S`` with the spare's
         socket or ``N`` (none)."""
         while self.pending:
-            msg, anc, _, _ = self.sock.recvmsg(1, socket.CMSG_SPACE(4))
+            msg, anc, _, _ = self.sock.recvmsg(1, _socket.CMSG_SPACE(4))
             if not msg:
                 raise ZygoteError("the sandbox zygote exited")
             self.pending -= 1
-            fds = [fd for level, kind, data in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+            fds = [fd for level, kind, data in anc if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
                    for fd in array.array("i", data[: len(data) - len(data) % 4])]
             for fd in fds[1:] if msg == b"S" else fds:
                 os.close(fd)
             if msg == b"S" and fds:
-                spare = socket.socket(fileno=fds[0])
-                spare.set_inheritable(False)
+                os.set_inheritable(fds[0], False)
+                spare = _socket.socket(fileno=fds[0])
                 if self.spare is not None:
                     self.spare.close()
                 self.spare = spare
