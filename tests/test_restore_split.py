@@ -23,6 +23,7 @@ if not sys.platform.startswith("linux"):
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
+import nartool.fs.forked as forked  # noqa: E402
 import nartool.fs.sink as sink  # noqa: E402
 from nartool.errors import FsError, NarError, NartoolError  # noqa: E402
 from nartool.nar import nar_bytes  # noqa: E402
@@ -198,7 +199,7 @@ def test_helper_killed(helpers_started: list[int], monkeypatch: pytest.MonkeyPat
     try:
         with pytest.raises(FsError) as e:
             restore_file(nar_bytes(events_of(mixed_tree())), work, 2)
-        assert "restore helper process ended with signal 9" in str(e.value)
+        assert "a helper process ended with signal 9" in str(e.value)
         assert os.listdir(work) == ["in.nar"]
     finally:
         shutil.rmtree(work)
@@ -237,15 +238,15 @@ def test_no_split_when_it_cannot_pay_or_is_unsafe(monkeypatch: pytest.MonkeyPatc
         shutil.rmtree(work)
 
 
-def test_restore_jobs_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NARTOOL_RESTORE_JOBS", "1")
-    assert sink.restore_jobs() == 1
-    monkeypatch.setenv("NARTOOL_RESTORE_JOBS", "3")
-    assert sink.restore_jobs() == 3
-    monkeypatch.setenv("NARTOOL_RESTORE_JOBS", "many")
-    assert sink.restore_jobs() == 1
-    monkeypatch.delenv("NARTOOL_RESTORE_JOBS")
-    assert 1 <= sink.restore_jobs() <= sink.SPLIT_MAX_JOBS
+def test_processes_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NARTOOL_PROCESSES", "1")
+    assert forked.helper_processes() == 1
+    monkeypatch.setenv("NARTOOL_PROCESSES", "3")
+    assert forked.helper_processes() == 3
+    monkeypatch.setenv("NARTOOL_PROCESSES", "many")
+    assert forked.helper_processes() == 1
+    monkeypatch.delenv("NARTOOL_PROCESSES")
+    assert 1 <= forked.helper_processes() <= forked.MAX_PROCESSES
 
 
 def collision_nar(kind: str) -> bytes:
@@ -279,14 +280,14 @@ def test_helper_collision_on_case_insensitive_mount(ci_mount: Path, helpers_star
 
 def test_helper_reports_its_error_fields() -> None:
     err = NarError("bad thing", offset=8, expected=b"x" * 10_000, got=object(), path=b"a/b", rule="token")
-    back = sink._reported(sink._report(err), 1 << 8)
+    back = forked.reported(forked.report(err), 1 << 8)
     assert type(back) is NarError and back.rule == "token" and back.offset == 8 and back.path == b"a/b"
     assert back.expected == b"x" * 4096 and isinstance(back.got, str)
-    other = sink._reported(sink._report(MemoryError("no room")), 1 << 8)
+    other = forked.reported(forked.report(MemoryError("no room")), 1 << 8)
     assert isinstance(other, FsError) and "MemoryError: no room" in str(other)
-    assert "status 3" in str(sink._reported(b"", 3 << 8))
-    assert "status 1" in str(sink._reported(b"garbled", 1 << 8))
-    assert isinstance(sink._reported(b"garbled", 1 << 8), NartoolError)
+    assert "status 3" in str(forked.reported(b"", 3 << 8))
+    assert "status 1" in str(forked.reported(b"garbled", 1 << 8))
+    assert isinstance(forked.reported(b"garbled", 1 << 8), NartoolError)
 
 
 def test_cli_split_restore_as_nix(tmp_path: Path) -> None:
@@ -312,7 +313,7 @@ def test_cli_split_restore_as_nix(tmp_path: Path) -> None:
                           env=nix_env()).stdout
     for how in ("stdin", "arg"):
         dest = tmp_path / f"out-{how}"
-        env = {"NARTOOL_RESTORE_JOBS": "2"}
+        env = {"NARTOOL_PROCESSES": "2"}
         if how == "stdin":
             with open(nar, "rb") as f:
                 r = subprocess.run(cli_argv("nar", "restore", str(dest)), stdin=f, capture_output=True,

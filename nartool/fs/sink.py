@@ -23,12 +23,13 @@ import os
 import signal
 from collections.abc import Callable, Iterable
 
-from ..errors import FsError, NarError, NartoolError
+from ..errors import FsError, NarError
 from ..nar import format as F
 from ..nar.events import Directory, EndDirectory, Event, File, Symlink
 from ..nar.reader import ORDER_BATCH, FileSink, NarReader
 from ..nar.source import write_all
 from .canonical import DIR_MODE, TIMES_NS, file_mode
+from .forked import can_fork, helper_processes, read_to_end, report, reported
 from .osutil import fsync as fsync_fd
 from .osutil import pid_alive, remove_at, rename_noreplace, temp_name, temp_owner, temp_prefix
 from .source import DirNamer, NameCodec
@@ -255,29 +256,11 @@ class _Builder:
 #: a restore splits its file creation across processes only for a NAR file with at least this
 #: much left to read (a fork costs about a millisecond)
 SPLIT_MIN_BYTES = 8 << 20
-#: at most this many processes
-SPLIT_MAX_JOBS = 4
 #: the balance of a split restore, in bytes of the NAR: making a file or symlink costs as much
 #: as copying this many bytes ...
 SPLIT_FILE_BYTES = 16 << 10
 #: ... and the parent's reading and checking of one, this many
 SPLIT_PARSE_BYTES = 12 << 10
-
-
-def restore_jobs() -> int:
-    """How many processes a restore may use: ``NARTOOL_RESTORE_JOBS`` when set (1: never
-    split), else the CPUs this process may run on, at most :data:`SPLIT_MAX_JOBS`."""
-    env = os.environ.get("NARTOOL_RESTORE_JOBS", "")
-    if env:
-        try:
-            return max(1, min(int(env), 16))
-        except ValueError:
-            return 1
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return min(cpus, SPLIT_MAX_JOBS)
 
 
 class _Split:
@@ -311,9 +294,9 @@ class _Split:
 
     @classmethod
     def plan(cls, b: _Builder, reader: NarReader, jobs: int) -> _Split | None:
-        """A split when it may pay: more than one job, the NAR read from a regular file with
-        :data:`SPLIT_MIN_BYTES` left, and this process single-threaded (forking a threaded
-        process is unsafe)."""
+        """A split when it may pay and is safe: more than one job, the NAR read from a regular
+        file with :data:`SPLIT_MIN_BYTES` left, and a process that may fork (see
+        :func:`nartool.fs.forked.can_fork`)."""
         if jobs < 2:
             return None
         where = reader.src.file_position()
@@ -321,8 +304,7 @@ class _Split:
             return None
         fd, origin = where
         try:
-            if os.fstat(fd).st_size - os.lseek(fd, 0, os.SEEK_CUR) < SPLIT_MIN_BYTES or \
-                    len(os.listdir("/proc/self/task")) != 1:
+            if os.fstat(fd).st_size - os.lseek(fd, 0, os.SEEK_CUR) < SPLIT_MIN_BYTES or not can_fork():
                 return None
         except OSError:
             return None
@@ -430,26 +412,21 @@ class _Split:
         self.order_w[i] = -1
         os.close(fd)
         self._wait(i)
-        raise FsError("a restore helper process stopped", rule="io")  # (when it reported nothing)
+        raise FsError("a helper process stopped", rule="io")  # (when it reported nothing)
 
     def _wait(self, i: int) -> None:
         """Wait for helper ``i``; raise its error."""
-        parts = []
         fd = self.report_r[i]
         self.report_r[i] = -1
         try:
-            while True:
-                part = os.read(fd, 1 << 16)
-                if not part:
-                    break
-                parts.append(part)
+            data = read_to_end(fd)
         finally:
             os.close(fd)
         pid = self.pids[i]
         self.pids[i] = -1
         _, status = os.waitpid(pid, 0)
-        if parts or status != 0:
-            raise _reported(b"".join(parts), status)
+        if data or status != 0:
+            raise reported(data, status)
 
     def finish(self) -> None:
         """Send what is left, tell the helpers the end, wait for them; raise the first error
@@ -496,7 +473,7 @@ def _helper(root_fd: int, nar_fd: int, origin: int, modes: tuple[int, int], orde
             code = 0
         except BaseException as e:
             try:
-                write_all(report_w, _report(e))
+                write_all(report_w, report(e))
             except BaseException:
                 pass
     finally:
@@ -587,41 +564,6 @@ def _copy_range(src_fd: int, off: int, size: int, out_fd: int) -> None:
         done += k
 
 
-def _report(e: BaseException) -> bytes:
-    import pickle
-
-    def plain(v: object) -> object:
-        if v is None or isinstance(v, (int, str)):
-            return v
-        if isinstance(v, (bytes, bytearray, memoryview)):
-            return bytes(v[:4096])
-        return str(v)
-
-    if isinstance(e, NartoolError):
-        fields = {k: plain(getattr(e, k)) for k in ("offset", "expected", "got", "path", "rule")}
-        return pickle.dumps((type(e).__name__, e.message, fields))
-    return pickle.dumps(("FsError", f"a restore helper process failed: {type(e).__name__}: {e}", {"rule": "io"}))
-
-
-def _reported(data: bytes, status: int) -> BaseException:
-    """The error a helper reported (or the way it ended)."""
-    from .. import errors
-
-    if data:
-        import pickle
-
-        try:
-            name, message, fields = pickle.loads(data)
-            cls = getattr(errors, name, None)
-            if not (isinstance(cls, type) and issubclass(cls, NartoolError)):
-                cls = FsError
-            return cls(message, **fields)
-        except Exception:  # noqa: BLE001 - a garbled report is still a failure
-            pass
-    how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"status {os.waitstatus_to_exitcode(status)}"
-    return FsError(f"a restore helper process ended with {how}", rule="io")
-
-
 def restore_events(
     events: Iterable[Event],
     dest: str | bytes | os.PathLike[str],
@@ -634,7 +576,8 @@ def restore_events(
     """Restore ``events`` at ``dest``, which must not exist. All or nothing.
 
     Given a :class:`NarReader` (rather than its events) of a NAR file, the restore may split
-    its file creation across up to ``jobs`` processes (default :func:`restore_jobs`)."""
+    its file creation across up to ``jobs`` processes (default
+    :func:`nartool.fs.forked.helper_processes`)."""
     dest_b = os.fsencode(dest).rstrip(b"/") or b"/"
     parent, base = os.path.split(dest_b)
     if not base or base in (b".", b".."):
@@ -652,7 +595,7 @@ def restore_events(
     split = None
     if files is not None:
         assert isinstance(events, NarReader)
-        split = _Split.plan(b, events, restore_jobs() if jobs is None else jobs)
+        split = _Split.plan(b, events, helper_processes() if jobs is None else jobs)
     try:
         try:
             it = events.events(files) if files is not None else iter(events)  # type: ignore[attr-defined]
