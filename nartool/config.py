@@ -411,8 +411,7 @@ class Config:
              env: Mapping[str, str] | None = None) -> Config:
         """Read the configuration files. Explicit ``paths`` must all exist; of the default
         ones (:meth:`default_paths`) absent files are skipped."""
-        files: Sequence[tuple[str | os.PathLike[str], bool]] = (
-            _default_files(env) if paths is None else [(p, True) for p in paths])
+        files = _default_files(env) if paths is None else [(_path_name(p), True) for p in paths]
         cfg = cls()
         for raw, required in files:
             try:
@@ -549,12 +548,14 @@ def file_problems(st: os.stat_result, root_uid: int = 0) -> list[str]:
 
 def _default_files(env: Mapping[str, str] | None) -> list[tuple[str, bool]]:
     """:meth:`Config.default_paths` as plain strings (a build reads its settings at every start:
-    pathlib is imported only when a file exists, see :func:`_path_name`)."""
+    pathlib is imported only when a file exists or one is named, see :func:`_path_name`). The
+    system file and the one under the configuration directory are joined by hand; they name the
+    same files as pathlib's paths (which only drop ``//``, ``/./`` and trailing slashes)."""
     env = os.environ if env is None else env
     files = [(SYSTEM_CONFIG, False)]
     explicit = env.get("NARTOOL_CONFIG")
-    if explicit:
-        return [*files, (explicit, True)]
+    if explicit:  # (as pathlib writes it: "x.conf/" is the file x.conf)
+        return [*files, (_path_name(explicit), True)]
     xdg = env.get("XDG_CONFIG_HOME")
     if xdg and os.path.isabs(xdg):
         base = xdg

@@ -155,6 +155,40 @@ def test_default_locations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert e.value.rule == "config-missing" and e.value.path == str(tmp_path / "nope.conf")
 
 
+def test_file_names_are_written_as_pathlib_writes_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files are opened by plain names (a build reads its settings without pathlib), named
+    in sources and errors as pathlib writes them: a trailing slash, ``//`` and ``/./`` name the
+    same file as before."""
+    monkeypatch.setattr(config_mod, "SYSTEM_CONFIG", str(tmp_path / "no-system.conf"))
+    conf = write(tmp_path / "x.conf", "trusted-users = bob\n")
+    for name in (f"{conf}/", f"{tmp_path}//x.conf", f"{tmp_path}/./x.conf"):
+        for c in (Config.load(env={"NARTOOL_CONFIG": name}), Config.load([name])):
+            assert c.trusted_users == ("bob",) and c.sources == (str(conf),)
+    xdg = tmp_path / "xdg"
+    write(xdg / "nartool" / "nartool.conf", "trusted-users = carol\n")
+    c = Config.load(env={"XDG_CONFIG_HOME": f"{xdg}//"})
+    assert c.trusted_users == ("carol",) and c.sources == (str(xdg / "nartool" / "nartool.conf"),)
+    assert Config.default_paths({"XDG_CONFIG_HOME": f"{xdg}/"})[1] == (xdg / "nartool" / "nartool.conf", False)
+    with pytest.raises(NartoolError) as e:
+        Config.load(env={"NARTOOL_CONFIG": f"{tmp_path}/missing.conf/"})
+    assert e.value.rule == "config-missing" and e.value.path == str(tmp_path / "missing.conf")
+
+
+def test_reading_no_files_imports_neither_pathlib_nor_signing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom nartool.config import Config\n"
+            "c = Config.load(env={'HOME': sys.argv[1]})\n"
+            "print(sorted(m for m in ('pathlib', 'nartool.store.signing') if m in sys.modules))\n")
+    # (-S: without the site hooks of this environment, which may load pathlib themselves)
+    r = subprocess.run([sys.executable, "-S", "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                       cwd="/", env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    if Path(config_mod.SYSTEM_CONFIG).exists():
+        pytest.skip(f"{config_mod.SYSTEM_CONFIG} exists here")
+    assert r.stdout.strip() == "[]"
+
+
 def test_load_reports_file_of_error(tmp_path: Path) -> None:
     good = write(tmp_path / "a.conf", "trusted-users = root\n")
     bad = write(tmp_path / "b.conf", "# x\nfoo = bar\n")
