@@ -122,12 +122,18 @@ def parse(args: list[str]) -> BuildArgs | None:
 
 
 def main(a: BuildArgs) -> None:
-    """Run ``nartool build`` as :func:`.main.main` runs a command: diagnostics, termination
-    signals, the exit status."""
-    _show_diagnostics(a.debug)
+    """Run ``nartool build`` as :func:`.main.main` runs a command."""
+    run_fast(lambda: _build(a), a.debug)
+
+
+def run_fast(body: Callable[[], int], debug: bool) -> NoReturn:
+    """Run a command's ``body`` (which returns the exit status) as :func:`.main.main` runs a
+    command: diagnostics, termination signals, errors reported, the exit status. Shared by the
+    click-free fast paths (this module's and :mod:`.fastnar`)."""
+    _show_diagnostics(debug)
     _handle_termination()
     try:
-        code = _run(a)
+        code = _run(body, debug)
     except KeyboardInterrupt:  # a signal that landed while an outcome was being reported
         code = 130
     finally:
@@ -155,11 +161,11 @@ def _exit(code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _run(a: BuildArgs) -> int:
-    """The build; returns the exit status (errors reported on stderr, as :func:`.main._run`
+def _run(body: Callable[[], int], debug: bool) -> int:
+    """The command; returns the exit status (errors reported on stderr, as :func:`.main._run`
     reports them)."""
     try:
-        return _build(a)
+        return body()
     except KeyboardInterrupt:
         # (click writes an empty line before its own handling of an interruption)
         _stderr_line("")
@@ -177,8 +183,8 @@ def _run(a: BuildArgs) -> int:
         from .common import report_error
 
         if isinstance(e, (NartoolError, OSError)):
-            return report_error(e, a.debug)
-        return report_error(e, a.debug) or 2
+            return report_error(e, debug)
+        return report_error(e, debug) or 2
 
 
 def _stderr_line(text: str) -> None:
