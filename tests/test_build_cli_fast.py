@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,22 +72,25 @@ _RUN = ("import atexit, os, sys\n"
         "main()\n")
 
 
-def _run(*args: str, setup: str = "", env: dict[str, str] | None = None) -> tuple[int, str, str, str]:
+def _run(*args: str, setup: str = "", env: dict[str, str] | None = None,
+         prefix: tuple[str, ...] = ()) -> tuple[int, str, str, str]:
     """(exit status, stdout, stderr, flags): flags is "CT", C and T "1" when click and when the
-    command tree were loaded."""
-    r = subprocess.run([sys.executable, "-c", _RUN.format(setup=setup), *args], capture_output=True,
+    command tree were loaded. ``prefix`` runs the command (e.g. in a namespace)."""
+    r = subprocess.run([*prefix, sys.executable, "-c", _RUN.format(setup=setup), *args], capture_output=True,
                        env=cli_env(env), timeout=120, cwd="/")
     err = r.stderr.decode()
     err, _, flags = err.rpartition("\nCLICK=")
+    err = re.sub(r"/temproots/\d+", "/temproots/PID", err)  # (each process's own file)
     return r.returncode, r.stdout.decode(), err, flags.strip()
 
 
-def _both(*args: str, targets: int = 1, setup: str = "", env: dict[str, str] | None = None) -> tuple[int, str, str]:
+def _both(*args: str, targets: int = 1, setup: str = "", env: dict[str, str] | None = None,
+          prefix: tuple[str, ...] = ()) -> tuple[int, str, str]:
     """Run ``nartool ARGS`` (ending with ``targets`` targets) through the fast path and through
     click (the same command line with ``--`` before the targets); both must give the same
     outcome."""
-    fast = _run(*args, setup=setup, env=env)
-    slow = _run(*args[:-targets], "--", *args[-targets:], setup=setup, env=env)
+    fast = _run(*args, setup=setup, env=env, prefix=prefix)
+    slow = _run(*args[:-targets], "--", *args[-targets:], setup=setup, env=env, prefix=prefix)
     assert fast[3][1:] == "0", "the fast path loaded the click command tree"
     assert fast[0] != 0 or fast[3] == "00", "the fast path loaded click (only an error message may)"
     assert slow[3] == "11", "the command line with -- did not go through click"
@@ -156,19 +160,28 @@ def test_errors_before_the_build_are_the_same(stores: tuple[Path, Path, LocalSto
                            setup="import nartool.build.zygote as z\nz.helper_argv = lambda mode: ['/nonexistent/python']\n")
     assert code == 1 and out == "" and "/nonexistent/python" in err
     assert not st.is_valid(st.query_derivation_outputs(drv)["out"])
-    # a store this user may not write (as root: a copy owned by someone else is still writable,
-    # so the check runs only for other users)
-    if os.geteuid() != 0:
-        ro = tmp_path / "ro"
-        shutil.copytree(a, ro, symlinks=True)
-        for d, _, _ in os.walk(ro):
+    # a read-only store: bind-mounted read-only in a mount namespace of the command's own (as
+    # root), or a copy with read-only directories (as another user)
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None:
+            pytest.skip("no unshare(1) for a read-only bind mount")
+        ro = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+              'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"', str(a))
+        code, _, err = _both("--store", str(a), "build", drv, prefix=ro)
+        assert code == 1 and err.startswith("error: ") and ("Read-only file system" in err
+                                                           or "unable to open database file" in err)
+    else:
+        ro_copy = tmp_path / "ro"
+        shutil.copytree(a, ro_copy, symlinks=True)
+        for d, _, _ in os.walk(ro_copy):
             os.chmod(d, 0o555)
         try:
-            code, _, err = _both("--store", str(ro), "build", drv)
+            code, _, err = _both("--store", str(ro_copy), "build", drv)
             assert code == 1 and err.startswith("error: ")
         finally:
-            for d, _, _ in os.walk(ro):
+            for d, _, _ in os.walk(ro_copy):
                 os.chmod(d, 0o755)
+    assert not st.is_valid(st.query_derivation_outputs(drv)["out"])
 
 
 # --- leaving without the interpreter's finalization -----------------------------------------
