@@ -199,7 +199,7 @@ def test_exit_skips_finalization_only_when_nothing_needs_it(monkeypatch: pytest.
     def fake_exit(code: int) -> None:
         raise Exited(code)
 
-    monkeypatch.setattr(fastbuild.os, "_exit", fake_exit)
+    monkeypatch.setattr(os, "_exit", fake_exit)
     monkeypatch.setattr(atexit, "_ncallbacks", lambda: 0, raising=False)
     monkeypatch.setattr(threading, "active_count", lambda: 1)
     with pytest.raises(Exited) as e:
