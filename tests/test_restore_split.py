@@ -5,6 +5,7 @@ left behind."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -324,3 +325,91 @@ def test_cli_split_restore_as_nix(tmp_path: Path) -> None:
         got = subprocess.run(["nix-hash", "--type", "sha256", str(dest)], capture_output=True, check=True,
                              env=nix_env()).stdout
         assert got == want
+
+
+def test_copy_range_falls_back_to_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(300_000)
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 7 + data)
+
+    def refused(*args: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    with open(src, "rb") as f:
+        for copy in (None, refused):
+            if copy is not None:
+                monkeypatch.setattr(os, "copy_file_range", copy)
+            out = tmp_path / f"out-{copy is None}"
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                sink._copy_range(f.fileno(), 7, len(data), fd)
+            finally:
+                os.close(fd)
+            assert out.read_bytes() == data
+        fd = os.open(tmp_path / "short", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            with pytest.raises(OSError, match="shorter"):
+                sink._copy_range(f.fileno(), 7, len(data) + 1, fd)
+        finally:
+            os.close(fd)
+
+
+def test_split_restore_to_another_filesystem(helpers_started: list[int], tmp_path: Path) -> None:
+    """The NAR on one filesystem, the tree made on another (the helper's copy_file_range may be
+    refused across them: it reads and writes then)."""
+    other = Path("/dev/shm")
+    if not other.is_dir() or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the temporary directory")
+    data = nar_bytes(events_of(mixed_tree()))
+    (tmp_path / "in.nar").write_bytes(data)
+    work = tempfile.mkdtemp(dir=other)
+    try:
+        with open(tmp_path / "in.nar", "rb") as f:
+            sink.restore_events(NarReader(f), os.path.join(work, "r"), jobs=2)
+        assert helpers_started == [2]
+        one = tree_state(restore_file(data, str(tmp_path), 1))
+        assert tree_state(os.path.join(work, "r")) == one
+    finally:
+        shutil.rmtree(work)
+
+
+_INTERRUPTED = r"""
+import os, sys, time
+import nartool.fs.sink as sink
+from nartool.nar.reader import NarReader
+sink.SPLIT_MIN_BYTES = 0
+real = sink._carry_out
+def slow(*args):
+    print("helper", os.getpid(), flush=True)
+    time.sleep(60)
+sink._carry_out = slow
+real_send = sink._Split.send
+def send(self, q):
+    real_send(self, q)
+    time.sleep(0.01)
+sink._Split.send = send
+print("parent", os.getpid(), flush=True)
+with open(sys.argv[1], "rb") as f:
+    sink.restore_events(NarReader(f), sys.argv[2], jobs=2)
+"""
+
+
+def test_interrupt_of_the_process_group(tmp_path: Path) -> None:
+    """Ctrl-C reaches the parent and the helper: nothing is left, no process either."""
+    import time
+
+    (tmp_path / "in.nar").write_bytes(nar_bytes(events_of(mixed_tree())))
+    p = subprocess.Popen([sys.executable, "-c", _INTERRUPTED, str(tmp_path / "in.nar"), str(tmp_path / "r")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), start_new_session=True)
+    assert p.stdout is not None
+    pids = {}
+    for _ in range(2):
+        who, pid = p.stdout.readline().split()
+        pids[who] = int(pid)
+    time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == -signal.SIGINT and b"KeyboardInterrupt" in err  # (Python ends by the signal)
+    assert os.listdir(tmp_path) == ["in.nar"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pids[b"helper"], 0)
