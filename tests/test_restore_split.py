@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 import nartool.fs.forked as forked  # noqa: E402
 import nartool.fs.sink as sink  # noqa: E402
+import nartool.nar.reader as reader_module  # noqa: E402
 from nartool.errors import FsError, NarError, NartoolError  # noqa: E402
 from nartool.nar import nar_bytes  # noqa: E402
 from nartool.nar.reader import NarReader  # noqa: E402
@@ -116,8 +117,10 @@ def test_split_as_one_process(helpers_started: list[int], tree: Any) -> None:
         shutil.rmtree(work)
 
 
-def test_split_gives_helpers_work(helpers_started: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The helper makes files (not only the parent), and both make some."""
+@pytest.mark.parametrize("shape", ["dirs", "flat"])
+def test_split_gives_helpers_work(helpers_started: list[int], monkeypatch: pytest.MonkeyPatch, shape: str) -> None:
+    """The helper makes files (not only the parent), and both make some: of many directories,
+    and of one big directory (shared out every EVERY files)."""
     made: list[tuple[int, bytes]] = []  # (pid, name) of every file made by the fast path's open
     real_open = os.open
     log_r, log_w = os.pipe()
@@ -128,7 +131,12 @@ def test_split_gives_helpers_work(helpers_started: list[int], monkeypatch: pytes
         return real_open(path, flags, mode, dir_fd=dir_fd)
 
     monkeypatch.setattr(os, "open", spy_open)
-    tree = {b"d%02d" % d: {b"f%03d" % i: b"x" * i for i in range(50)} for d in range(8)}
+    monkeypatch.setattr(sink, "EVERY", 64)
+    monkeypatch.setattr(reader_module, "EVERY", 64)
+    if shape == "dirs":
+        tree: dict[bytes, Any] = {b"d%02d" % d: {b"f%03d" % i: b"x" * i for i in range(50)} for d in range(8)}
+    else:
+        tree = {b"f%04d" % i: b"x" * (i % 100) for i in range(400)}
     work = tempfile.mkdtemp()
     try:
         restore_file(nar_bytes(events_of(tree)), work, 2)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from ..errors import FsError, NarError
 from ..nar import format as F
 from ..nar.events import Directory, EndDirectory, Event, File, Symlink
-from ..nar.reader import ORDER_BATCH, FileSink, NarReader
+from ..nar.reader import EVERY, ORDER_BATCH, FileSink, NarReader
 from ..nar.source import write_all
 from .canonical import DIR_MODE, TIMES_NS, file_mode
 from .forked import can_fork, helper_processes, read_to_end, report, reported
@@ -95,11 +95,23 @@ class _Builder:
         if self.names is not None or self.canonical or self.fsync or self.on_file is not None or \
                 not self.exe_at_open:
             return None
-        return FileSink(self.dir_fd, 0o666, 0o777, self._file_error, self.count, self.orders, self._flush)
+        return FileSink(self.dir_fd, 0o666, 0o777, self._file_error, self.count, self.orders, self._flush,
+                        self._rebalance)
 
     def _flush(self) -> None:
         assert self.split is not None and self.orders[0] is not None
         self.split.send(self.orders[0])
+
+    def _rebalance(self) -> None:
+        """In a split restore, the rest of the innermost directory's files may go to another
+        process (the least busy): a big directory is shared out too."""
+        if self.split is None or not self.stack:
+            return
+        fd, rel, namer, owner = self.stack[-1]
+        new = self.split.least_busy(owner)
+        if new != owner:
+            self.stack[-1] = (fd, rel, namer, new)
+            self._enter(fd, new)
 
     def _file_error(self, e: OSError, rel: bytes) -> BaseException:
         if isinstance(e, FileExistsError):
@@ -159,7 +171,9 @@ class _Builder:
             return
         dfd, disk, rel = self._place(ev.name)  # type: ignore[union-attr]
         if cls is not Directory:
-            self.count[0] += 1
+            k = self.count[0] = self.count[0] + 1
+            if not k & (EVERY - 1):
+                self._rebalance()
             if self.stack and self.stack[-1][3]:
                 # a helper of a split restore makes it (a file's contents are skipped here)
                 assert self.split is not None and self.orders[0] is not None
@@ -373,6 +387,12 @@ class _Split:
         self._count(outer)
         for q in self.queues[1:]:
             self.order(q, (name,))
+        work = self.work
+        return work.index(min(work))
+
+    def least_busy(self, owner: int) -> int:
+        """The least busy process, counting the work of the directory (``owner``'s) so far."""
+        self._count(owner)
         work = self.work
         return work.index(min(work))
 

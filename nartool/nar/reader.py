@@ -58,7 +58,8 @@ class FileSink:
     ``open`` (and must already be the final ones after the umask), and ``error(exc, path)``
     turns an ``OSError`` of creating or writing the file at ``path`` into the exception to
     raise (as the consumer's own file creation would). ``count[0]`` goes up by one for every
-    file and symlink the reader handles.
+    file and symlink the reader handles, and ``every()`` (if given) is called before every
+    :data:`EVERY`-th of them (a split restore rebalances its shares then).
 
     In a restore split across processes, ``dir_fd[0]`` is -1 where another process makes the
     directory's files: the reader then appends an order to the list ``orders[0]`` instead,
@@ -66,12 +67,12 @@ class FileSink:
     in the source) or ``(name, target)`` for a symlink, and calls ``flush()`` when the list
     holds :data:`ORDER_BATCH` of them."""
 
-    __slots__ = ("dir_fd", "mode_regular", "mode_executable", "error", "count", "orders", "flush")
+    __slots__ = ("dir_fd", "mode_regular", "mode_executable", "error", "count", "orders", "flush", "every")
 
     def __init__(self, dir_fd: list[int], mode_regular: int, mode_executable: int,
                  error: Callable[[OSError, bytes], BaseException], count: list[int] | None = None,
                  orders: list[list[tuple[object, ...]] | None] | None = None,
-                 flush: Callable[[], None] | None = None) -> None:
+                 flush: Callable[[], None] | None = None, every: Callable[[], None] | None = None) -> None:
         self.dir_fd = dir_fd
         self.mode_regular = mode_regular
         self.mode_executable = mode_executable
@@ -79,10 +80,12 @@ class FileSink:
         self.count = count if count is not None else [0]
         self.orders = orders if orders is not None else [None]
         self.flush = flush
+        self.every = every
 
 
 #: see :class:`FileSink`
 ORDER_BATCH = 256
+EVERY = 512
 
 
 _TOKEN_NAMES = {
@@ -184,10 +187,11 @@ class NarReader:
         # precise errors, whenever they do not match.
         if files is not None:
             cell, mode_reg, mode_exe, fs_error = files.dir_fd, files.mode_regular, files.mode_executable, files.error
-            count, orders, flush = files.count, files.orders, files.flush
+            count, orders, flush, every = files.count, files.orders, files.flush, files.every
         else:
             cell, mode_reg, mode_exe, fs_error = [-1], 0, 0, None
-            count, orders, flush = [0], [None], None
+            count, orders, flush, every = [0], [None], None, None
+        every_mask = EVERY - 1
         os_open, os_write, os_close, os_symlink, o_new = os.open, os.write, os.close, os.symlink, _O_NEWFILE
         hdr_sym, len_sym, max_target = F.HDR_SYMLINK, len(F.HDR_SYMLINK), self.limits.max_target
         view_of: bytes | None = None
@@ -298,7 +302,9 @@ class NarReader:
                                 if b"\0" in target:
                                     break
                                 consume_to(tpend + 32)
-                                count[0] += 1
+                                k = count[0] = count[0] + 1
+                                if not k & every_mask and every is not None:
+                                    every()
                                 if cell[0] >= 0:
                                     try:
                                         os_symlink(target, name, dir_fd=cell[0])
@@ -333,7 +339,9 @@ class NarReader:
                                            offset_at(dstart) - start)
                                 continue
                             # restoring: create the file here, with its final mode at open
-                            count[0] += 1
+                            k = count[0] = count[0] + 1
+                            if not k & every_mask and every is not None:
+                                every()
                             dfd = cell[0]
                             if dfd < 0:  # another process's (a split restore)
                                 q = orders[0]
