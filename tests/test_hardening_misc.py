@@ -53,7 +53,18 @@ class FakeCollector:
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(self.path)
         self.server.listen(16)
-        threading.Thread(target=self._serve, args=(self.server,), daemon=True).start()
+        self.thread = threading.Thread(target=self._serve, args=(self.server,), daemon=True)
+        self.thread.start()
+
+    def _stop_serving(self) -> None:
+        # (closing alone does not wake a thread blocked in accept(); shutting down does, and
+        # then no thread of this test outlives it: later tests fork only without threads)
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.server.close()
+        self.thread.join(10)
 
     def _serve(self, server: socket.socket) -> None:
         while True:
@@ -83,7 +94,7 @@ class FakeCollector:
     def restart(self, *, keep_old_connections: bool) -> None:
         """A new collection: a new socket file (the old connections may linger, as in a
         long-lived process whose earlier collection ended)."""
-        self.server.close()
+        self._stop_serving()
         if not keep_old_connections:
             for c in self.conns:
                 c.shutdown(socket.SHUT_RDWR)
@@ -92,8 +103,12 @@ class FakeCollector:
         self.start()
 
     def close(self) -> None:
-        self.server.close()
+        self._stop_serving()
         for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             c.close()
         os.close(self.lock)
 

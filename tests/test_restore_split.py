@@ -44,6 +44,7 @@ def helpers_started(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """Split whatever the NAR's size; the list gets the number of processes of each split.
     Afterwards, every helper must have been waited for."""
     monkeypatch.setattr(sink, "SPLIT_MIN_BYTES", 0)
+    assert forked.can_fork(), f"threads: {threading.enumerate()}, tasks: {os.listdir('/proc/self/task')}"
     counts: list[int] = []
     pids: list[int] = []
     real = sink._Split.start
