@@ -7,10 +7,10 @@ The most used entry points are re-exported here lazily.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
 if TYPE_CHECKING:
     from typing import Any
+
 
 __version__ = "0.1.0"
 

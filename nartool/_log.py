@@ -12,10 +12,11 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
 if TYPE_CHECKING:
     import logging
+    from typing import Any
 
 _hooks: list[Callable[[Any], None]] = []
 _ready = False

@@ -11,22 +11,26 @@ import io
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .fs.source import Exclude, NameCodec, dump_nar
 from .nar.limits import DEFAULT_LIMITS, Limits
 from .nar.reader import NarReader
 from .nar.source import ReadFn
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+
 # (imported where used, so that `nartool nar hash` does not load compression, listing or
 # thread-pipeline code at start-up)
 if TYPE_CHECKING:
+    from typing import Any, BinaryIO
+
     from .hashes import Hash
     from .nar import listing
     from .nar.events import Event
 
 PathLike = str | bytes | os.PathLike[str]
-NarInput = PathLike | BinaryIO | ReadFn
+if TYPE_CHECKING:
+    NarInput = PathLike | BinaryIO | ReadFn
 
 # names this module used to import eagerly (some callers reach them through it)
 _LAZY = {"compressor": "nartool.compression", "detect": "nartool.compression",
@@ -37,6 +41,10 @@ _LAZY = {"compressor": "nartool.compression", "detect": "nartool.compression",
 def __getattr__(name: str) -> Any:
     import importlib
 
+    if name == "NarInput":  # (made at first use: it needs typing)
+        from typing import BinaryIO
+
+        return PathLike | BinaryIO | ReadFn
     if name == "listing":
         return importlib.import_module("nartool.nar.listing")
     if name in _LAZY:

@@ -9,9 +9,12 @@ linear time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, BinaryIO
 
 from .errors import NartoolError
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
 
 METHODS = ("none", "zstd", "xz", "bzip2", "gzip")
 

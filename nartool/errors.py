@@ -10,7 +10,10 @@ bytes or str) and ``rule`` (a short stable identifier of the violated rule, e.g.
 from __future__ import annotations
 
 import os
-from typing import Any
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _show(v: Any) -> str:

@@ -24,9 +24,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
 
 from .process import _handle_termination, _ignore_termination, _show_diagnostics
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 #: value options of ``build`` (long and short names) and the attribute each sets
 _VALUE_OPTIONS = {"--max-jobs": "max_jobs", "-j": "max_jobs", "--cores": "cores",

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

@@ -4,10 +4,10 @@ Name codecs (the case hack) and filters plug into :func:`dump_events` and
 :func:`restore_events` without touching the codec.
 """
 
-from typing import TYPE_CHECKING
 
 from .._lazy import lazy_getattr
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
 if TYPE_CHECKING:
     from .sink import restore_events
     from .source import DirNamer, Exclude, NameCodec, dump_events, dump_nar

@@ -15,9 +15,12 @@ import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO
 
 from ..nar.source import write_all
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
 
 #: ``NARTOOL_PORTABLE=1``: no platform-specific calls, only the portable fallbacks
 PORTABLE = os.environ.get("NARTOOL_PORTABLE", "") == "1"

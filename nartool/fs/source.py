@@ -27,7 +27,6 @@ import os
 import stat
 from collections.abc import Callable, Generator, Iterator
 from itertools import repeat
-from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..errors import FsError, NarError
 from ..nar import format as F
@@ -35,7 +34,10 @@ from ..nar.events import END, Directory, Event, File, Symlink
 from ..nar.limits import DEFAULT_LIMITS, Limits
 from ..nar.writer import FLUSH_SIZE, write_nar
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
 if TYPE_CHECKING:
+    from typing import Any, Protocol
+
     from ..hashes import Hash
 
 #: files up to this size are read in one go and copied into the output buffer; larger ones
@@ -51,23 +53,28 @@ _O_READ_NOATIME_FREE = _O_READ & ~getattr(os, "O_NOATIME", 0)
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
-class NameCodec(Protocol):
-    """Maps between logical (NAR) names and on-disk names, one directory at a time."""
+if TYPE_CHECKING:
+    class NameCodec(Protocol):
+        """Maps between logical (NAR) names and on-disk names, one directory at a time."""
 
-    def dump_names(self, dir_path: bytes, disk_names: list[bytes]) -> list[tuple[bytes, bytes]]:
-        """Given the on-disk names of one directory, return ``(logical, disk)`` pairs sorted
-        by logical name (raise :class:`FsError` for inconsistent names)."""
-        ...
+        def dump_names(self, dir_path: bytes, disk_names: list[bytes]) -> list[tuple[bytes, bytes]]:
+            """Given the on-disk names of one directory, return ``(logical, disk)`` pairs sorted
+            by logical name (raise :class:`FsError` for inconsistent names)."""
+            ...
 
-    def restore_namer(self, dir_path: bytes) -> DirNamer:
-        """A fresh per-directory namer for a restore."""
-        ...
+        def restore_namer(self, dir_path: bytes) -> DirNamer:
+            """A fresh per-directory namer for a restore."""
+            ...
 
-
-class DirNamer(Protocol):
-    def disk_name(self, logical: bytes) -> bytes:
-        """The on-disk name for the next entry (entries arrive in NAR order)."""
-        ...
+    class DirNamer(Protocol):
+        def disk_name(self, logical: bytes) -> bytes:
+            """The on-disk name for the next entry (entries arrive in NAR order)."""
+            ...
+else:
+    # At run time the two interfaces are only names (a codec is any object with these methods:
+    # see nartool.fs.casehack); their definitions above are for the type checker, so that
+    # typing, ~2 ms of start-up, is not loaded for them.
+    NameCodec = DirNamer = object
 
 
 Exclude = Callable[[bytes, bool], bool]
@@ -318,8 +325,8 @@ def dump_nar(
     Equal to ``write_nar(dump_events(path, ...))`` with the same checks (name and target
     limits, depth, files changing size), in about two thirds of the time.
     """
-    return cast(Iterator[bytes | bytearray | memoryview],
-                _dump_nar(path, names, exclude, limits, flush_size, small_file, read_chunk, copy_file, False))
+    return _dump_nar(path, names, exclude, limits, flush_size, small_file, read_chunk,  # type: ignore[return-value]
+                     copy_file, False)
 
 
 def dump_nar_handing_off(

@@ -6,10 +6,10 @@
 * :mod:`nartool.nar.listing` — listings (``ls``, ``.ls`` JSON) and ``cat`` over events.
 """
 
-from typing import TYPE_CHECKING
 
 from .._lazy import lazy_getattr
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
 if TYPE_CHECKING:
     from .events import END, Directory, EndDirectory, Event, File, Node, Symlink, with_paths
     from .limits import DEFAULT_LIMITS, Limits

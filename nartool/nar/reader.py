@@ -29,13 +29,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
 
 from ..errors import NarError
 from . import format as F
 from .events import END, Directory, Event, File, Symlink
 from .limits import DEFAULT_LIMITS, Limits
 from .source import ByteSource, ReadFn, as_source, write_all
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 #: file contents up to this size are read in one piece (within the source's buffer size)
 SMALL_CONTENTS = 1 << 16

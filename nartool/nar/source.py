@@ -12,9 +12,12 @@ import io
 import os
 import stat
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
 
 from ..errors import NarError, TruncatedError
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 ReadFn = Callable[[int], bytes]
 
