@@ -845,7 +845,7 @@ def _tree_batches(root: bytes, names: NameCodec | None, exclude: Exclude | None,
     HDR_REGULAR, HDR_EXECUTABLE, HDR_SYMLINK, HDR_DIRECTORY = (F.HDR_REGULAR, F.HDR_EXECUTABLE, F.HDR_SYMLINK,
                                                                F.HDR_DIRECTORY)
     _open, _fstat, _readv, _close, _readlink = os.open, os.fstat, os.readv, os.close, os.readlink
-    S_ISREG, S_IXUSR = stat.S_ISREG, stat.S_IXUSR
+    S_IFMT, S_IFREG, S_IXUSR = stat.S_IFMT(0o177777), stat.S_IFREG, stat.S_IXUSR
     o_read = _O_READ
     join = b"".join
     # framing by name length (an entry's opening) and by padding (after a name; after contents
@@ -860,6 +860,9 @@ def _tree_batches(root: bytes, names: NameCodec | None, exclude: Exclude | None,
         cap = len(buf)
         buf, pos = yield from _fill_put(buf, 0, F.TOK_MAGIC + HDR_DIRECTORY)
         depth = 1
+        # the end of the last regular file's entry (padding, ``) )``): written with whatever comes
+        # next, one copy into the buffer fewer per file
+        pend = b""
         while stack:
             dfd, dpath, rel, it = stack[-1]
             for logical, disk, kind in it:
@@ -885,17 +888,17 @@ def _tree_batches(root: bytes, names: NameCodec | None, exclude: Exclude | None,
                         try:
                             st = _fstat(fd)
                             mode = st.st_mode
-                            if not S_ISREG(mode):
+                            if mode & S_IFMT != S_IFREG:
                                 _regular_fstat(fd, dpath + b"/" + disk)
                             size = st.st_size
-                            head = join((entry_heads[n], logical, name_tails[n & 7],
+                            head = join((pend, entry_heads[n], logical, name_tails[n & 7],
                                          HDR_EXECUTABLE if mode & S_IXUSR else HDR_REGULAR, size.to_bytes(8, "little")))
                             end = pos + len(head)
                             if end + size <= cap:  # the common case: all of it in this buffer
                                 buf[pos:end] = head
                                 pos = end
                                 if size:
-                                    k = _readv(fd, [buf[pos:end + size]])
+                                    k = _readv(fd, (buf[pos:end + size],))
                                     pos += k
                                     if k != size:
                                         buf, pos = yield from _fill_read(buf, pos, fd, size, dpath + b"/" + disk, k)
@@ -904,19 +907,22 @@ def _tree_batches(root: bytes, names: NameCodec | None, exclude: Exclude | None,
                                 buf, pos = yield from _fill_read(buf, pos, fd, size, dpath + b"/" + disk)
                         finally:
                             _close(fd)
-                        tail = file_tails[size & 7]
+                        pend = file_tails[size & 7]
+                        continue
                     elif kind == _LNK:
                         target = _readlink(disk, dir_fd=dfd)
                         t = len(target)
                         if t > max_target or not t or b"\0" in target:
                             raise NarError(F.validate_target(target, max_target) or "invalid target",
                                            rule="invalid-target", got=target, path=dpath + b"/" + disk)
-                        tail = join((entry_heads[n], logical, name_tails[n & 7], HDR_SYMLINK, t.to_bytes(8, "little"),
-                                     target, file_tails[t & 7]))
+                        tail = join((pend, entry_heads[n], logical, name_tails[n & 7], HDR_SYMLINK,
+                                     t.to_bytes(8, "little"), target, file_tails[t & 7]))
+                        pend = b""
                     else:
                         stack.append(_descend(dfd, disk, dpath, rel, logical, names, exclude))
                         depth += 1
-                        tail = join((entry_heads[n], logical, name_tails[n & 7], HDR_DIRECTORY))
+                        tail = join((pend, entry_heads[n], logical, name_tails[n & 7], HDR_DIRECTORY))
+                        pend = b""
                         end = pos + len(tail)
                         if end <= cap:
                             buf[pos:end] = tail
@@ -936,7 +942,8 @@ def _tree_batches(root: bytes, names: NameCodec | None, exclude: Exclude | None,
                 stack.pop()
                 _close(dfd)
                 depth -= 1
-                buf, pos = yield from _fill_put(buf, pos, CLOSE2 if stack else F.CLOSE)
+                buf, pos = yield from _fill_put(buf, pos, pend + (CLOSE2 if stack else F.CLOSE))
+                pend = b""
         yield pos
     finally:
         for dfd, *_ in stack:
