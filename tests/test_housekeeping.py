@@ -236,7 +236,7 @@ def test_cli_diagnostics_levels(capsys: pytest.CaptureFixture[str]) -> None:
     however often main() runs in a process."""
     import logging
 
-    from nartool.cli.main import _show_diagnostics
+    from nartool.cli.process import _show_diagnostics
 
     logger = logging.getLogger("nartool")
     saved = (list(logger.handlers), logger.level, logger.propagate)

@@ -25,7 +25,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from .process import _handle_termination, _ignore_termination, _show_diagnostics
+from .process import run_guarded, status_of
 
 TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
 if TYPE_CHECKING:
@@ -133,15 +133,7 @@ def run_fast(body: Callable[[], int], debug: bool) -> NoReturn:
     """Run a command's ``body`` (which returns the exit status) as :func:`.main.main` runs a
     command: diagnostics, termination signals, errors reported, the exit status. Shared by the
     click-free fast paths (this module's and :mod:`.fastnar`)."""
-    _show_diagnostics(debug)
-    _handle_termination()
-    try:
-        code = _run(body, debug)
-    except KeyboardInterrupt:  # a signal that landed while an outcome was being reported
-        code = 130
-    finally:
-        _ignore_termination()
-    _exit(code)
+    _exit(run_guarded(lambda: _run(body, debug), debug))
 
 
 def _exit(code: int) -> NoReturn:
@@ -174,20 +166,8 @@ def _run(body: Callable[[], int], debug: bool) -> int:
         _stderr_line("")
         _stderr_line("interrupted")
         return 130
-    except BrokenPipeError:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-        return 141
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            _stderr_line(e.code)
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except Exception as e:  # noqa: BLE001
-        from ..errors import NartoolError
-        from .common import report_error
-
-        if isinstance(e, (NartoolError, OSError)):
-            return report_error(e, debug)
-        return report_error(e, debug) or 2
+    except (Exception, SystemExit) as e:  # noqa: BLE001
+        return status_of(e, debug, _stderr_line)
 
 
 def _stderr_line(text: str) -> None:

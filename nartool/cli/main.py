@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 import click
 
 from .. import __version__
-from ..errors import NartoolError
-from .common import report_error
-from .process import _handle_termination, _ignore_termination, _show_diagnostics, hoist_store_option
+from .process import hoist_store_option, run_guarded, status_of
 
 
 class Ctx:
@@ -93,18 +90,8 @@ def _say_interrupted() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    _show_diagnostics(debug)
-    _handle_termination()
-    argv = hoist_store_option(list(argv if argv is not None else sys.argv[1:]))
-    try:
-        code = _run(argv, debug)
-    except KeyboardInterrupt:  # a signal that landed while an outcome was being reported
-        code = 130
-    finally:
-        # The outcome is settled: a signal from now on must not turn a finished (committed)
-        # command into a death by SIGINT during interpreter shutdown.
-        _ignore_termination()
-    sys.exit(code)
+    args = hoist_store_option(list(argv if argv is not None else sys.argv[1:]))
+    sys.exit(run_guarded(lambda: _run(args, debug), debug))
 
 
 def _run(argv: list[str], debug: bool) -> int:
@@ -120,18 +107,8 @@ def _run(argv: list[str], debug: bool) -> int:
     except (click.exceptions.Abort, KeyboardInterrupt):
         _say_interrupted()
         return 130
-    except BrokenPipeError:
-        # the reader went away (e.g. `| head`): not an error worth a message
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-        return 141
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            click.echo(e.code, err=True)
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except (NartoolError, OSError) as e:
-        return report_error(e, debug)
-    except Exception as e:  # noqa: BLE001
-        return report_error(e, debug) or 2
+    except (Exception, SystemExit) as e:  # noqa: BLE001 (a broken pipe, sys.exit, errors: as the fast paths)
+        return status_of(e, debug, lambda line: click.echo(line, err=True))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 
 TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 
@@ -122,3 +123,41 @@ def _ignore_termination() -> None:
                 signal.signal(sig, signal.SIG_IGN)
             except (OSError, ValueError):  # not the main thread (an embedding program)
                 pass
+
+
+def run_guarded(command: Callable[[], int], debug: bool) -> int:
+    """The process's set-up (diagnostics, termination signals), then ``command``; returns its
+    exit status. Shared by the click command tree (:func:`.main.main`) and the click-free fast
+    paths (:func:`.fastbuild.run_fast`), which then exit each in its own way."""
+    _show_diagnostics(debug)
+    _handle_termination()
+    try:
+        return command()
+    except KeyboardInterrupt:  # a signal that landed while an outcome was being reported
+        return 130
+    finally:
+        # The outcome is settled: a signal from now on must not turn a finished (committed)
+        # command into a death by SIGINT during interpreter shutdown.
+        _ignore_termination()
+
+
+def status_of(e: BaseException, debug: bool, say: Callable[[str], object]) -> int:
+    """The exit status of a command that ended with ``e`` (neither an interruption nor one of
+    click's own exceptions), reported as the CLI reports errors (``say`` writes a line on
+    stderr): a reader of stdout that went away, 141 without a word; ``sys.exit``; a nartool or
+    system error, one ``error:`` line (1); anything else, an internal error (2)."""
+    if isinstance(e, BrokenPipeError):
+        import os
+
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return 141
+    if isinstance(e, SystemExit):
+        if isinstance(e.code, str):
+            say(e.code)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    from ..errors import NartoolError
+    from .common import report_error  # (loads click, for the message)
+
+    if isinstance(e, (NartoolError, OSError)):
+        return report_error(e, debug)
+    return report_error(e, debug) or 2
