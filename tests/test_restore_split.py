@@ -422,3 +422,54 @@ def test_interrupt_of_the_process_group(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["in.nar"]
     with pytest.raises(ProcessLookupError):
         os.kill(pids[b"helper"], 0)
+
+
+_NO_SPACE = r"""
+import json, os, sys
+import nartool.fs.sink as sink
+from nartool.errors import NartoolError
+from nartool.nar.reader import NarReader
+sink.SPLIT_MIN_BYTES = 0
+starts = []
+real = sink._Split.start
+def start(self):
+    real(self)
+    starts.append(len(self.pids))
+sink._Split.start = start
+dest = os.path.join(sys.argv[2], "out")
+try:
+    with open(sys.argv[1], "rb") as f:
+        sink.restore_events(NarReader(f), dest, jobs=2)
+    out = {"ok": True}
+except NartoolError as e:
+    out = {"ok": False, "error": str(e), "rule": e.rule}
+out["left"] = os.listdir(sys.argv[2])
+out["starts"] = starts
+print(json.dumps(out))
+"""
+
+
+def test_no_space_left_leaves_nothing(tmp_path: Path) -> None:
+    """A filesystem that fills up during a split restore (a 2 MiB tmpfs, in a mount namespace of
+    the test's own): an error naming the cause, whichever process met it, and nothing left."""
+    import json
+
+    from .conftest import IS_ROOT, require
+
+    require("ROOT", IS_ROOT and shutil.which("unshare") is not None,
+            "needs root (and unshare) to mount a small tmpfs in a mount namespace of its own")
+    tree = {b"d%02d" % d: {b"f%03d" % i: os.urandom(2000 + i) for i in range(60)} for d in range(40)}
+    nar = tmp_path / "in.nar"
+    nar.write_bytes(nar_bytes(events_of(tree)))
+    assert nar.stat().st_size > 4 << 20
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                        'mount -t tmpfs -o size=2m tmpfs "$1" && exec "$0" -c "$2" "$3" "$1"',
+                        sys.executable, str(small), _NO_SPACE, str(nar)],
+                       capture_output=True, env=cli_env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["starts"] == [2]
+    assert not out["ok"] and "No space left" in out["error"] and out["rule"] == "io", out
+    assert out["left"] == []
