@@ -641,8 +641,8 @@ def restore_events(
             fsync_fd(pfd)
     except BaseException:
         try:
-            if b.split is not None:
-                b.split.kill()
+            if split is not None:  # (also helpers forked by a start() that did not finish)
+                split.kill()
             remove_at(pfd, tmp)
         finally:
             b.unlock()
