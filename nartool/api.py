@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import ExitStack
 
@@ -151,7 +152,22 @@ def _open(src: NarInput | bytes, stack: ExitStack) -> ReadFn | BinaryIO:
         f.seek(pos)
         if detect(head) == "none":
             return f
+    else:
+        _widen_pipe(f)
     return open_decompressed(f)[0]
+
+
+def _widen_pipe(f: object) -> None:
+    """Give a pipe we read 1 MiB of room (the default is 64 KiB), so that its writer runs ahead
+    of us instead of taking turns with us; best effort."""
+    try:
+        fd = f.fileno()  # type: ignore[attr-defined]
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        pass
 
 
 def read_events(src: NarInput | bytes, stack: ExitStack, *, limits: Limits = DEFAULT_LIMITS) -> Iterator[Event]:

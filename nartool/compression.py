@@ -379,8 +379,10 @@ def zstd_read_fn(read: Callable[[int], bytes], head: bytes = b"", *, max_window_
 
 
 def open_decompressed(f: BinaryIO | Callable[[int], bytes]) -> tuple[Callable[[int], bytes], str]:
-    """Return ``(read, method)`` for an input that may be compressed."""
-    read = f if callable(f) else f.read
+    """Return ``(read, method)`` for an input that may be compressed. (From a buffered file,
+    reads take what has arrived, ``read1``: a pipe's reader then works on it while the writer
+    writes on, rather than wait for a whole buffer's worth.)"""
+    read = f if callable(f) else getattr(f, "read1", None) or f.read
     head = b""
     while len(head) < 6:
         more = read(6 - len(head))

@@ -229,6 +229,8 @@ def test_no_split_when_it_cannot_pay_or_is_unsafe(monkeypatch: pytest.MonkeyPatc
     try:
         restore_file(data, work, 2)  # below SPLIT_MIN_BYTES
         shutil.rmtree(os.path.join(work, "r2"))
+        sink.restore_events(NarReader(data), os.path.join(work, "r2"), jobs=2)  # a stream, below it
+        shutil.rmtree(os.path.join(work, "r2"))
         monkeypatch.setattr(sink, "SPLIT_MIN_BYTES", 0)
         stop = threading.Event()
         t = threading.Thread(target=stop.wait)
@@ -238,8 +240,6 @@ def test_no_split_when_it_cannot_pay_or_is_unsafe(monkeypatch: pytest.MonkeyPatc
         finally:
             stop.set()
             t.join()
-        shutil.rmtree(os.path.join(work, "r2"))
-        sink.restore_events(NarReader(data), os.path.join(work, "r2"), jobs=2)  # not a file
         shutil.rmtree(os.path.join(work, "r2"))
         assert counts == []
         restore_file(data, work, 2)
@@ -473,3 +473,99 @@ def test_no_space_left_leaves_nothing(tmp_path: Path) -> None:
     assert out["starts"] == [2]
     assert not out["ok"] and "No space left" in out["error"] and out["rule"] == "io", out
     assert out["left"] == []
+
+
+def _stream(data: bytes, step: int) -> Any:
+    """A ``read(n)`` callable over ``data`` that returns at most ``step`` bytes (a pipe)."""
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        chunk = data[pos:pos + min(n, step)]
+        pos += len(chunk)
+        return chunk
+
+    return read
+
+
+@pytest.mark.parametrize("due", ["0", "3000", "150000", "in-flat"])
+@pytest.mark.parametrize("jobs", [2, 3])
+def test_split_from_a_stream(helpers_started: list[int], monkeypatch: pytest.MonkeyPatch, due: str,
+                             jobs: int) -> None:
+    """From a stream (no file to read contents back from), small contents come with the orders
+    and big files are made by the parent; the split starts once SPLIT_MIN_BYTES were read, at
+    the next directory or the next EVERY files, with the helpers in the directory the parent is
+    in: the same tree as one process."""
+    monkeypatch.setattr(sink, "EVERY", 64)
+    monkeypatch.setattr(reader_module, "EVERY", 64)
+    tree = mixed_tree()
+    tree[b"m-flat"] = {b"f%04d" % i: b"x" * (i % 300) for i in range(500)}
+    data = nar_bytes(events_of(tree))
+    # "in-flat": due inside m-flat, where no directory follows for a while: the split starts at
+    # the next EVERY files, inside that directory
+    monkeypatch.setattr(sink, "SPLIT_MIN_BYTES", data.index(b"m-flat") + 20_000 if due == "in-flat" else int(due))
+    work = tempfile.mkdtemp()
+    try:
+        one = tree_state(restore_file(data, work, 1))
+        for step in (1 << 16, 777):
+            dest = os.path.join(work, f"s{step}")
+            sink.restore_events(NarReader(_stream(data, step)), dest, jobs=jobs)
+            assert tree_state(dest) == one
+        assert helpers_started == [jobs, jobs]
+    finally:
+        shutil.rmtree(work)
+
+
+def test_small_stream_never_forks(helpers_started: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sink, "SPLIT_MIN_BYTES", 1 << 30)
+    data = nar_bytes(events_of(mixed_tree()))
+    work = tempfile.mkdtemp()
+    try:
+        sink.restore_events(NarReader(_stream(data, 1 << 16)), os.path.join(work, "r"), jobs=2)
+        assert helpers_started == []
+    finally:
+        shutil.rmtree(work)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "padding"])
+def test_stream_damage_after_the_split_leaves_nothing(helpers_started: list[int], damage: str) -> None:
+    good = nar_bytes(events_of(mixed_tree()))
+    if damage == "truncate":
+        data = good[:-100]
+    else:
+        damaged = bytearray(good)
+        damaged[good.rindex(b"599") + 3] = 1
+        data = bytes(damaged)
+    work = tempfile.mkdtemp()
+    try:
+        with pytest.raises(NarError) as e:
+            sink.restore_events(NarReader(_stream(data, 4096)), os.path.join(work, "r"), jobs=2)
+        assert helpers_started == [2]
+        assert e.value.rule == {"truncate": "truncated", "padding": "padding"}[damage]
+        assert os.listdir(work) == []
+    finally:
+        shutil.rmtree(work)
+
+
+def test_cli_split_restore_from_a_pipe(tmp_path: Path) -> None:
+    """Through the CLI, a NAR piped in (cat | nartool nar restore): as Nix restores it."""
+    if shutil.which("nix-store") is None:
+        pytest.skip("needs nix-store (Nix 2.8)")
+    src = tmp_path / "src"
+    for d in range(12):
+        sub = src / f"d{d}"
+        sub.mkdir(parents=True)
+        for i in range(80):
+            (sub / f"f{i}").write_bytes(os.urandom(i * 150))
+        (sub / "big").write_bytes(os.urandom(700_000))
+    nar = subprocess.run(["nix-store", "--dump", str(src)], capture_output=True, check=True, env=nix_env()).stdout
+    assert len(nar) > sink.SPLIT_MIN_BYTES
+    r = subprocess.run(cli_argv("nar", "restore", str(tmp_path / "out")), input=nar, capture_output=True,
+                       env=cli_env({"NARTOOL_PROCESSES": "2"}))
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["nix-store", "--restore", str(tmp_path / "nix")], input=nar, check=True, env=nix_env())
+    want = subprocess.run(["nix-hash", "--type", "sha256", str(tmp_path / "nix")], capture_output=True, check=True,
+                          env=nix_env()).stdout
+    got = subprocess.run(["nix-hash", "--type", "sha256", str(tmp_path / "out")], capture_output=True, check=True,
+                         env=nix_env()).stdout
+    assert got == want

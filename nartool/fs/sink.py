@@ -71,7 +71,9 @@ class _Builder:
         self.umask = _umask()
         # open directories: (fd, relative path, namer, process making its entries: 0 is this one)
         self.stack: list[tuple[int, bytes, DirNamer | None, int]] = []
-        # a restore whose files are split across processes (see :class:`_Split`)
+        # a restore whose files are split across processes (see :class:`_Split`): planned, then
+        # started once it is due
+        self.planned: _Split | None = None
         self.split: _Split | None = None
         # files and symlinks so far (the reader counts those it handles itself)
         self.count = [0]
@@ -104,14 +106,24 @@ class _Builder:
 
     def _rebalance(self) -> None:
         """In a split restore, the rest of the innermost directory's files may go to another
-        process (the least busy): a big directory is shared out too."""
-        if self.split is None or not self.stack:
+        process (the least busy): a big directory is shared out too. (Called every EVERY files:
+        a planned split that is due starts here too.)"""
+        if self.split is None:
+            self._start_split_if_due()
+            return
+        if not self.stack:
             return
         fd, rel, namer, owner = self.stack[-1]
         new = self.split.least_busy(owner)
         if new != owner:
             self.stack[-1] = (fd, rel, namer, new)
             self._enter(fd, new)
+
+    def _start_split_if_due(self) -> None:
+        p = self.planned
+        if p is not None and self.stack and p.due():
+            self.planned = None
+            p.start()
 
     def _file_error(self, e: OSError, rel: bytes) -> BaseException:
         if isinstance(e, FileExistsError):
@@ -177,13 +189,18 @@ class _Builder:
             if self.stack and self.stack[-1][3]:
                 # a helper of a split restore makes it (a file's contents are skipped here)
                 assert self.split is not None and self.orders[0] is not None
-                if cls is File:
-                    assert isinstance(ev, File) and ev.offset is not None
-                    self.split.order(self.orders[0], (disk, ev.executable, self.split.reader_start + ev.offset, ev.size))
-                else:
+                if cls is Symlink:
                     assert isinstance(ev, Symlink)
                     self.split.order(self.orders[0], (disk, ev.target))
-                return
+                    return
+                assert isinstance(ev, File) and ev.offset is not None
+                if not self.split.inline:
+                    self.split.order(self.orders[0], (disk, ev.executable, self.split.reader_start + ev.offset, ev.size))
+                    return
+                if ev.chunks.__class__ is tuple:  # (read whole: sent with the order)
+                    self.split.order(self.orders[0], (disk, ev.executable, b"".join(ev.chunks)))
+                    return
+                dfd = self.stack[-1][0]  # a big file from a stream: made here, as it is read
         try:
             if cls is File:
                 assert isinstance(ev, File)
@@ -210,6 +227,8 @@ class _Builder:
                 owner = self.split.entered(disk, self.stack[-1][3]) if self.split is not None else 0
                 self.stack.append((fd, rel, namer, owner))
                 self._enter(fd, owner)
+                if self.planned is not None:
+                    self._start_split_if_due()
             else:
                 raise TypeError(f"not a NAR event: {ev!r}")
         except FileExistsError as e:
@@ -281,19 +300,26 @@ class _Split:
     """A restore whose files are made by several processes (docs/speed.md, "Restore").
 
     This process (number 0) reads and checks the NAR and makes every directory, as always.
-    Once it has made (and locked) the root directory it forks helpers (1, 2, ...) and gives
-    each new directory's files and symlinks to the process with the least work so far. A
-    helper gets orders on a pipe, in batches, in stream order: enter a subdirectory (already
-    made), leave it, make a symlink, make a file of this size from this offset of the NAR's
-    file (which it copies itself: ``pread`` or, for big files, ``copy_file_range``). The
+    Once the split is due (a NAR file: as soon as the root directory is made and locked; any
+    other input: once :data:`SPLIT_MIN_BYTES` of it were read, at the next directory or the
+    next :data:`~nartool.nar.reader.EVERY` files) it forks helpers (1, 2, ...), which start
+    in the directory it is in, and gives each new directory's files and symlinks to the
+    process with the least work so far. A helper gets orders on a pipe, in batches, in stream
+    order: enter a subdirectory (already made), leave it, make a symlink, make a file. From a
+    NAR file the order gives the size and the offset of the contents, which the helper copies
+    itself (``pread`` or, for big files, ``copy_file_range``); from any other input ("inline")
+    small contents come with the order, and big ones are made here as they are read. The
     parent closes the pipes at the end and waits for every helper before the tree is renamed
     into place; a helper reports its error on a second pipe and the parent raises it; on any
     error the parent kills the helpers before it removes the tree."""
 
-    def __init__(self, b: _Builder, reader: NarReader, jobs: int, nar_fd: int, origin: int) -> None:
+    def __init__(self, b: _Builder, reader: NarReader, jobs: int, nar_fd: int, origin: int,
+                 due_at: int) -> None:
         self.b = b
         self.jobs = jobs
-        self.nar_fd = nar_fd
+        self.nar_fd = nar_fd  # -1: inline
+        self.inline = nar_fd < 0
+        self.due_at = due_at  # (stream offset)
         self.origin = origin  # the NAR file's offset of the source's first byte
         self.reader_start = reader.start  # (events' offsets are counted from the reader's start)
         src = reader.src
@@ -308,26 +334,31 @@ class _Split:
 
     @classmethod
     def plan(cls, b: _Builder, reader: NarReader, jobs: int) -> _Split | None:
-        """A split when it may pay and is safe: more than one job, the NAR read from a regular
-        file with :data:`SPLIT_MIN_BYTES` left, and a process that may fork (see
-        :func:`nartool.fs.forked.can_fork`)."""
-        if jobs < 2:
+        """A split when it may pay and is safe: more than one job, and a process that may fork
+        (see :func:`nartool.fs.forked.can_fork`). From a NAR file with less than
+        :data:`SPLIT_MIN_BYTES` left, none; from a big one, due at once; from any other input,
+        due once that much was read (a small NAR from a pipe never pays for a fork)."""
+        if jobs < 2 or not can_fork():
             return None
         where = reader.src.file_position()
         if where is None:
-            return None
+            return cls(b, reader, jobs, -1, 0, reader.src.offset + SPLIT_MIN_BYTES)
         fd, origin = where
         try:
-            if os.fstat(fd).st_size - os.lseek(fd, 0, os.SEEK_CUR) < SPLIT_MIN_BYTES or not can_fork():
+            if os.fstat(fd).st_size - os.lseek(fd, 0, os.SEEK_CUR) < SPLIT_MIN_BYTES:
                 return None
         except OSError:
             return None
-        return cls(b, reader, jobs, fd, origin)
+        return cls(b, reader, jobs, fd, origin, 0)
+
+    def due(self) -> bool:
+        return self.offset() >= self.due_at
 
     def start(self) -> None:
-        """Fork the helpers, just after the root directory was made."""
+        """Fork the helpers; they start in the directory this process is in."""
         b = self.b
-        root_fd = b.stack[0][0]
+        fds = [e[0] for e in b.stack]
+        paths = [e[1] for e in b.stack]
         modes = (0o666, 0o777)
         self.queues.append([])
         self.pids.append(os.getpid())
@@ -359,7 +390,7 @@ class _Split:
                 # parent closes its pipe, and every copy of the pipe's write end counts)
                 for fd in (order_w, report_r, *self.order_w[1:], *self.report_r[1:]):
                     os.close(fd)
-                _helper(root_fd, self.nar_fd, self.origin, modes, order_r, report_w, b._file_error)
+                _helper(fds, paths, self.nar_fd, self.origin, modes, order_r, report_w, b._file_error)
             os.close(order_r)
             os.close(report_w)
             self.queues.append([])
@@ -483,13 +514,13 @@ class _Split:
                 self.pids[i] = -1
 
 
-def _helper(root_fd: int, nar_fd: int, origin: int, modes: tuple[int, int], order_r: int, report_w: int,
-            error: Callable[[OSError, bytes], BaseException]) -> None:
+def _helper(fds: list[int], paths: list[bytes], nar_fd: int, origin: int, modes: tuple[int, int], order_r: int,
+            report_w: int, error: Callable[[OSError, bytes], BaseException]) -> None:
     """A split restore's helper process: carry out the orders, report any error, exit."""
     code = 1
     try:
         try:
-            _carry_out(root_fd, nar_fd, origin, modes, order_r, error)
+            _carry_out(fds, paths, nar_fd, origin, modes, order_r, error)
             code = 0
         except BaseException as e:
             try:
@@ -500,13 +531,13 @@ def _helper(root_fd: int, nar_fd: int, origin: int, modes: tuple[int, int], orde
         os._exit(code)
 
 
-def _carry_out(root_fd: int, nar_fd: int, origin: int, modes: tuple[int, int], order_r: int,
-               error: Callable[[OSError, bytes], BaseException]) -> None:
+def _carry_out(stack: list[int], paths: list[bytes], nar_fd: int, origin: int, modes: tuple[int, int],
+               order_r: int, error: Callable[[OSError, bytes], BaseException]) -> None:
+    """The orders (see :class:`_Split`), from the directories ``stack`` (descriptors, the
+    innermost last; their paths in ``paths``)."""
     import marshal
 
     orders = os.fdopen(order_r, "rb", buffering=1 << 16)
-    stack = [root_fd]
-    paths = [b""]
     mode_reg, mode_exe = modes
     os_open, os_close, pread = os.open, os.close, os.pread
     while True:
@@ -530,6 +561,17 @@ def _carry_out(root_fd: int, nar_fd: int, origin: int, modes: tuple[int, int], o
                                 write_all(fd, data)
                             else:
                                 _copy_range(nar_fd, origin + off, size, fd)
+                    finally:
+                        os_close(fd)
+                except OSError as e:
+                    raise error(e, paths[-1] + b"/" + name if paths[-1] else name) from e
+            elif k == 3:  # inline: the contents come with the order
+                name, exe, data = op
+                try:
+                    fd = os_open(name, _O_NEWFILE, mode_exe if exe else mode_reg, dir_fd=stack[-1])
+                    try:
+                        if data:
+                            write_all(fd, data)
                     finally:
                         os_close(fd)
                 except OSError as e:
@@ -615,16 +657,11 @@ def restore_events(
     split = None
     if files is not None:
         assert isinstance(events, NarReader)
-        split = _Split.plan(b, events, helper_processes() if jobs is None else jobs)
+        split = b.planned = _Split.plan(b, events, helper_processes() if jobs is None else jobs)
+        files.inline = split is not None and split.inline
     try:
         try:
             it = events.events(files) if files is not None else iter(events)  # type: ignore[attr-defined]
-            if split is not None:
-                for ev in it:  # the root: split once it is a directory made
-                    b.feed(ev)
-                    if b.stack:
-                        split.start()
-                    break
             for ev in it:
                 b.feed(ev)
             if not b.done:

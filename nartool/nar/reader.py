@@ -67,10 +67,12 @@ class FileSink:
     In a restore split across processes, ``dir_fd[0]`` is -1 where another process makes the
     directory's files: the reader then appends an order to the list ``orders[0]`` instead,
     ``(name, executable, offset, size)`` for a file (``offset``: the contents' stream offset
-    in the source) or ``(name, target)`` for a symlink, and calls ``flush()`` when the list
-    holds :data:`ORDER_BATCH` of them."""
+    in the source), or ``(name, executable, contents)`` when ``inline`` is set, or
+    ``(name, target)`` for a symlink, and calls ``flush()`` when the list holds
+    :data:`ORDER_BATCH` of them."""
 
-    __slots__ = ("dir_fd", "mode_regular", "mode_executable", "error", "count", "orders", "flush", "every")
+    __slots__ = ("dir_fd", "mode_regular", "mode_executable", "error", "count", "orders", "flush", "every",
+                 "inline")
 
     def __init__(self, dir_fd: list[int], mode_regular: int, mode_executable: int,
                  error: Callable[[OSError, bytes], BaseException], count: list[int] | None = None,
@@ -84,6 +86,7 @@ class FileSink:
         self.orders = orders if orders is not None else [None]
         self.flush = flush
         self.every = every
+        self.inline = False
 
 
 #: see :class:`FileSink`
@@ -191,9 +194,11 @@ class NarReader:
         if files is not None:
             cell, mode_reg, mode_exe, fs_error = files.dir_fd, files.mode_regular, files.mode_executable, files.error
             count, orders, flush, every = files.count, files.orders, files.flush, files.every
+            inline = files.inline
         else:
             cell, mode_reg, mode_exe, fs_error = [-1], 0, 0, None
             count, orders, flush, every = [0], [None], None, None
+            inline = False
         every_mask = EVERY - 1
         os_open, os_write, os_close, os_symlink, o_new = os.open, os.write, os.close, os.symlink, _O_NEWFILE
         hdr_sym, len_sym, max_target = F.HDR_SYMLINK, len(F.HDR_SYMLINK), self.limits.max_target
@@ -348,7 +353,10 @@ class NarReader:
                             dfd = cell[0]
                             if dfd < 0:  # another process's (a split restore)
                                 q = orders[0]
-                                q.append((name, exe, offset_at(dstart), size))  # type: ignore[union-attr]
+                                if inline:
+                                    q.append((name, exe, buf[dstart:dend]))  # type: ignore[union-attr]
+                                else:
+                                    q.append((name, exe, offset_at(dstart), size))  # type: ignore[union-attr]
                                 if len(q) >= ORDER_BATCH:  # type: ignore[arg-type]
                                     flush()  # type: ignore[misc]
                                 continue
