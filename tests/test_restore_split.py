@@ -33,7 +33,7 @@ from nartool.nar.reader import NarReader  # noqa: E402
 
 from .fusefs import ci_mount  # noqa: E402, F401  (fixture)
 from .helpers import cli_argv, cli_env, nix_env, run_cli  # noqa: E402
-from .test_nar_fastpath import NAME, tree_state  # noqa: E402
+from .test_nar_fastpath import NAME, dribble, tree_state  # noqa: E402
 from .test_nar_property import events_of, tree_strategy  # noqa: E402
 
 BIG = 200_000  # past the reader's small-file size: the slow path, copied with copy_file_range
@@ -157,23 +157,51 @@ def test_split_gives_helpers_work(helpers_started: list[int], monkeypatch: pytes
     assert min(by_pid.values()) >= 50, by_pid  # shared out, not all to one
 
 
+#: the rule each damage breaks (see damaged)
+DAMAGE_RULES = {"truncate": "truncated", "trailing": "trailing-data", "padding": "padding"}
+
+
+def damaged(kind: str) -> bytes:
+    """The NAR of mixed_tree() with damage past the point where it splits: cut short, trailing
+    bytes, or a padding byte after the contents of "many/m0599" (b"599", then five of padding)."""
+    good = nar_bytes(events_of(mixed_tree()))
+    if kind == "truncate":
+        return good[:-100]
+    if kind == "trailing":
+        return good + b"\0" * 8
+    data = bytearray(good)
+    data[good.rindex(b"599") + 3] = 1
+    return bytes(data)
+
+
+def source_tree(root: Path, dirs: int, files: int, step: int, big: int) -> None:
+    """A tree for the CLI tests: ``dirs`` directories of ``files`` files of 0, step, 2*step...
+    bytes, each with one file of ``big`` bytes, an executable and a symlink."""
+    for d in range(dirs):
+        sub = root / f"d{d}"
+        sub.mkdir(parents=True)
+        for i in range(files):
+            (sub / f"f{i}").write_bytes(os.urandom(i * step))
+        (sub / "big").write_bytes(os.urandom(big))
+        (sub / "run").write_bytes(b"#!/bin/sh\n")
+        (sub / "run").chmod(0o755)
+        (sub / "ln").symlink_to("big")
+
+
+def nix_hash(path: Path, nix_hash_cmd: tuple[str, ...] = ("nix-hash",)) -> bytes:
+    return subprocess.run([*nix_hash_cmd, "--type", "sha256", str(path)], capture_output=True, check=True,
+                          env=nix_env()).stdout
+
+
 @pytest.mark.parametrize("damage", ["truncate", "trailing", "padding"])
 def test_damage_after_the_split_leaves_nothing(helpers_started: list[int], damage: str) -> None:
-    good = nar_bytes(events_of(mixed_tree()))
-    if damage == "truncate":
-        data = good[:-100]
-    elif damage == "trailing":
-        data = good + b"\0" * 8
-    else:  # a padding byte after the contents of "many/m0599" (b"599", then five of padding)
-        damaged = bytearray(good)
-        damaged[good.rindex(b"599") + 3] = 1
-        data = bytes(damaged)
+    data = damaged(damage)
     work = tempfile.mkdtemp()
     try:
         with pytest.raises(NarError) as e:
             restore_file(data, work, 2)
         assert helpers_started == [2]
-        assert e.value.rule == {"truncate": "truncated", "trailing": "trailing-data", "padding": "padding"}[damage]
+        assert e.value.rule == DAMAGE_RULES[damage]
         assert os.listdir(work) == ["in.nar"]
     finally:
         shutil.rmtree(work)
@@ -306,21 +334,12 @@ def test_cli_split_restore_as_nix(tmp_path: Path) -> None:
     if shutil.which("nix-store") is None:
         pytest.skip("needs nix-store (Nix 2.8)")
     src = tmp_path / "src"
-    for d in range(10):
-        sub = src / f"d{d}"
-        sub.mkdir(parents=True)
-        for i in range(60):
-            (sub / f"f{i}").write_bytes(os.urandom(i * 200))
-        (sub / "big").write_bytes(os.urandom(1 << 20))
-        (sub / "run").write_bytes(b"#!/bin/sh\n")
-        (sub / "run").chmod(0o755)
-        (sub / "ln").symlink_to("big")
+    source_tree(src, 10, 60, 200, 1 << 20)
     nar = tmp_path / "src.nar"
     with open(nar, "wb") as f:
         subprocess.run(["nix-store", "--dump", str(src)], stdout=f, check=True, env=nix_env())
     assert nar.stat().st_size > sink.SPLIT_MIN_BYTES
-    want = subprocess.run(["nix-hash", "--type", "sha256", str(src)], capture_output=True, check=True,
-                          env=nix_env()).stdout
+    want = nix_hash(src)
     for how in ("stdin", "arg"):
         dest = tmp_path / f"out-{how}"
         env = {"NARTOOL_PROCESSES": "2"}
@@ -331,9 +350,7 @@ def test_cli_split_restore_as_nix(tmp_path: Path) -> None:
         else:
             r = run_cli("nar", "restore", str(dest), str(nar), env=env)
         assert r.returncode == 0, r.stderr
-        got = subprocess.run(["nix-hash", "--type", "sha256", str(dest)], capture_output=True, check=True,
-                             env=nix_env()).stdout
-        assert got == want
+        assert nix_hash(dest) == want
 
 
 def test_copy_range_falls_back_to_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -475,22 +492,9 @@ def test_no_space_left_leaves_nothing(tmp_path: Path) -> None:
     assert out["left"] == []
 
 
-def _stream(data: bytes, step: int) -> Any:
-    """A ``read(n)`` callable over ``data`` that returns at most ``step`` bytes (a pipe)."""
-    pos = 0
-
-    def read(n: int) -> bytes:
-        nonlocal pos
-        chunk = data[pos:pos + min(n, step)]
-        pos += len(chunk)
-        return chunk
-
-    return read
-
-
 @pytest.mark.parametrize("due", ["0", "3000", "150000", "in-flat"])
 @pytest.mark.parametrize("jobs", [2, 3])
-def test_split_from_a_stream(helpers_started: list[int], monkeypatch: pytest.MonkeyPatch, due: str,
+def test_split_from_adribble(helpers_started: list[int], monkeypatch: pytest.MonkeyPatch, due: str,
                              jobs: int) -> None:
     """From a stream (no file to read contents back from), small contents come with the orders
     and big files are made by the parent; the split starts once SPLIT_MIN_BYTES were read, at
@@ -509,7 +513,7 @@ def test_split_from_a_stream(helpers_started: list[int], monkeypatch: pytest.Mon
         one = tree_state(restore_file(data, work, 1))
         for step in (1 << 16, 777):
             dest = os.path.join(work, f"s{step}")
-            sink.restore_events(NarReader(_stream(data, step)), dest, jobs=jobs)
+            sink.restore_events(NarReader(dribble(data, step)), dest, jobs=jobs)
             assert tree_state(dest) == one
         assert helpers_started == [jobs, jobs]
     finally:
@@ -521,7 +525,7 @@ def test_small_stream_never_forks(helpers_started: list[int], monkeypatch: pytes
     data = nar_bytes(events_of(mixed_tree()))
     work = tempfile.mkdtemp()
     try:
-        sink.restore_events(NarReader(_stream(data, 1 << 16)), os.path.join(work, "r"), jobs=2)
+        sink.restore_events(NarReader(dribble(data, 1 << 16)), os.path.join(work, "r"), jobs=2)
         assert helpers_started == []
     finally:
         shutil.rmtree(work)
@@ -529,19 +533,13 @@ def test_small_stream_never_forks(helpers_started: list[int], monkeypatch: pytes
 
 @pytest.mark.parametrize("damage", ["truncate", "padding"])
 def test_stream_damage_after_the_split_leaves_nothing(helpers_started: list[int], damage: str) -> None:
-    good = nar_bytes(events_of(mixed_tree()))
-    if damage == "truncate":
-        data = good[:-100]
-    else:
-        damaged = bytearray(good)
-        damaged[good.rindex(b"599") + 3] = 1
-        data = bytes(damaged)
+    data = damaged(damage)
     work = tempfile.mkdtemp()
     try:
         with pytest.raises(NarError) as e:
-            sink.restore_events(NarReader(_stream(data, 4096)), os.path.join(work, "r"), jobs=2)
+            sink.restore_events(NarReader(dribble(data, 4096)), os.path.join(work, "r"), jobs=2)
         assert helpers_started == [2]
-        assert e.value.rule == {"truncate": "truncated", "padding": "padding"}[damage]
+        assert e.value.rule == DAMAGE_RULES[damage]
         assert os.listdir(work) == []
     finally:
         shutil.rmtree(work)
@@ -552,20 +550,11 @@ def test_cli_split_restore_from_a_pipe(tmp_path: Path) -> None:
     if shutil.which("nix-store") is None:
         pytest.skip("needs nix-store (Nix 2.8)")
     src = tmp_path / "src"
-    for d in range(12):
-        sub = src / f"d{d}"
-        sub.mkdir(parents=True)
-        for i in range(80):
-            (sub / f"f{i}").write_bytes(os.urandom(i * 150))
-        (sub / "big").write_bytes(os.urandom(700_000))
+    source_tree(src, 12, 80, 150, 700_000)
     nar = subprocess.run(["nix-store", "--dump", str(src)], capture_output=True, check=True, env=nix_env()).stdout
     assert len(nar) > sink.SPLIT_MIN_BYTES
     r = subprocess.run(cli_argv("nar", "restore", str(tmp_path / "out")), input=nar, capture_output=True,
                        env=cli_env({"NARTOOL_PROCESSES": "2"}))
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(["nix-store", "--restore", str(tmp_path / "nix")], input=nar, check=True, env=nix_env())
-    want = subprocess.run(["nix-hash", "--type", "sha256", str(tmp_path / "nix")], capture_output=True, check=True,
-                          env=nix_env()).stdout
-    got = subprocess.run(["nix-hash", "--type", "sha256", str(tmp_path / "out")], capture_output=True, check=True,
-                         env=nix_env()).stdout
-    assert got == want
+    subprocess.run(["nix-store", "--restore", str(tmp_path / "nix")], input=nar, check=True, env=nix_env())
+    assert nix_hash(tmp_path / "out") == nix_hash(tmp_path / "nix")

@@ -90,14 +90,3 @@ def read_to_end(fd: int) -> bytes:
         if not part:
             return b"".join(parts)
         parts.append(part)
-
-
-def read_exact(fd: int, n: int) -> bytes:
-    """``n`` bytes from ``fd``, fewer only if its writers are gone first."""
-    data = os.read(fd, n)
-    while len(data) < n:
-        more = os.read(fd, n - len(data))
-        if not more:
-            break
-        data += more
-    return data

@@ -415,11 +415,9 @@ class _Split:
     def entered(self, name: bytes, outer: int) -> int:
         """A new directory ``name`` was made in the innermost one (``outer``'s): every helper
         enters it, and its files go to the least busy process (returned)."""
-        self._count(outer)
         for q in self.queues[1:]:
             self.order(q, (name,))
-        work = self.work
-        return work.index(min(work))
+        return self.least_busy(outer)
 
     def least_busy(self, owner: int) -> int:
         """The least busy process, counting the work of the directory (``owner``'s) so far."""
