@@ -558,3 +558,26 @@ def test_cli_split_restore_from_a_pipe(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     subprocess.run(["nix-store", "--restore", str(tmp_path / "nix")], input=nar, check=True, env=nix_env())
     assert nix_hash(tmp_path / "out") == nix_hash(tmp_path / "nix")
+
+
+def test_split_restore_of_current_nix_dump(tmp_path: Path) -> None:
+    """Current Nix's NAR (nix-store --dump of Nix 2.26), restored split from a file and from a
+    pipe, hashes as current Nix hashes the original."""
+    from .test_store_conformance import MODERN_NIX, modern_nix_store
+
+    modern_store = str(modern_nix_store(tmp_path))
+    assert MODERN_NIX is not None
+    src = tmp_path / "src"
+    source_tree(src, 12, 80, 150, 700_000)
+    nar = tmp_path / "src.nar"
+    with open(nar, "wb") as f:
+        subprocess.run([modern_store, "--dump", str(src)], stdout=f, check=True, env=nix_env())
+    assert nar.stat().st_size > sink.SPLIT_MIN_BYTES
+    want = nix_hash(src, (*MODERN_NIX.split(), "nix-hash"))
+    env = cli_env({"NARTOOL_PROCESSES": "2"})
+    r = subprocess.run(cli_argv("nar", "restore", str(tmp_path / "from-file"), str(nar)), capture_output=True, env=env)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(cli_argv("nar", "restore", str(tmp_path / "from-pipe")), input=nar.read_bytes(),
+                       capture_output=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert nix_hash(tmp_path / "from-file") == want == nix_hash(tmp_path / "from-pipe")
