@@ -82,6 +82,17 @@ class _Pending:
         self.drv_outputs = drv_outputs
 
 
+class PlacedOutputs:
+    """Build outputs moved into the store and not registered yet (see
+    :meth:`LocalStore.place_build_outputs`): their infos, and the names actually moved there."""
+
+    __slots__ = ("infos", "moved")
+
+    def __init__(self, infos: list[PathInfo], moved: list[bytes]) -> None:
+        self.infos = infos
+        self.moved = moved
+
+
 class LocalStore(BaseStore):
     """A Nix-compatible store rooted at ``root`` (see the module docstring)."""
 
@@ -694,7 +705,18 @@ class LocalStore(BaseStore):
         one transaction registers them all (with ``drv_path``'s ``DerivationOutputs`` rows when
         that derivation is valid). The caller holds the paths' locks, has made the trees
         canonical and computed ``info`` (hash, size, references: valid or among ``moves``).
-        On any error nothing is registered and the moved outputs are removed."""
+        On any error nothing is registered and the moved outputs are removed.
+
+        The two halves, :meth:`place_build_outputs` and :meth:`commit_build_outputs`, can also
+        be called apart (the build scheduler starts the next build in between)."""
+        placed = self.place_build_outputs(moves)
+        return self.commit_build_outputs(placed, drv_path=drv_path, drv_outputs=drv_outputs)
+
+    def place_build_outputs(self, moves: list[tuple[str, PathInfo]]) -> PlacedOutputs:
+        """The first half of :meth:`register_build_outputs`: move the outputs to their places in
+        the store; nothing is registered yet. On an error the outputs moved so far are removed.
+        Until :meth:`commit_build_outputs` or :meth:`discard_build_outputs`, the caller keeps the
+        paths' locks (so no other process takes the unregistered paths for leftovers)."""
         moved: list[bytes] = []
         try:
             for location, info in moves:
@@ -724,17 +746,32 @@ class LocalStore(BaseStore):
                     raise StoreError(f"cannot move build output into the store: {e.strerror}", path=info.path,
                                      rule="io") from e
                 moved.append(base)
-            syncfs(self._store_fd)
-            now = int(time.time())
-            infos = [replace(info, registration_time=info.registration_time or now)
-                     for _, info in moves]
-            self.db.register(infos, {drv_path: dict(drv_outputs or {})} if drv_path else None)
         except BaseException:
             for base in moved:
                 remove_at(self._store_fd, base)
             raise
+        return PlacedOutputs([info for _, info in moves], moved)
+
+    def commit_build_outputs(self, placed: PlacedOutputs, *, drv_path: str | None = None,
+                             drv_outputs: dict[str, str] | None = None) -> list[PathInfo]:
+        """The second half of :meth:`register_build_outputs`: one ``syncfs``, then one
+        transaction registers the placed outputs. On any error nothing is registered and the
+        placed outputs are removed."""
+        try:
+            syncfs(self._store_fd)
+            now = int(time.time())
+            infos = [replace(info, registration_time=info.registration_time or now) for info in placed.infos]
+            self.db.register(infos, {drv_path: dict(drv_outputs or {})} if drv_path else None)
+        except BaseException:
+            self.discard_build_outputs(placed)
+            raise
         self.db.maybe_checkpoint()
         return infos
+
+    def discard_build_outputs(self, placed: PlacedOutputs) -> None:
+        """Remove placed, unregistered outputs (e.g. when their registration is refused)."""
+        for base in placed.moved:
+            remove_at(self._store_fd, base)
 
     def add_nar_deferred(self, src: ByteSource, finish: Callable[[Hash, int], PathInfo]) -> PathInfo | None:
         """Restore one NAR under a temporary name, then ask ``finish`` (which reads an export
