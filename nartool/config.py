@@ -40,7 +40,6 @@ group or by others (anyone who can write it decides who is trusted). Other comma
 
 from __future__ import annotations
 
-import dataclasses
 import grp
 import os
 import pwd
@@ -48,14 +47,15 @@ import stat
 import sys
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from ._log import get_logger
+from ._record import Declared, Field, Frozen
 from .errors import NartoolError, SignatureError
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
 if TYPE_CHECKING:
     from pathlib import Path
+    from typing import Any
 
     from .store.signing import PublicKey, SecretKey
 
@@ -80,15 +80,27 @@ class SettingValueError(Exception):
         self.message, self.rule, self.expected, self.got, self.detail = message, rule, expected, got, detail
 
 
-@dataclass(frozen=True)
-class Kind:
+def _show_list(v: Any) -> str:
+    return " ".join(str(x) for x in v or ())
+
+
+class Kind(Frozen):
     """A type of setting: how its value tokens parse, whether it is a list (``extra-NAME``
     appends to it) and how a value is written in the documentation."""
 
+    __slots__ = ("name", "parse", "is_list", "show")
+
     name: str
     parse: Callable[[list[str]], Any]
-    is_list: bool = True
-    show: Callable[[Any], str] = lambda v: " ".join(str(x) for x in v or ())
+    is_list: bool
+    show: Callable[[Any], str]
+
+    def __init__(self, name: str, parse: Callable[[list[str]], Any], is_list: bool = True,
+                 show: Callable[[Any], str] = _show_list) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "parse", parse)
+        object.__setattr__(self, "is_list", is_list)
+        object.__setattr__(self, "show", show)
 
 
 def _parse_bool(tokens: list[str]) -> bool:
@@ -157,11 +169,12 @@ PUBLIC_KEYS = Kind("list of public keys", _parse_keys, show=lambda v: " ".join(k
 ABS_PATHS = Kind("list of absolute paths", _parse_abs_paths)
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(Frozen):
     """One configuration setting: its name in the files, the :class:`Config` field holding it,
     its kind, default, documentation, and whether it is a *trust setting* (for ``nartool serve``
     honoured only from the system file)."""
+
+    __slots__ = ("name", "field", "kind", "default", "doc", "trust")
 
     name: str
     field: str
@@ -170,11 +183,19 @@ class Setting:
     doc: str
     trust: bool
 
+    def __init__(self, name: str, field: str, kind: Kind, default: Any, doc: str, trust: bool) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "field", field)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "default", default)
+        object.__setattr__(self, "doc", doc)
+        object.__setattr__(self, "trust", trust)
+
 
 def setting(name: str, kind: Kind, default: Any, doc: str, *, trust: bool) -> Any:
     """A :class:`Config` field that is the setting ``name`` (the one place a setting is defined:
     parsing, validation and documentation derive from it)."""
-    return dataclasses.field(default=default, metadata={"setting": (name, kind, doc, trust)})
+    return Field(default, {"setting": (name, kind, doc, trust)})
 
 GroupMembers = Callable[[str], Sequence[str] | None]
 
@@ -187,17 +208,24 @@ def group_members(name: str) -> list[str] | None:
         return None
 
 
-@dataclass(frozen=True)
-class UserIdentity:
+class UserIdentity(Frozen):
     """Who a client is: user and primary group, by name and number.
 
     ``name`` is the decimal uid when the uid has no passwd entry; ``group`` likewise.
     """
 
+    __slots__ = ("name", "uid", "gid", "group")
+
     name: str
     uid: int
     gid: int
     group: str
+
+    def __init__(self, name: str, uid: int, gid: int, group: str) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "uid", uid)
+        object.__setattr__(self, "gid", gid)
+        object.__setattr__(self, "group", group)
 
     @classmethod
     def from_ids(cls, uid: int, gid: int) -> UserIdentity:
@@ -240,9 +268,10 @@ def _config_error(message: str, source: str, lineno: int, *, rule: str | None,
     return NartoolError(text, path=source, rule=rule, expected=expected, got=got)
 
 
-@dataclass(frozen=True)
-class Config:
-    """Effective settings (defaults, then each file in order)."""
+class Config(Declared):
+    """Effective settings (defaults, then each file in order). Immutable, compared and hashed by
+    value, made as a dataclass is (every field by name or in order), with
+    :meth:`~nartool._record.Record.replace`."""
 
     allowed_users: tuple[str, ...] = setting(
         "allowed-users", STRINGS, ("*",), trust=True,
@@ -391,10 +420,11 @@ class Config:
     def settings(cls) -> dict[str, Setting]:
         """The settings (by name, in definition order), from the fields made by :func:`setting`."""
         out = {}
-        for f in dataclasses.fields(cls):
-            if "setting" in f.metadata:
+        for field in cls._fields:
+            f = cls._declared(field)
+            if isinstance(f, Field) and "setting" in f.metadata:
                 name, kind, doc, trust = f.metadata["setting"]
-                out[name] = Setting(name, f.name, kind, f.default, doc, trust)
+                out[name] = Setting(name, field, kind, f.default, doc, trust)
         return out
 
     # -- loading
@@ -456,7 +486,7 @@ class Config:
             if extra:
                 value = (*changes.get(st.field, getattr(cfg, st.field)), *value)
             changes[st.field] = value
-        return dataclasses.replace(cfg, sources=(*cfg.sources, source), **changes)
+        return cfg.replace(sources=(*cfg.sources, source), **changes)
 
     @classmethod
     def load_for_serve(cls, env: Mapping[str, str] | None = None, *, euid: int | None = None,

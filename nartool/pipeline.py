@@ -6,9 +6,13 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    T = TypeVar("T")
+
 _DONE = object()
 #: how long an abandoned or failed pipeline waits for its producer to stop (seconds)
 _ABANDON_WAIT = 0.5

@@ -238,3 +238,45 @@ def test_output_reaches_a_file_and_a_closed_pipe_is_quiet(stores: tuple[Path, Pa
     finally:
         os.close(wr)
     assert r.returncode == 141 and b"Traceback" not in r.stderr  # (as nartool.cli.main means it)
+
+
+# --- what a build's start loads ----------------------------------------------------------------
+
+#: modules a build command no longer loads: ``dataclasses`` (which loads ``inspect``, ``ast``,
+#: ``dis``, ``tokenize``), ``typing``, the remote layer (the results are the store layer's), click
+#: and what earlier start-up work removed
+NOT_LOADED_BY_A_BUILD = ("dataclasses", "typing", "inspect", "ast", "dis", "tokenize", "nartool.remote",
+                         "nartool.remote.messages", "click", "nartool.cli.main", "pathlib", "urllib.parse",
+                         "platform", "secrets", "socket")
+
+#: runs the entry point (as the nartool command does), then lists the modules loaded
+_AUDIT = ("import atexit, os, sys\n"
+          "atexit.register(lambda: os.write(2, ('\\nMODULES=' + ','.join(sorted(sys.modules))).encode()))\n"
+          "sys.argv = ['nartool', *sys.argv[1:]]\n"
+          "{setup}"
+          "from nartool.cli.entry import main\n"
+          "main()\n")
+
+
+def _modules_of_a_build(store: Path, drv: str, setup: str = "") -> set[str]:
+    # (-S: this interpreter's site, with its editable install, loads typing and pathlib itself;
+    # an installed nartool's does not)
+    r = subprocess.run([sys.executable, "-S", "-c", _AUDIT.format(setup=setup), "--store", str(store), "build", drv],
+                       capture_output=True, env=cli_env(), timeout=120, cwd="/")
+    err, _, modules = r.stderr.decode().rpartition("\nMODULES=")
+    assert r.returncode == 0, err
+    loaded = set(modules.split(","))
+    assert {"nartool.build.goal", "nartool.store.local", "nartool.config", "sqlite3"} <= loaded  # (the audit works)
+    return loaded
+
+
+def test_a_build_loads_neither_dataclasses_nor_typing(stores: tuple[Path, Path, LocalStore]) -> None:
+    a, _, st = stores
+    drv = write_drv(st, "fast-imports", "echo hi > $out")
+    built = _modules_of_a_build(a, drv)  # a build
+    assert st.is_valid(st.query_derivation_outputs(drv)["out"])
+    valid = _modules_of_a_build(a, drv)  # and a target already valid
+    assert "nartool.build.sandbox" in built
+    assert sorted(set(NOT_LOADED_BY_A_BUILD) & (built | valid)) == []
+    # (the audit sees such a module when something loads it)
+    assert "typing" in _modules_of_a_build(a, drv, setup="import nartool.build.goal, typing\n")

@@ -578,16 +578,14 @@ def test_batches_publish_at_the_end_with_narinfos_last(closure: tuple[Path, dict
 
 
 def test_refused_nar_leaves_nothing(closure: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
-    from dataclasses import replace
-
     root, paths = closure
     with LocalStore(root) as src:
         info = src.path_info(paths["tree"])
         nar = b"".join(src.nar_chunks(paths["tree"]))
     c = cache_store(tmp_path / "c", "compression=xz")
-    for bad, rule in ((replace(info, nar_size=info.nar_size + 8), "size-mismatch"),
-                      (replace(info, nar_hash=Hash("sha256", bytes(32)), ca=None), "hash-mismatch"),
-                      (replace(info, nar_hash=Hash("sha256", bytes(32))), "ca-mismatch")):
+    for bad, rule in ((info.replace(nar_size=info.nar_size + 8), "size-mismatch"),
+                      (info.replace(nar_hash=Hash("sha256", bytes(32)), ca=None), "hash-mismatch"),
+                      (info.replace(nar_hash=Hash("sha256", bytes(32))), "ca-mismatch")):
         with pytest.raises(StoreError) as ei:
             c.add_nar(bad, nar)
         assert ei.value.rule == rule

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pwd
 from pathlib import Path
@@ -327,7 +326,7 @@ def test_serve_ignores_user_trust_settings(tmp_path: Path, var: str) -> None:
 def test_serve_without_system_file_uses_defaults(tmp_path: Path) -> None:
     _, env = _serve_files(tmp_path)
     c = Config.load_for_serve(env, euid=1000, system=tmp_path / "absent.conf", warn=lambda m: None)
-    assert dataclasses.replace(c, sources=()) == Config()  # the user's file gave only trust settings
+    assert c.replace(sources=()) == Config()  # the user's file gave only trust settings
     # a missing $NARTOOL_CONFIG is no error for a user (the file is not read at all)
     Config.load_for_serve({"NARTOOL_CONFIG": str(tmp_path / "nope")}, euid=1000, system=tmp_path / "absent.conf")
 

@@ -136,8 +136,6 @@ def test_cli_shows_library_diagnostics(tmp_path: Path) -> None:
 
 
 def test_settings_table_drives_parsing_and_docs() -> None:
-    import dataclasses
-
     import nartool.config as config
     from nartool.config import Config, settings_doc
 
@@ -146,7 +144,7 @@ def test_settings_table_drives_parsing_and_docs() -> None:
                                "require-sigs"]
     assert {"sandbox", "sandbox-paths", "max-jobs", "build-users-group"} <= set(table)  # the build settings
     # every field but the bookkeeping one is a setting, with the field's default
-    assert {f.name for f in dataclasses.fields(Config)} - {st.field for st in table.values()} == {"sources"}
+    assert set(Config._fields) - {st.field for st in table.values()} == {"sources"}
     for st in table.values():
         assert getattr(Config(), st.field) == st.default and st.doc and isinstance(st.trust, bool)
     # who may connect, which keys and substituters are trusted and how builds run: trust settings
@@ -166,12 +164,9 @@ def test_settings_table_drives_parsing_and_docs() -> None:
 def test_a_new_setting_is_one_field(tmp_path: Path) -> None:
     """A setting added to the table (here in a subclass) is parsed, validated, documented and
     — when it is not a trust setting — honoured from a user's file by serve."""
-    from dataclasses import dataclass
-
     from nartool.config import BOOL, STRINGS, Config, setting, settings_doc
     from nartool.errors import NartoolError
 
-    @dataclass(frozen=True)
     class More(Config):
         fancy: bool = setting("fancy", BOOL, False, "Whether to be fancy.", trust=False)
         mirrors: tuple[str, ...] = setting("mirrors", STRINGS, ("a",), "Where to look.", trust=False)

@@ -69,7 +69,7 @@ def reply(data: bytes, uploads: int, minor: int = 7) -> M.BuildResult:
     W.read_u64(src, "version")
     for _ in range(uploads):
         assert W.read_u64(src, "ack") == 1
-    r = M.BuildResult.read(src, minor)
+    r = M.read_build_result(src, minor)
     assert src.at_eof()
     return r
 
@@ -233,8 +233,6 @@ def test_ssh_client_killed_mid_build(tmp_path: Path, client: Path, sshd: Sshd) -
 def test_untrusted_user_builds_fixed_output_only_at_its_path(tmp_path: Path, client: Path) -> None:
     """An untrusted user (uploads: content-addressed busybox passes the import rules) may build a
     fixed-output derivation — but only with the output path its hash and name give."""
-    import dataclasses
-
     drv = instantiate(client, tmp_path, "fod")
     data, n = session(client, drv)
     code, out, err = serve(tmp_path / "m1", data, trusted=False)
@@ -249,8 +247,8 @@ def test_untrusted_user_builds_fixed_output_only_at_its_path(tmp_path: Path, cli
     finally:
         st.close()
     evil = f"/nix/store/{'a' * 32}-glibc"
-    basic = dataclasses.replace(basic, outputs=[(n_, evil, a, h) for n_, _p, a, h in basic.outputs],
-                                env=[(k, evil if k == "out" else v) for k, v in basic.env])
+    basic = basic.replace(outputs=[(n_, evil, a, h) for n_, _p, a, h in basic.outputs],
+                          env=[(k, evil if k == "out" else v) for k, v in basic.env])
     buf = io.BytesIO()
     w = W.Writer(buf)
     w.u64(W.SERVE_MAGIC_1).u64(0x207).u64(W.CMD_BUILD_DERIVATION)

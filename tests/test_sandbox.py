@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -67,7 +67,7 @@ class Env:
             store_dir="/nix/store", real_store_dir=str(self.store), chroot_dir=str(self.store / "t.drv.chroot"),
             build_dir=str(self.build_dir), inputs=[BUSYBOX], binds=[], outputs=[OUT], host_network=False,
             build_user=None)
-        return replace(base, **kw)  # type: ignore[arg-type]
+        return base.replace(**kw)
 
 
 @pytest.fixture

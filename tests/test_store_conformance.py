@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -255,10 +254,10 @@ def test_hash_size_and_reference_checks(store: BaseStore) -> None:
     nar = file_nar(b"checked")
     good = make_info("conf-checked", nar)
     other = file_nar(b"other contents")
-    _expect_refusal(store, replace(good, nar_hash=make_info("x", other).nar_hash), nar, "hash-mismatch")
-    _expect_refusal(store, replace(good, nar_size=len(nar) + 8), nar, "size-mismatch")
+    _expect_refusal(store, good.replace(nar_hash=make_info("x", other).nar_hash), nar, "hash-mismatch")
+    _expect_refusal(store, good.replace(nar_size=len(nar) + 8), nar, "size-mismatch")
     missing = f"/nix/store/{'3' * 32}-not-there"
-    _expect_refusal(store, replace(good, references=frozenset({missing})), nar, "invalid-reference")
+    _expect_refusal(store, good.replace(references=frozenset({missing})), nar, "invalid-reference")
     add(store, good, nar)
     assert store.is_valid(good.path)
 
@@ -268,14 +267,14 @@ def test_content_address_checked(store: BaseStore, case: str) -> None:
     tree = dir_nar([("f", b"tree")])
     info = make_info("conf-ca", tree, ca=True)
     if case == "wrong-hash":
-        bad = replace(info, ca=ContentAddress("recursive", make_info("x", file_nar(b"zz")).nar_hash).render())
+        bad = info.replace(ca=ContentAddress("recursive", make_info("x", file_nar(b"zz")).nar_hash).render())
     elif case == "flat-on-directory":
         h = info.nar_hash
-        bad = replace(info, path=make_fixed_output_path("conf-ca", h, recursive=False), ca=ContentAddress("flat", h)
+        bad = info.replace(path=make_fixed_output_path("conf-ca", h, recursive=False), ca=ContentAddress("flat", h)
                       .render())
     else:
         other = make_fixed_output_path("conf-other", info.nar_hash, recursive=True)
-        bad = replace(info, path=other[: -len("conf-other")] + "conf-ca")  # hash part of another name
+        bad = info.replace(path=other[: -len("conf-other")] + "conf-ca")  # hash part of another name
     if store.scheme == "ssh" and "remote-program=nix-store" in store.uri and case != "wrong-hash":
         # Nix 2.8's serve imports what it is given without checking the content address
         # against the path (its daemon does; nartool's stores and server always do)

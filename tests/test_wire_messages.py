@@ -93,8 +93,8 @@ def test_check_importable_entry_round_trip(path: str, h: Hash, size: int, refs: 
 def test_build_result_round_trip(status: M.BuildStatus, msg: str, times: int, nondet: bool, start: int, stop: int,
                                  outs: list[tuple[str, str]], minor: int) -> None:
     full = M.BuildResult(int(status), msg, times, nondet, start, stop, tuple(sorted(outs)))
-    src = _src(_encode(lambda w: full.write(w, minor)))
-    got = M.BuildResult.read(src, minor)
+    src = _src(_encode(lambda w: M.write_build_result(w, full, minor)))
+    got = M.read_build_result(src, minor)
     assert src.at_eof()
     if minor >= 6:
         assert got == full

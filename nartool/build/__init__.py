@@ -8,19 +8,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .._lazy import lazy_getattr
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
 if TYPE_CHECKING:
-    from ..remote.messages import BuildResult, BuildStatus
+    from ..store.buildresult import BuildResult, BuildStatus
     from .goal import SUCCESS, CancelToken, build_derivation, build_paths, exit_status
     from .logs import filter_escapes, read_log
     from .options import BuildOptions, parse_sandbox_paths
 
 # imported when first used (``from nartool.build import build_paths`` works as usual), so that
 # the sandbox zygote (``nartool.build.zygote``) can be started before the heavy modules load
-_LAZY = {"BuildResult": "..remote.messages", "BuildStatus": "..remote.messages", "SUCCESS": ".goal",
+_LAZY = {"BuildResult": "..store.buildresult", "BuildStatus": "..store.buildresult", "SUCCESS": ".goal",
          "CancelToken": ".goal", "build_derivation": ".goal", "build_paths": ".goal", "exit_status": ".goal",
          "filter_escapes": ".logs", "read_log": ".logs", "BuildOptions": ".options",
          "parse_sandbox_paths": ".options"}

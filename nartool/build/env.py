@@ -16,12 +16,15 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
+from .._record import Record
 from ..errors import BuildError
 from ..hashes import nix32_encode
 from ..store.derivation import Derivation
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 HOMELESS_SHELTER = "/homeless-shelter"
 _EXPORT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
@@ -48,13 +51,15 @@ def output_rewrites(outputs: Mapping[str, str]) -> dict[str, str]:
     return {hash_placeholder(name): path for name, path in outputs.items()}
 
 
-@dataclass
-class BuildEnv:
+class BuildEnv(Record):
     """What :func:`make_environment` decided: the environment (sorted by name, as bytes) and the
     files (name relative to the build directory → contents) to write before the builder starts."""
 
-    env: list[tuple[bytes, bytes]]
-    files: dict[str, bytes] = field(default_factory=dict)
+    __slots__ = ("env", "files")
+
+    def __init__(self, env: list[tuple[bytes, bytes]], files: dict[str, bytes] | None = None) -> None:
+        self.env = env
+        self.files: dict[str, bytes] = {} if files is None else files
 
 
 def structured_attrs(drv: Derivation) -> dict[str, Any] | None:

@@ -25,12 +25,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from .._log import get_logger
 from ..errors import BuildError, NartoolError, SandboxUnavailable, StoreError
 from ..fs.osutil import remove_at
-from ..remote.messages import BuildResult, BuildStatus
+from ..store.buildresult import BuildResult, BuildStatus
 from ..store.derivation import (
     FIXED,
     BasicDerivation,
@@ -47,6 +46,10 @@ from .env import get_bool_attr, get_strings_attr, make_environment, output_rewri
 from .logs import LineAssembler, RawLog, filter_escapes, log_path
 from .options import BuildOptions, parse_sandbox_paths
 from .outputs import HashMismatch, Output, OutputRejected, check_outputs, examine_outputs, register_outputs
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 log = get_logger(__name__)
 

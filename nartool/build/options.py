@@ -4,12 +4,15 @@ plus ``--option NAME VALUE`` overrides, with Nix 2.8's names and defaults (``doc
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any
 
 from .._log import get_logger
+from .._record import Frozen, Record
 from ..config import Config
 from ..errors import NartoolError
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 log = get_logger(__name__)
 
@@ -42,14 +45,21 @@ def default_build_users_group() -> str:
     return "nixbld" if os.geteuid() == 0 else ""
 
 
-@dataclass(frozen=True)
-class SandboxPath:
+class SandboxPath(Frozen):
     """One ``sandbox-paths`` entry, parsed as Nix 2.8 does: a trailing ``?`` (of the whole entry)
-    makes it optional, then the entry splits at the first ``=`` into ``target=source``."""
+    makes it optional, then the entry splits at the first ``=`` into ``target=source``.
+    Immutable, compared and hashed by value."""
+
+    __slots__ = ("target", "source", "optional")
 
     target: str
     source: str
-    optional: bool = False
+    optional: bool
+
+    def __init__(self, target: str, source: str, optional: bool = False) -> None:
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "optional", optional)
 
 
 def parse_sandbox_paths(entries: list[str] | tuple[str, ...]) -> dict[str, SandboxPath]:
@@ -65,39 +75,57 @@ def parse_sandbox_paths(entries: list[str] | tuple[str, ...]) -> dict[str, Sandb
     return out
 
 
-@dataclass
-class BuildOptions:
-    """Settings of a build (Nix names in the comments; defaults as Nix 2.8's)."""
+class BuildOptions(Record):
+    """Settings of a build (Nix names in the comments; defaults as Nix 2.8's). A mutable record
+    compared by value (unhashable), with :meth:`~nartool._record.Record.replace`.
 
-    sandbox: str = "true"                       # sandbox: true | false | relaxed
-    sandbox_fallback: bool = True               # sandbox-fallback
-    max_jobs: int = 1                           # max-jobs
-    cores: int = field(default_factory=lambda: os.cpu_count() or 1)  # cores (NIX_BUILD_CORES, verbatim)
-    max_silent_time: int = 0                    # max-silent-time
-    timeout: int = 0                            # timeout
-    max_build_log_size: int = 0                 # max-build-log-size
-    keep_going: bool = False                    # --keep-going
-    sandbox_paths: list[str] = field(default_factory=list)   # sandbox-paths (+ extra-sandbox-paths)
-    allowed_impure_host_deps: list[str] = field(default_factory=list)  # allowed-impure-host-deps
-    pre_build_hook: str | None = None           # pre-build-hook
-    build_users_group: str | None = None        # build-users-group (None: nixbld as root, else empty)
-    system_features: tuple[str, ...] = field(default_factory=default_system_features)
-    system: str = field(default_factory=default_system)
-    builders: str = ""                          # builders
-    builders_use_substitutes: bool = False
-    filter_syscalls: bool = True                # filter-syscalls
-    keep_build_log: bool = True                 # keep-build-log
-    compress_build_log: bool = True             # compress-build-log
-    sandbox_build_dir: str = "/build"           # sandbox-build-dir
-    sandbox_dev_shm_size: str = "50%"           # sandbox-dev-shm-size
-    log_lines: int = 10                         # log-lines
-    #: where substitutes come from before building (``substituters``, ``substitute``,
-    #: ``trusted-public-keys``, ``require-sigs``); None: no substitution (set by from_config)
-    config: Config | None = None
+    Left out (or None): ``cores`` is the number of CPUs, ``sandbox_paths`` and
+    ``allowed_impure_host_deps`` are empty, ``system_features`` and ``system`` are this
+    machine's (:func:`default_system_features`, :func:`default_system`), ``build_users_group``
+    is ``nixbld`` as root and empty otherwise."""
 
-    def __post_init__(self) -> None:
-        if self.build_users_group is None:
-            self.build_users_group = default_build_users_group()
+    __slots__ = ("sandbox", "sandbox_fallback", "max_jobs", "cores", "max_silent_time", "timeout", "max_build_log_size",
+                 "keep_going", "sandbox_paths", "allowed_impure_host_deps", "pre_build_hook", "build_users_group",
+                 "system_features", "system", "builders", "builders_use_substitutes", "filter_syscalls",
+                 "keep_build_log", "compress_build_log", "sandbox_build_dir", "sandbox_dev_shm_size", "log_lines",
+                 "config")
+
+    def __init__(self, sandbox: str = "true", sandbox_fallback: bool = True, max_jobs: int = 1,
+                 cores: int | None = None, max_silent_time: int = 0, timeout: int = 0, max_build_log_size: int = 0,
+                 keep_going: bool = False, sandbox_paths: list[str] | None = None,
+                 allowed_impure_host_deps: list[str] | None = None, pre_build_hook: str | None = None,
+                 build_users_group: str | None = None, system_features: tuple[str, ...] | None = None,
+                 system: str | None = None, builders: str = "", builders_use_substitutes: bool = False,
+                 filter_syscalls: bool = True, keep_build_log: bool = True, compress_build_log: bool = True,
+                 sandbox_build_dir: str = "/build", sandbox_dev_shm_size: str = "50%", log_lines: int = 10,
+                 config: Config | None = None) -> None:
+        self.sandbox = sandbox                                  # sandbox: true | false | relaxed
+        self.sandbox_fallback = sandbox_fallback                # sandbox-fallback
+        self.max_jobs = max_jobs                                # max-jobs
+        self.cores: int = os.cpu_count() or 1 if cores is None else cores  # cores (NIX_BUILD_CORES, verbatim)
+        self.max_silent_time = max_silent_time                  # max-silent-time
+        self.timeout = timeout                                  # timeout
+        self.max_build_log_size = max_build_log_size            # max-build-log-size
+        self.keep_going = keep_going                            # --keep-going
+        self.sandbox_paths: list[str] = [] if sandbox_paths is None else sandbox_paths  # (+ extra-sandbox-paths)
+        self.allowed_impure_host_deps: list[str] = [] if allowed_impure_host_deps is None else allowed_impure_host_deps
+        self.pre_build_hook = pre_build_hook                    # pre-build-hook
+        self.build_users_group: str | None = (                  # build-users-group
+            default_build_users_group() if build_users_group is None else build_users_group)
+        self.system_features: tuple[str, ...] = (
+            default_system_features() if system_features is None else system_features)
+        self.system: str = default_system() if system is None else system
+        self.builders = builders                                # builders
+        self.builders_use_substitutes = builders_use_substitutes
+        self.filter_syscalls = filter_syscalls                  # filter-syscalls
+        self.keep_build_log = keep_build_log                    # keep-build-log
+        self.compress_build_log = compress_build_log            # compress-build-log
+        self.sandbox_build_dir = sandbox_build_dir              # sandbox-build-dir
+        self.sandbox_dev_shm_size = sandbox_dev_shm_size        # sandbox-dev-shm-size
+        self.log_lines = log_lines                              # log-lines
+        #: where substitutes come from before building (``substituters``, ``substitute``,
+        #: ``trusted-public-keys``, ``require-sigs``); None: no substitution (set by from_config)
+        self.config = config
 
     @classmethod
     def from_config(cls, config: Config | None = None, overrides: dict[str, str] | None = None,

@@ -11,9 +11,8 @@ import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
 
+from .._record import Record
 from ..errors import BuildError, FsError, NartoolError
 from ..fs.canonical import canonicalise_tree
 from ..fs.source import dump_events, dump_nar
@@ -25,6 +24,10 @@ from ..store.refs import RefScanner
 from ..store.types import PathInfo
 from .env import get_strings_attr, structured_attrs
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import Any
+
 
 class OutputRejected(BuildError):
     """An output failed a check (``BuildResult`` status OutputRejected)."""
@@ -34,14 +37,17 @@ class HashMismatch(OutputRejected):
     """A fixed-output derivation's output has another hash than declared."""
 
 
-@dataclass
-class Output:
-    """One output on its way into the store."""
+class Output(Record):
+    """One output on its way into the store: its name, its logical store path, the host path
+    where it is now and, once examined, its path info."""
 
-    name: str
-    path: str           # logical store path
-    location: str       # host path where it is now
-    info: PathInfo | None = None
+    __slots__ = ("name", "path", "location", "info")
+
+    def __init__(self, name: str, path: str, location: str, info: PathInfo | None = None) -> None:
+        self.name = name
+        self.path = path
+        self.location = location
+        self.info = info
 
 
 def _drain(events: Iterable[Any]) -> None:

@@ -30,13 +30,16 @@ import stat
 import sys
 import termios
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import IO
 
 from .._log import get_logger
+from .._record import Record
 from ..errors import BuildError, SandboxUnavailable
 from . import seccomp, zygote
 from .users import BuildUser
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import IO
 
 log = get_logger(__name__)
 
@@ -44,43 +47,58 @@ HOMELESS_SHELTER = "/homeless-shelter"
 SETUP_CONTEXT = "while setting up the build environment"
 
 
-@dataclass
-class Bind:
+class Bind(Record):
     """One ``sandbox-paths`` / pre-build-hook entry, already parsed."""
 
-    target: str
-    source: str
-    optional: bool = False
+    __slots__ = ("target", "source", "optional")
+
+    def __init__(self, target: str, source: str, optional: bool = False) -> None:
+        self.target = target
+        self.source = source
+        self.optional = optional
 
 
-@dataclass
-class SandboxSpec:
-    builder: bytes
-    args: list[bytes]
-    env: list[tuple[bytes, bytes]]
-    store_dir: str
-    real_store_dir: str
-    chroot_dir: str
-    build_dir: str
-    inputs: list[str]
-    binds: list[Bind]
-    outputs: list[str]
-    host_network: bool
-    build_user: BuildUser | None
-    sandbox_build_dir: str = "/build"
-    kvm: bool = False
-    dev_shm_size: str = "50%"
-    filter_syscalls: bool = True
-    pre_build_hook: Callable[[str], list[Bind]] | None = None
-    #: the derivation's ``system``: an i686-linux build on x86_64, and armv6l/armv7l builds, get
-    #: the 32-bit personality, as in Nix
-    platform: str = ""
-    #: Nix's ``impersonate-linux-26`` (UNAME26 personality for i686/x86_64 builds)
-    impersonate_linux_26: bool = False
-    #: extra personality flags besides those derived from ``platform``: "linux32", "uname26"
-    personality: list[str] = field(default_factory=list)
-    #: for tests: do not try a user namespace (as when max_user_namespaces is 0)
-    no_user_namespace: bool = False
+class SandboxSpec(Record):
+    """What a sandboxed build runs and with what. ``platform`` is the derivation's ``system``
+    (an i686-linux build on x86_64, and armv6l/armv7l builds, get the 32-bit personality, as in
+    Nix); ``impersonate_linux_26`` is Nix's setting (UNAME26 personality for i686/x86_64 builds);
+    ``personality`` lists extra personality flags besides those derived from ``platform``
+    ("linux32", "uname26"); ``no_user_namespace`` (for tests) does not try a user namespace (as
+    when max_user_namespaces is 0)."""
+
+    __slots__ = ("builder", "args", "env", "store_dir", "real_store_dir", "chroot_dir", "build_dir", "inputs",
+                 "binds", "outputs", "host_network", "build_user", "sandbox_build_dir", "kvm", "dev_shm_size",
+                 "filter_syscalls", "pre_build_hook", "platform", "impersonate_linux_26", "personality",
+                 "no_user_namespace")
+
+    def __init__(self, builder: bytes, args: list[bytes], env: list[tuple[bytes, bytes]], store_dir: str,
+                 real_store_dir: str, chroot_dir: str, build_dir: str, inputs: list[str], binds: list[Bind],
+                 outputs: list[str], host_network: bool, build_user: BuildUser | None, sandbox_build_dir: str = "/build",
+                 kvm: bool = False, dev_shm_size: str = "50%", filter_syscalls: bool = True,
+                 pre_build_hook: Callable[[str], list[Bind]] | None = None, platform: str = "",
+                 impersonate_linux_26: bool = False, personality: list[str] | None = None,
+                 no_user_namespace: bool = False) -> None:
+        self.builder = builder
+        self.args = args
+        self.env = env
+        self.store_dir = store_dir
+        self.real_store_dir = real_store_dir
+        self.chroot_dir = chroot_dir
+        self.build_dir = build_dir
+        self.inputs = inputs
+        self.binds = binds
+        self.outputs = outputs
+        self.host_network = host_network
+        self.build_user = build_user
+        self.sandbox_build_dir = sandbox_build_dir
+        self.kvm = kvm
+        self.dev_shm_size = dev_shm_size
+        self.filter_syscalls = filter_syscalls
+        self.pre_build_hook = pre_build_hook
+        self.platform = platform
+        self.impersonate_linux_26 = impersonate_linux_26
+        self.personality: list[str] = [] if personality is None else personality
+        self.no_user_namespace = no_user_namespace
 
 
 def _setup_error(msg: str) -> BuildError:

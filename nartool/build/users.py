@@ -14,8 +14,8 @@ import fcntl
 import grp
 import os
 import pwd
-from dataclasses import dataclass, field
 
+from .._record import Record
 from ..errors import BuildError
 
 
@@ -24,19 +24,23 @@ def nix_state_dir() -> str:
     return os.environ.get("NIX_STATE_DIR") or "/nix/var/nix"
 
 
-@dataclass
-class BuildUser:
+class BuildUser(Record):
     """A locked build user. ``gid`` is the build group's gid (what the build runs with), not
     the user's primary group; ``supplementary_gids`` come from ``getgrouplist`` (kept only in
     builds without a user namespace, as Nix does)."""
 
-    name: str
-    uid: int
-    gid: int
-    supplementary_gids: list[int] = field(default_factory=list)
-    group: str = ""
-    lock_path: str = ""
-    _fd: int | None = field(default=None, repr=False)
+    __slots__ = ("name", "uid", "gid", "supplementary_gids", "group", "lock_path", "_fd")
+
+    def __init__(self, name: str, uid: int, gid: int, supplementary_gids: list[int] | None = None, group: str = "",
+                 lock_path: str = "", _fd: int | None = None) -> None:
+        self.name = name
+        self.uid = uid
+        self.gid = gid
+        self.supplementary_gids: list[int] = [] if supplementary_gids is None else supplementary_gids
+        self.group = group
+        self.lock_path = lock_path
+        #: the lock file (open while the user is held; not compared, shown or copied)
+        self._fd = _fd
 
     def kill(self) -> None:
         """Kill every process running as this uid (a child forked by the sandbox zygote switches

@@ -379,7 +379,7 @@ class ServeClient:
             self.w.u64(W.CMD_BUILD_DERIVATION)
             req.write(self.w, self.minor)
             self.w.flush()
-            return M.BuildResult.read(self.src, self.minor)
+            return M.read_build_result(self.src, self.minor)
 
         return self._guard("BuildDerivation", go)
 

@@ -13,7 +13,9 @@ places its field sequence is spelled out; :mod:`nartool.remote.serve` and
 * :class:`BuildDerivationRequest` (with :class:`BuildSettings`) — ``BuildDerivation``'s
   request;
 * :class:`BuildResult` — the reply of ``BuildPaths``/``BuildDerivation`` (status values in
-  :class:`BuildStatus`). The ``BasicDerivation`` that ``BuildDerivation`` sends is
+  :class:`BuildStatus`): the record is the store layer's (:mod:`nartool.store.buildresult`,
+  re-exported here), its wire form :func:`write_build_result` and :func:`read_build_result`.
+  The ``BasicDerivation`` that ``BuildDerivation`` sends is
   :class:`nartool.store.derivation.BasicDerivation` and its wire form lives there.
 
 Hashes are kept as :class:`~nartool.hashes.Hash`; each message writes the encoding real Nix
@@ -23,12 +25,12 @@ reads any encoding Nix accepts.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 from ..errors import NartoolError, ProtocolError
 from ..hashes import Hash
 from ..nar.source import ByteSource
+from ..store.buildresult import BuildResult, BuildStatus
 from ..store.derivation import BasicDerivation
 from ..store.paths import ContentAddress
 from ..store.types import PathInfo
@@ -283,65 +285,41 @@ class BuildDerivationRequest:
         return cls(drv_path, drv, BuildSettings.read(src, minor))
 
 
-class BuildStatus(enum.IntEnum):
-    """``BuildResult.status`` values (Nix's ``BuildResult::Status``)."""
-
-    BUILT = 0
-    SUBSTITUTED = 1
-    ALREADY_VALID = 2
-    PERMANENT_FAILURE = 3
-    INPUT_REJECTED = 4
-    OUTPUT_REJECTED = 5
-    TRANSIENT_FAILURE = 6
-    CACHED_FAILURE = 7
-    TIMED_OUT = 8
-    MISC_FAILURE = 9
-    DEPENDENCY_FAILED = 10
-    LOG_LIMIT_EXCEEDED = 11
-    NOT_DETERMINISTIC = 12
-    RESOLVES_TO_ALREADY_VALID = 13
-    NO_SUBSTITUTERS = 14
+# -- BuildResult: the reply of BuildPaths/BuildDerivation ----------------------------------------
+#
+# The record and its statuses are the store layer's (nartool.store.buildresult, re-exported here);
+# their wire form is declared here: ``status errorMsg``, then from minor 3 on ``timesBuilt
+# isNonDeterministic startTime stopTime``, then from minor 6 on the built outputs (a count, then
+# per output its id and its realisation as JSON text).
 
 
-@dataclass(frozen=True)
-class BuildResult:
-    """The reply of ``BuildDerivation``: ``status errorMsg``, then from minor 3 on
-    ``timesBuilt isNonDeterministic startTime stopTime``, then from minor 6 on the built
-    outputs (a count, then per output its id and its realisation as JSON text)."""
+def write_build_result(w: W.Writer, result: BuildResult, minor: int) -> None:
+    """Write ``result`` as a peer of protocol minor version ``minor`` reads it."""
+    w.u64(result.status).str_(result.error_msg)
+    if minor >= 3:
+        w.u64(result.times_built).u64(int(result.is_non_deterministic)).u64(result.start_time).u64(result.stop_time)
+    if minor >= 6:
+        w.u64(len(result.built_outputs))
+        for oid, realisation in sorted(result.built_outputs):
+            w.str_(oid).str_(realisation)
 
-    status: int
-    error_msg: str = ""
-    times_built: int = 0
-    is_non_deterministic: bool = False
-    start_time: int = 0
-    stop_time: int = 0
-    built_outputs: tuple[tuple[str, str], ...] = ()
 
-    def write(self, w: W.Writer, minor: int) -> None:
-        w.u64(self.status).str_(self.error_msg)
-        if minor >= 3:
-            w.u64(self.times_built).u64(int(self.is_non_deterministic)).u64(self.start_time).u64(self.stop_time)
-        if minor >= 6:
-            w.u64(len(self.built_outputs))
-            for oid, realisation in sorted(self.built_outputs):
-                w.str_(oid).str_(realisation)
-
-    @classmethod
-    def read(cls, src: ByteSource, minor: int) -> BuildResult:
-        status = W.read_u32(src, "status")
-        error_msg = W.read_str(src, "errorMsg", 1 << 20)
-        if minor < 3:
-            return cls(status, error_msg)
-        times_built = W.read_u32(src, "timesBuilt")
-        nondet = W.read_flag(src, "isNonDeterministic")
-        start = W.read_u64(src, "startTime")
-        stop = W.read_u64(src, "stopTime")
-        outs: tuple[tuple[str, str], ...] = ()
-        if minor >= 6:
-            n = W.read_count(src, "builtOutputs", 1 << 16)
-            outs = tuple((W.read_str(src, "outputId"), W.read_str(src, "realisation", 1 << 20)) for _ in range(n))
-        return cls(status, error_msg, times_built, nondet, start, stop, outs)
+def read_build_result(src: ByteSource, minor: int) -> BuildResult:
+    """Read a result as a peer of protocol minor version ``minor`` writes it."""
+    status = W.read_u32(src, "status")
+    error_msg = W.read_str(src, "errorMsg", 1 << 20)
+    if minor < 3:
+        return BuildResult(status, error_msg)
+    times_built = W.read_u32(src, "timesBuilt")
+    nondet = W.read_flag(src, "isNonDeterministic")
+    start = W.read_u64(src, "startTime")
+    stop = W.read_u64(src, "stopTime")
+    outs: tuple[tuple[str, str], ...] = ()
+    if minor >= 6:
+        n = W.read_count(src, "builtOutputs", 1 << 16)
+        outs = tuple((W.read_str(src, "outputId"), W.read_str(src, "realisation", 1 << 20)) for _ in range(n))
+    return BuildResult(status, error_msg, times_built, nondet, start, stop, outs)
 
 
 __all__ = ["PathInfoRecord", "AddToStoreNarHeader", "CheckImportableEntry", "BuildSettings", "BuildDerivationRequest",
-           "BuildStatus", "BuildResult", "MAX_SIGS"]
+           "BuildStatus", "BuildResult", "write_build_result", "read_build_result", "MAX_SIGS"]

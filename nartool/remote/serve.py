@@ -67,7 +67,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from ..errors import NarError, NartoolError, ProtocolError, SignatureError, StoreError, TruncatedError
@@ -394,9 +394,9 @@ class _Server:
             raise ServeExit("narInfo is too old and missing the narSize field")
         info = h.to_info()
         if not self.policy.trusted:
-            info = replace(info, ultimate=False)
+            info = info.replace(ultimate=False)
         if not info.registration_time:
-            info = replace(info, registration_time=int(time.time()))
+            info = info.replace(registration_time=int(time.time()))
         return info
 
     def _add_one(self, info: PathInfo) -> None:

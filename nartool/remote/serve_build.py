@@ -341,7 +341,7 @@ def build_derivation(server: _Server) -> None:
     missing = sorted(set(basic.input_srcs) - store.query_valid_paths(basic.input_srcs))
     if missing:
         result = M.BuildResult(M.BuildStatus.MISC_FAILURE, f"path '{missing[0]}' is not valid")
-        result.write(server.w, server.minor)
+        M.write_build_result(server.w, result, server.minor)
         server.w.flush()
         return
     for p in basic.input_srcs:
@@ -389,7 +389,7 @@ def build_derivation(server: _Server) -> None:
         else:
             result = M.BuildResult(result.status, nix_colours(result.error_msg), result.times_built,
                                    result.is_non_deterministic, result.start_time, result.stop_time, ())
-        result.write(server.w, server.minor)
+        M.write_build_result(server.w, result, server.minor)
         server.w.flush()
     finally:
         cleaner.drain()

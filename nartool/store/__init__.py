@@ -11,10 +11,9 @@ on-disk store, SQLite and the URI parser at start-up.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .._lazy import lazy_getattr
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
 if TYPE_CHECKING:
     from .base import BaseStore
     from .local import LocalStore, default_root

@@ -30,7 +30,6 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import StoreError, UnsupportedError
 from ..hashes import Hash
@@ -41,7 +40,10 @@ from ..nar.writer import write_nar
 from .paths import DEFAULT_STORE_DIR, StorePath
 from .types import PathInfo
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from ..fs.source import Exclude, NameCodec
     from .cacheck import CaCheck
 

@@ -21,11 +21,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar
 
 from ..errors import StoreError
 from ..hashes import Hash
 from .types import PathInfo
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 SCHEMA_VERSION = 10
 #: truncate the WAL to this size after checkpoints
@@ -74,8 +79,6 @@ create table if not exists DerivationOutputs (
 
 create index if not exists IndexDerivationOutputs on DerivationOutputs(path);
 """
-
-T = TypeVar("T")
 
 
 def _row_info(row: Sequence[object], refs: Iterable[str]) -> PathInfo:

@@ -27,12 +27,15 @@ import hashlib
 import re
 import struct
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
 
+from .._record import Record
 from ..errors import HashFormatError, InvalidPathError, NartoolError, StoreError
 from ..hashes import HASH_SIZES, NIX32_ALPHABET, Hash, nix32_encode
 from .paths import DEFAULT_STORE_DIR, make_fixed_output_path, make_store_path, make_text_path
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class DerivationError(StoreError):
@@ -57,18 +60,22 @@ DEFERRED = "deferred"
 IMPURE = "impure"
 
 
-@dataclass
-class DerivationOutput:
+class DerivationOutput(Record):
     """One output, as its four ATerm fields: ``path``, ``hash_algo`` (``[r:]<algo>`` for
     content-addressed outputs) and ``hash`` (base16 for fixed outputs).
 
     The kind follows from which fields are set, as in Nix: no ``hash_algo`` — input-addressed
     (with a path) or deferred (without); a ``hash_algo`` — fixed (with a ``hash``), floating
-    content-addressed (without) or impure (``hash`` = ``impure``)."""
+    content-addressed (without) or impure (``hash`` = ``impure``).
 
-    path: str = ""
-    hash_algo: str = ""
-    hash: str = ""
+    A mutable record compared by value (unhashable), with :meth:`~nartool._record.Record.replace`."""
+
+    __slots__ = ("path", "hash_algo", "hash")
+
+    def __init__(self, path: str = "", hash_algo: str = "", hash: str = "") -> None:  # noqa: A002
+        self.path = path
+        self.hash_algo = hash_algo
+        self.hash = hash
 
     @property
     def kind(self) -> str:
@@ -128,17 +135,25 @@ def hash_placeholder(output: str) -> str:
 # -- the derivation ------------------------------------------------------------------------
 
 
-@dataclass
-class Derivation:
-    outputs: dict[str, DerivationOutput] = field(default_factory=dict)
-    input_drvs: dict[str, list[str]] = field(default_factory=dict)
-    input_srcs: list[str] = field(default_factory=list)
-    platform: str = ""
-    builder: str = ""
-    args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    #: the name (the ``.drv`` path's name without ``.drv``): needed for fixed output paths
-    name: str = ""
+class Derivation(Record):
+    """A derivation, as its ATerm fields, plus its name. A mutable record compared by value
+    (unhashable), with :meth:`~nartool._record.Record.replace`; the collections left out (or
+    None) start empty."""
+
+    __slots__ = ("outputs", "input_drvs", "input_srcs", "platform", "builder", "args", "env", "name")
+
+    def __init__(self, outputs: dict[str, DerivationOutput] | None = None, input_drvs: dict[str, list[str]] | None = None,
+                 input_srcs: list[str] | None = None, platform: str = "", builder: str = "",
+                 args: list[str] | None = None, env: dict[str, str] | None = None, name: str = "") -> None:
+        self.outputs: dict[str, DerivationOutput] = {} if outputs is None else outputs
+        self.input_drvs: dict[str, list[str]] = {} if input_drvs is None else input_drvs
+        self.input_srcs: list[str] = [] if input_srcs is None else input_srcs
+        self.platform = platform
+        self.builder = builder
+        self.args: list[str] = [] if args is None else args
+        self.env: dict[str, str] = {} if env is None else env
+        #: the name (the ``.drv`` path's name without ``.drv``): needed for fixed output paths
+        self.name = name
 
     def unparse(self, *, mask_outputs: bool = False,
                 input_drvs: Mapping[str, Iterable[str]] | None = None) -> bytes:
@@ -502,13 +517,15 @@ def parse_derivation_strict(data: bytes, name: str = "") -> Derivation:
 Resolver = Callable[[str], Derivation]
 
 
-@dataclass
-class DrvHash:
+class DrvHash(Record):
     """``hashDerivationModulo``'s answer: a hash per output, and whether it is ``deferred``
     (the derivation or one of its inputs has outputs whose paths are not known yet)."""
 
-    hashes: dict[str, Hash]
-    deferred: bool = False
+    __slots__ = ("hashes", "deferred")
+
+    def __init__(self, hashes: dict[str, Hash], deferred: bool = False) -> None:
+        self.hashes = hashes
+        self.deferred = deferred
 
 
 IMPURE_OUTPUT_HASH = Hash("sha256", hashlib.sha256(b"impure").digest())
@@ -577,7 +594,7 @@ def compute_outputs(drv: Derivation, resolve: Resolver, store_dir: str = DEFAULT
     a value must equal what is computed; a missing one is added."""
     if not drv.name:
         raise DerivationError("the derivation has no name (give one, or set env.name)", rule="no-name")
-    d = replace(drv, outputs={n: replace(o) for n, o in drv.outputs.items()}, env=dict(drv.env))
+    d = drv.replace(outputs={n: o.replace() for n, o in drv.outputs.items()}, env=dict(drv.env))
     kind = d.type() if any(o.hash_algo for o in d.outputs.values()) else DEFERRED
     computed: dict[str, str] = {}
     if kind == FIXED:
@@ -684,17 +701,20 @@ def store_resolver(store: Any) -> Resolver:
 # -- BasicDerivation (the serve protocol's BuildDerivation) ----------------------------------
 
 
-@dataclass
-class BasicDerivation:
+class BasicDerivation(Record):
     """A derivation as ``BuildDerivation`` sends it: no input derivations, their outputs
     folded into ``input_srcs``; outputs as (name, path, hashAlgo, hash), sorted by name."""
 
-    outputs: list[tuple[str, str, str, str]]
-    input_srcs: list[str]
-    platform: str
-    builder: str
-    args: list[str]
-    env: list[tuple[str, str]]
+    __slots__ = ("outputs", "input_srcs", "platform", "builder", "args", "env")
+
+    def __init__(self, outputs: list[tuple[str, str, str, str]], input_srcs: list[str], platform: str, builder: str,
+                 args: list[str], env: list[tuple[str, str]]) -> None:
+        self.outputs = outputs
+        self.input_srcs = input_srcs
+        self.platform = platform
+        self.builder = builder
+        self.args = args
+        self.env = env
 
     @classmethod
     def from_derivation(cls, drv: Derivation, input_paths: Iterable[str] | None = None,

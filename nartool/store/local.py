@@ -29,8 +29,6 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
-from typing import BinaryIO
 
 from ..errors import FsError, NarError, StoreError
 from ..fs import dump_events, dump_nar
@@ -59,6 +57,10 @@ from .paths import (
 )
 from .refs import RefScanner
 from .types import PathInfo
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 #: a ``.drv`` larger than this is stored, but its outputs are not parsed or recorded
@@ -554,7 +556,7 @@ class LocalStore(BaseStore):
         except BaseException:
             remove_at(self._store_fd, tmp)
             raise
-        info = replace(info, nar_size=digest.size, registration_time=info.registration_time or int(time.time()))
+        info = info.replace(nar_size=digest.size, registration_time=info.registration_time or int(time.time()))
         if not self._place(tmp, info):
             return self.query_path_info(info.path) or info
         return info
@@ -760,7 +762,7 @@ class LocalStore(BaseStore):
         try:
             syncfs(self._store_fd)
             now = int(time.time())
-            infos = [replace(info, registration_time=info.registration_time or now) for info in placed.infos]
+            infos = [info.replace(registration_time=info.registration_time or now) for info in placed.infos]
             self.db.register(infos, {drv_path: dict(drv_outputs or {})} if drv_path else None)
         except BaseException:
             self.discard_build_outputs(placed)

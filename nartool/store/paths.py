@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+from .._record import Frozen, Ordered
 from ..errors import InvalidPathError
 from ..hashes import NIX32_ALPHABET, Hash, compress_hash, nix32_encode
 
@@ -40,12 +40,18 @@ def check_hash_part(h: str, path: str) -> None:
         raise InvalidPathError("store path has an invalid hash part", rule="bad-hash-part", got=h, path=path)
 
 
-@dataclass(frozen=True, order=True)
-class StorePath:
-    """A parsed store path: hash part and name (the store dir is kept by the caller)."""
+class StorePath(Ordered):
+    """A parsed store path: hash part and name (the store dir is kept by the caller). Immutable,
+    compared, ordered and hashed by value."""
+
+    __slots__ = ("hash_part", "name")
 
     hash_part: str
     name: str
+
+    def __init__(self, hash_part: str, name: str) -> None:
+        object.__setattr__(self, "hash_part", hash_part)
+        object.__setattr__(self, "name", name)
 
     @property
     def base(self) -> str:
@@ -140,10 +146,18 @@ def make_fixed_output_path(name: str, h: Hash, *, recursive: bool, references: I
 # -- content addresses (``ca`` column) --------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ContentAddress:
+class ContentAddress(Frozen):
+    """A content address (the ``ca`` column): method and hash. Immutable, compared and hashed
+    by value."""
+
+    __slots__ = ("method", "hash")
+
     method: str  # "text", "flat" or "recursive"
     hash: Hash
+
+    def __init__(self, method: str, hash: Hash) -> None:  # noqa: A002
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "hash", hash)
 
     def render(self) -> str:
         if self.method == "text":

@@ -7,28 +7,37 @@ derives from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from .._record import Record
 
-from ..hashes import Hash
-
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
 if TYPE_CHECKING:
+    from ..hashes import Hash
     from .base import BaseStore as Store
 
 
-@dataclass
-class PathInfo:
-    """What a store knows about one valid path. Paths are full logical store paths (str)."""
+_EMPTY: frozenset[str] = frozenset()
 
-    path: str
-    nar_hash: Hash
-    nar_size: int
-    references: frozenset[str] = field(default_factory=frozenset)
-    deriver: str | None = None
-    registration_time: int = 0
-    ultimate: bool = False
-    sigs: frozenset[str] = field(default_factory=frozenset)
-    ca: str | None = None
+
+class PathInfo(Record):
+    """What a store knows about one valid path. Paths are full logical store paths (str).
+
+    A mutable record compared by value (unhashable), with :meth:`~nartool._record.Record.replace`."""
+
+    __slots__ = ("path", "nar_hash", "nar_size", "references", "deriver", "registration_time", "ultimate", "sigs",
+                 "ca")
+
+    def __init__(self, path: str, nar_hash: Hash, nar_size: int, references: frozenset[str] = _EMPTY,
+                 deriver: str | None = None, registration_time: int = 0, ultimate: bool = False,
+                 sigs: frozenset[str] = _EMPTY, ca: str | None = None) -> None:
+        self.path = path
+        self.nar_hash = nar_hash
+        self.nar_size = nar_size
+        self.references = references
+        self.deriver = deriver
+        self.registration_time = registration_time
+        self.ultimate = ultimate
+        self.sigs = sigs
+        self.ca = ca
 
 
 def __getattr__(name: str) -> object:

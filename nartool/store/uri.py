@@ -19,23 +19,33 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
 
+from .._record import Frozen
 from ..errors import StoreError
 from .base import BaseStore
 from .paths import DEFAULT_STORE_DIR
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
-@dataclass(frozen=True)
-class StoreURI:
+
+class StoreURI(Frozen):
     """A parsed store URI: ``scheme``, what follows ``scheme://`` up to ``?`` (``authority``,
-    e.g. ``user@host`` or a path) and the query parameters."""
+    e.g. ``user@host`` or a path) and the query parameters. Immutable, compared by value."""
+
+    __slots__ = ("text", "scheme", "authority", "params")
 
     text: str
     scheme: str
     authority: str
     params: Mapping[str, str]
+
+    def __init__(self, text: str, scheme: str, authority: str, params: Mapping[str, str]) -> None:
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "scheme", scheme)
+        object.__setattr__(self, "authority", authority)
+        object.__setattr__(self, "params", params)
 
     @property
     def rest(self) -> str:
@@ -43,8 +53,9 @@ class StoreURI:
         return self.text.split("://", 1)[1] if "://" in self.text else self.text
 
 
-#: opens a store: ``(uri, store_dir, options) -> store``
-Opener = Callable[[StoreURI, str, Mapping[str, Any]], BaseStore]
+if TYPE_CHECKING:
+    #: opens a store: ``(uri, store_dir, options) -> store``
+    Opener = Callable[[StoreURI, str, Mapping[str, Any]], BaseStore]
 
 
 def parse_store_uri(uri: str | None) -> StoreURI:
