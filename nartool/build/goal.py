@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from .._log import get_logger
 from ..errors import BuildError, NartoolError, SandboxUnavailable, StoreError
 from ..fs.osutil import remove_at
-from ..store.buildresult import BuildResult, BuildStatus
+from ..remote.messages import BuildResult, BuildStatus
 from ..store.derivation import (
     FIXED,
     BasicDerivation,
@@ -40,12 +40,13 @@ from ..store.derivation import (
     read_derivation,
     store_resolver,
 )
-from ..store.local import LocalStore
+from ..store.local import LocalStore, PlacedOutputs
 from ..store.locks import PathLock
 from .env import get_bool_attr, get_strings_attr, make_environment, output_rewrites, rewrite_strings
 from .logs import LineAssembler, RawLog, filter_escapes, log_path
 from .options import BuildOptions, parse_sandbox_paths
 from .outputs import HashMismatch, Output, OutputRejected, check_outputs, examine_outputs, register_outputs
+from .registrar import InputRefused, Registrar, RegistrationJob
 
 TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
 if TYPE_CHECKING:
@@ -246,6 +247,12 @@ class _Failure(Exception):
         self.message = message
 
 
+def _checks_requisites(drv: Derivation) -> bool:
+    """Whether checking the outputs reads closures from the store (``*Requisites`` or, with
+    structured attributes, ``outputChecks``)."""
+    return any(k in drv.env for k in ("allowedRequisites", "disallowedRequisites", "__json"))
+
+
 def _fail(status: int, message: str) -> _Failure:
     return _Failure(status, message)
 
@@ -254,7 +261,8 @@ class _Build:
     def __init__(self, store: LocalStore, drv_path: str, drv: Derivation, options: BuildOptions,
                  log_fn: LogFn | None, notice: NoticeFn | None, full: bool, keep_colours: bool,
                  cancel: CancelToken | None, wanted: list[str] | None = None, *,
-                 cleaner: DeferredCleanup | None = None, realisations: bool = False) -> None:
+                 cleaner: DeferredCleanup | None = None, realisations: bool = False,
+                 registrar: Registrar | None = None, key: object = None) -> None:
         self.store = store
         self.drv_path = drv_path
         self.drv = drv
@@ -272,6 +280,17 @@ class _Build:
         self.raw: RawLog | None = None
         self.cleaner = cleaner
         self.realisations = realisations
+        #: with a registrar, the build's outputs are placed in the store by :meth:`_run` and
+        #: registered by the registrar (see nartool/build/registrar.py); ``key`` is the
+        #: scheduler's handle for the result
+        self.registrar = registrar
+        self.key = key
+        self.placed: tuple[PlacedOutputs, dict[str, str]] | None = None
+        self.handed_over = False
+        #: the pending (placed, unregistered) paths among the build's inputs, and the input
+        #: derivations with the output paths used
+        self.pending_inputs: set[str] = set()
+        self.input_outputs: dict[str, set[str]] = {}
 
     @property
     def name(self) -> str:
@@ -280,29 +299,54 @@ class _Build:
         return f"building of '{self.drv_path}!{outs}' {what}"
 
     def run(self) -> BuildResult:
+        """The build's result; with a registrar, when :attr:`handed_over` is set afterwards, the
+        result the registration will give if it succeeds (the registrar reports the final one)."""
         start = int(time.time())
         settled = False
+        res: BuildResult | None = None
         try:
             res = self._run(start)
             settled = True
             return res
         except _Failure as f:
             settled = True
-            return BuildResult(f.status, f.message, 1 if f.status not in (BuildStatus.MISC_FAILURE,) else 0,
-                               False, start, int(time.time()))
+            return self._failed(BuildResult(
+                f.status, f.message, 0 if f.status in (BuildStatus.MISC_FAILURE, BuildStatus.DEPENDENCY_FAILED) else 1,
+                False, start, int(time.time())))
         except BuildError as e:  # e.g. malformed structured attributes: the build cannot start
             settled = True
-            return BuildResult(BuildStatus.MISC_FAILURE, e.message, 0, False, start, int(time.time()))
+            return self._failed(BuildResult(BuildStatus.MISC_FAILURE, e.message, 0, False, start, int(time.time())))
         finally:
             if self.raw is not None:
                 self.raw.close()  # the log is complete when the result is known
                 self.raw = None
-            builder_done = self.builder is None or self.builder.poll() is not None
-            if (settled and builder_done and self.cleaner is not None
-                    and (self.builder is not None or self.build_dir is not None)):
-                self.cleaner.defer(self._cleanup)
+            if self.placed is not None and settled and res is not None and self.registrar is not None:
+                # the registrar decides; once it has, it hands on the clean-up (which releases
+                # the output locks and the build user: held until then)
+                placed, drv_outputs = self.placed
+                self.placed = None
+                self.registrar.submit(RegistrationJob(self.key, placed, self.drv_path if self.full else None,
+                                                      drv_outputs, res, self.pending_inputs, self.input_outputs,
+                                                      self._cleanup, name=self.drv_path))
+                self.handed_over = True
             else:
-                self._cleanup()
+                if self.placed is not None:  # (interrupted after placing them)
+                    self.store.discard_build_outputs(self.placed[0])
+                    self.placed = None
+                builder_done = self.builder is None or self.builder.poll() is not None
+                if (settled and builder_done and self.cleaner is not None
+                        and (self.builder is not None or self.build_dir is not None)):
+                    self.cleaner.defer(self._cleanup)
+                else:
+                    self._cleanup()
+
+    def _failed(self, r: BuildResult) -> BuildResult:
+        """A failure as reported: a dependency failure when an input's registration was refused
+        meanwhile (e.g. its output was removed while this build's chroot was made)."""
+        reg = self.registrar
+        if reg is not None and (reg.failed_inputs(self.input_outputs) or reg.refused_among(self.pending_inputs)):
+            return reg.dependency_failed(self.drv_path, self.input_outputs, r.start_time, r.stop_time)
+        return r
 
     def _cleanup(self) -> None:
         if self.raw is not None:
@@ -432,6 +476,9 @@ class _Build:
                     self.build_user = acquire_build_user(group)
                     if self.build_user is not None:
                         break
+                    if self.registrar is not None and self.registrar.pending():
+                        self.registrar.drain()  # builds waiting for their registration hold users
+                        continue
                     if self.cleaner is not None and self.cleaner.pending():
                         self.cleaner.drain()  # a finished build still holds one: it is freed soon
                         continue
@@ -448,14 +495,23 @@ class _Build:
             os.chown(self.build_dir, self.build_user.uid, self.build_user.gid)
         build_dir = self.build_dir
 
+        def registered(f: Callable[..., Any]) -> Callable[..., Any]:
+            # what reads the database's view of the inputs (exportReferencesGraph) waits for
+            # pending inputs to be registered
+            def g(*args: Any) -> Any:
+                if self.registrar is not None and self.pending_inputs:
+                    self.registrar.drain()
+                return f(*args)
+            return g
+
         def environment(top: str) -> Any:
             try:
                 return make_environment(
                     drv, store_dir=sd, build_top=top, host_build_top=build_dir, cores=opts.cores,
                     fixed_output=fixed, input_paths=input_paths, outputs=outputs,
-                    closure=lambda ps: store.query_closure_paths(ps), references=store.query_references,
-                    derivation_outputs=lambda p: store.query_derivation_outputs(p).values(),
-                    path_info_json=_path_info_json(store))
+                    closure=registered(store.query_closure_paths), references=registered(store.query_references),
+                    derivation_outputs=registered(lambda p: store.query_derivation_outputs(p).values()),
+                    path_info_json=registered(_path_info_json(store)))
             except NartoolError as e:
                 raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
 
@@ -475,6 +531,8 @@ class _Build:
             src = sp.source
             if src.startswith(sd + "/"):
                 top_path = sd + "/" + src[len(sd) + 1:].split("/", 1)[0]
+                if self.registrar is not None and self.registrar.info(top_path) is not None:
+                    self.registrar.drain()
                 if store.is_valid(top_path):
                     extra_inputs |= store.query_closure_paths([top_path])
                 if src == top_path and sp.target == src:
@@ -547,8 +605,14 @@ class _Build:
         try:
             order = examine_outputs(store, self.drv_path, drv, outs, input_paths=input_paths,
                                     build_uid=self.build_user.uid if self.build_user is not None else None)
+            if self.registrar is not None and self.pending_inputs and _checks_requisites(drv):
+                self.registrar.drain()  # (the checks read the closures of the outputs' references)
             check_outputs(store, drv, order)
-            register_outputs(store, self.drv_path if self.full else None, order)
+            if self.registrar is not None:
+                self.placed = (store.place_build_outputs([(o.location, o.info) for o in order if o.info is not None]),
+                               {o.name: o.path for o in order})
+            else:
+                register_outputs(store, self.drv_path if self.full else None, order)
         except HashMismatch as e:
             raise _Failure(BuildStatus.OUTPUT_REJECTED, e.message) from None
         except (OutputRejected, BuildError) as e:
@@ -561,6 +625,7 @@ class _Build:
     def _input_closure(self) -> set[str]:
         store, drv = self.store, self.drv
         roots = set(drv.input_srcs)
+        reg = self.registrar
         for p, names in drv.input_drvs.items():
             outs = store.query_derivation_outputs(p)
             if not outs:
@@ -569,10 +634,22 @@ class _Build:
                 if n not in outs:
                     raise BuildError(f"derivation '{p}' has no output '{n}'", path=p, rule="bad-input")
                 roots.add(outs[n])
-        missing = sorted(r for r in roots if not store.is_valid(r))
+            self.input_outputs[p] = {outs[n] for n in names}
+        if reg is not None and reg.failed_inputs(self.input_outputs):
+            # (an input's registration was refused after this build was scheduled)
+            raise _Failure(BuildStatus.DEPENDENCY_FAILED, "")  # (the message: see _failed)
+        # (the registrar first: a path leaves it only once it is registered)
+        missing = sorted(r for r in roots if (reg is None or reg.info(r) is None) and not store.is_valid(r))
         if missing:
             raise BuildError(f"path '{missing[0]}' is not valid", path=missing[0], rule="invalid-input")
-        return store.query_closure_paths(roots)
+        if reg is None:
+            return store.query_closure_paths(roots)
+        try:
+            paths, self.pending_inputs = reg.closure(roots)
+        except InputRefused as e:
+            self.pending_inputs = {str(e.args[0])}
+            raise _Failure(BuildStatus.DEPENDENCY_FAILED, "") from None  # (the message: see _failed)
+        return paths
 
     def _hook(self, chroot_dir: str) -> list[Any]:
         import subprocess  # (here: a build's start-up does without it)
@@ -711,6 +788,11 @@ class _Node:
         self.result: BuildResult | None = None
 
 
+#: whether :func:`build_paths` registers finished builds on a :class:`Registrar` while the next
+#: ones start (tests turn it off to compare with registering inline)
+PIPELINE = True
+
+
 def _parse_target(t: str) -> tuple[str, list[str] | None]:
     p, bang, outs = t.partition("!")
     if not bang or outs == "*":
@@ -794,6 +876,18 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
     cleaner = DeferredCleanup()
     cond = threading.Condition()
     running: dict[str, _Node] = {}   # started, or queued for a worker thread
+    #: built, waiting for the registrar: their dependents may start (see nartool/build/registrar.py)
+    placed: set[str] = set()
+
+    def registered(key: object, result: BuildResult) -> None:
+        with cond:
+            n = nodes[str(key)]
+            n.result = result
+            placed.discard(n.drv_path)
+            cond.notify_all()
+
+    # (remote builds copy their inputs' closures from the database: registered inline)
+    registrar = Registrar(store, registered, cleaner.defer) if PIPELINE and not options.builders else None
     jobs: collections.deque[_Node] = collections.deque()
     idle = [0]       # worker threads waiting for a job
     stop = [False]   # the worker threads are to end
@@ -803,11 +897,14 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
 
     def ok(p: str) -> bool | None:
         r = nodes[p].result
-        return None if r is None else r.status in SUCCESS
+        if r is None:
+            return True if p in placed else None  # (a refused registration fails it later)
+        return r.status in SUCCESS
 
-    def build(n: _Node) -> BuildResult:
+    def build(n: _Node) -> BuildResult | None:
+        """The build's result, or None when the registrar has it (it reports the result)."""
         try:
-            return _build_one(store, n, options, log, notice, keep_colours, cancel, cleaner)
+            return _build_one(store, n, options, log, notice, keep_colours, cancel, cleaner, registrar)
         except (Cancelled, KeyboardInterrupt):
             return BuildResult(BuildStatus.MISC_FAILURE, "interrupted")
         except BaseException as e:  # noqa: BLE001 (reported as the build's result)
@@ -819,11 +916,15 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
         # for the new thread (~0.1-1 ms on busy cores), between every two builds of a chain. It
         # reports a result and waits for the next job under one hold of the lock, so the
         # scheduler, woken by the result, finds it idle.
-        done: tuple[_Node, BuildResult] | None = None
+        done: tuple[_Node, BuildResult | None] | None = None
         while True:
             with cond:
                 if done is not None:
-                    done[0].result = done[1]
+                    if done[1] is None:
+                        if done[0].result is None:  # (unless the registrar was quicker)
+                            placed.add(done[0].drv_path)
+                    else:
+                        done[0].result = done[1]
                     running.pop(done[0].drv_path, None)
                     cond.notify_all()
                 while not jobs:
@@ -850,8 +951,9 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
                 while changed:
                     changed = False
                     for p in sorted(pending):
-                        if p in running:
-                            continue
+                        if p in running or p in placed or any(d in running or d in placed
+                                                                  for d in nodes[p].deps):
+                            continue  # (its inputs' results first: a failed input fails it as such)
                         bad = [d for d in nodes[p].deps if d in needed and ok(d) is False]
                         if bad:
                             nodes[p].result = BuildResult(
@@ -870,7 +972,7 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
                     break
                 # in Nix's order of goals: by derivation name, then path
                 ready = [p for p in sorted(pending, key=lambda x: (x.rsplit("/", 1)[-1][33:], x))
-                         if p not in running and all(ok(d) for d in nodes[p].deps if d in needed)]
+                         if p not in running and p not in placed and all(ok(d) for d in nodes[p].deps if d in needed)]
                 if max_jobs == 0 and not options.builders:
                     for p in ready:
                         nodes[p].result = BuildResult(BuildStatus.MISC_FAILURE, NO_JOBS)
@@ -895,9 +997,13 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
             cond.notify_all()
             while running:
                 cond.wait()
+        if registrar is not None:
+            registrar.close()  # (builds that finished are registered, as they would have been inline)
         cleaner.drain()
         cancel.close()
         raise
+    if registrar is not None:
+        registrar.close()
     cleaner.drain()
     cancel.close()
     if all_results is not None:
@@ -947,7 +1053,10 @@ NO_MACHINE = "unable to start any build; remote machines may not have all requir
 
 
 def _build_one(store: LocalStore, n: _Node, options: BuildOptions, log: LogFn | None, notice: NoticeFn | None,
-               keep_colours: bool, cancel: CancelToken, cleaner: DeferredCleanup) -> BuildResult:
+               keep_colours: bool, cancel: CancelToken, cleaner: DeferredCleanup,
+               registrar: Registrar | None = None) -> BuildResult | None:
+    """One node's build; None when its registration was handed to ``registrar``, which reports
+    the result."""
     if options.builders:
         from ..remote import builders as remote_builders
 
@@ -956,8 +1065,16 @@ def _build_one(store: LocalStore, n: _Node, options: BuildOptions, log: LogFn | 
             return res
         if options.max_jobs == 0:
             return BuildResult(BuildStatus.MISC_FAILURE, NO_MACHINE)
-    return build_derivation(store, n.drv_path, n.drv, options, log=log, notice=notice, keep_colours=keep_colours,
-                            cancel=cancel, wanted=n.wanted, cleaner=cleaner)
+    if registrar is None:
+        return build_derivation(store, n.drv_path, n.drv, options, log=log, notice=notice,
+                                keep_colours=keep_colours, cancel=cancel, wanted=n.wanted, cleaner=cleaner)
+    if not n.drv.name:
+        n.drv.name = drv_name_from_path(n.drv_path)
+    store.temp_root(n.drv_path)
+    b = _Build(store, n.drv_path, n.drv, options, log, notice, True, keep_colours, cancel, n.wanted,
+               cleaner=cleaner, registrar=registrar, key=n.drv_path)
+    res = b.run()
+    return None if b.handed_over else res
 
 
 def exit_status(results: Iterable[BuildResult]) -> int:
