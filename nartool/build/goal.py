@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from .._log import get_logger
 from ..errors import BuildError, NartoolError, SandboxUnavailable, StoreError
 from ..fs.osutil import remove_at
-from ..remote.messages import BuildResult, BuildStatus
+from ..store.buildresult import BuildResult, BuildStatus
 from ..store.derivation import (
     FIXED,
     BasicDerivation,

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 
 from .._log import get_logger
 from ..errors import NartoolError
-from ..remote.messages import BuildResult, BuildStatus
+from ..store.buildresult import BuildResult, BuildStatus
 from ..store.local import LocalStore, PlacedOutputs
 from ..store.types import PathInfo
 
