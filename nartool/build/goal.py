@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from .._log import get_logger
 from ..errors import BuildError, NartoolError, SandboxUnavailable, StoreError
@@ -262,7 +262,8 @@ class _Build:
                  log_fn: LogFn | None, notice: NoticeFn | None, full: bool, keep_colours: bool,
                  cancel: CancelToken | None, wanted: list[str] | None = None, *,
                  cleaner: DeferredCleanup | None = None, realisations: bool = False,
-                 registrar: Registrar | None = None, key: object = None) -> None:
+                 registrar: Registrar | None = None, key: object = None,
+                 known: Mapping[str, Derivation] | None = None) -> None:
         self.store = store
         self.drv_path = drv_path
         self.drv = drv
@@ -285,6 +286,8 @@ class _Build:
         #: scheduler's handle for the result
         self.registrar = registrar
         self.key = key
+        #: derivations already read (the scheduler's), by path
+        self.known = known or {}
         self.placed: tuple[PlacedOutputs, dict[str, str]] | None = None
         self.handed_over = False
         #: the pending (placed, unregistered) paths among the build's inputs, and the input
@@ -628,8 +631,9 @@ class _Build:
         reg = self.registrar
         for p, names in drv.input_drvs.items():
             outs = store.query_derivation_outputs(p)
-            if not outs:
-                outs = read_derivation(store, p).output_paths(store.store_dir)
+            if not outs:  # (not registered yet, e.g. built just now)
+                d = self.known.get(p) or read_derivation(store, p)
+                outs = d.output_paths(store.store_dir)
             for n in names:
                 if n not in outs:
                     raise BuildError(f"derivation '{p}' has no output '{n}'", path=p, rule="bad-input")
@@ -874,26 +878,26 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
         nodes[p].result = BuildResult(BuildStatus.ALREADY_VALID)
     cancel = CancelToken()
     cleaner = DeferredCleanup()
-    cond = threading.Condition()
+    # The scheduling step (:func:`advance`) runs in whichever thread changed the state: a worker
+    # that finished a build (it then takes the next job itself, no thread switch between two
+    # builds of a chain), the registration thread, or this thread at the start. This thread
+    # waits for the end (or Ctrl-C) on ``settled``; idle workers wait for jobs on ``cond``.
+    lock = threading.Lock()
+    cond = threading.Condition(lock)
+    settled = threading.Condition(lock)
     running: dict[str, _Node] = {}   # started, or queued for a worker thread
     #: built, waiting for the registrar: their dependents may start (see nartool/build/registrar.py)
     placed: set[str] = set()
-
-    def registered(key: object, result: BuildResult) -> None:
-        with cond:
-            n = nodes[str(key)]
-            n.result = result
-            placed.discard(n.drv_path)
-            cond.notify_all()
-
-    # (remote builds copy their inputs' closures from the database: registered inline)
-    registrar = Registrar(store, registered, cleaner.defer) if PIPELINE and not options.builders else None
     jobs: collections.deque[_Node] = collections.deque()
-    idle = [0]       # worker threads waiting for a job
-    stop = [False]   # the worker threads are to end
+    idle = [0]        # worker threads waiting for a job
+    stop = [False]    # the worker threads are to end
+    halt = [False]    # interrupted: schedule nothing more
+    finished = [False]
+    trouble: list[BaseException] = []  # an exception of a scheduling step in another thread
     target_paths = {p for p, _ in parsed}
     failed_any = False
     max_jobs = options.max_jobs
+    known = {p: nd.drv for p, nd in nodes.items()}
 
     def ok(p: str) -> bool | None:
         r = nodes[p].result
@@ -901,10 +905,87 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
             return True if p in placed else None  # (a refused registration fails it later)
         return r.status in SUCCESS
 
+    def step(spare: int) -> None:
+        """Record what is decided, start what is ready (``spare``: the calling worker takes a
+        job itself); sets ``finished`` at the end. Called with the lock held."""
+        nonlocal failed_any
+        while True:
+            for p in sorted(pending):
+                if nodes[p].result is not None:
+                    pending.discard(p)
+                    if not ok(p):
+                        failed_any = True
+                        if on_failure is not None and p not in target_paths:
+                            on_failure(p, nodes[p].result)  # type: ignore[arg-type]
+            # derivations whose inputs failed (or, without --keep-going, everything not started)
+            changed = True
+            while changed:
+                changed = False
+                for p in sorted(pending):
+                    if p in running or p in placed or any(d in running or d in placed for d in nodes[p].deps):
+                        continue  # (its inputs' results first: a failed input fails it as such)
+                    bad = [d for d in nodes[p].deps if d in needed and ok(d) is False]
+                    if bad:
+                        nodes[p].result = BuildResult(
+                            BuildStatus.DEPENDENCY_FAILED,
+                            f"{len(bad)} dependencies of derivation '{p}' failed to build")
+                    elif failed_any and not options.keep_going:
+                        # never started: another build failed (Nix gives no message for these)
+                        nodes[p].result = BuildResult(BuildStatus.MISC_FAILURE, "")
+                    else:
+                        continue
+                    pending.discard(p)
+                    changed = True
+            if not pending and not running:
+                finished[0] = stop[0] = True
+                cond.notify_all()
+                settled.notify_all()
+                return
+            # in Nix's order of goals: by derivation name, then path
+            ready = [p for p in sorted(pending, key=lambda x: (x.rsplit("/", 1)[-1][33:], x))
+                     if p not in running and p not in placed and all(ok(d) for d in nodes[p].deps if d in needed)]
+            if max_jobs == 0 and not options.builders:
+                for p in ready:
+                    nodes[p].result = BuildResult(BuildStatus.MISC_FAILURE, NO_JOBS)
+                if ready:
+                    continue
+            for p in ready:
+                if len(running) >= max(max_jobs, 1):
+                    break
+                running[p] = nodes[p]
+                jobs.append(nodes[p])
+                if idle[0] + spare < len(jobs):
+                    threading.Thread(target=work, name="build", daemon=True).start()
+                cond.notify()
+            return
+
+    def advance(spare: int = 0) -> None:
+        """:func:`step`, from any thread (lock held); a failure ends the scheduling and is
+        raised in the scheduler's own thread."""
+        if halt[0]:
+            settled.notify_all()  # (the interrupted scheduler waits for the running builds)
+            return
+        try:
+            step(spare)
+        except BaseException as e:  # noqa: BLE001 (re-raised by the scheduler's thread)
+            trouble.append(e)
+            halt[0] = True
+            settled.notify_all()
+
+    def registered(key: object, result: BuildResult) -> None:
+        with lock:
+            n = nodes[str(key)]
+            n.result = result
+            placed.discard(n.drv_path)
+            advance()
+
+    # (remote builds copy their inputs' closures from the database: registered inline)
+    registrar = Registrar(store, registered, cleaner.defer) if PIPELINE and not options.builders else None
+
     def build(n: _Node) -> BuildResult | None:
         """The build's result, or None when the registrar has it (it reports the result)."""
         try:
-            return _build_one(store, n, options, log, notice, keep_colours, cancel, cleaner, registrar)
+            return _build_one(store, n, options, log, notice, keep_colours, cancel, cleaner, registrar, known)
         except (Cancelled, KeyboardInterrupt):
             return BuildResult(BuildStatus.MISC_FAILURE, "interrupted")
         except BaseException as e:  # noqa: BLE001 (reported as the build's result)
@@ -913,12 +994,11 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
 
     def work() -> None:
         # a worker thread stays for the next build: starting a thread costs its starter a wait
-        # for the new thread (~0.1-1 ms on busy cores), between every two builds of a chain. It
-        # reports a result and waits for the next job under one hold of the lock, so the
-        # scheduler, woken by the result, finds it idle.
+        # for the new thread (~0.1-1 ms on busy cores). It records its build's result, runs the
+        # scheduling step and takes the next job under one hold of the lock.
         done: tuple[_Node, BuildResult | None] | None = None
         while True:
-            with cond:
+            with lock:
                 if done is not None:
                     if done[1] is None:
                         if done[0].result is None:  # (unless the registrar was quicker)
@@ -926,7 +1006,7 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
                     else:
                         done[0].result = done[1]
                     running.pop(done[0].drv_path, None)
-                    cond.notify_all()
+                    advance(1)
                 while not jobs:
                     if stop[0]:
                         return
@@ -937,66 +1017,23 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
             done = (n, build(n))
 
     try:
-        with cond:
-            while True:
-                for p in sorted(pending):
-                    if nodes[p].result is not None:
-                        pending.discard(p)
-                        if not ok(p):
-                            failed_any = True
-                            if on_failure is not None and p not in target_paths:
-                                on_failure(p, nodes[p].result)  # type: ignore[arg-type]
-                # derivations whose inputs failed (or, without --keep-going, everything not started)
-                changed = True
-                while changed:
-                    changed = False
-                    for p in sorted(pending):
-                        if p in running or p in placed or any(d in running or d in placed
-                                                                  for d in nodes[p].deps):
-                            continue  # (its inputs' results first: a failed input fails it as such)
-                        bad = [d for d in nodes[p].deps if d in needed and ok(d) is False]
-                        if bad:
-                            nodes[p].result = BuildResult(
-                                BuildStatus.DEPENDENCY_FAILED,
-                                f"{len(bad)} dependencies of derivation '{p}' failed to build")
-                        elif failed_any and not options.keep_going:
-                            # never started: another build failed (Nix gives no message for these)
-                            nodes[p].result = BuildResult(BuildStatus.MISC_FAILURE, "")
-                        else:
-                            continue
-                        pending.discard(p)
-                        changed = True
-                if not pending and not running:
-                    stop[0] = True
-                    cond.notify_all()
-                    break
-                # in Nix's order of goals: by derivation name, then path
-                ready = [p for p in sorted(pending, key=lambda x: (x.rsplit("/", 1)[-1][33:], x))
-                         if p not in running and p not in placed and all(ok(d) for d in nodes[p].deps if d in needed)]
-                if max_jobs == 0 and not options.builders:
-                    for p in ready:
-                        nodes[p].result = BuildResult(BuildStatus.MISC_FAILURE, NO_JOBS)
-                    if ready:
-                        continue
-                for p in ready:
-                    if len(running) >= max(max_jobs, 1):
-                        break
-                    running[p] = nodes[p]
-                    jobs.append(nodes[p])
-                    if idle[0] < len(jobs):
-                        threading.Thread(target=work, name="build", daemon=True).start()
-                    cond.notify_all()
-                cond.wait()
+        with lock:
+            advance()
+            while not finished[0] and not trouble:
+                settled.wait()
+            if trouble:
+                raise trouble[0]
     except BaseException:
         cancel.set()
-        with cond:
+        with lock:
+            halt[0] = True
             for n in jobs:  # queued, never started
                 running.pop(n.drv_path, None)
             jobs.clear()
             stop[0] = True
             cond.notify_all()
             while running:
-                cond.wait()
+                settled.wait()
         if registrar is not None:
             registrar.close()  # (builds that finished are registered, as they would have been inline)
         cleaner.drain()
@@ -1054,7 +1091,7 @@ NO_MACHINE = "unable to start any build; remote machines may not have all requir
 
 def _build_one(store: LocalStore, n: _Node, options: BuildOptions, log: LogFn | None, notice: NoticeFn | None,
                keep_colours: bool, cancel: CancelToken, cleaner: DeferredCleanup,
-               registrar: Registrar | None = None) -> BuildResult | None:
+               registrar: Registrar | None = None, known: Mapping[str, Derivation] | None = None) -> BuildResult | None:
     """One node's build; None when its registration was handed to ``registrar``, which reports
     the result."""
     if options.builders:
@@ -1072,7 +1109,7 @@ def _build_one(store: LocalStore, n: _Node, options: BuildOptions, log: LogFn | 
         n.drv.name = drv_name_from_path(n.drv_path)
     store.temp_root(n.drv_path)
     b = _Build(store, n.drv_path, n.drv, options, log, notice, True, keep_colours, cancel, n.wanted,
-               cleaner=cleaner, registrar=registrar, key=n.drv_path)
+               cleaner=cleaner, registrar=registrar, key=n.drv_path, known=known)
     res = b.run()
     return None if b.handed_over else res
 
