@@ -88,7 +88,7 @@ def _spy_commits(monkeypatch: pytest.MonkeyPatch,
         def refuse(*args: Any) -> None:
             raise exc
 
-        self.db.register = refuse  # type: ignore[method-assign]
+        self.db.register = refuse  # type: ignore[method-assign,assignment]
         try:
             return real(self, placed, **kw)
         finally:
@@ -239,3 +239,52 @@ def test_pending_inputs_in_reference_graphs_and_checks(tmp_path: Path, monkeypat
         results.append((text, every[refused].error_msg, _db_rows(st)[1]))
         assert _leftovers(st) == []
     assert results[0] == results[1]
+
+
+_KILLER = """
+import os, signal, sys
+from nartool.build import BuildOptions
+from nartool.build import goal
+from nartool.store.local import LocalStore
+
+root, target, victim = sys.argv[1:4]
+real = LocalStore.commit_build_outputs
+
+def commit(self, placed, **kw):
+    if placed.infos[0].path == victim:
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 while this registration is pending
+    return real(self, placed, **kw)
+
+LocalStore.commit_build_outputs = commit
+with LocalStore(root) as st:
+    goal.build_paths(st, [target], BuildOptions(sandbox="true", build_users_group=""))
+"""
+
+
+def test_kill_9_while_a_registration_is_pending(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 of the process while the second output waits for its registration (the third
+    build may have started on it): the first output is registered, nothing else is, and the next
+    garbage collection leaves no chroot and no unregistered output behind."""
+    import subprocess
+    import sys
+
+    from .helpers import run_cli
+
+    _need_sandbox()
+    st = _store(tmp_path, monkeypatch)
+    drvs = _chain(st, 3)
+    outs = [st.query_derivation_outputs(d)["out"] for d in drvs]
+    root = st.root
+    st.close()
+    r = subprocess.run([sys.executable, "-c", _KILLER, str(root), drvs[-1], outs[1]], capture_output=True,
+                       check=False, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()
+    with LocalStore(root) as s:
+        assert s.is_valid(outs[0]) and not s.is_valid(outs[1]) and not s.is_valid(outs[2])
+        assert os.path.lexists(s.physical(outs[1]))  # placed, never registered
+    time.sleep(1)  # (the helpers notice their owner's death and end the builder)
+    g = run_cli("--store", str(root), "store", "gc")
+    assert g.returncode == 0, g.stderr
+    with LocalStore(root) as s:
+        assert _leftovers(s) == []
+        assert not [n for n in os.listdir(s.real_store_dir) if n.endswith(".chroot")]
