@@ -288,3 +288,40 @@ def test_kill_9_while_a_registration_is_pending(tmp_path: Path, monkeypatch: pyt
     with LocalStore(root) as s:
         assert _leftovers(s) == []
         assert not [n for n in os.listdir(s.real_store_dir) if n.endswith(".chroot")]
+
+
+def test_registrar_survives_a_failing_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A result callback or a clean-up hand-off that raises is logged; the thread goes on (a
+    later job is still registered and drain() returns), and the clean-up still runs."""
+    import logging
+
+    from nartool.store.buildresult import BuildResult as Result
+
+    st = _store(tmp_path, monkeypatch)
+    cleaned: list[str] = []
+    told: list[object] = []
+
+    def on_done(key: object, result: Result) -> None:
+        told.append(key)
+        if key == "first":
+            raise RuntimeError("callback broke")
+
+    def defer(fn: Callable[[], None]) -> None:
+        if not cleaned:
+            fn()  # (the first one is run, then the hand-off "fails")
+            raise RuntimeError("no thread")
+        fn()
+
+    reg = reg_mod.Registrar(st, on_done, defer)
+    with caplog.at_level(logging.WARNING, logger="nartool.build.registrar"):
+        for key in ("first", "second"):
+            reg.submit(reg_mod.RegistrationJob(key, PlacedOutputs([], []), None, {}, Result(BuildStatus.BUILT),
+                                               set(), {}, lambda k=key: cleaned.append(k), name=key))
+        closer = threading.Thread(target=reg.close, daemon=True)
+        closer.start()
+        closer.join(20)
+        assert not closer.is_alive(), "the registrar's thread died: close() waits forever"
+    assert told == ["first", "second"]
+    assert cleaned[0] == "first" and "second" in cleaned
+    assert "callback broke" in caplog.text and "no thread" in caplog.text

@@ -187,8 +187,14 @@ class Registrar:
                     if result.status != BuildStatus.BUILT:
                         self._failed.add(info.path)
             try:
-                self._defer(job.cleanup)
+                try:
+                    self._defer(job.cleanup)
+                except Exception as e:  # noqa: BLE001 (e.g. no thread to be had: clean up here)
+                    log.warning("deferring the clean-up of '%s' failed: %s", job.name, e)
+                    job.cleanup()
                 self._on_done(job.key, result)
+            except Exception as e:  # noqa: BLE001 (this thread must go on: others wait for it)
+                log.warning("after the registration of '%s': %s", job.name, e)
             finally:
                 with self._lock:
                     self._busy = False
