@@ -243,11 +243,14 @@ def test_output_reaches_a_file_and_a_closed_pipe_is_quiet(stores: tuple[Path, Pa
 # --- what a build's start loads ----------------------------------------------------------------
 
 #: modules a build command no longer loads: ``dataclasses`` (which loads ``inspect``, ``ast``,
-#: ``dis``, ``tokenize``), ``typing``, the remote layer (the results are the store layer's), click
-#: and what earlier start-up work removed
+#: ``dis``, ``tokenize``), ``typing``, the remote layer (the results are the store layer's),
+#: ``json`` (loaded when first used: nartool._json), ``queue`` (for threaded hashing), the case
+#: hack and the NAR restorer (a build registers its outputs in place), click and what earlier
+#: start-up work removed
 NOT_LOADED_BY_A_BUILD = ("dataclasses", "typing", "inspect", "ast", "dis", "tokenize", "nartool.remote",
-                         "nartool.remote.messages", "click", "nartool.cli.main", "pathlib", "urllib.parse",
-                         "platform", "secrets", "socket")
+                         "nartool.remote.messages", "json", "queue", "nartool.fs.casehack", "unicodedata",
+                         "nartool.fs.sink", "click", "nartool.cli.main", "pathlib", "urllib.parse", "platform",
+                         "secrets", "socket")
 
 #: runs the entry point (as the nartool command does), then lists the modules loaded
 _AUDIT = ("import atexit, os, sys\n"

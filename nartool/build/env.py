@@ -12,11 +12,11 @@ and ``impureEnvVars``; then ``NIX_LOG_FD`` and ``TERM``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 
+from .. import _json as json
 from .._record import Record
 from ..errors import BuildError
 from ..hashes import nix32_encode
@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 HOMELESS_SHELTER = "/homeless-shelter"
-_EXPORT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
-_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# (patterns, compiled by re at their first use: most builds need neither)
+_EXPORT_NAME = r"[A-Za-z_][A-Za-z0-9_.-]*"
+_SHELL_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 
 
 def _b(s: str) -> bytes:
@@ -147,7 +148,7 @@ def structured_attrs_shell(attrs: Mapping[str, Any]) -> str:
     is a simple value, a list of simple values or an object of simple values (others skipped)."""
     out = []
     for k, v in sorted(attrs.items()):
-        if not _SHELL_NAME.fullmatch(k):
+        if not re.fullmatch(_SHELL_NAME, k):
             continue
         s = _simple(v)
         if s is not None:
@@ -218,7 +219,7 @@ def make_environment(drv: Derivation, *, store_dir: str, build_top: str, host_bu
             raise BuildError(f"odd number of tokens in 'exportReferencesGraph': '{drv.env['exportReferencesGraph']}'",
                              rule="bad-export-references")
         for name, p in zip(tokens[::2], tokens[1::2], strict=True):
-            if not _EXPORT_NAME.fullmatch(name):
+            if not re.fullmatch(_EXPORT_NAME, name):
                 raise BuildError(f"invalid file name '{name}' in 'exportReferencesGraph'", rule="bad-export-references")
             if not p.startswith(store_dir + "/"):
                 raise BuildError(f"'exportReferencesGraph' contains a non-store path '{p}'",

@@ -21,7 +21,6 @@ Where this extends Nix (see ``docs/case-hack.md``):
 from __future__ import annotations
 
 import re
-import unicodedata
 
 from ..errors import CaseCollisionError, FsError
 
@@ -36,6 +35,8 @@ def fold(name: bytes) -> bytes:
         s = name.decode("utf-8")
     except UnicodeDecodeError:
         return name.lower()  # bytes.lower folds ASCII only, as Nix's strcasecmp
+    import unicodedata  # (here: only a case-insensitive store needs it)
+
     return unicodedata.normalize("NFD", unicodedata.normalize("NFD", s).casefold()).encode("utf-8")
 
 

@@ -6,7 +6,6 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator
 
 from ..hashes import Hash
-from ..pipeline import pipelined
 from . import format as F
 from .events import EndDirectory, Event, File, Symlink
 from .limits import DEFAULT_LIMITS, Limits
@@ -26,7 +25,11 @@ def hash_chunks(
     h = hashlib.new(algo)
     update = h.update
     size = 0
-    for chunk in pipelined(chunks, depth=8) if threaded else chunks:
+    if threaded:
+        from ..pipeline import pipelined  # (here: a build's start does without queue and its thread)
+
+        chunks = pipelined(chunks, depth=8)
+    for chunk in chunks:
         update(chunk)
         size += len(chunk)
     return Hash(algo, h.digest()), size

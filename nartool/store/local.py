@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
+from .. import _json as json
 from ..errors import FsError, NarError, StoreError
 from ..fs import dump_events, dump_nar
-from ..fs.casehack import CaseHackCodec, resolve
 from ..fs.osutil import remove_at, rename_noreplace, syncfs
-from ..fs.sink import _Builder
 from ..fs.source import Exclude, NameCodec
 from ..hashes import Hash, nix32_encode
 from ..nar.events import Event, File
@@ -42,8 +40,6 @@ from ..nar.hashing import NarDigest, tee_nar
 from ..nar.reader import NarReader
 from ..nar.source import ByteSource, as_source
 from .base import BaseStore
-from .cacheck import CaCheck
-from .closure import closure_set, topo_sort
 from .db import StoreDB
 from .derivation import Derivation, DrvHash, drv_name_from_path, parse_derivation
 from .locks import PathLock, TempRoots
@@ -62,10 +58,17 @@ TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-u
 if TYPE_CHECKING:
     from typing import BinaryIO
 
+    from ..fs.casehack import CaseHackCodec
+    from .cacheck import CaCheck
+
+# (the case hack, the NAR restorer, content-address checks and closures are imported where they
+# are used: a build's start-up does without them)
+
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 #: a ``.drv`` larger than this is stored, but its outputs are not parsed or recorded
 DRV_MAX_SIZE = 16 << 20
 SETTINGS_FILE = "nartool-store.json"
+_SETTINGS_WRITTEN = {'{"case-hack": true}': {"case-hack": True}, '{"case-hack": false}': {"case-hack": False}}
 
 
 def default_root() -> str:
@@ -129,10 +132,15 @@ class LocalStore(BaseStore):
         f = os.path.join(self.state_dir, SETTINGS_FILE)
         try:
             with open(f) as fh:
-                settings = json.load(fh)
+                text = fh.read()
+            # (the two forms this method writes are read without json, a build's start-up
+            # does without it; anything else goes through json)
+            settings = _SETTINGS_WRITTEN.get(text) or json.loads(text)
             recorded = bool(settings["case-hack"])
         except FileNotFoundError:
             if requested is None:
+                from ..fs.casehack import resolve
+
                 codec, _ = resolve(None, self.real_store_dir + "/x", restore=True)
                 recorded = codec is not None
             else:
@@ -147,7 +155,11 @@ class LocalStore(BaseStore):
             raise StoreError("this store was created " + ("with" if recorded else "without") +
                              " the case hack; it cannot be changed", path=self.root, rule="case-hack-mismatch",
                              expected=recorded, got=requested)
-        return CaseHackCodec() if recorded else None
+        if not recorded:
+            return None
+        from ..fs.casehack import CaseHackCodec
+
+        return CaseHackCodec()
 
     @property
     def uri(self) -> str:
@@ -249,6 +261,8 @@ class LocalStore(BaseStore):
         return self.db.all_paths()
 
     def referrers_closure(self, paths: Iterable[str]) -> set[str]:
+        from .closure import closure_set
+
         return closure_set(paths, self.db.referrers)
 
     # -- reading contents -------------------------------------------------------------------
@@ -362,6 +376,8 @@ class LocalStore(BaseStore):
                     f(b)
         if ca is not None:
             events = ca.events(events)
+        from ..fs.sink import _Builder
+
         b = _Builder(self._store_fd, tmp, names=self.names, canonical=True, fsync=False)
         try:
             try:
@@ -681,6 +697,8 @@ class LocalStore(BaseStore):
             if ca:
                 # checks the path against the content address (and, for ``fixed:r:sha256``,
                 # the NAR hash); other kinds hash the contents in a second pass
+                from .cacheck import CaCheck
+
                 check = CaCheck(info, self.store_dir)
                 if not check.done:
                     _drain(tee_nar(check.events(dump_events(phys, names=self.names)), check.update))
@@ -860,6 +878,8 @@ class LocalStore(BaseStore):
 
         with gc_lock(self.state_dir, exclusive=True, waiting="waiting for the big garbage collector lock..."):
             held = root_holders(self)
+            from .closure import topo_sort
+
             for p in topo_sort(broken, self.db.references)[::-1]:  # referrers first
                 x = broken[p]
                 if not self.db.is_valid(p):
