@@ -17,6 +17,7 @@ kills every running build, removes its chroot and registers nothing.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import select
 import signal
@@ -25,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from .. import _json as json
 from .._log import get_logger
 from ..errors import BuildError, NartoolError, SandboxUnavailable, StoreError
 from ..fs.osutil import remove_at
@@ -982,10 +982,10 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
     # (remote builds copy their inputs' closures from the database: registered inline)
     registrar = Registrar(store, registered, cleaner.defer) if PIPELINE and not options.builders else None
 
-    def build(n: _Node) -> BuildResult | None:
+    def build(n: _Node, reg: Registrar | None) -> BuildResult | None:
         """The build's result, or None when the registrar has it (it reports the result)."""
         try:
-            return _build_one(store, n, options, log, notice, keep_colours, cancel, cleaner, registrar, known)
+            return _build_one(store, n, options, log, notice, keep_colours, cancel, cleaner, reg, known)
         except (Cancelled, KeyboardInterrupt):
             return BuildResult(BuildStatus.MISC_FAILURE, "interrupted")
         except BaseException as e:  # noqa: BLE001 (reported as the build's result)
@@ -1014,7 +1014,10 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
                     cond.wait()
                     idle[0] -= 1
                 n = jobs.popleft()
-            done = (n, build(n))
+                # the registrar when something else may start meanwhile, or must be registered
+                # first; the last build alone (e.g. a single one) registers inline
+                reg = registrar if len(pending) > 1 or placed else None
+            done = (n, build(n, reg))
 
     try:
         with lock:
