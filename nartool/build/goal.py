@@ -17,7 +17,6 @@ kills every running build, removes its chroot and registers nothing.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import select
 import signal
@@ -26,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+from .. import _json as json
 from .._log import get_logger
 from ..errors import BuildError, NartoolError, SandboxUnavailable, StoreError
 from ..fs.osutil import remove_at
