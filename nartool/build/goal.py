@@ -11,7 +11,9 @@ user, the sandbox (:mod:`.sandbox`), the log loop (raw log, lines, ``max-silent-
 The scheduler builds input derivations first, independent ones in parallel up to ``max-jobs``
 (each in a worker thread; the builders themselves are separate processes), skips derivations
 whose outputs are valid, and on Ctrl-C/SIGTERM (a ``KeyboardInterrupt`` in the calling thread)
-kills every running build, removes its chroot and registers nothing.
+kills every running build, removes its chroot and registers nothing of it. A finished build's
+outputs are registered on a registration thread while its dependents start (:mod:`.registrar`;
+``docs/builds.md``, "Registration off the critical path").
 """
 
 from __future__ import annotations
