@@ -224,3 +224,77 @@ def test_zygote_starts_clean() -> None:
     assert got[0].startswith("socket:") and got[1] == got[2] == "/dev/null"
     assert all(t.startswith("socket:") for n, t in got.items() if n > 2)
     assert cwd == "/" and leader.strip() == "True"
+
+
+def test_the_zygote_is_started_as_popen_would_start_it() -> None:
+    """A command's zygote is started with fork and exec (zygote._fork_exec: no subprocess to
+    import); the program then finds what ``Popen(stdin=SOCKET, stdout=DEVNULL,
+    stderr=DEVNULL, close_fds=True, cwd="/", start_new_session=True)`` gives it: the same
+    signal dispositions and mask (an ignored signal stays ignored, those Python ignores are
+    restored), descriptors, session, directory and environment; a failed exec is the same
+    error."""
+    probe = ("import os\n"
+             "status = dict(l.split(':\\t', 1) for l in open('/proc/self/status').read().splitlines() if ':\\t' in l)\n"
+             "def link(n):\n"
+             "    try: return os.readlink('/proc/self/fd/' + n).split('[')[0]\n"
+             "    except FileNotFoundError: return None  # (listdir's own, closed by now)\n"
+             "fds = sorted((int(n), link(n)) for n in os.listdir('/proc/self/fd') if link(n))\n"
+             "state = [status['SigIgn'], status['SigBlk'], status['SigCgt'], fds, os.getsid(0) == os.getpid(),\n"
+             "         os.getcwd(), sorted(os.environ.items())]\n"
+             "os.write(0, repr(state).encode())\n")
+    code = ("import _socket, os, signal, subprocess, sys\n"
+            "from nartool.build import zygote\n"
+            "r, w = os.pipe(); os.set_inheritable(r, True)  # (neither child may keep it)\n"
+            "signal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
+            "os.environ['ZYGOTE_TEST_VARIABLE'] = 'x'\n"
+            "os.chdir('/tmp')\n"
+            "def run(start):\n"
+            "    a, b = _socket.socketpair()\n"
+            "    child = start([sys.executable, '-I', '-S', '-c', PROBE], b.fileno())\n"
+            "    b.close()\n"
+            "    out = b''\n"
+            "    while chunk := a.recv(65536):\n"
+            "        out += chunk\n"
+            "    assert child.wait() == 0\n"
+            "    return out.decode()\n"
+            "def popen(argv, fd):\n"
+            "    return subprocess.Popen(argv, stdin=fd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,\n"
+            "                            close_fds=True, cwd='/', start_new_session=True)\n"
+            "forked = run(zygote._fork_exec)\n"
+            "print(forked == run(popen), forked)\n"
+            "CAT = ['/bin/sh', '-c', 'exec cat /proc/self/status >&0']  # (a program that keeps the state it got)\n"
+            "def cat(start):\n"
+            "    a, b = _socket.socketpair()\n"
+            "    child = start(CAT, b.fileno())\n"
+            "    b.close()\n"
+            "    out = b''\n"
+            "    while chunk := a.recv(65536):\n"
+            "        out += chunk\n"
+            "    assert child.wait() == 0\n"
+            "    return [l for l in out.decode().splitlines() if l.startswith(('SigIgn', 'SigBlk'))]\n"
+            "print(cat(zygote._fork_exec), cat(popen))\n"
+            "errors = []\n"
+            "for start in (zygote._fork_exec, popen):\n"
+            "    try:\n"
+            "        start(['/nonexistent/python'], 0)\n"
+            "    except OSError as e:\n"
+            "        errors.append((type(e).__name__, str(e)))\n"
+            "print(errors)\n").replace("PROBE", repr(probe))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=cli_env(),
+                       cwd="/")
+    assert r.returncode == 0, r.stderr
+    same, _, rest = r.stdout.partition(" ")
+    state_text, signals_text, errors_text = rest.rsplit("\n", 3)[:3]
+    state = ast.literal_eval(state_text)
+    assert same == "True", r.stdout
+    # (the dispositions a program keeps: ignored SIGUSR1, not SIGPIPE or SIGXFSZ; nothing blocked)
+    forked_sigs, popen_sigs = signals_text.split("] [")
+    assert forked_sigs + "]" == "[" + popen_sigs
+    sigs = dict(x.split(":\t") for x in ast.literal_eval(forked_sigs + "]"))
+    ign = int(sigs["SigIgn"], 16)
+    assert ign & (1 << (signal.SIGUSR1 - 1)) and not ign & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1))
+    assert int(sigs["SigBlk"], 16) == 0
+    assert state[3][:3] == [(0, "socket:"), (1, "/dev/null"), (2, "/dev/null")] and state[4] is True and state[5] == "/"
+    assert ("ZYGOTE_TEST_VARIABLE", "x") in state[6]
+    errors = ast.literal_eval(errors_text)
+    assert errors[0] == errors[1] == ("FileNotFoundError", "[Errno 2] No such file or directory: '/nonexistent/python'")

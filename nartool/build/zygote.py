@@ -16,8 +16,13 @@ import _socket  # not ``socket``: it imports enum, selectors & co., start-up tim
 import array
 import functools
 import os
+import signal
 import sys
 import threading
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 HELPER_DIR = os.path.dirname(os.path.abspath(__file__))
 #: ``python -I -S -c LAUNCHER MODE`` runs the helper: imported as a module (from the end of the
@@ -33,16 +38,109 @@ class ZygoteError(OSError):
     pass
 
 
+class _Child:
+    """A process started by :func:`_fork_exec`: what the zygote uses of a ``Popen``."""
+
+    __slots__ = ("pid", "returncode")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def _reap(self, flags: int) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, flags)
+            except ChildProcessError:  # (reaped elsewhere: as Popen, 0)
+                self.returncode = 0
+            else:
+                if pid == self.pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
+
+    def wait(self) -> int | None:
+        return self._reap(0)
+
+
+def _fork_exec(argv: list[str], stdin: int) -> _Child:
+    """Start ``argv`` as ``Popen(argv, stdin=stdin, stdout=DEVNULL, stderr=DEVNULL,
+    close_fds=True, cwd="/", start_new_session=True)`` does (the dispositions Python ignores
+    restored, nothing else changed), with ``fork`` and ``exec``: importing ``subprocess``
+    costs a build command ~3 ms of its start. Only for the main thread of a process that runs
+    no other thread (the child runs Python until it execs), and a ``stdin`` above 2. A failed
+    exec raises the ``OSError`` Popen raises."""
+    r, w = os.pipe()  # (close-on-exec: EOF once the program runs; else the exec's errno)
+    if min(r, w) < 3:  # (0, 1 or 2 was closed: keep the pipe out of the child's way)
+        import fcntl
+
+        r2, w2 = fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, 3), fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, 3)
+        os.close(r)
+        os.close(w)
+        r, w = r2, w2
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                os.setsid()
+                os.chdir("/")
+                if stdin != 0:
+                    os.dup2(stdin, 0)
+                null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, 1)
+                os.dup2(null, 2)
+                for fd in (0, 1, 2):
+                    os.set_inheritable(fd, True)
+                os.closerange(3, w)
+                os.closerange(w + 1, _MAXFD)
+                for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):  # (Popen's restore_signals)
+                    if hasattr(signal, name):
+                        signal.signal(getattr(signal, name), signal.SIG_DFL)
+                os.execv(argv[0], argv)
+            except BaseException as e:  # noqa: BLE001 (reported to the parent, whatever it is)
+                os.write(w, str(getattr(e, "errno", None) or 0).encode())
+            finally:
+                os._exit(255)
+        os.close(w)
+        w = -1
+        err = b""
+        while chunk := os.read(r, 32):
+            err += chunk
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    if err:
+        os.waitpid(pid, 0)
+        code = int(err)
+        if code == 0:
+            raise ZygoteError(f"cannot start {argv[0]}")
+        raise OSError(code, os.strerror(code), argv[0])
+    return _Child(pid)
+
+
+_MAXFD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 256
+
+
 class Zygote:
     def __init__(self) -> None:
-        import subprocess  # (posix_spawn would be cheaper, but glibc's leaves its two internal
-        # signals ignored in the new program, and so in every builder; Popen's child does not)
-
         parent, child = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM, 0)
         try:
-            self.proc = subprocess.Popen(helper_argv("zygote"), stdin=child.fileno(),
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
-                                         cwd="/", start_new_session=True)
+            self.proc: _Child | Any
+            if (threading.active_count() == 1 and threading.current_thread() is threading.main_thread()
+                    and child.fileno() > 2):
+                # (the usual case, a command's first build: without subprocess)
+                self.proc = _fork_exec(helper_argv("zygote"), child.fileno())
+            else:  # (posix_spawn would be cheaper, but glibc's leaves its two internal signals
+                # ignored in the new program, and so in every builder; Popen's child does not)
+                import subprocess
+
+                self.proc = subprocess.Popen(helper_argv("zygote"), stdin=child.fileno(),
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                                             cwd="/", start_new_session=True)
         except BaseException:
             parent.close()
             raise
