@@ -31,11 +31,12 @@ _SUBMODULES = {"api", "nar", "fs", "store", "remote", "hashes", "errors", "compr
 
 
 def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None and name not in _SUBMODULES:
+        # (before importing importlib: ``from nartool import _json`` asks here first)
+        raise AttributeError(name)
     import importlib
 
-    if name in _SUBMODULES:
-        return importlib.import_module(f"nartool.{name}")
-    mod = _LAZY.get(name)
     if mod is None:
-        raise AttributeError(name)
+        return importlib.import_module(f"nartool.{name}")
     return getattr(importlib.import_module(mod), name)

@@ -7,7 +7,7 @@ first.
 
 from __future__ import annotations
 
-import base64
+from binascii import b2a_base64  # (not base64: a module more to import at start-up)
 
 from .errors import HashFormatError
 
@@ -43,7 +43,7 @@ def nix32_decode(text: str, nbytes: int) -> bytes:
 
 
 def sri(algo: str, digest: bytes) -> str:
-    return f"{algo}-{base64.b64encode(digest).decode()}"
+    return f"{algo}-{b2a_base64(digest, newline=False).decode()}"
 
 
 class Hash:
@@ -93,7 +93,7 @@ class Hash:
 
     @property
     def base64(self) -> str:
-        return base64.b64encode(self.digest).decode()
+        return b2a_base64(self.digest, newline=False).decode()
 
     @property
     def sri(self) -> str:

@@ -246,12 +246,13 @@ def test_output_reaches_a_file_and_a_closed_pipe_is_quiet(stores: tuple[Path, Pa
 #: ``dis``, ``tokenize``), ``typing``, the remote layer (the results are the store layer's),
 #: ``json`` (loaded when first used: nartool._json), ``queue`` (for threaded hashing), the case
 #: hack and the NAR restorer (a build registers its outputs in place), ``subprocess`` (with
-#: ``locale`` and ``selectors``: the zygote is started with fork and exec), click and what
-#: earlier start-up work removed
+#: ``locale`` and ``selectors``: the zygote is started with fork and exec), ``importlib`` (and
+#: ``warnings``: the packages' lazy names are not used), ``base64``, click and what earlier
+#: start-up work removed
 NOT_LOADED_BY_A_BUILD = ("dataclasses", "typing", "inspect", "ast", "dis", "tokenize", "nartool.remote",
                          "nartool.remote.messages", "json", "queue", "nartool.fs.casehack", "unicodedata",
-                         "nartool.fs.sink", "subprocess", "locale", "selectors", "click", "nartool.cli.main",
-                         "pathlib", "urllib.parse", "platform", "secrets", "socket")
+                         "nartool.fs.sink", "subprocess", "locale", "selectors", "importlib", "warnings", "base64",
+                         "click", "nartool.cli.main", "pathlib", "urllib.parse", "platform", "secrets", "socket")
 
 #: runs the entry point (as the nartool command does), then lists the modules loaded
 _AUDIT = ("import atexit, os, sys\n"

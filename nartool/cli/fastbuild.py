@@ -227,8 +227,10 @@ def run_build(store: Any, targets: list[str] | tuple[str, ...], options: list[tu
     """Build ``targets`` (``DRV`` or ``DRV!OUT,…``) in ``store`` and print their output paths
     (or the JSON results) with ``echo``; the log and the errors go to stderr. Returns the exit
     status (0, or Nix's status of the failure)."""
-    from ..build import BuildOptions, BuildStatus, build_paths, exit_status
-    from ..build.goal import SUCCESS
+    # (from their modules, not through nartool.build's lazy names, which import importlib)
+    from ..build.goal import SUCCESS, build_paths, exit_status
+    from ..build.options import BuildOptions
+    from ..store.buildresult import BuildStatus
     from ..store.local import LocalStore
 
     if not isinstance(store, LocalStore):

@@ -31,9 +31,8 @@ from contextlib import contextmanager
 
 from .. import _json as json
 from ..errors import FsError, NarError, StoreError
-from ..fs import dump_events, dump_nar
 from ..fs.osutil import remove_at, rename_noreplace, syncfs
-from ..fs.source import Exclude, NameCodec
+from ..fs.source import Exclude, NameCodec, dump_events, dump_nar  # (not nartool.fs's lazy names: importlib)
 from ..hashes import Hash, nix32_encode
 from ..nar.events import Event, File
 from ..nar.hashing import NarDigest, tee_nar

@@ -17,7 +17,6 @@ store directory, default ``/nix/store``). An unknown scheme is an error naming t
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 
 from .._record import Frozen
@@ -125,6 +124,8 @@ def open_store(uri: str | None = None, *, store_dir: str | None = None, **option
                          rule="unknown-store-type", got=u.scheme)
     if isinstance(opener, str):
         module, _, attr = opener.partition(":")
+        import importlib  # (here: a plain directory, the usual store, needs no module imported)
+
         opener = getattr(importlib.import_module(module), attr)
         assert callable(opener)
     sd = u.params.get("store") or store_dir or DEFAULT_STORE_DIR
