@@ -13,16 +13,18 @@ chain (total / 50), and what each further build costs once the process runs ((ch
 interpreter of nartool's command starting with nothing to do (``python -c pass``, also with
 ``-I -S``).
 
-Every timed run starts after a ``sync``: nartool syncs the file system once per build (Nix 2.8
-does not), and without it that sync would also flush what the benchmark itself just wrote (the
-two fresh stores), which is not the build's cost.
+Every timed run starts on an idle machine (it waits up to ``--idle-wait`` seconds for the CPUs
+to be 92% idle, and counts the runs that could not) and after a ``sync``: nartool syncs the file
+system once per build (Nix 2.8 does not), and without it that sync would also flush what the
+benchmark itself just wrote (the two fresh stores), which is not the build's cost.
 
 nartool is timed as users run it: the ``nartool`` command of a regular (non-editable) install of
 this checkout into a fresh virtual environment, bytecode compiled (as ``scripts/bench_nar.py``
 makes it); ``--nartool CMD`` times an existing command instead, ``--checkout`` this checkout's
 package run as ``python -m nartool``.
 
-    python scripts/bench_build.py [--rounds N] [--chain N] [--no-build-users] [--nartool CMD | --checkout]
+    python scripts/bench_build.py [--rounds N] [--chain N] [--no-build-users] [--idle-wait SECS]
+                                  [--nartool CMD | --checkout]
 """
 
 from __future__ import annotations
@@ -83,12 +85,40 @@ def one(tool: str, expr: str, work: Path) -> float:
         if cli_argv() != NARTOOL:
             env.pop("PYTHONPATH", None)  # (the installed package, not the checkout)
     os.sync()  # (see the module docstring)
+    wait_idle()
     t = time.perf_counter()
     r = subprocess.run(argv, capture_output=True, env=env, check=False)
     dt = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(f"{tool} failed: {r.stderr.decode()[-2000:]}")
     return dt
+
+
+#: how long to wait for an idle machine before a timed run (seconds; 0: do not wait)
+IDLE_WAIT = [30.0]
+NOT_IDLE: list[int] = []
+
+
+def _cpu() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+
+
+def wait_idle() -> None:
+    """Wait (up to IDLE_WAIT) until the CPUs were at least 92% idle over 0.3 s: on a shared
+    machine another job's burst would otherwise land in one tool's runs. Counts the runs that
+    started without."""
+    if not IDLE_WAIT[0] or not os.path.exists("/proc/stat"):
+        return
+    end = time.monotonic() + IDLE_WAIT[0]
+    while time.monotonic() < end:
+        a = _cpu()
+        time.sleep(0.3)
+        b = _cpu()
+        if (b[1] - a[1]) / max(1, b[0] - a[0]) >= 0.92:
+            return
+    NOT_IDLE.append(1)
 
 
 def compile_package() -> None:
@@ -106,7 +136,10 @@ def main() -> None:
                     help="both tools without build users (--option build-users-group ''), as root")
     ap.add_argument("--nartool", metavar="CMD", help="time this nartool command instead of a fresh install")
     ap.add_argument("--checkout", action="store_true", help="time this checkout's package (python -m nartool)")
+    ap.add_argument("--idle-wait", type=float, default=30.0, metavar="SECS",
+                    help="before each timed run, wait up to SECS for the CPUs to be idle (0: never wait)")
     a = ap.parse_args()
+    IDLE_WAIT[0] = a.idle_wait
     venv_dir = None
     if a.checkout:
         compile_package()
@@ -155,7 +188,7 @@ def run(a: argparse.Namespace) -> None:
               f"({min(inc):.1f}-{max(inc):.1f})")
     floors(a.rounds * 3)
     print(f"(machine: {os.cpu_count()} CPUs; both tools sandbox every build in a chroot store; nartool: "
-          f"{' '.join(NARTOOL)})")
+          f"{' '.join(NARTOOL)}; {len(NOT_IDLE)} timed runs started on a busy machine)")
 
 
 def interpreter() -> str:
