@@ -45,6 +45,7 @@ from ..store.derivation import (
 from ..store.local import LocalStore, PlacedOutputs
 from ..store.locks import PathLock
 from .env import get_bool_attr, get_strings_attr, make_environment, output_rewrites, rewrite_strings
+from .jobs import JobThreads
 from .logs import LineAssembler, RawLog, filter_escapes, log_path
 from .options import BuildOptions, parse_sandbox_paths
 from .outputs import HashMismatch, Output, OutputRejected, check_outputs, examine_outputs, register_outputs
@@ -69,7 +70,7 @@ class Cancelled(BaseException):
     """The build was interrupted (Ctrl-C, SIGTERM, a hung-up client)."""
 
 
-class DeferredCleanup:
+class DeferredCleanup(JobThreads):
     """Finished builds' clean-up (unmounting and removing the chroot and the build directory,
     then releasing the build user and the output locks) on background threads, off the critical
     path: the scheduler starts the next build at once. Nothing in it decides a result: the
@@ -77,61 +78,22 @@ class DeferredCleanup:
     its build user are dead, and the output locks are held until the chroot is gone, so another
     process building the same derivation waits for it. :meth:`drain` waits for everything
     deferred so far; the scheduler calls it before it returns (also when interrupted), a build
-    waiting for a free build user calls it before it polls again.
-
-    The threads stay for the next clean-up until :meth:`drain` (starting a thread costs its
-    starter a wait for the new thread, ~0.1-1 ms on busy cores); one is added only when all are
-    busy."""
+    waiting for a free build user calls it before it polls again. A thread is added only when
+    all are busy (see :mod:`.jobs`)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)   # a job came, or the threads are to stop
-        self._done = threading.Condition(self._lock)   # a job finished
-        self._jobs: collections.deque[Callable[[], None]] = collections.deque()
-        self._busy = 0
-        self._idle = 0
-        self._stop = False
+        super().__init__("build clean-up", "clean-up after a build failed")
 
     def defer(self, fn: Callable[[], None]) -> None:
-        with self._lock:
-            self._jobs.append(fn)
-            self._stop = False
-            if self._idle:
-                self._work.notify()
-                return
-        threading.Thread(target=self._run, name="build clean-up", daemon=True).start()
+        self._put(fn)
 
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._jobs:
-                    if self._stop:
-                        return
-                    self._idle += 1
-                    self._work.wait()
-                    self._idle -= 1
-                fn = self._jobs.popleft()
-                self._busy += 1
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001 (a clean-up problem is a warning, as when done inline)
-                log.warning("clean-up after a build failed: %s", e)
-            finally:
-                with self._lock:
-                    self._busy -= 1
-                    self._done.notify_all()
+    def _handle(self, job: object) -> None:
+        assert callable(job)
+        job()
 
-    def pending(self) -> bool:
-        with self._lock:
-            return bool(self._jobs) or self._busy > 0
-
-    def drain(self) -> None:
+    def drain(self, *, stop: bool = True) -> None:
         """Wait for every deferred clean-up; the threads then end."""
-        with self._lock:
-            while self._jobs or self._busy:
-                self._done.wait()
-            self._stop = True
-            self._work.notify_all()
+        super().drain(stop=stop)
 
 
 class CancelToken:

@@ -27,8 +27,6 @@ The rules that keep this equivalent to registering inline:
 
 from __future__ import annotations
 
-import collections
-import threading
 from collections.abc import Callable, Iterable
 
 from .._log import get_logger
@@ -36,6 +34,7 @@ from ..errors import NartoolError
 from ..store.buildresult import BuildResult, BuildStatus
 from ..store.local import LocalStore, PlacedOutputs
 from ..store.types import PathInfo
+from .jobs import JobThreads
 
 log = get_logger(__name__)
 
@@ -63,23 +62,17 @@ class RegistrationJob:
         self.name = name                # the derivation, for messages
 
 
-class Registrar:
+class Registrar(JobThreads):
     """One thread registering handed-in builds in order (see the module docstring).
     ``on_done(key, result)`` is called on that thread for each job, after its registration or
     its refusal; ``defer`` receives each job's clean-up then."""
 
     def __init__(self, store: LocalStore, on_done: Callable[[object, BuildResult], None],
                  defer: Callable[[Callable[[], None]], None]) -> None:
+        super().__init__("build registration", "after a registration", max_threads=1)
         self._store = store
         self._on_done = on_done
         self._defer = defer
-        self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)
-        self._idle = threading.Condition(self._lock)
-        self._jobs: collections.deque[RegistrationJob] = collections.deque()
-        self._busy = False
-        self._stop = False
-        self._thread: threading.Thread | None = None
         #: placed, unregistered outputs: path -> info (removed once registered or refused)
         self._infos: dict[str, PathInfo] = {}
         #: paths whose registration was refused
@@ -137,68 +130,30 @@ class Registrar:
         return BuildResult(BuildStatus.DEPENDENCY_FAILED, f"{n} dependencies of derivation '{name}' failed to build",
                            0, False, start, stop)
 
-    def pending(self) -> bool:
-        with self._lock:
-            return bool(self._jobs) or self._busy
-
     # -- jobs ---------------------------------------------------------------------------------
 
     def submit(self, job: RegistrationJob) -> None:
         with self._lock:
             for info in job.placed.infos:
                 self._infos[info.path] = info
-            self._jobs.append(job)
-            self._work.notify()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="build registration", daemon=True)
-                self._thread.start()
+        self._put(job)
 
-    def drain(self) -> None:
-        """Wait until every job handed in so far is decided."""
+    def _handle(self, job: object) -> None:
+        assert isinstance(job, RegistrationJob)
         with self._lock:
-            while self._jobs or self._busy:
-                self._idle.wait()
-
-    def close(self) -> None:
-        """Drain, then end the thread."""
+            failed = not job.deps.isdisjoint(self._failed)
+        result = self._register(job, failed)
         with self._lock:
-            while self._jobs or self._busy:
-                self._idle.wait()
-            self._stop = True
-            self._work.notify_all()
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._jobs:
-                    if self._stop:
-                        return
-                    self._work.wait()
-                job = self._jobs.popleft()
-                self._busy = True
-                failed = not job.deps.isdisjoint(self._failed)
-            result = self._register(job, failed)
-            with self._lock:
-                for info in job.placed.infos:
-                    self._infos.pop(info.path, None)
-                    if result.status != BuildStatus.BUILT:
-                        self._failed.add(info.path)
-            try:
-                try:
-                    self._defer(job.cleanup)
-                except Exception as e:  # noqa: BLE001 (e.g. no thread to be had: clean up here)
-                    log.warning("deferring the clean-up of '%s' failed: %s", job.name, e)
-                    job.cleanup()
-                self._on_done(job.key, result)
-            except Exception as e:  # noqa: BLE001 (this thread must go on: others wait for it)
-                log.warning("after the registration of '%s': %s", job.name, e)
-            finally:
-                with self._lock:
-                    self._busy = False
-                    self._idle.notify_all()
+            for info in job.placed.infos:
+                self._infos.pop(info.path, None)
+                if result.status != BuildStatus.BUILT:
+                    self._failed.add(info.path)
+        try:
+            self._defer(job.cleanup)
+        except Exception as e:  # noqa: BLE001 (e.g. no thread to be had: clean up here)
+            log.warning("deferring the clean-up of '%s' failed: %s", job.name, e)
+            job.cleanup()
+        self._on_done(job.key, result)
 
     def _register(self, job: RegistrationJob, deps_failed: bool) -> BuildResult:
         r = job.result
