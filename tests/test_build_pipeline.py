@@ -339,3 +339,52 @@ def test_a_single_build_registers_inline(tmp_path: Path, monkeypatch: pytest.Mon
     assert [r.status for r in res] == [BuildStatus.BUILT]
     assert threads == ["build"]
     assert "build registration" not in [t.name for t in threading.enumerate()]
+
+
+def test_next_build_prepared_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a build runs, the next one of the chain is prepared (outputs locked, build
+    directory made); it then runs with what was prepared."""
+    _need_sandbox()
+    st = _store(tmp_path, monkeypatch)
+    drvs = _chain(st, 3)
+    prepared: list[str] = []
+    used: list[str] = []
+    real_prefetch = goal_mod._Build.prefetch
+    real_run = goal_mod._Build._run
+
+    def prefetch(self: goal_mod._Build) -> None:
+        real_prefetch(self)
+        assert self.locks and self.build_dir is not None and os.path.isdir(self.build_dir)
+        prepared.append(self.drv_path)
+
+    def run(self: goal_mod._Build, start: int) -> Any:
+        if self.locks:
+            used.append(self.drv_path)
+        return real_run(self, start)
+
+    monkeypatch.setattr(goal_mod._Build, "prefetch", prefetch)
+    monkeypatch.setattr(goal_mod._Build, "_run", run)
+    res = goal_mod.build_paths(st, [drvs[-1]], OPTS)
+    assert [r.status for r in res] == [BuildStatus.BUILT]
+    assert prepared == drvs[1:] and used == drvs[1:]
+    assert _leftovers(st) == []
+
+
+def test_prepared_build_undone_when_its_input_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build prepared ahead never runs when its input fails: its locks are released and its
+    build directory removed."""
+    _need_sandbox()
+    st = _store(tmp_path, monkeypatch)
+    first = write_drv(st, "fails-first", "echo partial > $out; exit 1")
+    second = write_drv(st, "after-failure", "echo never > $out", input_drvs={first: ["out"]})
+    every: dict[str, Any] = {}
+    res = goal_mod.build_paths(st, [second], OPTS, all_results=every)
+    assert every[first].status == BuildStatus.PERMANENT_FAILURE
+    assert res[0].status == BuildStatus.DEPENDENCY_FAILED
+    top = Path(os.environ["TMPDIR"])
+    assert list(top.iterdir()) == []  # (no build directory left, the prepared one included)
+    out = st.query_derivation_outputs(second)["out"]
+    lk = PathLock(st.physical(out), acquire=False)
+    lk.acquire(wait=False)  # (released)
+    lk.release()
+    assert _leftovers(st) == []

@@ -252,6 +252,11 @@ class _Build:
         self.key = key
         #: derivations already read (the scheduler's), by path
         self.known = known or {}
+        #: set when :meth:`prefetch` has finished (or was never called); the scheduler's hook
+        #: called once the builder is on its way (it prefetches the next build meanwhile)
+        self.prefetched = threading.Event()
+        self.prefetched.set()
+        self.on_started: Callable[[], None] | None = None
         self.placed: tuple[PlacedOutputs, dict[str, str]] | None = None
         self.handed_over = False
         #: the pending (placed, unregistered) paths among the build's inputs, and the input
@@ -336,10 +341,11 @@ class _Build:
         self.locks = []
 
     def _lock_outputs(self, outputs: dict[str, str]) -> bool:
-        """Lock every output path; True when all of them are valid already (nothing to build)."""
+        """Lock every output path (unless :meth:`prefetch` did); True when all of them are
+        valid already (nothing to build)."""
         for p in sorted(outputs.values()):
             self.store.temp_root(p)
-        lock_paths = [self.store.physical(p) for p in sorted(outputs.values())]
+        lock_paths = [self.store.physical(p) for p in sorted(outputs.values())] if not self.locks else []
         for lp in lock_paths:
             lk = PathLock(lp, acquire=False)
             self.locks.append(lk)
@@ -350,6 +356,48 @@ class _Build:
                     self.notice("waiting for lock on " + ", ".join(f"'{x}'" for x in lock_paths))  # (real paths, as Nix)
                 self._wait_lock(lk)
         return all(self.store.is_valid(p) for p in outputs.values())
+
+    def prefetch(self) -> None:
+        """What a build can do before its inputs exist, done ahead (by the scheduler, while an
+        input is being built): lock the outputs, take a build user, make the build directory;
+        each only if it can be had at once. It never waits and never prints; what it did,
+        :meth:`_run` skips, and :meth:`_cleanup` undoes (also when the build never runs)."""
+        try:
+            store, sd = self.store, self.store.store_dir
+            outputs = self.drv.output_paths(sd)
+            if set(outputs) != set(self.drv.outputs) or not self.drv_path.endswith(".drv") or \
+                    store.parse_path(self.drv_path).full(sd) != self.drv_path or \
+                    any(store.parse_path(p).full(sd) != p for p in outputs.values()):
+                return  # (the build reports it)
+            locks: list[PathLock] = []
+            for p in sorted(outputs.values()):
+                store.temp_root(p)
+                lk = PathLock(store.physical(p), acquire=False)
+                try:
+                    lk.acquire(wait=False)
+                except StoreError:
+                    for held in locks:
+                        held.release()
+                    return
+                locks.append(lk)
+            self.locks = locks
+            group = self.options.build_users_group or ""
+            if os.geteuid() == 0 and group:
+                from .users import acquire_build_user
+
+                try:
+                    self.build_user = acquire_build_user(group)
+                except BuildError:
+                    return  # (the build reports it)
+                if self.build_user is None:
+                    return
+            self.build_dir = _make_build_dir(self.drv_path.rsplit("/", 1)[-1][33:])
+            if self.build_user is not None:
+                os.chown(self.build_dir, self.build_user.uid, self.build_user.gid)
+        except (NartoolError, OSError):
+            pass  # (the build does it again, and reports what fails)
+        finally:
+            self.prefetched.set()
 
     def _wait_lock(self, lk: PathLock) -> None:
         while True:
@@ -437,7 +485,7 @@ class _Build:
         from .users import acquire_build_user
 
         group = opts.build_users_group or ""
-        if os.geteuid() == 0 and group:
+        if self.build_user is None and os.geteuid() == 0 and group:
             try:
                 while True:
                     self.build_user = acquire_build_user(group)
@@ -457,9 +505,10 @@ class _Build:
                         time.sleep(0.05)
             except BuildError as e:
                 raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
-        self.build_dir = _make_build_dir(self.drv_path.rsplit("/", 1)[-1][33:])
-        if self.build_user is not None:
-            os.chown(self.build_dir, self.build_user.uid, self.build_user.gid)
+        if self.build_dir is None:
+            self.build_dir = _make_build_dir(self.drv_path.rsplit("/", 1)[-1][33:])
+            if self.build_user is not None:
+                os.chown(self.build_dir, self.build_user.uid, self.build_user.gid)
         build_dir = self.build_dir
 
         def registered(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -553,6 +602,8 @@ class _Build:
                 self.builder = sbx.start_unsandboxed(spec, wait_exec=False)
         except BuildError as e:
             raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
+        if self.on_started is not None:
+            self.on_started()  # (the builder's sandbox is being set up meanwhile)
         if opts.keep_build_log:
             self.raw = RawLog(log_path(store.state_dir, self.drv_path, compressed=opts.compress_build_log),
                               compressed=opts.compress_build_log)
@@ -858,6 +909,9 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
     halt = [False]    # interrupted: schedule nothing more
     finished = [False]
     trouble: list[BaseException] = []  # an exception of a scheduling step in another thread
+    #: builds prepared ahead (see _Build.prefetch), by derivation; taken by the worker that runs
+    #: them, undone (on the clean-up threads) when they will not run
+    prefetched: dict[str, _Build] = {}
     target_paths = {p for p, _ in parsed}
     failed_any = False
     max_jobs = options.max_jobs
@@ -899,6 +953,7 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
                     else:
                         continue
                     pending.discard(p)
+                    abandon(p)
                     changed = True
             if not pending and not running:
                 finished[0] = stop[0] = True
@@ -911,6 +966,7 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
             if max_jobs == 0 and not options.builders:
                 for p in ready:
                     nodes[p].result = BuildResult(BuildStatus.MISC_FAILURE, NO_JOBS)
+                    abandon(p)
                 if ready:
                     continue
             for p in ready:
@@ -936,6 +992,34 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
             halt[0] = True
             settled.notify_all()
 
+    def abandon(p: str) -> None:
+        """Undo a build prepared ahead that will not run (lock held)."""
+        b = prefetched.pop(p, None)
+        if b is not None:
+            def undo(b: _Build = b) -> None:
+                b.prefetched.wait()
+                b._cleanup()
+            cleaner.defer(undo)
+
+    def next_build(current: _Build) -> None:
+        """Called by a build once its builder is on its way: prepare the build that comes next
+        (the first in Nix's order whose inputs are all built or being built, one not already
+        prepared), so that it starts sooner when its inputs are there."""
+        with lock:
+            if halt[0] or finished[0]:
+                return
+            order = sorted(pending, key=lambda x: (x.rsplit("/", 1)[-1][33:], x))
+            cand = next((p for p in order if p not in running and p not in placed and p not in prefetched
+                         and nodes[p].result is None
+                         and all(ok(d) or d in running for d in nodes[p].deps if d in needed)), None)
+            if cand is None:
+                return
+            b = _Build(store, cand, nodes[cand].drv, options, log, notice, True, keep_colours, cancel,
+                       nodes[cand].wanted, cleaner=cleaner, known=known)
+            b.prefetched.clear()
+            prefetched[cand] = b
+        b.prefetch()
+
     def registered(key: object, result: BuildResult) -> None:
         with lock:
             n = nodes[str(key)]
@@ -946,10 +1030,11 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
     # (remote builds copy their inputs' closures from the database: registered inline)
     registrar = Registrar(store, registered, cleaner.defer) if PIPELINE and not options.builders else None
 
-    def build(n: _Node, reg: Registrar | None) -> BuildResult | None:
+    def build(n: _Node, reg: Registrar | None, ahead: _Build | None) -> BuildResult | None:
         """The build's result, or None when the registrar has it (it reports the result)."""
         try:
-            return _build_one(store, n, options, log, notice, keep_colours, cancel, cleaner, reg, known)
+            return _build_one(store, n, options, log, notice, keep_colours, cancel, cleaner, reg, known, ahead,
+                              None if options.builders else next_build)
         except (Cancelled, KeyboardInterrupt):
             return BuildResult(BuildStatus.MISC_FAILURE, "interrupted")
         except BaseException as e:  # noqa: BLE001 (reported as the build's result)
@@ -981,7 +1066,8 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
                 # the registrar when something else may start meanwhile, or must be registered
                 # first; the last build alone (e.g. a single one) registers inline
                 reg = registrar if len(pending) > 1 or placed else None
-            done = (n, build(n, reg))
+                ahead = prefetched.pop(n.drv_path, None)
+            done = (n, build(n, reg, ahead))
 
     try:
         with lock:
@@ -997,6 +1083,8 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
             for n in jobs:  # queued, never started
                 running.pop(n.drv_path, None)
             jobs.clear()
+            for p in list(prefetched):
+                abandon(p)
             stop[0] = True
             cond.notify_all()
             while running:
@@ -1006,6 +1094,9 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
         cleaner.drain()
         cancel.close()
         raise
+    with lock:
+        for p in list(prefetched):  # (none should be left: each ran or was given up)
+            abandon(p)
     if registrar is not None:
         registrar.close()
     cleaner.drain()
@@ -1058,7 +1149,8 @@ NO_MACHINE = "unable to start any build; remote machines may not have all requir
 
 def _build_one(store: LocalStore, n: _Node, options: BuildOptions, log: LogFn | None, notice: NoticeFn | None,
                keep_colours: bool, cancel: CancelToken, cleaner: DeferredCleanup,
-               registrar: Registrar | None = None, known: Mapping[str, Derivation] | None = None) -> BuildResult | None:
+               registrar: Registrar | None = None, known: Mapping[str, Derivation] | None = None,
+               ahead: _Build | None = None, on_started: Callable[[_Build], None] | None = None) -> BuildResult | None:
     """One node's build; None when its registration was handed to ``registrar``, which reports
     the result."""
     if options.builders:
@@ -1069,14 +1161,18 @@ def _build_one(store: LocalStore, n: _Node, options: BuildOptions, log: LogFn | 
             return res
         if options.max_jobs == 0:
             return BuildResult(BuildStatus.MISC_FAILURE, NO_MACHINE)
-    if registrar is None:
-        return build_derivation(store, n.drv_path, n.drv, options, log=log, notice=notice,
-                                keep_colours=keep_colours, cancel=cancel, wanted=n.wanted, cleaner=cleaner)
     if not n.drv.name:
         n.drv.name = drv_name_from_path(n.drv_path)
     store.temp_root(n.drv_path)
-    b = _Build(store, n.drv_path, n.drv, options, log, notice, True, keep_colours, cancel, n.wanted,
-               cleaner=cleaner, registrar=registrar, key=n.drv_path, known=known)
+    if ahead is not None:
+        ahead.prefetched.wait()  # (prepared by another worker: done by now, or about to be)
+        b = ahead
+        b.registrar, b.key = registrar, n.drv_path
+    else:
+        b = _Build(store, n.drv_path, n.drv, options, log, notice, True, keep_colours, cancel, n.wanted,
+                   cleaner=cleaner, registrar=registrar, key=n.drv_path, known=known)
+    if on_started is not None:
+        b.on_started = lambda: on_started(b)
     res = b.run()
     return None if b.handed_over else res
 
