@@ -1,6 +1,6 @@
 """Record classes without :mod:`dataclasses`: what a dataclass generates, written once.
 
-Importing :mod:`dataclasses` loads ``inspect``, ``ast``, ``dis`` and ``tokenize`` (~5 ms), and each
+Importing :mod:`dataclasses` loads ``inspect``, ``ast``, ``dis`` and ``tokenize`` (~4 ms), and each
 dataclass then compiles its generated methods when its module is imported (~0.5 ms apiece, more
 for frozen or wide ones): together a quarter of a build command's start-up. The records on that
 path are plain classes deriving from :class:`Record` (mutable) or :class:`Frozen` instead.
