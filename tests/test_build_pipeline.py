@@ -343,7 +343,7 @@ def test_a_single_build_registers_inline(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_next_build_prepared_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """While a build runs, the next one of the chain is prepared (outputs locked, build
-    directory made); it then runs with what was prepared."""
+    directory and chroot skeleton made); it then runs with what was prepared."""
     _need_sandbox()
     st = _store(tmp_path, monkeypatch)
     drvs = _chain(st, 3)
@@ -355,6 +355,8 @@ def test_next_build_prepared_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def prefetch(self: goal_mod._Build) -> None:
         real_prefetch(self)
         assert self.locks and self.build_dir is not None and os.path.isdir(self.build_dir)
+        assert self.skeleton is not None and self.skeleton[1] is not None  # (made completely)
+        assert os.path.isdir(self.skeleton[0] + "/etc") and os.path.isdir(self.skeleton[0] + st.store_dir)
         prepared.append(self.drv_path)
 
     def run(self: goal_mod._Build, start: int) -> Any:
@@ -371,8 +373,8 @@ def test_next_build_prepared_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_prepared_build_undone_when_its_input_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The build prepared ahead never runs when its input fails: its locks are released and its
-    build directory removed."""
+    """The build prepared ahead never runs when its input fails: its locks are released, its
+    build directory and its chroot skeleton removed."""
     _need_sandbox()
     st = _store(tmp_path, monkeypatch)
     first = write_drv(st, "fails-first", "echo partial > $out; exit 1")

@@ -257,6 +257,8 @@ class _Build:
         self.prefetched = threading.Event()
         self.prefetched.set()
         self.on_started: Callable[[], None] | None = None
+        #: the chroot's skeleton made ahead: (its path, whether a user namespace was expected)
+        self.skeleton: tuple[str, bool | None] | None = None
         self.placed: tuple[PlacedOutputs, dict[str, str]] | None = None
         self.handed_over = False
         #: the pending (placed, unregistered) paths among the build's inputs, and the input
@@ -333,6 +335,11 @@ class _Build:
         if self.build_dir is not None:
             _remove_tree(self.build_dir)
             self.build_dir = None
+        if self.skeleton is not None:  # (made ahead, never used)
+            from .sandbox import _remove_chroot
+
+            _remove_chroot(self.skeleton[0])
+            self.skeleton = None
         if self.build_user is not None:
             self.build_user.release()
             self.build_user = None
@@ -394,6 +401,18 @@ class _Build:
             self.build_dir = _make_build_dir(self.drv_path.rsplit("/", 1)[-1][33:])
             if self.build_user is not None:
                 os.chown(self.build_dir, self.build_user.uid, self.build_user.gid)
+            # the chroot's skeleton, when the build will surely be sandboxed (without a
+            # pre-build hook, which must see the skeleton made in its own time)
+            opts = self.options
+            if sys.platform == "linux" and (opts.sandbox == "true" or store.real_store_dir != sd) and \
+                    not (opts.pre_build_hook and self.full) and not get_bool_attr(self.drv, "__noChroot"):
+                from . import sandbox as sbx
+
+                chroot = store.real_store_dir + "/" + self.drv_path.rsplit("/", 1)[-1] + ".chroot"
+                userns = sbx._userns_enabled()
+                self.skeleton = (chroot, None)  # (a half-made one is removed too)
+                sbx.make_skeleton(chroot, sd, self.build_user, self.drv.type() == FIXED, userns)
+                self.skeleton = (chroot, userns)
         except (NartoolError, OSError):
             pass  # (the build does it again, and reports what fails)
         finally:
@@ -566,12 +585,14 @@ class _Build:
                 binds.append(sbx.Bind(i, i, True))
         inputs = sorted((input_paths | extra_inputs) - set(outputs.values()))
         hook = self._hook if (opts.pre_build_hook and sandboxed and self.full) else None
+        chroot_dir = store.real_store_dir + "/" + self.drv_path.rsplit("/", 1)[-1] + ".chroot"
+        made = self.skeleton[1] if self.skeleton is not None and sandboxed and hook is None else None
         spec = sbx.SandboxSpec(
             builder=drv.builder.encode("utf-8", "surrogateescape"),
             args=[rewrite_strings(a, output_rewrites(outputs)).encode("utf-8", "surrogateescape") for a in drv.args],
             env=benv.env, store_dir=sd,
             real_store_dir=store.real_store_dir,
-            chroot_dir=store.real_store_dir + "/" + self.drv_path.rsplit("/", 1)[-1] + ".chroot",
+            chroot_dir=chroot_dir, skeleton_made=made,
             build_dir=self.build_dir, inputs=inputs, binds=binds, outputs=sorted(outputs.values()),
             host_network=fixed, build_user=self.build_user, sandbox_build_dir=opts.sandbox_build_dir,
             kvm="kvm" in opts.system_features and os.access("/dev/kvm", os.R_OK | os.W_OK),
@@ -585,6 +606,8 @@ class _Build:
                 os.chown(store.real_store_dir, 0, self.build_user.gid)
                 os.chmod(store.real_store_dir, 0o1775)
         # start
+        if sandboxed:
+            self.skeleton = None  # (the sandbox's from now on: it removes or remakes it)
         try:
             if sandboxed:
                 try:

@@ -64,12 +64,13 @@ class SandboxSpec(Record):
     Nix); ``impersonate_linux_26`` is Nix's setting (UNAME26 personality for i686/x86_64 builds);
     ``personality`` lists extra personality flags besides those derived from ``platform``
     ("linux32", "uname26"); ``no_user_namespace`` (for tests) does not try a user namespace (as
-    when max_user_namespaces is 0)."""
+    when max_user_namespaces is 0); ``skeleton_made``: the chroot's skeleton was made ahead
+    (:func:`make_skeleton`) expecting a user namespace (True) or not (False)."""
 
     __slots__ = ("builder", "args", "env", "store_dir", "real_store_dir", "chroot_dir", "build_dir", "inputs",
                  "binds", "outputs", "host_network", "build_user", "sandbox_build_dir", "kvm", "dev_shm_size",
                  "filter_syscalls", "pre_build_hook", "platform", "impersonate_linux_26", "personality",
-                 "no_user_namespace")
+                 "no_user_namespace", "skeleton_made")
 
     def __init__(self, builder: bytes, args: list[bytes], env: list[tuple[bytes, bytes]], store_dir: str,
                  real_store_dir: str, chroot_dir: str, build_dir: str, inputs: list[str], binds: list[Bind],
@@ -77,7 +78,7 @@ class SandboxSpec(Record):
                  kvm: bool = False, dev_shm_size: str = "50%", filter_syscalls: bool = True,
                  pre_build_hook: Callable[[str], list[Bind]] | None = None, platform: str = "",
                  impersonate_linux_26: bool = False, personality: list[str] | None = None,
-                 no_user_namespace: bool = False) -> None:
+                 no_user_namespace: bool = False, skeleton_made: bool | None = None) -> None:
         self.builder = builder
         self.args = args
         self.env = env
@@ -99,6 +100,7 @@ class SandboxSpec(Record):
         self.impersonate_linux_26 = impersonate_linux_26
         self.personality: list[str] = [] if personality is None else personality
         self.no_user_namespace = no_user_namespace
+        self.skeleton_made = skeleton_made
 
 
 def _setup_error(msg: str) -> BuildError:
@@ -343,13 +345,23 @@ def _make_chroot(spec: SandboxSpec, userns_expected: bool, links: list[tuple[str
 
 
 def _make_chroot_inner(spec: SandboxSpec, userns_expected: bool, links: list[tuple[str, str]]) -> None:
-    chroot = spec.chroot_dir
+    if spec.skeleton_made != userns_expected:  # (None: not made ahead)
+        make_skeleton(spec.chroot_dir, spec.store_dir, spec.build_user, spec.host_network, userns_expected)
+    for src, dst in links:
+        _link_or_copy(src, dst)
+
+
+def make_skeleton(chroot: str, store_dir: str, bu: BuildUser | None, host_network: bool,
+                  userns_expected: bool) -> None:
+    """The chroot's skeleton, without the input files (a stale chroot is removed first): the
+    directory, ``/tmp``, ``/etc/group``, ``/etc/hosts`` (unless the build keeps the host's
+    network) and the store directory. Called by :func:`start_sandboxed`, or ahead by the
+    scheduler (``SandboxSpec.skeleton_made`` then says with which ``userns_expected``)."""
     if os.path.lexists(chroot):
         left = _remove_chroot(chroot)
         if left or os.path.lexists(chroot):
             raise BuildError(f"cannot remove stale chroot '{chroot}': still mounted: {', '.join(left)}",
                              path=chroot, rule="stale-chroot")
-    bu = spec.build_user
     os.mkdir(chroot, 0o750)
     os.chmod(chroot, 0o750)
     if bu is not None:
@@ -359,15 +371,13 @@ def _make_chroot_inner(spec: SandboxSpec, userns_expected: bool, links: list[tup
     os.mkdir(chroot + "/etc")
     gid = 100 if userns_expected or bu is None else bu.gid
     _write_file(chroot + "/etc/group", f"root:x:0:\nnixbld:!:{gid}:\nnogroup:x:65534:\n".encode())
-    if not spec.host_network:
+    if not host_network:
         _write_file(chroot + "/etc/hosts", b"127.0.0.1 localhost\n::1 localhost\n")
-    store = chroot + spec.store_dir
+    store = chroot + store_dir
     _mkdirs(store)
     os.chmod(store, 0o1775)
     if bu is not None:
         os.chown(store, 0, bu.gid)
-    for src, dst in links:
-        _link_or_copy(src, dst)
 
 
 def _open_pty(bu: BuildUser | None) -> tuple[int, int]:
