@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import bz2
 import os
 from collections.abc import Callable, Iterator
 
@@ -36,7 +35,11 @@ class RawLog:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self._tmp = f"{path}.tmp-{os.getpid()}"
         self._f = open(self._tmp, "wb")  # noqa: SIM115 (closed by close/abort)
-        self._z = bz2.BZ2Compressor(9) if compressed else None
+        self._z = None
+        if compressed:
+            import bz2  # (here: a command whose targets are all built already does without it)
+
+            self._z = bz2.BZ2Compressor(9)
 
     def write(self, data: bytes) -> None:
         self._f.write(self._z.compress(data) if self._z is not None else data)
@@ -68,6 +71,8 @@ def read_log(state_dir: str, drv_path: str) -> bytes:
         except FileNotFoundError:
             continue
         if compressed:
+            import bz2
+
             try:
                 return bz2.decompress(data)
             except (OSError, ValueError) as e:

@@ -18,7 +18,6 @@ See docs/sandbox.md for the sequence step by step.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import functools
@@ -155,11 +154,10 @@ def _unescape_mountinfo(b: bytes) -> str:
     return os.fsdecode(bytes(out))
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def _umount_detach(path: str) -> bool:
-    return bool(_libc.umount2(os.fsencode(path), ctypes.c_int(2)) == 0)  # MNT_DETACH
+    import ctypes  # (here: only a chroot with mounts left needs it; ctypes costs start-up time)
+
+    return bool(ctypes.CDLL(None, use_errno=True).umount2(os.fsencode(path), ctypes.c_int(2)) == 0)  # MNT_DETACH
 
 
 def cleanup_chroot(path: str, mountinfo_files: tuple[str, ...] = ("/proc/self/mountinfo",)) -> list[str]:
