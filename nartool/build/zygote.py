@@ -94,8 +94,7 @@ def _fork_exec(argv: list[str], stdin: int) -> _Child:
                 os.dup2(null, 2)
                 for fd in (0, 1, 2):
                     os.set_inheritable(fd, True)
-                os.closerange(3, w)
-                os.closerange(w + 1, _MAXFD)
+                _close_fds_but(w)
                 for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):  # (Popen's restore_signals)
                     if hasattr(signal, name):
                         signal.signal(getattr(signal, name), signal.SIG_DFL)
@@ -122,7 +121,21 @@ def _fork_exec(argv: list[str], stdin: int) -> _Child:
     return _Child(pid)
 
 
-_MAXFD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 256
+def _close_fds_but(keep: int) -> None:
+    """Close every descriptor above 2 but ``keep``: those listed in ``/proc/self/fd`` (as Popen's
+    child does: a loop up to a high descriptor limit is slow without ``close_range``)."""
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:  # (no /proc)
+        os.closerange(3, keep)
+        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+        return
+    for fd in fds:
+        if fd > 2 and fd != keep:
+            try:
+                os.close(fd)
+            except OSError:  # (listdir's own, closed already)
+                pass
 
 
 class Zygote:
