@@ -49,7 +49,7 @@ from .jobs import JobThreads
 from .logs import LineAssembler, RawLog, filter_escapes, log_path
 from .options import BuildOptions, parse_sandbox_paths
 from .outputs import HashMismatch, Output, OutputRejected, check_outputs, examine_outputs, register_outputs
-from .registrar import InputRefused, Registrar, RegistrationJob
+from .registrar import InputRefused, Registrar, RegistrationJob, dependency_failure
 
 TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: start-up time)
 if TYPE_CHECKING:
@@ -350,19 +350,33 @@ class _Build:
     def _lock_outputs(self, outputs: dict[str, str]) -> bool:
         """Lock every output path (unless :meth:`prefetch` did); True when all of them are
         valid already (nothing to build)."""
-        for p in sorted(outputs.values()):
+        if not self.locks:
+            self._take_locks(outputs, wait=True)
+        return all(self.store.is_valid(p) for p in outputs.values())
+
+    def _take_locks(self, outputs: dict[str, str], *, wait: bool) -> bool:
+        """Make the outputs temporary roots and lock them. Without ``wait``, a lock held
+        elsewhere makes it give back the ones taken and return False."""
+        paths = sorted(outputs.values())
+        for p in paths:
             self.store.temp_root(p)
-        lock_paths = [self.store.physical(p) for p in sorted(outputs.values())] if not self.locks else []
+        lock_paths = [self.store.physical(p) for p in paths]
         for lp in lock_paths:
             lk = PathLock(lp, acquire=False)
             self.locks.append(lk)
             try:
                 lk.acquire(wait=False)
             except StoreError:
+                if not wait:
+                    self.locks.pop()
+                    for held in self.locks:
+                        held.release()
+                    self.locks = []
+                    return False
                 if self.notice is not None:
                     self.notice("waiting for lock on " + ", ".join(f"'{x}'" for x in lock_paths))  # (real paths, as Nix)
                 self._wait_lock(lk)
-        return all(self.store.is_valid(p) for p in outputs.values())
+        return True
 
     def prefetch(self) -> None:
         """What a build can do before its inputs exist, done ahead (by the scheduler, while an
@@ -370,24 +384,9 @@ class _Build:
         each only if it can be had at once. It never waits and never prints; what it did,
         :meth:`_run` skips, and :meth:`_cleanup` undoes (also when the build never runs)."""
         try:
-            store, sd = self.store, self.store.store_dir
-            outputs = self.drv.output_paths(sd)
-            if set(outputs) != set(self.drv.outputs) or not self.drv_path.endswith(".drv") or \
-                    store.parse_path(self.drv_path).full(sd) != self.drv_path or \
-                    any(store.parse_path(p).full(sd) != p for p in outputs.values()):
-                return  # (the build reports it)
-            locks: list[PathLock] = []
-            for p in sorted(outputs.values()):
-                store.temp_root(p)
-                lk = PathLock(store.physical(p), acquire=False)
-                try:
-                    lk.acquire(wait=False)
-                except StoreError:
-                    for held in locks:
-                        held.release()
-                    return
-                locks.append(lk)
-            self.locks = locks
+            kind, outputs = self._checked_outputs()
+            if not self._take_locks(outputs, wait=False):
+                return
             group = self.options.build_users_group or ""
             if os.geteuid() == 0 and group:
                 from .users import acquire_build_user
@@ -398,22 +397,19 @@ class _Build:
                     return  # (the build reports it)
                 if self.build_user is None:
                     return
-            self.build_dir = _make_build_dir(self.drv_path.rsplit("/", 1)[-1][33:])
-            if self.build_user is not None:
-                os.chown(self.build_dir, self.build_user.uid, self.build_user.gid)
-            # the chroot's skeleton, when the build will surely be sandboxed (without a
-            # pre-build hook, which must see the skeleton made in its own time)
-            opts = self.options
-            if sys.platform == "linux" and (opts.sandbox == "true" or store.real_store_dir != sd) and \
-                    not (opts.pre_build_hook and self.full) and not get_bool_attr(self.drv, "__noChroot"):
+            self._make_own_build_dir()
+            # the chroot's skeleton, when the build will be sandboxed (without a pre-build hook,
+            # which must see the skeleton made in its own time)
+            fixed = kind == FIXED
+            if sys.platform == "linux" and self._sandboxed(fixed) and not (self.options.pre_build_hook and self.full):
                 from . import sandbox as sbx
 
-                chroot = store.real_store_dir + "/" + self.drv_path.rsplit("/", 1)[-1] + ".chroot"
+                chroot = self._chroot_dir()
                 userns = sbx._userns_enabled()
                 self.skeleton = (chroot, None)  # (a half-made one is removed too)
-                sbx.make_skeleton(chroot, sd, self.build_user, self.drv.type() == FIXED, userns)
+                sbx.make_skeleton(chroot, self.store.store_dir, self.build_user, fixed, userns)
                 self.skeleton = (chroot, userns)
-        except (NartoolError, OSError):
+        except (_Failure, NartoolError, OSError):
             pass  # (the build does it again, and reports what fails)
         finally:
             self.prefetched.set()
@@ -428,9 +424,9 @@ class _Build:
             except StoreError:
                 time.sleep(0.05)
 
-    def _run(self, start: int) -> BuildResult:
-        store, drv, opts = self.store, self.drv, self.options
-        sd = store.store_dir
+    def _checked_outputs(self) -> tuple[str, dict[str, str]]:
+        """The derivation's kind and output paths, after checking its own path and theirs."""
+        store, drv, sd = self.store, self.drv, self.store.store_dir
         try:
             kind = drv.type()
         except NartoolError as e:
@@ -451,6 +447,38 @@ class _Build:
         if set(outputs) != set(drv.outputs):
             raise _fail(BuildStatus.MISC_FAILURE, f"derivation '{self.drv_path}' has outputs whose paths are not "
                         "known before the build (content-addressed derivations are not supported)")
+        return kind, outputs
+
+    def _sandboxed(self, fixed: bool) -> bool:
+        """Whether the build runs in the sandbox (``sandbox``, ``__noChroot``, a chroot store)."""
+        opts = self.options
+        try:
+            no_chroot = get_bool_attr(self.drv, "__noChroot")
+        except BuildError as e:
+            raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
+        if opts.sandbox == "true":
+            if no_chroot:
+                raise _fail(BuildStatus.MISC_FAILURE, f"derivation '{self.drv_path}' has '__noChroot' set, but "
+                            "that's not allowed when 'sandbox' is 'true'")
+            sandboxed = True
+        elif opts.sandbox == "false":
+            sandboxed = False
+        else:
+            sandboxed = not fixed and not no_chroot
+        return sandboxed or self.store.real_store_dir != self.store.store_dir
+
+    def _chroot_dir(self) -> str:
+        return self.store.real_store_dir + "/" + self.drv_path.rsplit("/", 1)[-1] + ".chroot"
+
+    def _make_own_build_dir(self) -> None:
+        self.build_dir = _make_build_dir(self.drv_path.rsplit("/", 1)[-1][33:])
+        if self.build_user is not None:
+            os.chown(self.build_dir, self.build_user.uid, self.build_user.gid)
+
+    def _run(self, start: int) -> BuildResult:
+        store, drv, opts = self.store, self.drv, self.options
+        sd = store.store_dir
+        kind, outputs = self._checked_outputs()
         if self._lock_outputs(outputs):
             return BuildResult(BuildStatus.ALREADY_VALID, "", 0, False, start, int(time.time()),
                                _realisations(store, self.drv_path, drv, outputs, self.full) if self.realisations else ())
@@ -470,23 +498,8 @@ class _Build:
         if drv.builder.startswith("builtin:"):
             raise _fail(BuildStatus.MISC_FAILURE, f"builder '{drv.builder}' (a builtin of Nix) is not supported "
                         "by nartool")
-        # sandbox or not
-        try:
-            no_chroot = get_bool_attr(drv, "__noChroot")
-        except BuildError as e:
-            raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
-        if opts.sandbox == "true":
-            if no_chroot:
-                raise _fail(BuildStatus.MISC_FAILURE, f"derivation '{self.drv_path}' has '__noChroot' set, but "
-                            "that's not allowed when 'sandbox' is 'true'")
-            sandboxed = True
-        elif opts.sandbox == "false":
-            sandboxed = False
-        else:
-            sandboxed = not fixed and not no_chroot
+        sandboxed = self._sandboxed(fixed)
         diverted = store.real_store_dir != sd
-        if diverted:
-            sandboxed = True
         valid_outs = {n for n, p in outputs.items() if store.is_valid(p)}
         if valid_outs and not sandboxed:
             raise _fail(BuildStatus.MISC_FAILURE, f"cannot rebuild '{self.drv_path}' without the sandbox while "
@@ -525,9 +538,8 @@ class _Build:
             except BuildError as e:
                 raise _fail(BuildStatus.MISC_FAILURE, e.message) from None
         if self.build_dir is None:
-            self.build_dir = _make_build_dir(self.drv_path.rsplit("/", 1)[-1][33:])
-            if self.build_user is not None:
-                os.chown(self.build_dir, self.build_user.uid, self.build_user.gid)
+            self._make_own_build_dir()
+        assert self.build_dir is not None
         build_dir = self.build_dir
 
         def registered(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -585,7 +597,7 @@ class _Build:
                 binds.append(sbx.Bind(i, i, True))
         inputs = sorted((input_paths | extra_inputs) - set(outputs.values()))
         hook = self._hook if (opts.pre_build_hook and sandboxed and self.full) else None
-        chroot_dir = store.real_store_dir + "/" + self.drv_path.rsplit("/", 1)[-1] + ".chroot"
+        chroot_dir = self._chroot_dir()
         made = self.skeleton[1] if self.skeleton is not None and sandboxed and hook is None else None
         spec = sbx.SandboxSpec(
             builder=drv.builder.encode("utf-8", "surrogateescape"),
@@ -835,6 +847,11 @@ class _Node:
 PIPELINE = True
 
 
+def _goal_order(drv_path: str) -> tuple[str, str]:
+    """Nix's order of goals: by derivation name, then path."""
+    return drv_path.rsplit("/", 1)[-1][33:], drv_path
+
+
 def _parse_target(t: str) -> tuple[str, list[str] | None]:
     p, bang, outs = t.partition("!")
     if not bang or outs == "*":
@@ -967,9 +984,7 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
                         continue  # (its inputs' results first: a failed input fails it as such)
                     bad = [d for d in nodes[p].deps if d in needed and ok(d) is False]
                     if bad:
-                        nodes[p].result = BuildResult(
-                            BuildStatus.DEPENDENCY_FAILED,
-                            f"{len(bad)} dependencies of derivation '{p}' failed to build")
+                        nodes[p].result = dependency_failure(len(bad), p)
                     elif failed_any and not options.keep_going:
                         # never started: another build failed (Nix gives no message for these)
                         nodes[p].result = BuildResult(BuildStatus.MISC_FAILURE, "")
@@ -984,7 +999,7 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
                 settled.notify_all()
                 return
             # in Nix's order of goals: by derivation name, then path
-            ready = [p for p in sorted(pending, key=lambda x: (x.rsplit("/", 1)[-1][33:], x))
+            ready = [p for p in sorted(pending, key=_goal_order)
                      if p not in running and p not in placed and all(ok(d) for d in nodes[p].deps if d in needed)]
             if max_jobs == 0 and not options.builders:
                 for p in ready:
@@ -1024,14 +1039,14 @@ def build_paths(store: LocalStore, targets: list[str], options: BuildOptions, *,
                 b._cleanup()
             cleaner.defer(undo)
 
-    def next_build(current: _Build) -> None:
+    def next_build() -> None:
         """Called by a build once its builder is on its way: prepare the build that comes next
         (the first in Nix's order whose inputs are all built or being built, one not already
         prepared), so that it starts sooner when its inputs are there."""
         with lock:
             if halt[0] or finished[0]:
                 return
-            order = sorted(pending, key=lambda x: (x.rsplit("/", 1)[-1][33:], x))
+            order = sorted(pending, key=_goal_order)
             cand = next((p for p in order if p not in running and p not in placed and p not in prefetched
                          and nodes[p].result is None
                          and all(ok(d) or d in running for d in nodes[p].deps if d in needed)), None)
@@ -1173,7 +1188,7 @@ NO_MACHINE = "unable to start any build; remote machines may not have all requir
 def _build_one(store: LocalStore, n: _Node, options: BuildOptions, log: LogFn | None, notice: NoticeFn | None,
                keep_colours: bool, cancel: CancelToken, cleaner: DeferredCleanup,
                registrar: Registrar | None = None, known: Mapping[str, Derivation] | None = None,
-               ahead: _Build | None = None, on_started: Callable[[_Build], None] | None = None) -> BuildResult | None:
+               ahead: _Build | None = None, on_started: Callable[[], None] | None = None) -> BuildResult | None:
     """One node's build; None when its registration was handed to ``registrar``, which reports
     the result."""
     if options.builders:
@@ -1194,8 +1209,7 @@ def _build_one(store: LocalStore, n: _Node, options: BuildOptions, log: LogFn | 
     else:
         b = _Build(store, n.drv_path, n.drv, options, log, notice, True, keep_colours, cancel, n.wanted,
                    cleaner=cleaner, registrar=registrar, key=n.drv_path, known=known)
-    if on_started is not None:
-        b.on_started = lambda: on_started(b)
+    b.on_started = on_started
     res = b.run()
     return None if b.handed_over else res
 

@@ -39,6 +39,12 @@ from .jobs import JobThreads
 log = get_logger(__name__)
 
 
+def dependency_failure(n: int, drv_path: str, start: int = 0, stop: int = 0) -> BuildResult:
+    """Nix's result for a derivation ``n`` of whose dependencies failed."""
+    return BuildResult(BuildStatus.DEPENDENCY_FAILED, f"{n} dependencies of derivation '{drv_path}' failed to build",
+                       0, False, start, stop)
+
+
 class InputRefused(Exception):
     """A build's input closure reaches a path whose registration was refused."""
 
@@ -126,9 +132,7 @@ class Registrar(JobThreads):
     def dependency_failed(self, name: str, inputs: dict[str, set[str]], start: int = 0, stop: int = 0) -> BuildResult:
         """The result of a build some of whose inputs' registrations were refused (Nix's
         message for failed dependencies), or of one that failed after that."""
-        n = max(self.failed_inputs(inputs), 1)
-        return BuildResult(BuildStatus.DEPENDENCY_FAILED, f"{n} dependencies of derivation '{name}' failed to build",
-                           0, False, start, stop)
+        return dependency_failure(max(self.failed_inputs(inputs), 1), name, start, stop)
 
     # -- jobs ---------------------------------------------------------------------------------
 
