@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from binascii import b2a_base64  # (not base64: a module more to import at start-up)
 
+from ._record import Frozen
 from .errors import HashFormatError
 
 NIX32_ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -46,10 +47,9 @@ def sri(algo: str, digest: bytes) -> str:
     return f"{algo}-{b2a_base64(digest, newline=False).decode()}"
 
 
-class Hash:
-    """A digest with its algorithm; renders in every Nix text form. Immutable, compared by
-    value. (A plain class rather than a frozen dataclass: ``dataclasses`` loads ``inspect``,
-    ~5 ms of the start-up of every command that hashes.)"""
+class Hash(Frozen):
+    """A digest with its algorithm; renders in every Nix text form. Immutable, compared and
+    hashed by value (a plain record: see :mod:`nartool._record`)."""
 
     __slots__ = ("algo", "digest")
 
@@ -64,24 +64,6 @@ class Hash:
             raise HashFormatError("digest has the wrong size", expected=size, got=len(digest))
         object.__setattr__(self, "algo", algo)
         object.__setattr__(self, "digest", digest)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"a Hash is immutable (cannot set {name})")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"a Hash is immutable (cannot delete {name})")
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        assert isinstance(other, Hash)
-        return self.algo == other.algo and self.digest == other.digest
-
-    def __hash__(self) -> int:
-        return hash((self.algo, self.digest))
-
-    def __reduce__(self) -> tuple[type[Hash], tuple[str, bytes]]:
-        return (self.__class__, (self.algo, self.digest))
 
     @property
     def base16(self) -> str:

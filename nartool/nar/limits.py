@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from .._record import Frozen
 
-class Limits:
-    """Immutable, compared by value. (A plain class rather than a dataclass: ``dataclasses``
-    loads ``inspect`` and compiles its methods at import, ~5 ms of every command's start-up.)"""
+
+class Limits(Frozen):
+    """Immutable, compared by value (a plain record: see :mod:`nartool._record`)."""
 
     __slots__ = ("max_depth", "max_tag", "max_name", "max_target")
 
@@ -23,27 +24,6 @@ class Limits:
         for name, value in (("max_depth", max_depth), ("max_tag", max_tag), ("max_name", max_name),
                             ("max_target", max_target)):
             object.__setattr__(self, name, value)
-
-    def _values(self) -> tuple[int, int, int, int]:
-        return (self.max_depth, self.max_tag, self.max_name, self.max_target)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"Limits are immutable (cannot set {name})")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"Limits are immutable (cannot delete {name})")
-
-    def __eq__(self, other: object) -> bool:
-        return self._values() == other._values() if isinstance(other, Limits) else NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __reduce__(self) -> tuple[type[Limits], tuple[int, int, int, int]]:
-        return (Limits, self._values())
-
-    def __repr__(self) -> str:
-        return ("Limits(max_depth={}, max_tag={}, max_name={}, max_target={})").format(*self._values())
 
 
 DEFAULT_LIMITS = Limits()
