@@ -32,7 +32,7 @@ class JobThreads:
         self._jobs: collections.deque[object] = collections.deque()
         self._busy = 0
         self._idle = 0
-        self._threads = 0
+        self._threads: list[threading.Thread] = []  # started and not ended
         self._stop = False
 
     def _handle(self, job: object) -> None:
@@ -45,17 +45,18 @@ class JobThreads:
             if self._idle:
                 self._work.notify()
                 return
-            if self._max is not None and self._threads >= self._max:
+            if self._max is not None and len(self._threads) >= self._max:
                 return  # (a busy thread takes it next)
-            self._threads += 1
-        threading.Thread(target=self._run, name=self._name, daemon=True).start()
+            t = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._threads.append(t)
+            t.start()  # (under the lock: started before anyone can join it)
 
     def _run(self) -> None:
         while True:
             with self._lock:
                 while not self._jobs:
                     if self._stop:
-                        self._threads -= 1
+                        self._threads.remove(threading.current_thread())
                         self._done.notify_all()
                         return
                     self._idle += 1
@@ -77,18 +78,23 @@ class JobThreads:
             return bool(self._jobs) or self._busy > 0
 
     def drain(self, *, stop: bool = False) -> None:
-        """Wait until every job handed in so far has run; with ``stop`` the threads then end
-        (a later job starts one again)."""
+        """Wait until every job handed in so far has run; with ``stop`` the threads then end,
+        and are waited for (a later job starts one again)."""
         with self._lock:
             while self._jobs or self._busy:
                 self._done.wait()
-            if stop:
-                self._stop = True
-                self._work.notify_all()
+            if not stop:
+                return
+            self._stop = True
+            self._work.notify_all()
+            ending = [t for t in self._threads if t is not threading.current_thread()]
+            # (until they leave, or a job handed in meanwhile keeps them: not waited for then)
+            while self._stop and any(t in self._threads for t in ending):
+                self._done.wait()
+            ended = [t for t in ending if t not in self._threads]
+        for t in ended:
+            t.join()  # (out of the list: on its way out; so no thread of ours outlives this)
 
     def close(self) -> None:
         """Drain, and wait until the threads have ended."""
         self.drain(stop=True)
-        with self._lock:
-            while self._threads and self._stop:
-                self._done.wait()
